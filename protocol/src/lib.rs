@@ -1,0 +1,32 @@
+//! The sharefs wire protocol, shared by the server, the command-line client and the mount.
+//!
+//! # Layout
+//! - [`frame`]: byte framing with no I/O: a length prefix, a JSON header and a raw binary
+//!   payload. The codec enforces a maximum frame size before buffering anything.
+//! - [`message`]: the typed messages carried in frame headers (handshake, login, requests,
+//!   replies, pushed events) and the error codes that travel as data.
+//! - [`name`]: validation of user and file names; the server enforces it, clients use it to
+//!   fail early with the same words.
+//!
+//! The protocol is documented for humans in `docs/PROTOCOL.md`.
+
+pub mod frame;
+pub mod message;
+pub mod name;
+
+pub use frame::{Frame, FrameCodec, FrameError};
+pub use message::*;
+
+/// First bytes of every session, so a stray client (or a TLS client meeting a plaintext
+/// server) is recognised at once.
+pub const MAGIC: &str = "sharefs";
+/// Protocol version spoken by this build. A peer with another version is refused with
+/// [`ErrorCode::VersionMismatch`].
+pub const VERSION: u32 = 1;
+/// Default cap on a whole frame (header and payload).
+pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;
+/// Largest data chunk a client asks for or sends in one frame; leaves room for the header
+/// inside [`DEFAULT_MAX_FRAME`].
+pub const CHUNK_SIZE: u32 = 1024 * 1024;
+/// Cap on a frame's JSON header, whatever the negotiated frame size.
+pub const MAX_HEADER: u32 = 256 * 1024;

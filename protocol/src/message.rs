@@ -1,0 +1,267 @@
+//! Messages carried in frame headers.
+//!
+//! A session is: client `Hello` -> server `Hello` (or an error and close), client `Login`
+//! -> server `LoginOk` (or an error and close), then any number of `Request`s, each with a
+//! client-chosen id, answered by exactly one `Response` or `Error` with that id, in any
+//! order. `Chunk` frames carry upload data and have no answer: a failed chunk fails the
+//! upload, which its commit reports. The server pushes `Event`s at any time after login.
+//!
+//! Errors are data ([`ErrorBody`]) so a request failing never costs the connection.
+
+use serde::{Deserialize, Serialize};
+
+/// Messages from client to server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    Hello {
+        magic: String,
+        version: u32,
+        /// Largest frame the client accepts.
+        max_frame: u32,
+    },
+    Login {
+        user: String,
+        password: String,
+    },
+    Request {
+        id: u64,
+        #[serde(flatten)]
+        op: Request,
+    },
+    /// Upload data for `upload`, at `offset`; the bytes are the frame payload.
+    Chunk { upload: u64, offset: u64 },
+}
+
+/// Messages from server to client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Hello {
+        magic: String,
+        version: u32,
+        /// Largest frame either side may send on this connection.
+        max_frame: u32,
+    },
+    LoginOk {
+        user: String,
+    },
+    Response {
+        id: u64,
+        #[serde(flatten)]
+        reply: Reply,
+    },
+    /// A failed request (`id` set) or a connection-level failure (`id` absent), after which
+    /// the server closes the connection.
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        #[serde(flatten)]
+        error: ErrorBody,
+    },
+    Event {
+        #[serde(flatten)]
+        event: Event,
+    },
+}
+
+/// Operations after login.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    ListUsers,
+    ListFiles {
+        owner: String,
+    },
+    Stat {
+        owner: String,
+        name: String,
+    },
+    /// Opens a file for reading. Opening another user's file is a download and notifies
+    /// its owner. The handle reads the version that was current at open.
+    Open {
+        owner: String,
+        name: String,
+    },
+    /// Reads up to `len` bytes at `offset`; the data is the response payload, shorter at
+    /// end of file.
+    Read {
+        handle: u64,
+        offset: u64,
+        len: u32,
+    },
+    Close {
+        handle: u64,
+    },
+    /// Starts an upload into the caller's own folder. `size`, when known, is checked
+    /// against quota and free space before any byte is sent.
+    UploadBegin {
+        name: String,
+        #[serde(default)]
+        size: Option<u64>,
+    },
+    /// Commits an upload: the file becomes visible atomically, replacing any old version.
+    /// `blake3` is the hex BLAKE3 hash of the whole content.
+    UploadCommit {
+        upload: u64,
+        size: u64,
+        blake3: String,
+    },
+    UploadAbort {
+        upload: u64,
+    },
+    /// Uploads a small file in one round trip: the payload is the whole content.
+    Put {
+        name: String,
+        blake3: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Renames within the caller's own folder, replacing `to` if it exists.
+    Rename {
+        from: String,
+        to: String,
+    },
+    /// Acknowledges notifications shown to the user.
+    Ack {
+        ids: Vec<u64>,
+    },
+    /// Pending notifications and up to `recent` of the latest ones, pending or not.
+    Notifications {
+        #[serde(default)]
+        recent: u32,
+    },
+    StatFs,
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Ok,
+    Users {
+        users: Vec<String>,
+    },
+    Files {
+        files: Vec<FileInfo>,
+    },
+    File {
+        file: FileInfo,
+    },
+    Opened {
+        handle: u64,
+        file: FileInfo,
+    },
+    /// File data; the bytes are the frame payload.
+    Data,
+    UploadStarted {
+        upload: u64,
+    },
+    Notifications {
+        pending: Vec<Notification>,
+        recent: Vec<Notification>,
+    },
+    Space(Space),
+}
+
+/// What the server pushes without being asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// One of the caller's files was downloaded; pending until acknowledged.
+    Notification { notification: Notification },
+    /// A file was created, replaced or renamed into place (`file` set) or removed.
+    FileChanged {
+        owner: String,
+        name: String,
+        #[serde(default)]
+        file: Option<FileInfo>,
+    },
+    /// The set of users changed.
+    UsersChanged,
+    /// Events were dropped for this session (it fell behind); treat every cached entry
+    /// as possibly stale.
+    Resync,
+}
+
+/// A file as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    pub owner: String,
+    pub name: String,
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Changes whenever the content changes; a reader pinned to a version keeps it.
+    pub version: u64,
+}
+
+/// A download of one of the recipient's files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    pub id: u64,
+    /// Who downloaded.
+    pub downloader: String,
+    /// Owner of the file (the recipient).
+    pub owner: String,
+    pub file: String,
+    pub size: u64,
+    /// First and latest download, milliseconds since the Unix epoch.
+    pub first_ms: i64,
+    pub last_ms: i64,
+    /// Downloads coalesced into this notification.
+    pub count: u32,
+}
+
+/// Space as `df` should show it to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Space {
+    /// Bytes the caller may use in all (quota, or the disk size).
+    pub total: u64,
+    /// Bytes the caller may still write.
+    pub available: u64,
+    /// Bytes used by the caller's files.
+    pub used: u64,
+    pub files: u64,
+}
+
+/// Typed failure, carried as data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Error codes of the protocol. New codes may be added; an unknown code decodes as
+/// `Other` so old clients still show the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NotFound,
+    PermissionDenied,
+    InvalidName,
+    QuotaExceeded,
+    NoSpace,
+    AuthFailed,
+    VersionMismatch,
+    ProtocolError,
+    TooLarge,
+    Busy,
+    ChecksumMismatch,
+    /// The version a handle was opened on is gone.
+    Stale,
+    Internal,
+    #[serde(other)]
+    Other,
+}

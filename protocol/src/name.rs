@@ -1,0 +1,65 @@
+//! Name rules of SPEC section 3, in one place for server and clients.
+
+/// Longest file name, in bytes.
+pub const MAX_FILE_NAME: usize = 255;
+/// Longest user name, in bytes.
+pub const MAX_USER_NAME: usize = 32;
+
+/// Checks a file name: not empty, no `/`, no NUL, not `.` or `..`, at most 255 bytes.
+pub fn check_file_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty file name".into());
+    }
+    if name.len() > MAX_FILE_NAME {
+        return Err(format!("file name longer than {MAX_FILE_NAME} bytes"));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("'{name}' is not a file name"));
+    }
+    if name.contains('/') {
+        return Err("file name contains '/'".into());
+    }
+    if name.contains('\0') {
+        return Err("file name contains NUL".into());
+    }
+    Ok(())
+}
+
+/// Checks a user name: `[a-z0-9_-]{1,32}`.
+pub fn check_user_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_USER_NAME {
+        return Err(format!("user name must be 1 to {MAX_USER_NAME} characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Err(format!("user name '{name}' may only contain a-z, 0-9, '_' and '-'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names() {
+        for bad in ["", ".", "..", "a/b", "../x", "a\0b", &"x".repeat(256)] {
+            assert!(check_file_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["a", "report.txt", "...", ".hidden", "é", &"x".repeat(255)] {
+            assert!(check_file_name(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn user_names() {
+        for bad in ["", "Alice", "a b", "a/b", "ä", &"a".repeat(33)] {
+            assert!(check_user_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["alice", "bob_2", "x-y", &"a".repeat(32)] {
+            assert!(check_user_name(good).is_ok(), "{good:?} refused");
+        }
+    }
+}
