@@ -93,9 +93,10 @@ pub enum Request {
     Close {
         handle: u64,
     },
-    /// Starts an upload into the caller's own folder. `size`, when known, is checked
+    /// Starts an upload into `owner`'s folder, which must be the caller's own. `size`, when known, is checked
     /// against quota and free space before any byte is sent.
     UploadBegin {
+        owner: String,
         name: String,
         #[serde(default)]
         size: Option<u64>,
@@ -112,14 +113,17 @@ pub enum Request {
     },
     /// Uploads a small file in one round trip: the payload is the whole content.
     Put {
+        owner: String,
         name: String,
         blake3: String,
     },
     Delete {
+        owner: String,
         name: String,
     },
     /// Renames within the caller's own folder, replacing `to` if it exists.
     Rename {
+        owner: String,
         from: String,
         to: String,
     },

@@ -1,1 +1,249 @@
-fn main() {}
+//! `sharefs-server`: serve a data directory, manage its users.
+
+use std::io::{BufRead, IsTerminal};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use sharefs_server::users::UserDb;
+use sharefs_server::ServerConfig;
+
+#[derive(Parser)]
+#[command(name = "sharefs-server", version, about = "sharefs file-sharing server")]
+struct Cli {
+    /// Data directory: users, files and notifications live here.
+    #[arg(long, global = true, env = "SHAREFS_DATA", default_value = "./sharefs-data")]
+    data: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the data directory until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Manage user accounts (works while the server runs; applies from the next login).
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, default_value_t = sharefs_protocol::DEFAULT_MAX_FRAME)]
+    max_frame: u32,
+    /// Connections served at once.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Free disk space uploads must leave, e.g. 64M or 1G.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    disk_reserve: u64,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user; the password comes from a prompt or --password-stdin.
+    Add {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+        /// Storage quota, e.g. 10G.
+        #[arg(long, value_parser = parse_size)]
+        quota: Option<u64>,
+    },
+    /// List users.
+    List,
+    /// Remove a user's account (their files stay unless --purge).
+    Remove {
+        name: String,
+        /// Also delete the user's files and notifications.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Change a user's password.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Set a user's quota ("none" removes it).
+    Quota { name: String, size: String },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let mult: u64 = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                other => return Err(format!("unknown size unit '{other}' (use K, M, G, T)")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 500M, 10G)"))?;
+    if !(n >= 0.0) {
+        return Err(format!("'{s}' is not a size"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn read_password(stdin: bool, what: &str) -> Result<String> {
+    let password = if stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    } else if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password(format!("{what}: "))?;
+        let b = rpassword::prompt_password("Repeat: ")?;
+        if a != b {
+            bail!("passwords do not match");
+        }
+        a
+    } else {
+        bail!("no terminal to ask for a password; use --password-stdin");
+    };
+    if password.is_empty() {
+        bail!("empty password");
+    }
+    Ok(password)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sharefs-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let db = UserDb::new(&cli.data);
+    match cli.command {
+        Command::Serve(args) => serve(cli.data, args),
+        Command::User(UserCommand::Add {
+            name,
+            password_stdin,
+            quota,
+        }) => {
+            sharefs_protocol::name::check_user_name(&name).map_err(anyhow::Error::msg)?;
+            let password = read_password(password_stdin, &format!("Password for {name}"))?;
+            db.add(&name, &password, quota)?;
+            eprintln!("user {name} added");
+            Ok(())
+        }
+        Command::User(UserCommand::List) => {
+            for (name, rec) in db.list()? {
+                match rec.quota {
+                    Some(q) => println!("{name}\tquota={q}"),
+                    None => println!("{name}"),
+                }
+            }
+            Ok(())
+        }
+        Command::User(UserCommand::Remove { name, purge }) => {
+            db.remove(&name)?;
+            if purge {
+                sharefs_protocol::name::check_user_name(&name).map_err(anyhow::Error::msg)?;
+                for sub in ["files", "notifications"] {
+                    let dir = cli.data.join(sub).join(&name);
+                    if dir.exists() {
+                        std::fs::remove_dir_all(&dir)
+                            .with_context(|| format!("removing {}", dir.display()))?;
+                    }
+                }
+            }
+            eprintln!("user {name} removed");
+            Ok(())
+        }
+        Command::User(UserCommand::Passwd {
+            name,
+            password_stdin,
+        }) => {
+            if db.get(&name)?.is_none() {
+                bail!("{name}: no such user");
+            }
+            let password = read_password(password_stdin, &format!("New password for {name}"))?;
+            db.set_password(&name, &password)?;
+            eprintln!("password of {name} changed");
+            Ok(())
+        }
+        Command::User(UserCommand::Quota { name, size }) => {
+            let quota = if size == "none" {
+                None
+            } else {
+                Some(parse_size(&size).map_err(anyhow::Error::msg)?)
+            };
+            db.set_quota(&name, quota)?;
+            Ok(())
+        }
+    }
+}
+
+fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let mut config = ServerConfig::new(data);
+        config.max_frame = args.max_frame;
+        config.max_connections = args.max_connections;
+        config.disk_reserve = args.disk_reserve;
+        sharefs_server::run(listener, config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("1.5K"), Ok(1536));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5X").is_err());
+    }
+}

@@ -1,0 +1,40 @@
+//! Server settings, with the defaults `sharefs-server serve` uses.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sharefs_protocol::DEFAULT_MAX_FRAME;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// Largest frame accepted; a larger one closes the connection.
+    pub max_frame: u32,
+    /// Connections served at once; more are refused with `busy`.
+    pub max_connections: usize,
+    /// Requests a connection may have in flight; more wait (TCP back-pressure).
+    pub max_in_flight: usize,
+    /// Time a new connection has to finish handshake and login.
+    pub handshake_timeout: Duration,
+    /// Repeated downloads of one file by one user within this window are one notification.
+    pub coalesce_window: Duration,
+    /// Bytes of read data the whole server buffers at once, across all connections.
+    pub read_buffer_budget: usize,
+    /// Free disk space uploads leave untouched.
+    pub disk_reserve: u64,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            max_frame: DEFAULT_MAX_FRAME,
+            max_connections: 1024,
+            max_in_flight: 64,
+            handshake_timeout: Duration::from_secs(10),
+            coalesce_window: Duration::from_secs(5),
+            read_buffer_budget: 32 * 1024 * 1024,
+            disk_reserve: 64 * 1024 * 1024,
+        }
+    }
+}

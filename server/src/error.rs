@@ -1,0 +1,68 @@
+//! Server errors and their one mapping to protocol error codes.
+
+use sharefs_protocol::{ErrorBody, ErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}: no such file")]
+    NotFound(String),
+    #[error("{0}: no such user")]
+    NoSuchUser(String),
+    #[error("{0}: permission denied")]
+    PermissionDenied(String),
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
+    #[error("no space left on the server: {0}")]
+    NoSpace(String),
+    #[error("content does not match its checksum")]
+    ChecksumMismatch,
+    #[error("the version this file was opened at is gone")]
+    Stale,
+    #[error("{0}")]
+    Protocol(String),
+    #[error("too many {0}; try again later")]
+    Busy(&'static str),
+    #[error("user {0} already exists")]
+    UserExists(String),
+    #[error("storage error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt metadata in {path}: {source}")]
+    Corrupt {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServerError {
+    /// The protocol error for this failure. Every variant is decided here.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ServerError::NotFound(_) | ServerError::NoSuchUser(_) => ErrorCode::NotFound,
+            ServerError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            ServerError::InvalidName(_) => ErrorCode::InvalidName,
+            ServerError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+            ServerError::NoSpace(_) => ErrorCode::NoSpace,
+            ServerError::ChecksumMismatch => ErrorCode::ChecksumMismatch,
+            ServerError::Stale => ErrorCode::Stale,
+            ServerError::Protocol(_) => ErrorCode::ProtocolError,
+            ServerError::Busy(_) => ErrorCode::Busy,
+            ServerError::UserExists(_) => ErrorCode::InvalidName,
+            ServerError::Io(e) => match e.raw_os_error() {
+                Some(libc::ENOSPC) => ErrorCode::NoSpace,
+                Some(libc::EDQUOT) => ErrorCode::QuotaExceeded,
+                _ => ErrorCode::Internal,
+            },
+            ServerError::Corrupt { .. } | ServerError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody::new(self.code(), self.to_string())
+    }
+}
+
+pub type Result<T, E = ServerError> = std::result::Result<T, E>;

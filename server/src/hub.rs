@@ -1,0 +1,275 @@
+//! The notification hub: durable download notifications and the registry of live sessions
+//! that receive pushed events.
+//!
+//! Layout under the data directory:
+//! ```text
+//! notifications/<user>/pending/<id>.json   one file per unacknowledged notification
+//! notifications/<user>/history.jsonl       every notification as recorded, appended
+//! ```
+//! A download is recorded (fsynced) before it is pushed, and stays pending until a session
+//! of the owner acknowledges it; login re-sends everything pending. Repeated downloads of
+//! the same file by the same user within the coalescing window update the pending record's
+//! count instead of creating a new notification.
+//!
+//! Pushing never blocks: each session has a bounded event queue and a session that falls
+//! behind gets a `Resync` event instead of an unbounded backlog (its pending notifications
+//! stay on disk).
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sharefs_protocol::{Event, Notification};
+use tokio::sync::mpsc;
+
+use crate::error::{Result, ServerError};
+use crate::fsutil;
+
+/// Where a live session receives events.
+#[derive(Debug)]
+pub struct EventSink {
+    pub user: String,
+    pub tx: mpsc::Sender<Event>,
+    /// Set when an event could not be queued; the session then sends `Resync`.
+    pub lagged: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+#[derive(Debug)]
+struct HubInner {
+    dir: PathBuf,
+    tmp: PathBuf,
+    window: Duration,
+    next_id: AtomicU64,
+    /// std `Mutex`: held only for map updates and non-blocking `try_send`s.
+    sessions: Mutex<HashMap<u64, EventSink>>,
+    next_session: AtomicU64,
+    /// (owner, downloader, file) -> latest notification and when it last grew.
+    /// Held across the fsync of a record so coalescing decisions are serialised.
+    recent: Mutex<HashMap<(String, String, String), (Notification, Instant)>>,
+}
+
+impl Hub {
+    pub fn open(data_dir: &Path, window: Duration) -> Result<Hub> {
+        let dir = data_dir.join("notifications");
+        fsutil::create_dir_durable(&dir)?;
+        Ok(Hub {
+            inner: Arc::new(HubInner {
+                dir,
+                tmp: data_dir.join("tmp"),
+                window,
+                next_id: AtomicU64::new(fsutil::now_ns().max(1) as u64),
+                sessions: Mutex::new(HashMap::new()),
+                next_session: AtomicU64::new(1),
+                recent: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    fn pending_dir(&self, user: &str) -> PathBuf {
+        self.inner.dir.join(user).join("pending")
+    }
+
+    /// Registers a live session; returns its id for [`Hub::unregister`].
+    pub fn register(&self, sink: EventSink) -> u64 {
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut s) = self.inner.sessions.lock() {
+            s.insert(id, sink);
+        }
+        id
+    }
+
+    pub fn unregister(&self, id: u64) {
+        if let Ok(mut s) = self.inner.sessions.lock() {
+            s.remove(&id);
+        }
+    }
+
+    /// Pushes an event to the sessions `to` selects, never blocking.
+    fn push(&self, event: &Event, to: impl Fn(&EventSink) -> bool) {
+        let Ok(sessions) = self.inner.sessions.lock() else {
+            return;
+        };
+        for sink in sessions.values().filter(|s| to(s)) {
+            if sink.tx.try_send(event.clone()).is_err() {
+                sink.lagged.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Tells every session that a file changed.
+    pub fn broadcast(&self, event: Event) {
+        self.push(&event, |_| true);
+    }
+
+    /// Records a download of `owner`'s `file` by `downloader` durably, then pushes it to
+    /// the owner's sessions. Blocking (fsync).
+    pub fn record_download(&self, owner: &str, downloader: &str, file: &str, size: u64) -> Result<()> {
+        let now = Instant::now();
+        let now_ms = fsutil::now_ms();
+        let key = (owner.to_string(), downloader.to_string(), file.to_string());
+        let mut recent = self
+            .inner
+            .recent
+            .lock()
+            .map_err(|_| ServerError::Internal("notification lock poisoned".into()))?;
+        recent.retain(|_, (_, t)| now.duration_since(*t) < self.inner.window);
+        let pending_dir = self.pending_dir(owner);
+        fsutil::create_dir_durable(&pending_dir)?;
+        if let Some((n, t)) = recent.get_mut(&key) {
+            n.count += 1;
+            n.last_ms = now_ms;
+            n.size = size;
+            *t = now;
+            let path = pending_dir.join(pending_name(n.id));
+            // Still pending: update the record so a re-send carries the count. Already
+            // acknowledged: the user has seen it; only the history learns the count.
+            if path.exists() {
+                write_json(&self.inner.tmp, &path, n)?;
+            }
+            self.append_history(owner, n)?;
+            tracing::debug!(owner, downloader, file, count = n.count, "download coalesced");
+            return Ok(());
+        }
+        let n = Notification {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            downloader: downloader.to_string(),
+            owner: owner.to_string(),
+            file: file.to_string(),
+            size,
+            first_ms: now_ms,
+            last_ms: now_ms,
+            count: 1,
+        };
+        write_json(&self.inner.tmp, &pending_dir.join(pending_name(n.id)), &n)?;
+        self.append_history(owner, &n)?;
+        recent.insert(key, (n.clone(), now));
+        drop(recent);
+        tracing::info!(owner, downloader, file, id = n.id, "download notification recorded");
+        self.push(&Event::Notification { notification: n }, |s| s.user == owner);
+        Ok(())
+    }
+
+    fn append_history(&self, owner: &str, n: &Notification) -> Result<()> {
+        let path = self.inner.dir.join(owner).join("history.jsonl");
+        let mut line = serde_json::to_vec(n)
+            .map_err(|e| ServerError::Internal(format!("cannot encode notification: {e}")))?;
+        line.push(b'\n');
+        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+        f.write_all(&line)?;
+        Ok(())
+    }
+
+    /// All pending notifications of `user`, oldest first.
+    pub fn pending(&self, user: &str) -> Result<Vec<Notification>> {
+        let dir = self.pending_dir(user);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                match fs::read(&path).map(|b| serde_json::from_slice::<Notification>(&b)) {
+                    Ok(Ok(n)) => out.push(n),
+                    Ok(Err(e)) => tracing::error!(path = %path.display(), error = %e, "corrupt notification"),
+                    Err(e) => tracing::error!(path = %path.display(), error = %e, "unreadable notification"),
+                }
+            }
+        }
+        out.sort_by_key(|n| n.id);
+        Ok(out)
+    }
+
+    /// Up to `limit` latest notifications of `user` (pending or not), newest last.
+    pub fn recent(&self, user: &str, limit: usize) -> Result<Vec<Notification>> {
+        let path = self.inner.dir.join(user).join("history.jsonl");
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        // Later lines for the same id carry a larger count: keep the last of each.
+        let mut by_id: HashMap<u64, Notification> = HashMap::new();
+        for line in text.lines() {
+            if let Ok(n) = serde_json::from_str::<Notification>(line) {
+                by_id.insert(n.id, n);
+            }
+        }
+        let mut all: Vec<Notification> = by_id.into_values().collect();
+        all.sort_by_key(|n| n.id);
+        let skip = all.len().saturating_sub(limit);
+        Ok(all.split_off(skip))
+    }
+
+    /// Acknowledges `user`'s notifications; ids that are not pending are ignored.
+    pub fn ack(&self, user: &str, ids: &[u64]) -> Result<()> {
+        let dir = self.pending_dir(user);
+        let mut removed = false;
+        for id in ids {
+            match fs::remove_file(dir.join(pending_name(*id))) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if removed {
+            fsutil::sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn pending_name(id: u64) -> String {
+    format!("{id:016x}.json")
+}
+
+fn write_json(tmp: &Path, path: &Path, n: &Notification) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(n)
+        .map_err(|e| ServerError::Internal(format!("cannot encode notification: {e}")))?;
+    fsutil::write_atomic(tmp, path, &bytes)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_coalesce_ack_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        let hub = Hub::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        hub.register(EventSink {
+            user: "alice".into(),
+            tx,
+            lagged: Arc::default(),
+        });
+        hub.record_download("alice", "bob", "f", 3).unwrap();
+        hub.record_download("alice", "bob", "f", 3).unwrap();
+        hub.record_download("alice", "carol", "f", 3).unwrap();
+        assert!(matches!(rx.try_recv(), Ok(Event::Notification { .. })));
+        assert!(matches!(rx.try_recv(), Ok(Event::Notification { .. })));
+        assert!(rx.try_recv().is_err());
+
+        let hub = Hub::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let pending = hub.pending("alice").unwrap();
+        assert_eq!(pending.len(), 2);
+        assert_eq!((pending[0].downloader.as_str(), pending[0].count), ("bob", 2));
+        hub.ack("alice", &[pending[0].id]).unwrap();
+        assert_eq!(hub.pending("alice").unwrap().len(), 1);
+        assert_eq!(hub.recent("alice", 10).unwrap().len(), 2);
+        assert!(hub.pending("bob").unwrap().is_empty());
+    }
+}

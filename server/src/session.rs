@@ -1,0 +1,740 @@
+//! One client connection: handshake and login, then a reader loop that dispatches requests
+//! and a writer task that owns the sending half.
+//!
+//! Requests run as their own tasks (bounded per connection), so a slow read never delays a
+//! listing and replies go out in completion order. Upload chunks are the exception: they are
+//! written in arrival order by the reader loop itself, which gives natural back-pressure (a
+//! client cannot send faster than the disk takes it) and lets the commit that follows them
+//! know that every chunk is on disk. Nothing a client sends can reach an `unwrap`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use sharefs_protocol::{
+    ClientMessage, ErrorBody, ErrorCode, Event, Frame, FrameCodec, FrameError, Reply, Request,
+    ServerMessage, CHUNK_SIZE, MAGIC, VERSION,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::codec::Framed;
+use tracing::Instrument;
+
+use crate::error::ServerError;
+use crate::hub::EventSink;
+use crate::server::Shared;
+use crate::store::{OpenFile, StagedUpload};
+
+/// A reply on its way to the writer task, with the read-budget permit its payload holds.
+struct Outgoing {
+    msg: ServerMessage,
+    payload: Bytes,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Outgoing {
+    fn new(msg: ServerMessage) -> Outgoing {
+        Outgoing {
+            msg,
+            payload: Bytes::new(),
+            _permit: None,
+        }
+    }
+}
+
+type Sink<S> = SplitSink<Framed<S, FrameCodec>, Frame>;
+type Source<S> = SplitStream<Framed<S, FrameCodec>>;
+
+/// Serves one connection until the client leaves, breaks the protocol, or `stop` fires.
+pub async fn serve<S>(stream: S, peer: SocketAddr, shared: Shared, stop: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!("conn", %peer, user = tracing::field::Empty);
+    serve_inner(stream, peer, shared, stop, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn serve_inner<S>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Shared,
+    stop: watch::Receiver<bool>,
+    span: tracing::Span,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tracing::debug!("connected");
+    let mut framed = Framed::new(stream, FrameCodec::new(shared.config.max_frame));
+    let login = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        handshake(&mut framed, &shared, peer),
+    )
+    .await;
+    let user = match login {
+        Ok(Ok(user)) => user,
+        Ok(Err(err)) => {
+            let msg = ServerMessage::Error { id: None, error: err };
+            if let Ok(frame) = Frame::new(&msg, Bytes::new()) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), framed.send(frame)).await;
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::info!("handshake timed out; closing");
+            return;
+        }
+    };
+    span.record("user", user.as_str());
+
+    let (sink, source) = framed.split();
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
+    let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
+    let lagged = Arc::new(AtomicBool::new(false));
+    let session_id = shared.hub.register(EventSink {
+        user: user.clone(),
+        tx: ev_tx,
+        lagged: lagged.clone(),
+    });
+    let writer = tokio::spawn(write_loop(sink, out_rx, ev_rx, lagged).in_current_span());
+
+    let mut session = Session {
+        user: user.clone(),
+        shared: shared.clone(),
+        out: out_tx,
+        uploads: HashMap::new(),
+        handles: Arc::default(),
+        next_id: Arc::new(AtomicU64::new(1)),
+        in_flight: Arc::new(Semaphore::new(shared.config.max_in_flight)),
+        tasks: JoinSet::new(),
+    };
+    if session.greet().await {
+        session.read_loop(source, stop).await;
+    }
+    // Unfinished uploads are dropped here, which deletes their temp files.
+    let aborted = session.uploads.len();
+    session.tasks.abort_all();
+    shared.hub.unregister(session_id);
+    drop(session);
+    if aborted > 0 {
+        tracing::info!(aborted, "discarded unfinished uploads");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    tracing::info!("disconnected");
+}
+
+/// Hello and login. Returns the user name, or the error to send before closing.
+async fn handshake<S>(
+    framed: &mut Framed<S, FrameCodec>,
+    shared: &Shared,
+    peer: SocketAddr,
+) -> Result<String, ErrorBody>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let protocol = |m: &str| ErrorBody::new(ErrorCode::ProtocolError, m);
+    let max_frame = match next_message(framed).await? {
+        ClientMessage::Hello {
+            magic,
+            version,
+            max_frame,
+        } => {
+            if magic != MAGIC {
+                return Err(protocol("not a sharefs client"));
+            }
+            if version != VERSION {
+                tracing::info!(version, "client speaks another protocol version");
+                return Err(ErrorBody::new(
+                    ErrorCode::VersionMismatch,
+                    format!("server speaks protocol version {VERSION}, client {version}"),
+                ));
+            }
+            max_frame.clamp(64 * 1024, shared.config.max_frame)
+        }
+        _ => return Err(protocol("expected hello")),
+    };
+    send(
+        framed,
+        &ServerMessage::Hello {
+            magic: MAGIC.into(),
+            version: VERSION,
+            max_frame,
+        },
+    )
+    .await?;
+    framed.codec_mut().set_max_frame(max_frame);
+
+    let (user, password) = match next_message(framed).await? {
+        ClientMessage::Login { user, password } => (user, password),
+        _ => return Err(protocol("expected login")),
+    };
+    let users = shared.users.clone();
+    let name = user.clone();
+    let ok = tokio::task::spawn_blocking(move || users.verify(&name, &password))
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| e.body())?;
+    if !ok {
+        tracing::warn!(%peer, user, "login failed");
+        return Err(ErrorBody::new(
+            ErrorCode::AuthFailed,
+            "unknown user or wrong password",
+        ));
+    }
+    tracing::info!(%peer, user, "logged in");
+    send(framed, &ServerMessage::LoginOk { user: user.clone() }).await?;
+    Ok(user)
+}
+
+async fn next_message<S>(framed: &mut Framed<S, FrameCodec>) -> Result<ClientMessage, ErrorBody>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match framed.next().await {
+        Some(Ok(frame)) => frame
+            .message()
+            .map_err(|e| ErrorBody::new(ErrorCode::ProtocolError, e.to_string())),
+        Some(Err(e)) => Err(frame_error_body(&e)),
+        None => Err(ErrorBody::new(ErrorCode::ProtocolError, "connection closed")),
+    }
+}
+
+async fn send<S>(framed: &mut Framed<S, FrameCodec>, msg: &ServerMessage) -> Result<(), ErrorBody>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = Frame::new(msg, Bytes::new()).map_err(|e| frame_error_body(&e))?;
+    framed.send(frame).await.map_err(|e| frame_error_body(&e))
+}
+
+fn frame_error_body(e: &FrameError) -> ErrorBody {
+    let code = match e {
+        FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+        _ => ErrorCode::ProtocolError,
+    };
+    ErrorBody::new(code, e.to_string())
+}
+
+/// Sends replies and pushed events; flushes when nothing more is queued, so bursts of small
+/// replies share a write.
+async fn write_loop<S>(
+    mut sink: Sink<S>,
+    mut out: mpsc::Receiver<Outgoing>,
+    mut events: mpsc::Receiver<Event>,
+    lagged: Arc<AtomicBool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut events_open = true;
+    loop {
+        let item = tokio::select! {
+            biased;
+            o = out.recv() => match o {
+                Some(o) => o,
+                None => break,
+            },
+            e = events.recv(), if events_open => match e {
+                Some(event) => Outgoing::new(ServerMessage::Event { event }),
+                None => { events_open = false; continue; }
+            },
+        };
+        let mut batch = vec![item];
+        if lagged.swap(false, Ordering::Relaxed) {
+            batch.push(Outgoing::new(ServerMessage::Event { event: Event::Resync }));
+        }
+        while batch.len() < 32 {
+            match out.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        for o in batch {
+            let frame = match Frame::new(&o.msg, o.payload) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode reply");
+                    continue;
+                }
+            };
+            if let Err(e) = sink.feed(frame).await {
+                tracing::debug!(error = %e, "send failed");
+                return;
+            }
+        }
+        if out.is_empty() && sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// State of one logged-in connection.
+struct Session {
+    user: String,
+    shared: Shared,
+    out: mpsc::Sender<Outgoing>,
+    /// Uploads in progress; owned by the reader loop, which writes their chunks in order.
+    uploads: HashMap<u64, StagedUpload>,
+    /// Open read handles, shared with request tasks. std `Mutex`: map operations only.
+    handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    next_id: Arc<AtomicU64>,
+    in_flight: Arc<Semaphore>,
+    tasks: JoinSet<()>,
+}
+
+impl Session {
+    /// Sends `LoginOk` and every pending notification. False if the connection is gone.
+    async fn greet(&mut self) -> bool {
+        let ok = ServerMessage::LoginOk {
+            user: self.user.clone(),
+        };
+        if self.out.send(Outgoing::new(ok)).await.is_err() {
+            return false;
+        }
+        let hub = self.shared.hub.clone();
+        let user = self.user.clone();
+        let pending = tokio::task::spawn_blocking(move || hub.pending(&user)).await;
+        match pending {
+            Ok(Ok(pending)) => {
+                if !pending.is_empty() {
+                    tracing::info!(count = pending.len(), "re-sending pending notifications");
+                }
+                for notification in pending {
+                    let msg = ServerMessage::Event {
+                        event: Event::Notification { notification },
+                    };
+                    if self.out.send(Outgoing::new(msg)).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot read pending notifications"),
+            Err(e) => tracing::error!(error = %e, "pending notification task failed"),
+        }
+        true
+    }
+
+    async fn read_loop<S>(&mut self, mut source: Source<S>, mut stop: watch::Receiver<bool>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            let next = tokio::select! {
+                next = source.next() => next,
+                _ = stop.changed() => {
+                    tracing::info!("server shutting down; closing session");
+                    return;
+                }
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
+            };
+            let frame = match next {
+                None => return,
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "bad frame; closing connection");
+                    self.fatal(frame_error_body(&e)).await;
+                    return;
+                }
+            };
+            let msg = match frame.message::<ClientMessage>() {
+                Ok(msg) => msg,
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed message; closing connection");
+                    self.fatal(ErrorBody::new(ErrorCode::ProtocolError, e.to_string()))
+                        .await;
+                    return;
+                }
+            };
+            match msg {
+                ClientMessage::Request { id, op } => self.dispatch(id, op, frame.payload).await,
+                ClientMessage::Chunk { upload, offset } => {
+                    self.chunk(upload, offset, frame.payload).await
+                }
+                ClientMessage::Hello { .. } | ClientMessage::Login { .. } => {
+                    self.fatal(ErrorBody::new(
+                        ErrorCode::ProtocolError,
+                        "already logged in",
+                    ))
+                    .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn fatal(&self, error: ErrorBody) {
+        let _ = self
+            .out
+            .send(Outgoing::new(ServerMessage::Error { id: None, error }))
+            .await;
+    }
+
+    async fn chunk(&mut self, upload: u64, offset: u64, data: Bytes) {
+        let Some(mut up) = self.uploads.remove(&upload) else {
+            tracing::debug!(upload, "chunk for an unknown upload ignored");
+            return;
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            up.write_chunk(offset, &data);
+            up
+        })
+        .await;
+        match result {
+            Ok(up) => {
+                self.uploads.insert(upload, up);
+            }
+            Err(e) => tracing::error!(error = %e, "upload write task failed"),
+        }
+    }
+
+    async fn reply(&self, id: u64, result: Result<Reply, ServerError>) {
+        let msg = match result {
+            Ok(reply) => ServerMessage::Response { id, reply },
+            Err(e) => ServerMessage::Error {
+                id: Some(id),
+                error: e.body(),
+            },
+        };
+        let _ = self.out.send(Outgoing::new(msg)).await;
+    }
+
+    fn own(&self, owner: &str) -> Result<(), ServerError> {
+        if owner == self.user {
+            Ok(())
+        } else {
+            Err(ServerError::PermissionDenied(format!(
+                "{owner}: folder of another user"
+            )))
+        }
+    }
+
+    async fn dispatch(&mut self, id: u64, op: Request, payload: Bytes) {
+        match op {
+            Request::UploadBegin { owner, name, size } => {
+                let result = self.begin_upload(owner, name, size).await;
+                self.reply(id, result).await;
+            }
+            Request::UploadCommit {
+                upload,
+                size,
+                blake3,
+            } => match self.uploads.remove(&upload) {
+                Some(up) => {
+                    let ctx = self.context();
+                    self.spawn(id, async move {
+                        let name = up.name().to_string();
+                        let info = ctx
+                            .blocking(move |shared| shared.store.commit_upload(up, size, &blake3))
+                            .await?;
+                        tracing::info!(file = %name, size, "upload committed");
+                        ctx.changed(&info.name, Some(info.clone()));
+                        Ok((Reply::File { file: info }, Bytes::new(), None))
+                    })
+                    .await
+                }
+                None => {
+                    let e = ServerError::Protocol(format!("no upload {upload}"));
+                    self.reply(id, Err(e)).await
+                }
+            },
+            Request::UploadAbort { upload } => {
+                let existed = self.uploads.remove(&upload).is_some();
+                if existed {
+                    tracing::info!(upload, "upload aborted");
+                }
+                self.reply(id, Ok(Reply::Ok)).await;
+            }
+            op => {
+                let ctx = self.context();
+                self.spawn(id, async move { ctx.handle(op, payload).await })
+                    .await
+            }
+        }
+    }
+
+    async fn begin_upload(
+        &mut self,
+        owner: String,
+        name: String,
+        size: Option<u64>,
+    ) -> Result<Reply, ServerError> {
+        self.own(&owner)?;
+        let ctx = self.context();
+        let up = ctx
+            .blocking(move |shared| {
+                let quota = shared.users.get(&owner)?.and_then(|u| u.quota);
+                shared.store.begin_upload(&owner, &name, size, quota)
+            })
+            .await?;
+        let upload = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.uploads.insert(upload, up);
+        Ok(Reply::UploadStarted { upload })
+    }
+
+    fn context(&self) -> Context {
+        Context {
+            user: self.user.clone(),
+            shared: self.shared.clone(),
+            handles: self.handles.clone(),
+            next_id: self.next_id.clone(),
+        }
+    }
+
+    /// Runs a request as its own task, holding an in-flight permit until its reply is queued.
+    async fn spawn<F>(&mut self, id: u64, fut: F)
+    where
+        F: std::future::Future<
+                Output = Result<(Reply, Bytes, Option<OwnedSemaphorePermit>), ServerError>,
+            > + Send
+            + 'static,
+    {
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let out = self.out.clone();
+        self.tasks.spawn(
+            async move {
+                let outgoing = match fut.await {
+                    Ok((reply, payload, budget)) => Outgoing {
+                        msg: ServerMessage::Response { id, reply },
+                        payload,
+                        _permit: budget,
+                    },
+                    Err(e) => {
+                        tracing::debug!(id, error = %e, "request failed");
+                        Outgoing::new(ServerMessage::Error {
+                            id: Some(id),
+                            error: e.body(),
+                        })
+                    }
+                };
+                let _ = out.send(outgoing).await;
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// What a request task needs of its session.
+struct Context {
+    user: String,
+    shared: Shared,
+    handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+type Handled = Result<(Reply, Bytes, Option<OwnedSemaphorePermit>), ServerError>;
+
+impl Context {
+    /// Runs blocking storage work off the async threads.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, ServerError>
+    where
+        F: FnOnce(&Shared) -> Result<T, ServerError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || f(&shared))
+            .await
+            .map_err(|e| ServerError::Internal(format!("storage task failed: {e}")))?
+    }
+
+    fn changed(&self, name: &str, file: Option<sharefs_protocol::FileInfo>) {
+        self.shared.hub.broadcast(Event::FileChanged {
+            owner: self.user.clone(),
+            name: name.to_string(),
+            file,
+        });
+    }
+
+    fn own(&self, owner: &str) -> Result<(), ServerError> {
+        if owner == self.user {
+            Ok(())
+        } else {
+            Err(ServerError::PermissionDenied(format!(
+                "{owner}: folder of another user"
+            )))
+        }
+    }
+
+    fn handles(&self) -> Result<std::sync::MutexGuard<'_, HashMap<u64, Arc<OpenFile>>>, ServerError> {
+        self.handles
+            .lock()
+            .map_err(|_| ServerError::Internal("handle table poisoned".into()))
+    }
+
+    async fn require_user(&self, owner: String) -> Result<String, ServerError> {
+        self.blocking(move |shared| match shared.users.get(&owner)? {
+            Some(_) => Ok(owner),
+            None => Err(ServerError::NoSuchUser(owner)),
+        })
+        .await
+    }
+
+    async fn handle(self, op: Request, payload: Bytes) -> Handled {
+        let reply = match op {
+            Request::ListUsers => {
+                let users = self
+                    .blocking(|shared| Ok(shared.users.list()?.into_keys().collect()))
+                    .await?;
+                Reply::Users { users }
+            }
+            Request::ListFiles { owner } => {
+                let owner = self.require_user(owner).await?;
+                let files = self.blocking(move |s| s.store.list(&owner)).await?;
+                Reply::Files { files }
+            }
+            Request::Stat { owner, name } => {
+                let owner = self.require_user(owner).await?;
+                let file = self.blocking(move |s| s.store.stat(&owner, &name)).await?;
+                Reply::File { file }
+            }
+            Request::Open { owner, name } => return self.open(owner, name).await,
+            Request::Read {
+                handle,
+                offset,
+                len,
+            } => return self.read(handle, offset, len).await,
+            Request::Close { handle } => {
+                self.handles()?.remove(&handle);
+                Reply::Ok
+            }
+            Request::Put {
+                owner,
+                name,
+                blake3,
+            } => {
+                self.own(&owner)?;
+                let size = payload.len() as u64;
+                let file = self
+                    .blocking(move |s| {
+                        let quota = s.users.get(&owner)?.and_then(|u| u.quota);
+                        let mut up = s.store.begin_upload(&owner, &name, Some(size), quota)?;
+                        up.write_chunk(0, &payload);
+                        s.store.commit_upload(up, size, &blake3)
+                    })
+                    .await?;
+                tracing::info!(file = %file.name, size, "upload committed");
+                self.changed(&file.name, Some(file.clone()));
+                Reply::File { file }
+            }
+            Request::Delete { owner, name } => {
+                self.own(&owner)?;
+                let n = name.clone();
+                self.blocking(move |s| s.store.delete(&owner, &n)).await?;
+                tracing::info!(file = %name, "deleted");
+                self.changed(&name, None);
+                Reply::Ok
+            }
+            Request::Rename { owner, from, to } => {
+                self.own(&owner)?;
+                let f = from.clone();
+                let file = self
+                    .blocking(move |s| s.store.rename(&owner, &f, &to))
+                    .await?;
+                tracing::info!(from = %from, to = %file.name, "renamed");
+                self.changed(&from, None);
+                self.changed(&file.name, Some(file.clone()));
+                Reply::File { file }
+            }
+            Request::Ack { ids } => {
+                let user = self.user.clone();
+                self.blocking(move |s| s.hub.ack(&user, &ids)).await?;
+                Reply::Ok
+            }
+            Request::Notifications { recent } => {
+                let user = self.user.clone();
+                let (pending, recent) = self
+                    .blocking(move |s| {
+                        Ok((s.hub.pending(&user)?, s.hub.recent(&user, recent.min(1000) as usize)?))
+                    })
+                    .await?;
+                Reply::Notifications { pending, recent }
+            }
+            Request::StatFs => {
+                let user = self.user.clone();
+                let space = self
+                    .blocking(move |s| {
+                        let quota = s.users.get(&user)?.and_then(|u| u.quota);
+                        s.store.space(&user, quota)
+                    })
+                    .await?;
+                Reply::Space(space)
+            }
+            Request::UploadBegin { .. }
+            | Request::UploadCommit { .. }
+            | Request::UploadAbort { .. } => {
+                return Err(ServerError::Internal("upload request misrouted".into()))
+            }
+        };
+        Ok((reply, Bytes::new(), None))
+    }
+
+    async fn open(self, owner: String, name: String) -> Handled {
+        let owner = self.require_user(owner).await?;
+        let downloader = self.user.clone();
+        let open = self
+            .blocking(move |s| {
+                let open = s.store.open_read(&owner, &name)?;
+                if owner != downloader {
+                    // Recorded durably before the reader gets a byte.
+                    s.hub
+                        .record_download(&owner, &downloader, &name, open.info.size)?;
+                }
+                Ok(open)
+            })
+            .await?;
+        if open.info.owner != self.user {
+            tracing::info!(owner = %open.info.owner, file = %open.info.name, size = open.info.size, "download");
+        }
+        let handle = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let file = open.info.clone();
+        self.handles()?.insert(handle, Arc::new(open));
+        Ok((Reply::Opened { handle, file }, Bytes::new(), None))
+    }
+
+    async fn read(self, handle: u64, offset: u64, len: u32) -> Handled {
+        let open = self
+            .handles()?
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| ServerError::Protocol(format!("no open handle {handle}")))?;
+        let len = len.min(CHUNK_SIZE) as usize;
+        let len = len.min(open.info.size.saturating_sub(offset) as usize);
+        let kib = len.div_ceil(1024).max(1) as u32;
+        let permit = self
+            .shared
+            .read_budget
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| ServerError::Internal("read budget closed".into()))?;
+        let data = tokio::task::spawn_blocking(move || read_at(&open.file, offset, len))
+            .await
+            .map_err(|e| ServerError::Internal(format!("read task failed: {e}")))??;
+        Ok((Reply::Data, data, Some(permit)))
+    }
+}
+
+fn read_at(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(Bytes::from(buf))
+}

@@ -1,0 +1,221 @@
+//! User accounts in `users.json`: argon2id password hashes and optional quotas.
+//!
+//! The file is small (one entry per user) and rewritten atomically on every change. The
+//! `sharefs-server user ...` commands write it while a server may be running, so writers
+//! hold an exclusive `flock` on `users.lock`; the server only reads it, at every login and
+//! listing, so account changes apply from the next login without a restart.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use serde::{Deserialize, Serialize};
+use sharefs_protocol::name::check_user_name;
+
+use crate::error::{Result, ServerError};
+use crate::fsutil;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// PHC string of an argon2id hash; the password itself is never stored.
+    pub password_hash: String,
+    /// Bytes this user may store; `None` means limited only by the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct UsersFile {
+    users: BTreeMap<String, UserRecord>,
+}
+
+/// Handle on `users.json` of one data directory.
+#[derive(Debug, Clone)]
+pub struct UserDb {
+    dir: PathBuf,
+}
+
+/// An exclusive advisory lock held while a writer rewrites `users.json`.
+struct WriteLock(File);
+
+impl WriteLock {
+    fn take(dir: &Path) -> io::Result<WriteLock> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("users.lock"))?;
+        // SAFETY: flock on a valid, owned file descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(WriteLock(f))
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        // SAFETY: unlocking our own descriptor.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// A hash computed once, verified against when the user is unknown, so an unknown user
+/// costs the same time as a wrong password.
+fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| hash_password("not a password").unwrap_or_default())
+}
+
+pub fn hash_password(password: &str) -> Result<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| ServerError::Internal(format!("password hashing failed: {e}")))
+}
+
+fn verify_hash(hash: &str, password: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+impl UserDb {
+    pub fn new(data_dir: &Path) -> UserDb {
+        UserDb {
+            dir: data_dir.to_path_buf(),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("users.json")
+    }
+
+    fn load(&self) -> Result<UsersFile> {
+        let path = self.path();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ServerError::Corrupt {
+                path: path.display().to_string(),
+                source,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(UsersFile::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn save(&self, users: &UsersFile) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(users)
+            .map_err(|e| ServerError::Internal(format!("cannot encode users: {e}")))?;
+        fsutil::write_atomic(&self.dir, &self.path(), &bytes)?;
+        Ok(())
+    }
+
+    fn modify<T>(&self, f: impl FnOnce(&mut UsersFile) -> Result<T>) -> Result<T> {
+        fsutil::create_dir_durable(&self.dir)?;
+        let _lock = WriteLock::take(&self.dir)?;
+        let mut users = self.load()?;
+        let out = f(&mut users)?;
+        self.save(&users)?;
+        Ok(out)
+    }
+
+    pub fn add(&self, name: &str, password: &str, quota: Option<u64>) -> Result<()> {
+        check_user_name(name).map_err(ServerError::InvalidName)?;
+        let password_hash = hash_password(password)?;
+        self.modify(|users| {
+            if users.users.contains_key(name) {
+                return Err(ServerError::UserExists(name.to_string()));
+            }
+            users.users.insert(
+                name.to_string(),
+                UserRecord {
+                    password_hash,
+                    quota,
+                    created_ms: fsutil::now_ms(),
+                },
+            );
+            Ok(())
+        })
+    }
+
+    pub fn remove(&self, name: &str) -> Result<()> {
+        self.modify(|users| match users.users.remove(name) {
+            Some(_) => Ok(()),
+            None => Err(ServerError::NoSuchUser(name.to_string())),
+        })
+    }
+
+    pub fn set_password(&self, name: &str, password: &str) -> Result<()> {
+        let password_hash = hash_password(password)?;
+        self.modify(|users| match users.users.get_mut(name) {
+            Some(rec) => {
+                rec.password_hash = password_hash;
+                Ok(())
+            }
+            None => Err(ServerError::NoSuchUser(name.to_string())),
+        })
+    }
+
+    pub fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<()> {
+        self.modify(|users| match users.users.get_mut(name) {
+            Some(rec) => {
+                rec.quota = quota;
+                Ok(())
+            }
+            None => Err(ServerError::NoSuchUser(name.to_string())),
+        })
+    }
+
+    pub fn list(&self) -> Result<BTreeMap<String, UserRecord>> {
+        Ok(self.load()?.users)
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<UserRecord>> {
+        Ok(self.load()?.users.remove(name))
+    }
+
+    /// Checks a password. Blocking (argon2 takes tens of milliseconds): call it off the
+    /// async runtime. Unknown users take as long as wrong passwords.
+    pub fn verify(&self, name: &str, password: &str) -> Result<bool> {
+        match self.get(name)? {
+            Some(rec) => Ok(verify_hash(&rec.password_hash, password)),
+            None => {
+                let _ = verify_hash(dummy_hash(), password);
+                Ok(false)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_verify_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = UserDb::new(dir.path());
+        db.add("alice", "secret", None).unwrap();
+        assert!(db.verify("alice", "secret").unwrap());
+        assert!(!db.verify("alice", "wrong").unwrap());
+        assert!(!db.verify("nobody", "secret").unwrap());
+        assert!(matches!(db.add("alice", "x", None), Err(ServerError::UserExists(_))));
+        assert!(matches!(db.add("Bad Name", "x", None), Err(ServerError::InvalidName(_))));
+        db.set_password("alice", "new").unwrap();
+        assert!(db.verify("alice", "new").unwrap());
+        let text = fs::read_to_string(dir.path().join("users.json")).unwrap();
+        assert!(!text.contains("secret") && !text.contains("\"new\""));
+        assert!(text.contains("$argon2id$"));
+        db.remove("alice").unwrap();
+        assert!(db.list().unwrap().is_empty());
+    }
+}
