@@ -213,7 +213,12 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.max_frame = args.max_frame;
         config.max_connections = args.max_connections;
         config.disk_reserve = args.disk_reserve;
-        sharefs_server::run(listener, config, shutdown_signal()).await?;
+        let addr = listener.local_addr()?;
+        sharefs_server::server::run_with(listener, config, shutdown_signal(), || {
+            // One line on stdout once serving, for scripts and test harnesses.
+            println!("sharefs-server listening on {addr}");
+        })
+        .await?;
         Ok(())
     })
 }

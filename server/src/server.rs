@@ -49,10 +49,21 @@ impl Shared {
 /// Serves connections from `listener` until `shutdown` completes, then ends every session
 /// (aborting unfinished uploads; committed data is already durable) and returns.
 pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Future) -> Result<()> {
+    run_with(listener, config, shutdown, || {}).await
+}
+
+/// [`run`], calling `on_ready` once the data directory is open and connections are served.
+pub async fn run_with(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future,
+    on_ready: impl FnOnce(),
+) -> Result<()> {
     let shared = Shared::open(config)?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, data = %shared.config.data_dir.display(), "serving");
     }
+    on_ready();
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut sessions = JoinSet::new();

@@ -290,14 +290,8 @@ struct Session {
 }
 
 impl Session {
-    /// Sends `LoginOk` and every pending notification. False if the connection is gone.
+    /// Sends every pending notification. False if the connection is gone.
     async fn greet(&mut self) -> bool {
-        let ok = ServerMessage::LoginOk {
-            user: self.user.clone(),
-        };
-        if self.out.send(Outgoing::new(ok)).await.is_err() {
-            return false;
-        }
         let hub = self.shared.hub.clone();
         let user = self.user.clone();
         let pending = tokio::task::spawn_blocking(move || hub.pending(&user)).await;
@@ -405,16 +399,6 @@ impl Session {
         let _ = self.out.send(Outgoing::new(msg)).await;
     }
 
-    fn own(&self, owner: &str) -> Result<(), ServerError> {
-        if owner == self.user {
-            Ok(())
-        } else {
-            Err(ServerError::PermissionDenied(format!(
-                "{owner}: folder of another user"
-            )))
-        }
-    }
-
     async fn dispatch(&mut self, id: u64, op: Request, payload: Bytes) {
         match op {
             Request::UploadBegin { owner, name, size } => {
@@ -465,8 +449,8 @@ impl Session {
         name: String,
         size: Option<u64>,
     ) -> Result<Reply, ServerError> {
-        self.own(&owner)?;
         let ctx = self.context();
+        ctx.own(&owner, &name)?;
         let up = ctx
             .blocking(move |shared| {
                 let quota = shared.users.get(&owner)?.and_then(|u| u.quota);
@@ -554,13 +538,12 @@ impl Context {
         });
     }
 
-    fn own(&self, owner: &str) -> Result<(), ServerError> {
+    /// Writes are allowed in the caller's own folder only, whatever the client sends.
+    fn own(&self, owner: &str, name: &str) -> Result<(), ServerError> {
         if owner == self.user {
             Ok(())
         } else {
-            Err(ServerError::PermissionDenied(format!(
-                "{owner}: folder of another user"
-            )))
+            Err(ServerError::PermissionDenied(format!("{owner}/{name}")))
         }
     }
 
@@ -611,7 +594,7 @@ impl Context {
                 name,
                 blake3,
             } => {
-                self.own(&owner)?;
+                self.own(&owner, &name)?;
                 let size = payload.len() as u64;
                 let file = self
                     .blocking(move |s| {
@@ -626,7 +609,7 @@ impl Context {
                 Reply::File { file }
             }
             Request::Delete { owner, name } => {
-                self.own(&owner)?;
+                self.own(&owner, &name)?;
                 let n = name.clone();
                 self.blocking(move |s| s.store.delete(&owner, &n)).await?;
                 tracing::info!(file = %name, "deleted");
@@ -634,7 +617,7 @@ impl Context {
                 Reply::Ok
             }
             Request::Rename { owner, from, to } => {
-                self.own(&owner)?;
+                self.own(&owner, &from)?;
                 let f = from.clone();
                 let file = self
                     .blocking(move |s| s.store.rename(&owner, &f, &to))

@@ -1,0 +1,47 @@
+//! Client errors.
+
+use sharefs_protocol::{ErrorBody, ErrorCode};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{0}")]
+    Remote(ErrorBody),
+    /// The connection is gone; in-flight requests fail with this.
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{0}")]
+    Io(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl ClientError {
+    /// The server's error code, when the server refused the request.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Remote(body) => Some(body.code),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying on a new connection may succeed.
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Disconnected(_) | ClientError::Connect { .. } | ClientError::Timeout(_)
+        )
+    }
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> ClientError {
+        ClientError::Io(e.to_string())
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

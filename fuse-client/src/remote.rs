@@ -1,0 +1,477 @@
+//! [`RemoteClient`]: one multiplexed connection to a server.
+//!
+//! The handle is cheap to clone. Two tasks own the socket: a writer fed by a bounded queue
+//! (back-pressure for uploads) and a reader that routes each reply to the waiter registered
+//! under its request id and each pushed event to the event stream. When the connection
+//! drops, every waiter fails with `Disconnected` at once; nothing waits forever on a dead
+//! socket. Reconnecting is the caller's business (see the mount's retry layer).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use sharefs_protocol::{
+    ClientMessage, ErrorCode, Event, FileInfo, Frame, FrameCodec, Notification, Reply, Request,
+    ServerMessage, Space, DEFAULT_MAX_FRAME, MAGIC, VERSION,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::Framed;
+
+use crate::error::{ClientError, Result};
+
+type Waiter = oneshot::Sender<Result<(Reply, Bytes)>>;
+
+/// Pushed events of one connection. Ends when the connection does.
+pub type EventStream = mpsc::UnboundedReceiver<Event>;
+
+/// Where to connect and as whom.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub server: String,
+    pub user: String,
+    pub password: String,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    user: String,
+    tx: mpsc::Sender<Frame>,
+    /// In-flight requests; `None` once the connection is closed, so no waiter can be added
+    /// after the last ones were failed. std `Mutex`: never held across an await.
+    waiters: Mutex<Option<HashMap<u64, Waiter>>>,
+    next_id: AtomicU64,
+    /// Becomes `true` when the connection is gone.
+    closed: watch::Receiver<bool>,
+    closed_tx: watch::Sender<bool>,
+}
+
+impl Inner {
+    fn fail_all(&self, reason: &str) {
+        let waiters = self.waiters.lock().ok().and_then(|mut w| w.take());
+        for (_, w) in waiters.into_iter().flatten() {
+            let _ = w.send(Err(ClientError::Disconnected(reason.to_string())));
+        }
+        let _ = self.closed_tx.send(true);
+    }
+}
+
+impl RemoteClient {
+    /// Connects over TCP and logs in.
+    pub async fn connect(opts: &ConnectOptions) -> Result<(RemoteClient, EventStream)> {
+        let connect_err = |reason: String| ClientError::Connect {
+            addr: opts.server.clone(),
+            reason,
+        };
+        let stream = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&opts.server))
+            .await
+            .map_err(|_| connect_err("timed out".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        tokio::time::timeout(
+            opts.connect_timeout,
+            Self::handshake(stream, &opts.user, &opts.password),
+        )
+        .await
+        .map_err(|_| connect_err("no answer to the handshake".into()))?
+    }
+
+    /// Runs the handshake and login on an established stream (TCP or TLS).
+    pub async fn handshake<S>(stream: S, user: &str, password: &str) -> Result<(RemoteClient, EventStream)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut framed = Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME));
+        send_now(
+            &mut framed,
+            &ClientMessage::Hello {
+                magic: MAGIC.into(),
+                version: VERSION,
+                max_frame: DEFAULT_MAX_FRAME,
+            },
+        )
+        .await?;
+        match recv_now(&mut framed).await? {
+            ServerMessage::Hello {
+                magic,
+                version,
+                max_frame,
+            } => {
+                if magic != MAGIC {
+                    return Err(ClientError::Protocol("not a sharefs server".into()));
+                }
+                if version != VERSION {
+                    return Err(ClientError::Protocol(format!(
+                        "server speaks protocol version {version}, this client {VERSION}"
+                    )));
+                }
+                framed.codec_mut().set_max_frame(max_frame);
+            }
+            other => return Err(unexpected(other)),
+        }
+        send_now(
+            &mut framed,
+            &ClientMessage::Login {
+                user: user.into(),
+                password: password.into(),
+            },
+        )
+        .await?;
+        match recv_now(&mut framed).await? {
+            ServerMessage::LoginOk { .. } => {}
+            other => return Err(unexpected(other)),
+        }
+
+        let (sink, source) = framed.split();
+        let (tx, rx) = mpsc::channel::<Frame>(32);
+        let (closed_tx, closed) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            user: user.to_string(),
+            tx,
+            waiters: Mutex::new(Some(HashMap::new())),
+            next_id: AtomicU64::new(1),
+            closed,
+            closed_tx,
+        });
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(sink, rx, Arc::downgrade(&inner)));
+        tokio::spawn(read_loop(source, Arc::downgrade(&inner), ev_tx));
+        Ok((RemoteClient { inner }, ev_rx))
+    }
+
+    pub fn user(&self) -> &str {
+        &self.inner.user
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.inner.closed.borrow()
+    }
+
+    /// Completes when the connection is gone.
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closed.clone();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn call(&self, op: Request, payload: Bytes) -> Result<(Reply, Bytes)> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut waiters = self
+                .inner
+                .waiters
+                .lock()
+                .map_err(|_| ClientError::Disconnected("client state poisoned".into()))?;
+            match waiters.as_mut() {
+                Some(w) => w.insert(id, tx),
+                None => return Err(ClientError::Disconnected("connection closed".into())),
+            };
+        }
+        let frame = Frame::new(&ClientMessage::Request { id, op }, payload)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if self.inner.tx.send(frame).await.is_err() {
+            return Err(ClientError::Disconnected("connection closed".into()));
+        }
+        rx.await
+            .map_err(|_| ClientError::Disconnected("connection closed".into()))?
+    }
+
+    /// Sends an upload chunk (no reply; a failure surfaces at commit).
+    pub async fn send_chunk(&self, upload: u64, offset: u64, data: Bytes) -> Result<()> {
+        let frame = Frame::new(&ClientMessage::Chunk { upload, offset }, data)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.inner
+            .tx
+            .send(frame)
+            .await
+            .map_err(|_| ClientError::Disconnected("connection closed".into()))
+    }
+
+    async fn call_empty(&self, op: Request) -> Result<Reply> {
+        Ok(self.call(op, Bytes::new()).await?.0)
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<String>> {
+        match self.call_empty(Request::ListUsers).await? {
+            Reply::Users { users } => Ok(users),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    pub async fn list_files(&self, owner: &str) -> Result<Vec<FileInfo>> {
+        match self
+            .call_empty(Request::ListFiles {
+                owner: owner.into(),
+            })
+            .await?
+        {
+            Reply::Files { files } => Ok(files),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    pub async fn stat(&self, owner: &str, name: &str) -> Result<FileInfo> {
+        file_reply(
+            self.call_empty(Request::Stat {
+                owner: owner.into(),
+                name: name.into(),
+            })
+            .await?,
+        )
+    }
+
+    /// Opens a file for reading (a download when `owner` is someone else).
+    pub async fn open(&self, owner: &str, name: &str) -> Result<(u64, FileInfo)> {
+        match self
+            .call_empty(Request::Open {
+                owner: owner.into(),
+                name: name.into(),
+            })
+            .await?
+        {
+            Reply::Opened { handle, file } => Ok((handle, file)),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    pub async fn read(&self, handle: u64, offset: u64, len: u32) -> Result<Bytes> {
+        match self
+            .call(
+                Request::Read {
+                    handle,
+                    offset,
+                    len,
+                },
+                Bytes::new(),
+            )
+            .await?
+        {
+            (Reply::Data, data) => Ok(data),
+            (other, _) => Err(wrong_reply(other)),
+        }
+    }
+
+    pub async fn close(&self, handle: u64) -> Result<()> {
+        self.call_empty(Request::Close { handle }).await.map(|_| ())
+    }
+
+    pub async fn upload_begin(&self, name: &str, size: Option<u64>) -> Result<u64> {
+        match self
+            .call_empty(Request::UploadBegin {
+                owner: self.inner.user.clone(),
+                name: name.into(),
+                size,
+            })
+            .await?
+        {
+            Reply::UploadStarted { upload } => Ok(upload),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    pub async fn upload_commit(&self, upload: u64, size: u64, blake3: &str) -> Result<FileInfo> {
+        file_reply(
+            self.call_empty(Request::UploadCommit {
+                upload,
+                size,
+                blake3: blake3.into(),
+            })
+            .await?,
+        )
+    }
+
+    pub async fn upload_abort(&self, upload: u64) -> Result<()> {
+        self.call_empty(Request::UploadAbort { upload })
+            .await
+            .map(|_| ())
+    }
+
+    /// Uploads a whole small file in one round trip.
+    pub async fn put_small(&self, name: &str, data: Bytes) -> Result<FileInfo> {
+        let blake3 = blake3::hash(&data).to_hex().to_string();
+        file_reply(
+            self.call(
+                Request::Put {
+                    owner: self.inner.user.clone(),
+                    name: name.into(),
+                    blake3,
+                },
+                data,
+            )
+            .await?
+            .0,
+        )
+    }
+
+    /// Deletes `owner/name` (the server refuses anything but one's own folder).
+    pub async fn delete(&self, owner: &str, name: &str) -> Result<()> {
+        self.call_empty(Request::Delete {
+            owner: owner.into(),
+            name: name.into(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn rename(&self, owner: &str, from: &str, to: &str) -> Result<FileInfo> {
+        file_reply(
+            self.call_empty(Request::Rename {
+                owner: owner.into(),
+                from: from.into(),
+                to: to.into(),
+            })
+            .await?,
+        )
+    }
+
+    pub async fn ack(&self, ids: Vec<u64>) -> Result<()> {
+        self.call_empty(Request::Ack { ids }).await.map(|_| ())
+    }
+
+    pub async fn notifications(&self, recent: u32) -> Result<(Vec<Notification>, Vec<Notification>)> {
+        match self.call_empty(Request::Notifications { recent }).await? {
+            Reply::Notifications { pending, recent } => Ok((pending, recent)),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    pub async fn statfs(&self) -> Result<Space> {
+        match self.call_empty(Request::StatFs).await? {
+            Reply::Space(space) => Ok(space),
+            other => Err(wrong_reply(other)),
+        }
+    }
+}
+
+fn file_reply(reply: Reply) -> Result<FileInfo> {
+    match reply {
+        Reply::File { file } => Ok(file),
+        other => Err(wrong_reply(other)),
+    }
+}
+
+fn wrong_reply(reply: Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {reply:?}"))
+}
+
+fn unexpected(msg: ServerMessage) -> ClientError {
+    match msg {
+        ServerMessage::Error { error, .. } => ClientError::Remote(error),
+        other => ClientError::Protocol(format!("unexpected message {other:?}")),
+    }
+}
+
+async fn send_now<S>(framed: &mut Framed<S, FrameCodec>, msg: &ClientMessage) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = Frame::new(msg, Bytes::new()).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    framed
+        .send(frame)
+        .await
+        .map_err(|e| ClientError::Disconnected(e.to_string()))
+}
+
+async fn recv_now<S>(framed: &mut Framed<S, FrameCodec>) -> Result<ServerMessage>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match framed.next().await {
+        Some(Ok(frame)) => frame
+            .message()
+            .map_err(|e| ClientError::Protocol(e.to_string())),
+        Some(Err(e)) => Err(ClientError::Protocol(e.to_string())),
+        None => Err(ClientError::Disconnected(
+            "server closed the connection during the handshake".into(),
+        )),
+    }
+}
+
+async fn write_loop<S>(
+    mut sink: futures::stream::SplitSink<Framed<S, FrameCodec>, Frame>,
+    mut rx: mpsc::Receiver<Frame>,
+    inner: std::sync::Weak<Inner>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    while let Some(frame) = rx.recv().await {
+        if let Err(e) = sink.feed(frame).await {
+            if let Some(inner) = inner.upgrade() {
+                inner.fail_all(&e.to_string());
+            }
+            return;
+        }
+        if rx.is_empty() {
+            if let Err(e) = sink.flush().await {
+                if let Some(inner) = inner.upgrade() {
+                    inner.fail_all(&e.to_string());
+                }
+                return;
+            }
+        }
+    }
+    let _ = sink.close().await;
+}
+
+async fn read_loop<S>(
+    mut source: futures::stream::SplitStream<Framed<S, FrameCodec>>,
+    inner: std::sync::Weak<Inner>,
+    events: mpsc::UnboundedSender<Event>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let reason = loop {
+        let frame = match source.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => break e.to_string(),
+            None => break "server closed the connection".to_string(),
+        };
+        let msg = match frame.message::<ServerMessage>() {
+            Ok(m) => m,
+            Err(e) => break format!("malformed message from server: {e}"),
+        };
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let (id, result) = match msg {
+            ServerMessage::Response { id, reply } => (id, Ok((reply, frame.payload))),
+            ServerMessage::Error { id: Some(id), error } => (id, Err(ClientError::Remote(error))),
+            ServerMessage::Error { id: None, error } => {
+                let reason = if error.code == ErrorCode::Busy {
+                    format!("server busy: {error}")
+                } else {
+                    format!("server closed the connection: {error}")
+                };
+                break reason;
+            }
+            ServerMessage::Event { event } => {
+                let _ = events.send(event);
+                continue;
+            }
+            other => break format!("unexpected message {other:?}"),
+        };
+        let waiter = inner
+            .waiters
+            .lock()
+            .ok()
+            .and_then(|mut w| w.as_mut().and_then(|w| w.remove(&id)));
+        if let Some(w) = waiter {
+            let _ = w.send(result);
+        }
+    };
+    tracing::debug!(reason, "connection ended");
+    if let Some(inner) = inner.upgrade() {
+        inner.fail_all(&reason);
+    }
+}

@@ -1,0 +1,141 @@
+//! Streamed whole-file transfers on top of [`RemoteClient`]: uploads send fixed-size chunks
+//! as fast as the connection takes them; downloads keep a window of ranged reads in flight.
+//! Neither ever holds more than a few chunks in memory.
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{FuturesOrdered, StreamExt};
+use sharefs_protocol::{FileInfo, CHUNK_SIZE};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::{ClientError, Result};
+use crate::remote::RemoteClient;
+
+/// Files up to this size go up in one `put` round trip.
+pub const SMALL_FILE: u64 = 256 * 1024;
+/// Reads in flight during a download.
+const READ_WINDOW: usize = 8;
+
+/// Uploads everything `reader` yields as `name` in the caller's folder. `size` (when
+/// known) lets the server refuse an over-quota upload before any byte is sent. `progress`
+/// gets the running byte count.
+pub async fn upload<R>(
+    client: &RemoteClient,
+    name: &str,
+    mut reader: R,
+    size: Option<u64>,
+    mut progress: impl FnMut(u64),
+) -> Result<FileInfo>
+where
+    R: AsyncRead + Unpin,
+{
+    if let Some(size) = size.filter(|s| *s <= SMALL_FILE) {
+        let mut buf = Vec::with_capacity(size as usize);
+        (&mut reader).take(SMALL_FILE + 1).read_to_end(&mut buf).await?;
+        if buf.len() as u64 <= SMALL_FILE {
+            let len = buf.len() as u64;
+            let info = client.put_small(name, Bytes::from(buf)).await?;
+            progress(len);
+            return Ok(info);
+        }
+        // The file grew past the small limit while we read it: stream it instead.
+        return stream_upload(client, name, Some(Bytes::from(buf)), reader, None, progress).await;
+    }
+    stream_upload(client, name, None, reader, size, progress).await
+}
+
+async fn stream_upload<R>(
+    client: &RemoteClient,
+    name: &str,
+    head: Option<Bytes>,
+    mut reader: R,
+    size: Option<u64>,
+    mut progress: impl FnMut(u64),
+) -> Result<FileInfo>
+where
+    R: AsyncRead + Unpin,
+{
+    let upload = client.upload_begin(name, size).await?;
+    let mut hasher = blake3::Hasher::new();
+    let mut offset = 0u64;
+    let result: Result<()> = async {
+        if let Some(head) = head {
+            for piece in head.chunks(CHUNK_SIZE as usize) {
+                hasher.update(piece);
+                let piece = Bytes::copy_from_slice(piece);
+                let len = piece.len() as u64;
+                client.send_chunk(upload, offset, piece).await?;
+                offset += len;
+            }
+        }
+        loop {
+            let mut buf = BytesMut::with_capacity(CHUNK_SIZE as usize);
+            while buf.len() < CHUNK_SIZE as usize {
+                if reader.read_buf(&mut buf).await? == 0 {
+                    break;
+                }
+            }
+            if buf.is_empty() {
+                return Ok(());
+            }
+            hasher.update(&buf);
+            let len = buf.len() as u64;
+            client.send_chunk(upload, offset, buf.freeze()).await?;
+            offset += len;
+            progress(offset);
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        // Best effort: the server also discards the upload if the connection is gone.
+        let _ = client.upload_abort(upload).await;
+        return Err(e);
+    }
+    client
+        .upload_commit(upload, offset, hasher.finalize().to_hex().as_str())
+        .await
+}
+
+/// Downloads `owner/name` into `writer`; returns the file as it was at open.
+pub async fn download<W>(
+    client: &RemoteClient,
+    owner: &str,
+    name: &str,
+    writer: &mut W,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<FileInfo>
+where
+    W: AsyncWrite + Unpin,
+{
+    let (handle, info) = client.open(owner, name).await?;
+    let result = async {
+        let mut next = 0u64;
+        let mut done = 0u64;
+        let mut in_flight = FuturesOrdered::new();
+        loop {
+            while in_flight.len() < READ_WINDOW && next < info.size {
+                let len = CHUNK_SIZE.min((info.size - next) as u32);
+                let c = client.clone();
+                let off = next;
+                in_flight.push_back(async move { (off, c.read(handle, off, len).await) });
+                next += len as u64;
+            }
+            let Some((off, data)) = in_flight.next().await else {
+                break;
+            };
+            let data = data?;
+            if data.is_empty() && off < info.size {
+                return Err(ClientError::Protocol(format!(
+                    "{owner}/{name}: server returned no data at offset {off}"
+                )));
+            }
+            writer.write_all(&data).await?;
+            done += data.len() as u64;
+            progress(done, info.size);
+        }
+        writer.flush().await?;
+        Ok(())
+    }
+    .await;
+    let _ = client.close(handle).await;
+    result.map(|()| info)
+}
