@@ -6,7 +6,7 @@
 //!   waiters, pushed events.
 //! - [`transfer`]: whole-file upload and download with bounded memory.
 //! - [`settings`]: connection settings from flags, environment, password file or prompt.
-//! - [`error`]: `ClientError`.
+//! - [`error`]: the `ClientError` type.
 
 pub mod error;
 pub mod remote;

@@ -14,7 +14,11 @@ use sharefs_client::{transfer, RemoteClient};
 use sharefs_protocol::{Event, Notification};
 
 #[derive(Parser)]
-#[command(name = "sharefs", version, about = "sharefs client: list, upload, download, delete, notifications")]
+#[command(
+    name = "sharefs",
+    version,
+    about = "sharefs client: list, upload, download, delete, notifications"
+)]
 struct Cli {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -142,7 +146,10 @@ async fn put(args: &ConnectArgs, file: &Path, name: Option<String>) -> Result<()
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    eprintln!("uploaded {}/{} ({} bytes)", info.owner, info.name, info.size);
+    eprintln!(
+        "uploaded {}/{} ({} bytes)",
+        info.owner, info.name, info.size
+    );
     Ok(())
 }
 
@@ -229,7 +236,11 @@ async fn notifications(args: &ConnectArgs, follow: bool) -> Result<()> {
     let pending_ids: HashSet<u64> = pending.iter().map(|n| n.id).collect();
     let mut shown: HashSet<u64> = HashSet::new();
     for n in &recent {
-        let mark = if pending_ids.contains(&n.id) { "*" } else { " " };
+        let mark = if pending_ids.contains(&n.id) {
+            "*"
+        } else {
+            " "
+        };
         println!("{mark} {}", format_notification(n));
         shown.insert(n.id);
     }

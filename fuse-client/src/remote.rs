@@ -87,7 +87,11 @@ impl RemoteClient {
     }
 
     /// Runs the handshake and login on an established stream (TCP or TLS).
-    pub async fn handshake<S>(stream: S, user: &str, password: &str) -> Result<(RemoteClient, EventStream)>
+    pub async fn handshake<S>(
+        stream: S,
+        user: &str,
+        password: &str,
+    ) -> Result<(RemoteClient, EventStream)>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -339,7 +343,10 @@ impl RemoteClient {
         self.call_empty(Request::Ack { ids }).await.map(|_| ())
     }
 
-    pub async fn notifications(&self, recent: u32) -> Result<(Vec<Notification>, Vec<Notification>)> {
+    pub async fn notifications(
+        &self,
+        recent: u32,
+    ) -> Result<(Vec<Notification>, Vec<Notification>)> {
         match self.call_empty(Request::Notifications { recent }).await? {
             Reply::Notifications { pending, recent } => Ok((pending, recent)),
             other => Err(wrong_reply(other)),
@@ -446,7 +453,10 @@ async fn read_loop<S>(
         };
         let (id, result) = match msg {
             ServerMessage::Response { id, reply } => (id, Ok((reply, frame.payload))),
-            ServerMessage::Error { id: Some(id), error } => (id, Err(ClientError::Remote(error))),
+            ServerMessage::Error {
+                id: Some(id),
+                error,
+            } => (id, Err(ClientError::Remote(error))),
             ServerMessage::Error { id: None, error } => {
                 let reason = if error.code == ErrorCode::Busy {
                     format!("server busy: {error}")

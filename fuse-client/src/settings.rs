@@ -11,7 +11,12 @@ use crate::remote::ConnectOptions;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
     /// Server address.
-    #[arg(long, global = true, env = "SHAREFS_SERVER", default_value = "127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHAREFS_SERVER",
+        default_value = "127.0.0.1:7070"
+    )]
     pub server: String,
     /// User name (defaults to $USER).
     #[arg(long, global = true, env = "SHAREFS_USER")]
@@ -36,8 +41,8 @@ impl ConnectArgs {
         let password = if let Ok(p) = std::env::var("SHAREFS_PASSWORD") {
             p
         } else if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
             text.lines().next().unwrap_or("").to_string()
         } else if std::io::stdin().is_terminal() {
             rpassword::prompt_password(format!("Password for {user}@{}: ", self.server))

@@ -30,7 +30,10 @@ where
 {
     if let Some(size) = size.filter(|s| *s <= SMALL_FILE) {
         let mut buf = Vec::with_capacity(size as usize);
-        (&mut reader).take(SMALL_FILE + 1).read_to_end(&mut buf).await?;
+        (&mut reader)
+            .take(SMALL_FILE + 1)
+            .read_to_end(&mut buf)
+            .await?;
         if buf.len() as u64 <= SMALL_FILE {
             let len = buf.len() as u64;
             let info = client.put_small(name, Bytes::from(buf)).await?;

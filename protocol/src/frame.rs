@@ -80,7 +80,9 @@ impl FrameCodec {
 
 fn split_frame(mut body: BytesMut) -> Result<Frame, FrameError> {
     if body.len() < 4 {
-        return Err(FrameError::Malformed("frame shorter than its header length"));
+        return Err(FrameError::Malformed(
+            "frame shorter than its header length",
+        ));
     }
     let header_len = body.get_u32() as usize;
     if header_len > MAX_HEADER as usize {
@@ -260,11 +262,8 @@ mod tests {
         fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
             let mut codec = FrameCodec::new(512);
             let mut buf = BytesMut::from(&bytes[..]);
-            loop {
-                match codec.decode_eof(&mut buf) {
-                    Ok(Some(f)) => { let _ = f.message::<crate::ClientMessage>(); }
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(f)) = codec.decode_eof(&mut buf) {
+                let _ = f.message::<crate::ClientMessage>();
             }
         }
     }

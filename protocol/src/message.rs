@@ -30,7 +30,10 @@ pub enum ClientMessage {
         op: Request,
     },
     /// Upload data for `upload`, at `offset`; the bytes are the frame payload.
-    Chunk { upload: u64, offset: u64 },
+    Chunk {
+        upload: u64,
+        offset: u64,
+    },
 }
 
 /// Messages from server to client.

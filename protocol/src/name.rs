@@ -34,7 +34,9 @@ pub fn check_user_name(name: &str) -> Result<(), String> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
     {
-        return Err(format!("user name '{name}' may only contain a-z, 0-9, '_' and '-'"));
+        return Err(format!(
+            "user name '{name}' may only contain a-z, 0-9, '_' and '-'"
+        ));
     }
     Ok(())
 }

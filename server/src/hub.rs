@@ -38,6 +38,9 @@ pub struct EventSink {
     pub lagged: Arc<AtomicBool>,
 }
 
+/// (owner, downloader, file): what makes two downloads "the same" for coalescing.
+type DownloadKey = (String, String, String);
+
 #[derive(Debug, Clone)]
 pub struct Hub {
     inner: Arc<HubInner>,
@@ -54,7 +57,7 @@ struct HubInner {
     next_session: AtomicU64,
     /// (owner, downloader, file) -> latest notification and when it last grew.
     /// Held across the fsync of a record so coalescing decisions are serialised.
-    recent: Mutex<HashMap<(String, String, String), (Notification, Instant)>>,
+    recent: Mutex<HashMap<DownloadKey, (Notification, Instant)>>,
 }
 
 impl Hub {
@@ -112,7 +115,13 @@ impl Hub {
 
     /// Records a download of `owner`'s `file` by `downloader` durably, then pushes it to
     /// the owner's sessions. Blocking (fsync).
-    pub fn record_download(&self, owner: &str, downloader: &str, file: &str, size: u64) -> Result<()> {
+    pub fn record_download(
+        &self,
+        owner: &str,
+        downloader: &str,
+        file: &str,
+        size: u64,
+    ) -> Result<()> {
         let now = Instant::now();
         let now_ms = fsutil::now_ms();
         let key = (owner.to_string(), downloader.to_string(), file.to_string());
@@ -136,7 +145,13 @@ impl Hub {
                 write_json(&self.inner.tmp, &path, n)?;
             }
             self.append_history(owner, n)?;
-            tracing::debug!(owner, downloader, file, count = n.count, "download coalesced");
+            tracing::debug!(
+                owner,
+                downloader,
+                file,
+                count = n.count,
+                "download coalesced"
+            );
             return Ok(());
         }
         let n = Notification {
@@ -153,8 +168,16 @@ impl Hub {
         self.append_history(owner, &n)?;
         recent.insert(key, (n.clone(), now));
         drop(recent);
-        tracing::info!(owner, downloader, file, id = n.id, "download notification recorded");
-        self.push(&Event::Notification { notification: n }, |s| s.user == owner);
+        tracing::info!(
+            owner,
+            downloader,
+            file,
+            id = n.id,
+            "download notification recorded"
+        );
+        self.push(&Event::Notification { notification: n }, |s| {
+            s.user == owner
+        });
         Ok(())
     }
 
@@ -182,8 +205,12 @@ impl Hub {
             if path.extension().is_some_and(|e| e == "json") {
                 match fs::read(&path).map(|b| serde_json::from_slice::<Notification>(&b)) {
                     Ok(Ok(n)) => out.push(n),
-                    Ok(Err(e)) => tracing::error!(path = %path.display(), error = %e, "corrupt notification"),
-                    Err(e) => tracing::error!(path = %path.display(), error = %e, "unreadable notification"),
+                    Ok(Err(e)) => {
+                        tracing::error!(path = %path.display(), error = %e, "corrupt notification")
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "unreadable notification")
+                    }
                 }
             }
         }
@@ -266,7 +293,10 @@ mod tests {
         let hub = Hub::open(dir.path(), Duration::from_secs(60)).unwrap();
         let pending = hub.pending("alice").unwrap();
         assert_eq!(pending.len(), 2);
-        assert_eq!((pending[0].downloader.as_str(), pending[0].count), ("bob", 2));
+        assert_eq!(
+            (pending[0].downloader.as_str(), pending[0].count),
+            ("bob", 2)
+        );
         hub.ack("alice", &[pending[0].id]).unwrap();
         assert_eq!(hub.pending("alice").unwrap().len(), 1);
         assert_eq!(hub.recent("alice", 10).unwrap().len(), 2);

@@ -11,10 +11,19 @@ use sharefs_server::users::UserDb;
 use sharefs_server::ServerConfig;
 
 #[derive(Parser)]
-#[command(name = "sharefs-server", version, about = "sharefs file-sharing server")]
+#[command(
+    name = "sharefs-server",
+    version,
+    about = "sharefs file-sharing server"
+)]
 struct Cli {
     /// Data directory: users, files and notifications live here.
-    #[arg(long, global = true, env = "SHAREFS_DATA", default_value = "./sharefs-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHAREFS_DATA",
+        default_value = "./sharefs-data"
+    )]
     data: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -79,7 +88,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => {
-            let mult: u64 = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            let mult: u64 = match s[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,
@@ -225,7 +238,10 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}

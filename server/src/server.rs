@@ -105,7 +105,10 @@ pub async fn run_with(
     tracing::info!(sessions = sessions.len(), "shutting down");
     let _ = stop_tx.send(true);
     let drain = async { while sessions.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("sessions did not end in time; aborting them");
         sessions.shutdown().await;
     }
@@ -116,7 +119,10 @@ async fn refuse_busy(stream: TcpStream, max_frame: u32) {
     let mut framed = Framed::new(stream, FrameCodec::new(max_frame));
     let msg = ServerMessage::Error {
         id: None,
-        error: ErrorBody::new(ErrorCode::Busy, "server has too many connections; try again later"),
+        error: ErrorBody::new(
+            ErrorCode::Busy,
+            "server has too many connections; try again later",
+        ),
     };
     if let Ok(frame) = Frame::new(&msg, bytes::Bytes::new()) {
         let _ = tokio::time::timeout(Duration::from_secs(2), framed.send(frame)).await;

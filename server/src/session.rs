@@ -81,7 +81,10 @@ async fn serve_inner<S>(
     let user = match login {
         Ok(Ok(user)) => user,
         Ok(Err(err)) => {
-            let msg = ServerMessage::Error { id: None, error: err };
+            let msg = ServerMessage::Error {
+                id: None,
+                error: err,
+            };
             if let Ok(frame) = Frame::new(&msg, Bytes::new()) {
                 let _ = tokio::time::timeout(Duration::from_secs(2), framed.send(frame)).await;
             }
@@ -202,7 +205,10 @@ where
             .message()
             .map_err(|e| ErrorBody::new(ErrorCode::ProtocolError, e.to_string())),
         Some(Err(e)) => Err(frame_error_body(&e)),
-        None => Err(ErrorBody::new(ErrorCode::ProtocolError, "connection closed")),
+        None => Err(ErrorBody::new(
+            ErrorCode::ProtocolError,
+            "connection closed",
+        )),
     }
 }
 
@@ -247,7 +253,9 @@ async fn write_loop<S>(
         };
         let mut batch = vec![item];
         if lagged.swap(false, Ordering::Relaxed) {
-            batch.push(Outgoing::new(ServerMessage::Event { event: Event::Resync }));
+            batch.push(Outgoing::new(ServerMessage::Event {
+                event: Event::Resync,
+            }));
         }
         while batch.len() < 32 {
             match out.try_recv() {
@@ -547,7 +555,9 @@ impl Context {
         }
     }
 
-    fn handles(&self) -> Result<std::sync::MutexGuard<'_, HashMap<u64, Arc<OpenFile>>>, ServerError> {
+    fn handles(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, HashMap<u64, Arc<OpenFile>>>, ServerError> {
         self.handles
             .lock()
             .map_err(|_| ServerError::Internal("handle table poisoned".into()))
@@ -636,7 +646,10 @@ impl Context {
                 let user = self.user.clone();
                 let (pending, recent) = self
                     .blocking(move |s| {
-                        Ok((s.hub.pending(&user)?, s.hub.recent(&user, recent.min(1000) as usize)?))
+                        Ok((
+                            s.hub.pending(&user)?,
+                            s.hub.recent(&user, recent.min(1000) as usize)?,
+                        ))
                     })
                     .await?;
                 Reply::Notifications { pending, recent }

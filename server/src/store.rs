@@ -358,7 +358,14 @@ impl Store {
             .file
             .take()
             .ok_or_else(|| ServerError::Internal("upload already finished".into()))?;
-        let result = self.install(&upload.owner, &upload.name, &file, &upload.path, size, hash.as_str());
+        let result = self.install(
+            &upload.owner,
+            &upload.name,
+            &file,
+            &upload.path,
+            size,
+            hash.as_str(),
+        );
         if result.is_err() {
             let _ = fs::remove_file(&upload.path);
         }
@@ -554,7 +561,10 @@ mod tests {
         assert_eq!(old, b"one");
         assert_eq!(read_all(&store, "alice", "a.txt"), b"two!");
         store.rename("alice", "a.txt", "b.txt").unwrap();
-        assert!(matches!(store.stat("alice", "a.txt"), Err(ServerError::NotFound(_))));
+        assert!(matches!(
+            store.stat("alice", "a.txt"),
+            Err(ServerError::NotFound(_))
+        ));
         put(&store, "alice", "c.txt", b"c").unwrap();
         store.delete("alice", "c.txt").unwrap();
 
@@ -566,7 +576,13 @@ mod tests {
         assert_eq!(store.space("alice", None).unwrap().used, 4);
         let blobs = fs::read_dir(dir.path().join("files/alice"))
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".blob"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".blob")
+            })
             .count();
         assert_eq!(blobs, 1);
     }
@@ -610,8 +626,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 0).unwrap();
         for bad in ["../x", "a/b", ".", "..", "a\0b"] {
-            assert!(matches!(put(&store, "alice", bad, b"x"), Err(ServerError::InvalidName(_))));
+            assert!(matches!(
+                put(&store, "alice", bad, b"x"),
+                Err(ServerError::InvalidName(_))
+            ));
         }
-        assert!(matches!(put(&store, "../etc", "x", b"x"), Err(ServerError::InvalidName(_))));
+        assert!(matches!(
+            put(&store, "../etc", "x", b"x"),
+            Err(ServerError::InvalidName(_))
+        ));
     }
 }

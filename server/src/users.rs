@@ -11,7 +11,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use serde::{Deserialize, Serialize};
 use sharefs_protocol::name::check_user_name;
@@ -208,8 +210,14 @@ mod tests {
         assert!(db.verify("alice", "secret").unwrap());
         assert!(!db.verify("alice", "wrong").unwrap());
         assert!(!db.verify("nobody", "secret").unwrap());
-        assert!(matches!(db.add("alice", "x", None), Err(ServerError::UserExists(_))));
-        assert!(matches!(db.add("Bad Name", "x", None), Err(ServerError::InvalidName(_))));
+        assert!(matches!(
+            db.add("alice", "x", None),
+            Err(ServerError::UserExists(_))
+        ));
+        assert!(matches!(
+            db.add("Bad Name", "x", None),
+            Err(ServerError::InvalidName(_))
+        ));
         db.set_password("alice", "new").unwrap();
         assert!(db.verify("alice", "new").unwrap());
         let text = fs::read_to_string(dir.path().join("users.json")).unwrap();

@@ -1,1 +1,255 @@
+//! Harness for the end-to-end tests: real `sharefs-server` processes on 127.0.0.1 with a
+//! temp data directory, real TCP, the real client library and binaries.
+//!
+//! Everything a test starts is stopped in `Drop`, also when the test panics.
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sharefs_client::{ConnectOptions, EventStream, RemoteClient};
+
+pub mod mount;
+
+/// Bound on every wait in the tests: a bug fails the test instead of hanging CI.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Awaits `fut`, failing the test if it takes longer than [`TIMEOUT`].
+pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(TIMEOUT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {TIMEOUT:?}: {what}"),
+    }
+}
+
+/// Path of one of the workspace's binaries, built once per test process.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // target/<profile>/deps/<test binary> -> target/<profile>
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target directory")
+            .to_path_buf();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "sharefs-server",
+            "-p",
+            "sharefs-client",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build of the binaries failed");
+        dir
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} missing", path.display());
+    path
+}
+
+pub const PASSWORD: &str = "correct horse";
+
+/// A `sharefs-server` child process over a temp data directory.
+pub struct TestServer {
+    child: Option<Child>,
+    pub addr: String,
+    pub data: PathBuf,
+    /// Holds the temp directory (data, logs) for the server's life.
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl TestServer {
+    /// Starts a server with users `alice`, `bob` and `carol` (password [`PASSWORD`]).
+    pub fn start() -> TestServer {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut server = TestServer {
+            child: None,
+            addr: "127.0.0.1:0".into(),
+            data,
+            log: dir.path().join("server.log"),
+            _dir: dir,
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        for user in ["alice", "bob", "carol"] {
+            server.add_user(user, PASSWORD);
+        }
+        server.spawn();
+        server
+    }
+
+    pub fn add_user(&self, name: &str, password: &str) {
+        let mut child = Command::new(bin("sharefs-server"))
+            .args(["user", "add", name, "--password-stdin", "--data"])
+            .arg(&self.data)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{password}\n").as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "user add {name} failed");
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut child = Command::new(bin("sharefs-server"))
+            .args(["serve", "--listen", &self.addr, "--data"])
+            .arg(&self.data)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        self.child = Some(child);
+        let line = rx
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("server did not start; log:\n{}", self.log_text()));
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|a| a.contains(':'))
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected server output {line:?}; log:\n{}",
+                    self.log_text()
+                )
+            });
+        self.addr = addr.to_string();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`: no chance to clean up anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("server running");
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
+    /// Starts the server again on the same address and data directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn options(&self, user: &str) -> ConnectOptions {
+        ConnectOptions {
+            server: self.addr.clone(),
+            user: user.into(),
+            password: PASSWORD.into(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub async fn connect(&self, user: &str) -> (RemoteClient, EventStream) {
+        within("connect", RemoteClient::connect(&self.options(user)))
+            .await
+            .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"))
+    }
+
+    /// A `sharefs` command preset to talk to this server as `user`.
+    pub fn cli(&self, user: &str) -> Command {
+        let mut cmd = Command::new(bin("sharefs"));
+        cmd.env("SHAREFS_SERVER", &self.addr)
+            .env("SHAREFS_USER", user)
+            .env("SHAREFS_PASSWORD", PASSWORD);
+        cmd
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log_text());
+        }
+        self.kill9();
+    }
+}
+
+/// Deterministic pseudo-random content.
+pub fn content(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(data))
+}
+
+/// Uploads `data` as `name` through the streaming path or the small-file path.
+pub async fn upload(client: &RemoteClient, name: &str, data: &[u8]) -> sharefs_protocol::FileInfo {
+    within(
+        "upload",
+        sharefs_client::transfer::upload(client, name, data, Some(data.len() as u64), |_| {}),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("upload {name}: {e}"))
+}
+
+/// Downloads `owner/name` into memory.
+pub async fn download(
+    client: &RemoteClient,
+    owner: &str,
+    name: &str,
+) -> Result<Vec<u8>, sharefs_client::ClientError> {
+    let mut out = Vec::new();
+    within(
+        "download",
+        sharefs_client::transfer::download(client, owner, name, &mut out, |_, _| {}),
+    )
+    .await?;
+    Ok(out)
+}

@@ -1,0 +1,1 @@
+//! Mount harness (see the mount tests).

@@ -1,0 +1,560 @@
+//! End-to-end tests of the server and client library: real server processes, real TCP.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::SinkExt;
+use sharefs_client::ClientError;
+use sharefs_protocol::{ClientMessage, ErrorCode, Event, Frame, FrameCodec, Request};
+use sharefs_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::Framed;
+
+fn code(e: &ClientError) -> Option<ErrorCode> {
+    e.code()
+}
+
+async fn next_notification(
+    events: &mut sharefs_client::EventStream,
+) -> sharefs_protocol::Notification {
+    loop {
+        match within("notification event", events.recv()).await {
+            Some(Event::Notification { notification }) => return notification,
+            Some(_) => continue,
+            None => panic!("connection closed while waiting for a notification"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_users_share_files_and_owner_is_notified() {
+    let server = TestServer::start();
+    let (alice, mut alice_events) = server.connect("alice").await;
+    let (bob, _) = server.connect("bob").await;
+
+    let small = b"quarterly numbers\n".to_vec();
+    let big = content(7, 200 << 20);
+    upload(&alice, "report.txt", &small).await;
+    let info = upload(&alice, "big.bin", &big).await;
+    assert_eq!(info.size, big.len() as u64);
+
+    assert_eq!(
+        bob.list_users().await.unwrap(),
+        vec!["alice", "bob", "carol"]
+    );
+    let files = bob.list_files("alice").await.unwrap();
+    let names: Vec<_> = files.iter().map(|f| (f.name.as_str(), f.size)).collect();
+    assert_eq!(
+        names,
+        vec![
+            ("big.bin", big.len() as u64),
+            ("report.txt", small.len() as u64)
+        ]
+    );
+
+    assert_eq!(download(&bob, "alice", "report.txt").await.unwrap(), small);
+    let n = next_notification(&mut alice_events).await;
+    assert_eq!(
+        (n.downloader.as_str(), n.file.as_str(), n.count),
+        ("bob", "report.txt", 1)
+    );
+
+    let got = download(&bob, "alice", "big.bin").await.unwrap();
+    assert_eq!(sha256(&got), sha256(&big), "200 MiB download differs");
+    let n = next_notification(&mut alice_events).await;
+    assert_eq!((n.downloader.as_str(), n.file.as_str()), ("bob", "big.bin"));
+
+    // Alice reading her own file is not a download. Open records before it replies, so
+    // once her read returns, a wrong notification would already be pending.
+    assert_eq!(
+        download(&alice, "alice", "report.txt").await.unwrap(),
+        small
+    );
+    let (pending, _) = alice.notifications(10).await.unwrap();
+    let mut seen: Vec<_> = pending
+        .iter()
+        .map(|n| (n.downloader.as_str(), n.file.as_str()))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec![("bob", "big.bin"), ("bob", "report.txt")]);
+    assert!(alice_events.try_recv().is_err(), "unexpected extra event");
+
+    // Bob has no notifications of his own.
+    assert!(bob.notifications(10).await.unwrap().0.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_downloads_are_coalesced() {
+    let server = TestServer::start();
+    let (alice, mut events) = server.connect("alice").await;
+    let (bob, _) = server.connect("bob").await;
+    upload(&alice, "f", b"x").await;
+    for _ in 0..5 {
+        download(&bob, "alice", "f").await.unwrap();
+    }
+    let n = next_notification(&mut events).await;
+    assert_eq!(n.file, "f");
+    let (pending, _) = alice.notifications(10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].count, 5);
+    assert!(
+        events.try_recv().is_err(),
+        "coalesced downloads pushed more than once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_owner_gets_notification_after_server_restart() {
+    let mut server = TestServer::start();
+    {
+        let (alice, _) = server.connect("alice").await;
+        upload(&alice, "notes.txt", b"hello").await;
+    }
+    let (bob, _) = server.connect("bob").await;
+    download(&bob, "alice", "notes.txt").await.unwrap();
+    drop(bob);
+
+    server.restart(); // kill -9, then start again
+
+    let (alice, mut events) = server.connect("alice").await;
+    let n = next_notification(&mut events).await;
+    assert_eq!(
+        (n.downloader.as_str(), n.file.as_str()),
+        ("bob", "notes.txt")
+    );
+    // Pending events are sent before any reply, so after this reply none can follow.
+    alice.list_users().await.unwrap();
+    assert!(events.try_recv().is_err(), "notification delivered twice");
+    alice.ack(vec![n.id]).await.unwrap();
+    drop(alice);
+
+    let (alice, mut events) = server.connect("alice").await;
+    let (pending, recent) = alice.notifications(10).await.unwrap();
+    assert!(
+        pending.is_empty(),
+        "acknowledged notification still pending"
+    );
+    assert_eq!(recent.len(), 1, "history keeps the notification");
+    assert!(
+        !matches!(events.try_recv(), Ok(Event::Notification { .. })),
+        "acknowledged notification re-sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_users_files_cannot_be_changed() {
+    let server = TestServer::start();
+    let (alice, _) = server.connect("alice").await;
+    let (bob, _) = server.connect("bob").await;
+    upload(&alice, "mine.txt", b"alice's").await;
+
+    let denied = |r: Result<_, ClientError>| {
+        let e = r.expect_err("request succeeded");
+        assert_eq!(code(&e), Some(ErrorCode::PermissionDenied), "{e}");
+    };
+    denied(bob.delete("alice", "mine.txt").await.map(|_| ()));
+    denied(bob.rename("alice", "mine.txt", "x").await.map(|_| ()));
+    let begin = Request::UploadBegin {
+        owner: "alice".into(),
+        name: "mine.txt".into(),
+        size: Some(3),
+    };
+    denied(bob.call(begin, Bytes::new()).await.map(|_| ()));
+    let put = Request::Put {
+        owner: "alice".into(),
+        name: "mine.txt".into(),
+        blake3: blake3_hex(b"bob"),
+    };
+    denied(bob.call(put, Bytes::from_static(b"bob")).await.map(|_| ()));
+
+    assert_eq!(
+        download(&alice, "alice", "mine.txt").await.unwrap(),
+        b"alice's"
+    );
+    assert_eq!(alice.list_files("alice").await.unwrap().len(), 1);
+
+    // Missing things are ENOENT-like, not permission errors.
+    let e = bob.stat("alice", "nope").await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::NotFound));
+    let e = bob.list_files("nobody").await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::NotFound));
+}
+
+fn blake3_hex(data: &[u8]) -> String {
+    ::blake3::hash(data).to_hex().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_names_are_refused() {
+    let server = TestServer::start();
+    let (alice, _) = server.connect("alice").await;
+    let long = "x".repeat(300);
+    for name in ["../x", "a/b", ".", "..", "a\0b", long.as_str(), ""] {
+        let put = Request::Put {
+            owner: "alice".into(),
+            name: name.into(),
+            blake3: blake3_hex(b"data"),
+        };
+        let e = alice
+            .call(put, Bytes::from_static(b"data"))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::InvalidName), "{name:?}: {e}");
+        let e = alice.upload_begin(name, None).await.unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::InvalidName), "{name:?}: {e}");
+    }
+    let e = alice.list_files("../alice").await.unwrap_err();
+    assert!(matches!(
+        code(&e),
+        Some(ErrorCode::NotFound | ErrorCode::InvalidName)
+    ));
+    assert!(alice.list_files("alice").await.unwrap().is_empty());
+    // Nothing was written outside the data directory.
+    assert!(!server.data.parent().unwrap().join("x").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_logins_are_refused() {
+    let server = TestServer::start();
+    let mut opts = server.options("alice");
+    opts.password = "wrong".into();
+    let e = sharefs_client::RemoteClient::connect(&opts)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::AuthFailed), "{e}");
+    let mut opts = server.options("mallory");
+    opts.password = PASSWORD.into();
+    let e2 = sharefs_client::RemoteClient::connect(&opts)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e2), Some(ErrorCode::AuthFailed));
+    assert_eq!(
+        e.to_string(),
+        e2.to_string(),
+        "unknown user distinguishable from wrong password"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_before_login_are_refused() {
+    let server = TestServer::start();
+    let stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut framed = Framed::new(stream, FrameCodec::new(1 << 20));
+    let hello = ClientMessage::Hello {
+        magic: sharefs_protocol::MAGIC.into(),
+        version: sharefs_protocol::VERSION,
+        max_frame: 1 << 20,
+    };
+    framed
+        .send(Frame::new(&hello, Bytes::new()).unwrap())
+        .await
+        .unwrap();
+    let req = ClientMessage::Request {
+        id: 1,
+        op: Request::ListUsers,
+    };
+    framed
+        .send(Frame::new(&req, Bytes::new()).unwrap())
+        .await
+        .unwrap();
+    let mut saw_error = false;
+    while let Some(frame) = within("server reply", futures::StreamExt::next(&mut framed)).await {
+        let msg: sharefs_protocol::ServerMessage = frame.unwrap().message().unwrap();
+        match msg {
+            sharefs_protocol::ServerMessage::Hello { .. } => {}
+            sharefs_protocol::ServerMessage::Error { id: None, error } => {
+                assert_eq!(error.code, ErrorCode::ProtocolError);
+                saw_error = true;
+            }
+            other => panic!("request before login answered: {other:?}"),
+        }
+    }
+    assert!(saw_error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_mismatch_is_a_clear_error() {
+    let server = TestServer::start();
+    let stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut framed = Framed::new(stream, FrameCodec::new(1 << 20));
+    let hello = ClientMessage::Hello {
+        magic: sharefs_protocol::MAGIC.into(),
+        version: 99,
+        max_frame: 1 << 20,
+    };
+    framed
+        .send(Frame::new(&hello, Bytes::new()).unwrap())
+        .await
+        .unwrap();
+    let frame = within("reply", futures::StreamExt::next(&mut framed))
+        .await
+        .unwrap()
+        .unwrap();
+    match frame.message().unwrap() {
+        sharefs_protocol::ServerMessage::Error { error, .. } => {
+            assert_eq!(error.code, ErrorCode::VersionMismatch);
+            assert!(error.message.contains("version"), "{}", error.message);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Reads until EOF; the server must close a misbehaving connection.
+async fn expect_closed(mut stream: tokio::net::TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match within("server closes the connection", stream.read(&mut buf)).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frames_and_garbage_close_only_that_connection() {
+    let server = TestServer::start();
+    let (alice, _) = server.connect("alice").await;
+    upload(&alice, "still-here", b"fine").await;
+
+    // Garbage before the handshake.
+    let mut s = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    expect_closed(s).await;
+
+    // A length prefix far beyond the maximum, after a proper login.
+    let (bob, _) = server.connect("bob").await;
+    drop(bob);
+    let mut s = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    s.write_all(&[0u8; 1024]).await.unwrap();
+    expect_closed(s).await;
+
+    // Random bytes.
+    let mut s = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    s.write_all(&content(3, 100_000)).await.unwrap_or(());
+    expect_closed(s).await;
+
+    // Valid frame, malformed JSON after login.
+    let (carol, _) = server.connect("carol").await;
+    drop(carol);
+    let stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut framed = Framed::new(stream, FrameCodec::new(1 << 20));
+    framed
+        .send(Frame {
+            header: Bytes::from_static(b"{not json"),
+            payload: Bytes::new(),
+        })
+        .await
+        .unwrap();
+    expect_closed(framed.into_inner()).await;
+
+    // The existing session was never disturbed.
+    assert_eq!(
+        download(&alice, "alice", "still-here").await.unwrap(),
+        b"fine"
+    );
+    let (bob, _) = server.connect("bob").await;
+    assert_eq!(
+        download(&bob, "alice", "still-here").await.unwrap(),
+        b"fine"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_clients_upload_and_download_at_once() {
+    let server = std::sync::Arc::new(TestServer::start());
+    let users = ["alice", "bob", "carol"];
+    let mut tasks = Vec::new();
+    for i in 0..20u64 {
+        let server = server.clone();
+        let user = users[i as usize % 3];
+        tasks.push(tokio::spawn(async move {
+            let (client, _) = server.connect(user).await;
+            let data = content(i, 1_000_000 + i as usize * 37_123);
+            let name = format!("file-{i}");
+            upload(&client, &name, &data).await;
+            let back = download(&client, user, &name).await.unwrap();
+            assert_eq!(sha256(&back), sha256(&data), "{name}");
+            // And read someone else's while others write.
+            let other = users[(i as usize + 1) % 3];
+            let _ = client.list_files(other).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        within("client task", t).await.unwrap();
+    }
+    let (alice, _) = server.connect("alice").await;
+    for i in 0..20u64 {
+        let owner = users[i as usize % 3];
+        let data = download(&alice, owner, &format!("file-{i}")).await.unwrap();
+        assert_eq!(
+            sha256(&data),
+            sha256(&content(i, 1_000_000 + i as usize * 37_123))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_uploads_leaves_old_or_new_versions() {
+    const FILES: u64 = 20;
+    let size = |v: u64, i: u64| (3 << 20) + (i as usize) * 4099 + v as usize;
+    let mut server = TestServer::start();
+    {
+        let (alice, _) = server.connect("alice").await;
+        for i in 0..FILES {
+            upload(&alice, &format!("f{i}"), &content(i, size(1, i))).await;
+        }
+    }
+    let (watcher, mut events) = server.connect("bob").await;
+    let mut tasks = Vec::new();
+    for i in 0..FILES {
+        let opts = server.options("alice");
+        tasks.push(tokio::spawn(async move {
+            let (client, _) = sharefs_client::RemoteClient::connect(&opts).await?;
+            let data = content(1000 + i, size(2, i));
+            sharefs_client::transfer::upload(
+                &client,
+                &format!("f{i}"),
+                &data[..],
+                Some(data.len() as u64),
+                |_| {},
+            )
+            .await
+        }));
+    }
+    // Kill as soon as the first new version is committed: the rest are mid-flight.
+    loop {
+        match within("first commit", events.recv()).await {
+            Some(Event::FileChanged { .. }) => break,
+            Some(_) => continue,
+            None => panic!("watcher disconnected"),
+        }
+    }
+    server.kill9();
+    let mut committed = 0;
+    for t in tasks {
+        if let Ok(Ok(_)) = within("upload task", t).await {
+            committed += 1;
+        }
+    }
+    drop(watcher);
+    server.restart();
+
+    let (alice, _) = server.connect("alice").await;
+    let files = alice.list_files("alice").await.unwrap();
+    assert_eq!(files.len() as u64, FILES, "a file vanished");
+    let mut new_versions = 0;
+    for f in &files {
+        let i: u64 = f.name[1..].parse().unwrap();
+        let data = download(&alice, "alice", &f.name).await.unwrap();
+        assert_eq!(
+            data.len() as u64,
+            f.size,
+            "{}: metadata size disagrees with blob",
+            f.name
+        );
+        let h = sha256(&data);
+        if h == sha256(&content(1000 + i, size(2, i))) {
+            new_versions += 1;
+        } else {
+            assert_eq!(
+                h,
+                sha256(&content(i, size(1, i))),
+                "{}: neither old nor new",
+                f.name
+            );
+        }
+    }
+    assert!(new_versions >= committed, "an acknowledged commit was lost");
+    assert!(
+        new_versions < FILES as usize,
+        "kill came too late to test anything"
+    );
+    // No temp or orphaned blob survives the restart's recovery.
+    let tmp = std::fs::read_dir(server.data.join("tmp")).unwrap().count();
+    assert_eq!(tmp, 0, "temp files left after restart");
+    let blobs = std::fs::read_dir(server.data.join("files/alice"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".blob")
+        })
+        .count();
+    assert_eq!(blobs as u64, FILES, "orphaned blobs after recovery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_vanishing_mid_upload_leaves_nothing() {
+    let server = TestServer::start();
+    let (alice, _) = server.connect("alice").await;
+    upload(&alice, "keep", b"old").await;
+    {
+        let (vanishing, _) = server.connect("alice").await;
+        let up = vanishing.upload_begin("keep", None).await.unwrap();
+        vanishing
+            .send_chunk(up, 0, Bytes::from(vec![1u8; 1 << 20]))
+            .await
+            .unwrap();
+        // Round trip so the chunk is surely on the server.
+        vanishing.list_users().await.unwrap();
+        assert_eq!(
+            std::fs::read_dir(server.data.join("tmp")).unwrap().count(),
+            1
+        );
+    }
+    // Wait (bounded) for the server to notice and discard the temp file.
+    within("temp discarded", async {
+        while std::fs::read_dir(server.data.join("tmp")).unwrap().count() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(download(&alice, "alice", "keep").await.unwrap(), b"old");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_handle_keeps_reading_its_version() {
+    let server = TestServer::start();
+    let (alice, _) = server.connect("alice").await;
+    let old = content(1, 3 << 20);
+    upload(&alice, "f", &old).await;
+    let (handle, info) = alice.open("alice", "f").await.unwrap();
+    upload(&alice, "f", &content(2, 1 << 20)).await;
+    let head = alice.read(handle, 0, 1024).await.unwrap();
+    assert_eq!(&head[..], &old[..1024]);
+    let tail = alice.read(handle, info.size - 10, 1024).await.unwrap();
+    assert_eq!(&tail[..], &old[old.len() - 10..]);
+    alice.close(handle).await.unwrap();
+    assert_eq!(alice.stat("alice", "f").await.unwrap().size, 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_keeps_committed_data() {
+    let mut server = TestServer::start();
+    let (alice, _) = server.connect("alice").await;
+    upload(&alice, "f", b"committed").await;
+    let up = alice.upload_begin("g", None).await.unwrap();
+    alice
+        .send_chunk(up, 0, Bytes::from_static(b"partial"))
+        .await
+        .unwrap();
+    alice.list_users().await.unwrap();
+    let status = server.terminate();
+    assert!(status.success(), "server exit status {status}");
+    within("client sees the close", alice.closed()).await;
+    server.restart();
+    let (alice, _) = server.connect("alice").await;
+    let names: Vec<_> = alice
+        .list_files("alice")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    assert_eq!(names, vec!["f"]);
+}
