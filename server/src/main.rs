@@ -108,7 +108,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{s}' is not a size (e.g. 500M, 10G)"))?;
-    if !(n >= 0.0) {
+    if !n.is_finite() || n < 0.0 {
         return Err(format!("'{s}' is not a size"));
     }
     Ok((n * mult as f64) as u64)
