@@ -8,7 +8,12 @@
 //! - [`settings`]: connection settings from flags, environment, password file or prompt.
 //! - [`error`]: the `ClientError` type.
 
+pub mod connection;
+pub mod desktop;
 pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod mount;
 pub mod remote;
 pub mod settings;
 pub mod transfer;

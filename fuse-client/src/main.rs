@@ -36,6 +36,8 @@ enum Command {
     Get { path: String, dest: Option<PathBuf> },
     /// Delete one of my files.
     Rm { name: String },
+    /// Mount the share: one folder per user; yours is writable.
+    Mount(sharefs_client::mount::MountArgs),
     /// Show pending and recent notifications (and acknowledge the pending ones).
     Notifications {
         /// Keep running and print each notification as it arrives.
@@ -46,13 +48,33 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Mount(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Mount(args) = cli.command {
+        // The mount runs its own runtime (the kernel session blocks this thread).
+        let result = cli
+            .connect
+            .resolve()
+            .map_err(anyhow::Error::msg)
+            .and_then(|opts| sharefs_client::mount::run(opts, args));
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sharefs: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -81,6 +103,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Get { path, dest } => get(&cli.connect, &path, dest).await,
         Command::Rm { name } => rm(&cli.connect, &name).await,
         Command::Notifications { follow } => notifications(&cli.connect, follow).await,
+        Command::Mount(_) => bail!("mount runs outside the async runtime"),
     }
 }
 

@@ -1,0 +1,271 @@
+//! [`Connection`]: a [`RemoteClient`] that reconnects.
+//!
+//! A background task keeps one connection alive: it connects with exponential backoff,
+//! publishes the live client, forwards its pushed events, and when the connection drops
+//! publishes "none" and starts over. Callers wait for a live client at most
+//! `op_timeout` and retry calls that failed because the connection dropped, until that
+//! deadline; then they fail, so no caller waits forever on a dead server. Each new
+//! connection has a new generation number: server-side handles from an older generation
+//! are gone and must be reopened.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sharefs_protocol::{Event, FileInfo, Space};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::error::{ClientError, Result};
+use crate::remote::{ConnectOptions, RemoteClient};
+use crate::transfer;
+
+/// What the connection reports besides server events.
+#[derive(Debug, Clone)]
+pub enum ConnectionEvent {
+    /// A server-pushed event.
+    Server(Event),
+    /// A new connection is up (after the first): anything cached may be stale.
+    Reconnected,
+    /// The connection dropped; reconnecting.
+    Lost(String),
+}
+
+/// A server-side read handle and the connection generation it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteHandle {
+    pub id: u64,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    user: String,
+    /// The live client and its generation, or `None` while reconnecting.
+    live: watch::Receiver<Option<(RemoteClient, u64)>>,
+    op_timeout: Duration,
+    /// Ends the background task when the last handle is dropped.
+    _stop: mpsc::Sender<()>,
+}
+
+impl Connection {
+    /// Connects once (so bad credentials fail here, clearly) and then keeps the connection
+    /// alive in the background. Events go to the returned receiver.
+    pub async fn start(
+        opts: ConnectOptions,
+        op_timeout: Duration,
+    ) -> Result<(Connection, mpsc::UnboundedReceiver<ConnectionEvent>)> {
+        let (client, events) = RemoteClient::connect(&opts).await?;
+        let (live_tx, live) = watch::channel(Some((client.clone(), 1)));
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = mpsc::channel(1);
+        tokio::spawn(keep_alive(
+            opts.clone(),
+            client,
+            events,
+            live_tx,
+            ev_tx,
+            stop_rx,
+        ));
+        Ok((
+            Connection {
+                inner: Arc::new(Inner {
+                    user: opts.user,
+                    live,
+                    op_timeout,
+                    _stop: stop_tx,
+                }),
+            },
+            ev_rx,
+        ))
+    }
+
+    pub fn user(&self) -> &str {
+        &self.inner.user
+    }
+
+    pub fn op_timeout(&self) -> Duration {
+        self.inner.op_timeout
+    }
+
+    /// Waits until `deadline` for a live client.
+    async fn client(&self, deadline: Instant) -> Result<(RemoteClient, u64)> {
+        let mut live = self.inner.live.clone();
+        let wait = live.wait_for(|c| c.as_ref().is_some_and(|(c, _)| !c.is_closed()));
+        let result = match tokio::time::timeout_at(deadline, wait).await {
+            Ok(Ok(guard)) => guard
+                .as_ref()
+                .cloned()
+                .ok_or_else(|| ClientError::Disconnected("no connection".into())),
+            Ok(Err(_)) => Err(ClientError::Disconnected("connection task ended".into())),
+            Err(_) => Err(ClientError::Timeout(self.inner.op_timeout)),
+        };
+        result
+    }
+
+    /// Runs `op` on a live client, retrying on connection loss until the deadline.
+    pub async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T>
+    where
+        F: FnMut(RemoteClient, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = Instant::now() + self.inner.op_timeout;
+        loop {
+            let (client, generation) = self.client(deadline).await?;
+            match tokio::time::timeout_at(deadline, op(client.clone(), generation)).await {
+                Ok(Err(e)) if e.is_connection_error() => {
+                    tracing::debug!(error = %e, "call failed on a dropped connection; retrying");
+                    // Wait for this connection to be replaced before retrying.
+                    let _ = tokio::time::timeout_at(deadline, client.closed()).await;
+                    continue;
+                }
+                Ok(result) => return result,
+                Err(_) => return Err(ClientError::Timeout(self.inner.op_timeout)),
+            }
+        }
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<String>> {
+        self.retry(|c, _| async move { c.list_users().await }).await
+    }
+
+    pub async fn list_files(&self, owner: &str) -> Result<Vec<FileInfo>> {
+        self.retry(|c, _| async move { c.list_files(owner).await })
+            .await
+    }
+
+    pub async fn stat(&self, owner: &str, name: &str) -> Result<FileInfo> {
+        self.retry(|c, _| async move { c.stat(owner, name).await })
+            .await
+    }
+
+    pub async fn open(&self, owner: &str, name: &str) -> Result<(RemoteHandle, FileInfo)> {
+        self.retry(|c, generation| async move {
+            let (id, info) = c.open(owner, name).await?;
+            Ok((RemoteHandle { id, generation }, info))
+        })
+        .await
+    }
+
+    /// Reads through a handle. A handle of an older connection fails with `Disconnected`
+    /// at once: the caller reopens.
+    pub async fn read(&self, handle: RemoteHandle, offset: u64, len: u32) -> Result<Bytes> {
+        let deadline = Instant::now() + self.inner.op_timeout;
+        let (client, generation) = self.client(deadline).await?;
+        if generation != handle.generation {
+            return Err(ClientError::Disconnected(
+                "handle of an earlier connection".into(),
+            ));
+        }
+        tokio::time::timeout_at(deadline, client.read(handle.id, offset, len))
+            .await
+            .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
+    }
+
+    /// Closes a handle; handles of dead connections are already gone.
+    pub async fn close(&self, handle: RemoteHandle) {
+        let current = self.inner.live.borrow().clone();
+        if let Some((client, generation)) = current {
+            if generation == handle.generation {
+                let _ = tokio::time::timeout(self.inner.op_timeout, client.close(handle.id)).await;
+            }
+        }
+    }
+
+    /// Uploads the content of `path` as `name` in the caller's folder, retrying from the
+    /// start if the connection drops.
+    pub async fn upload_file(&self, name: &str, path: &Path) -> Result<FileInfo> {
+        self.retry(|c, _| async move {
+            let file = tokio::fs::File::open(path).await?;
+            let size = file.metadata().await?.len();
+            let reader = tokio::io::BufReader::with_capacity(1 << 20, file);
+            transfer::upload(&c, name, reader, Some(size), |_| {}).await
+        })
+        .await
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let owner = self.inner.user.clone();
+        let owner = owner.as_str();
+        self.retry(|c, _| async move { c.delete(owner, name).await })
+            .await
+    }
+
+    pub async fn rename(&self, from: &str, to: &str) -> Result<FileInfo> {
+        let owner = self.inner.user.clone();
+        let owner = owner.as_str();
+        self.retry(|c, _| async move { c.rename(owner, from, to).await })
+            .await
+    }
+
+    pub async fn statfs(&self) -> Result<Space> {
+        self.retry(|c, _| async move { c.statfs().await }).await
+    }
+
+    pub async fn ack(&self, ids: Vec<u64>) -> Result<()> {
+        self.retry(|c, _| {
+            let ids = ids.clone();
+            async move { c.ack(ids).await }
+        })
+        .await
+    }
+}
+
+async fn keep_alive(
+    opts: ConnectOptions,
+    mut client: RemoteClient,
+    mut events: crate::remote::EventStream,
+    live: watch::Sender<Option<(RemoteClient, u64)>>,
+    out: mpsc::UnboundedSender<ConnectionEvent>,
+    mut stop: mpsc::Receiver<()>,
+) {
+    let mut generation = 1;
+    loop {
+        // Forward events until this connection ends.
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => { let _ = out.send(ConnectionEvent::Server(ev)); }
+                    None => break,
+                },
+                _ = stop.recv() => return,
+            }
+        }
+        drop(client);
+        let _ = live.send(None);
+        tracing::warn!(server = %opts.server, "connection lost; reconnecting");
+        let _ = out.send(ConnectionEvent::Lost("connection lost".into()));
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let attempt = tokio::select! {
+                r = RemoteClient::connect(&opts) => r,
+                _ = stop.recv() => return,
+            };
+            match attempt {
+                Ok((c, e)) => {
+                    client = c;
+                    events = e;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, ?backoff, "reconnect failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.recv() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        generation += 1;
+        tracing::info!(server = %opts.server, generation, "reconnected");
+        let _ = live.send(Some((client.clone(), generation)));
+        let _ = out.send(ConnectionEvent::Reconnected);
+    }
+}

@@ -1,0 +1,899 @@
+//! The filesystem core: what `~/Share` looks like and does, with its own types and no
+//! fuser or kernel in sight, so it is unit-tested against a fake [`Remote`].
+//!
+//! - The root lists users; each user is a directory; files are flat inside it.
+//! - Inode numbers are handed out on first sight of a (user, name) and never reused for
+//!   the life of the mount.
+//! - Listings are cached until the server says they changed (pushed `file_changed`
+//!   events), until a reconnect, or for at most [`LISTING_MAX_AGE`].
+//! - Writes are allowed only in the user's own folder and only to regular files; all
+//!   else is `PermissionDenied` (in others' folders and the root) or `NotPermitted`
+//!   (sub-directories, in one's own).
+//! - Every open of another user's file goes to the server (it is the download event), and
+//!   tells the adapter whether the kernel may keep its cached pages (same version).
+
+mod error;
+mod read;
+pub mod remote;
+mod write;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use sharefs_protocol::name::check_file_name;
+use sharefs_protocol::{Event, FileInfo, Space};
+use tokio::sync::Semaphore;
+
+pub use error::{FsError, FsResult};
+pub use read::ReadHandle;
+pub use remote::Remote;
+pub use write::StagedWrite;
+
+pub const ROOT: u64 = 1;
+/// Oldest a cached listing may be, as a backstop for lost events.
+pub const LISTING_MAX_AGE: Duration = Duration::from_secs(60);
+/// Prefetched blocks (1 MiB each) across all open files.
+const PREFETCH_BUDGET: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+/// Attributes as the core reports them; the adapter adds uid, gid and block counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub attr: Attr,
+}
+
+/// How a file is opened.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenMode {
+    pub write: bool,
+    pub truncate: bool,
+}
+
+/// Result of an open: the handle and whether the kernel may keep its cached pages.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    pub fh: u64,
+    pub keep_cache: bool,
+}
+
+/// Something the kernel must forget, as a consequence of a server event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The name may now resolve differently.
+    Entry { parent: u64, name: String },
+    /// Attributes and cached pages of the inode are stale.
+    Inode { ino: u64 },
+    /// Only the attributes may be stale.
+    Attr { ino: u64 },
+}
+
+#[derive(Debug, Clone)]
+enum Node {
+    Root,
+    Folder(String),
+    File(String, String),
+}
+
+#[derive(Debug)]
+struct Listing<T> {
+    items: T,
+    fetched: Instant,
+}
+
+impl<T> Listing<T> {
+    fn new(items: T) -> Self {
+        Listing {
+            items,
+            fetched: Instant::now(),
+        }
+    }
+    fn fresh(&self) -> bool {
+        self.fetched.elapsed() < LISTING_MAX_AGE
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    nodes: HashMap<u64, Node>,
+    folder_inos: HashMap<String, u64>,
+    file_inos: HashMap<(String, String), u64>,
+    next_ino: u64,
+    users: Option<Listing<Vec<String>>>,
+    folders: HashMap<String, Listing<BTreeMap<String, FileInfo>>>,
+    /// Version whose pages the kernel may hold for a file inode.
+    cached_version: HashMap<u64, u64>,
+    /// Files being written, by inode.
+    staged: HashMap<u64, Arc<StagedWrite>>,
+}
+
+impl State {
+    fn folder_ino(&mut self, owner: &str) -> u64 {
+        if let Some(ino) = self.folder_inos.get(owner) {
+            return *ino;
+        }
+        let ino = self.alloc(Node::Folder(owner.to_string()));
+        self.folder_inos.insert(owner.to_string(), ino);
+        ino
+    }
+
+    fn file_ino(&mut self, owner: &str, name: &str) -> u64 {
+        let key = (owner.to_string(), name.to_string());
+        if let Some(ino) = self.file_inos.get(&key) {
+            return *ino;
+        }
+        let ino = self.alloc(Node::File(owner.to_string(), name.to_string()));
+        self.file_inos.insert(key, ino);
+        ino
+    }
+
+    fn alloc(&mut self, node: Node) -> u64 {
+        self.next_ino = self.next_ino.max(ROOT) + 1;
+        self.nodes.insert(self.next_ino, node);
+        self.next_ino
+    }
+}
+
+enum Handle<R: Remote> {
+    Read(Arc<ReadHandle<R>>),
+    Staged {
+        ino: u64,
+        staged: Arc<StagedWrite>,
+        writable: bool,
+    },
+    Dir(Arc<Vec<DirEntry>>),
+}
+
+impl<R: Remote> Clone for Handle<R> {
+    fn clone(&self) -> Self {
+        match self {
+            Handle::Read(r) => Handle::Read(r.clone()),
+            Handle::Staged {
+                ino,
+                staged,
+                writable,
+            } => Handle::Staged {
+                ino: *ino,
+                staged: staged.clone(),
+                writable: *writable,
+            },
+            Handle::Dir(d) => Handle::Dir(d.clone()),
+        }
+    }
+}
+
+/// The filesystem. Cheap to share: wrap it in an `Arc`.
+pub struct FsCore<R: Remote> {
+    remote: Arc<R>,
+    user: String,
+    staging_dir: PathBuf,
+    failed_dir: PathBuf,
+    mounted_at: SystemTime,
+    /// std `Mutex`: held for map lookups only, never across an await.
+    state: Mutex<State>,
+    handles: Mutex<HashMap<u64, Handle<R>>>,
+    next_fh: AtomicU64,
+    prefetch_budget: Arc<Semaphore>,
+}
+
+fn time_of(ns: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
+}
+
+impl<R: Remote> FsCore<R> {
+    /// `cache_dir` holds staged writes (`staging/`) and uploads that failed (`failed/`).
+    pub fn new(remote: R, cache_dir: PathBuf) -> FsResult<FsCore<R>> {
+        let staging_dir = cache_dir.join("staging");
+        std::fs::create_dir_all(&staging_dir)?;
+        let user = remote.user().to_string();
+        Ok(FsCore {
+            remote: Arc::new(remote),
+            user,
+            staging_dir,
+            failed_dir: cache_dir.join("failed"),
+            mounted_at: SystemTime::now(),
+            state: Mutex::new(State::default()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            prefetch_budget: Arc::new(Semaphore::new(PREFETCH_BUDGET)),
+        })
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn handles(&self) -> MutexGuard<'_, HashMap<u64, Handle<R>>> {
+        match self.handles.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn node(&self, ino: u64) -> FsResult<Node> {
+        if ino == ROOT {
+            return Ok(Node::Root);
+        }
+        self.state()
+            .nodes
+            .get(&ino)
+            .cloned()
+            .ok_or(FsError::NotFound)
+    }
+
+    fn dir_attr(&self, ino: u64, writable: bool) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::Dir,
+            size: 0,
+            mtime: self.mounted_at,
+            perm: if writable { 0o755 } else { 0o555 },
+        }
+    }
+
+    fn file_attr(&self, ino: u64, owner: &str, size: u64, mtime: SystemTime) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::File,
+            size,
+            mtime,
+            perm: if owner == self.user { 0o644 } else { 0o444 },
+        }
+    }
+
+    fn staged_attr(&self, ino: u64, staged: &StagedWrite) -> Attr {
+        self.file_attr(ino, &self.user, staged.size(), SystemTime::now())
+    }
+
+    async fn users(&self) -> FsResult<Vec<String>> {
+        if let Some(l) = self.state().users.as_ref().filter(|l| l.fresh()) {
+            return Ok(l.items.clone());
+        }
+        let users = self.remote.list_users().await?;
+        self.state().users = Some(Listing::new(users.clone()));
+        Ok(users)
+    }
+
+    /// A user's files, from cache or the server.
+    async fn folder(&self, owner: &str) -> FsResult<BTreeMap<String, FileInfo>> {
+        if let Some(l) = self.state().folders.get(owner).filter(|l| l.fresh()) {
+            return Ok(l.items.clone());
+        }
+        let files: BTreeMap<String, FileInfo> = self
+            .remote
+            .list_files(owner)
+            .await?
+            .into_iter()
+            .map(|f| (f.name.clone(), f))
+            .collect();
+        self.state()
+            .folders
+            .insert(owner.to_string(), Listing::new(files.clone()));
+        Ok(files)
+    }
+
+    /// One file's info, from the cached listing or a `stat`.
+    async fn file_info(&self, owner: &str, name: &str) -> FsResult<FileInfo> {
+        let cached = self
+            .state()
+            .folders
+            .get(owner)
+            .filter(|l| l.fresh())
+            .map(|l| l.items.get(name).cloned());
+        match cached {
+            Some(Some(info)) => Ok(info),
+            Some(None) => Err(FsError::NotFound),
+            None => Ok(self.remote.stat(owner, name).await?),
+        }
+    }
+
+    fn remember(&self, info: &FileInfo) {
+        let mut st = self.state();
+        if let Some(l) = st.folders.get_mut(&info.owner) {
+            l.items.insert(info.name.clone(), info.clone());
+        }
+    }
+
+    fn forget_file(&self, owner: &str, name: &str) {
+        let mut st = self.state();
+        if let Some(l) = st.folders.get_mut(owner) {
+            l.items.remove(name);
+        }
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        match self.node(parent)? {
+            Node::Root => {
+                if !self.users().await?.iter().any(|u| u == name) {
+                    return Err(FsError::NotFound);
+                }
+                let ino = self.state().folder_ino(name);
+                Ok(self.dir_attr(ino, name == self.user))
+            }
+            Node::Folder(owner) => {
+                if check_file_name(name).is_err() {
+                    return Err(FsError::NotFound);
+                }
+                let staged = {
+                    let st = self.state();
+                    st.file_inos
+                        .get(&(owner.clone(), name.to_string()))
+                        .and_then(|ino| st.staged.get(ino).map(|s| (*ino, s.clone())))
+                };
+                if let Some((ino, staged)) = staged {
+                    return Ok(self.staged_attr(ino, &staged));
+                }
+                let info = self.file_info(&owner, name).await?;
+                let ino = self.state().file_ino(&owner, name);
+                Ok(self.file_attr(ino, &owner, info.size, time_of(info.mtime_ns)))
+            }
+            Node::File(..) => Err(FsError::NotDir),
+        }
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        match self.node(ino)? {
+            Node::Root => Ok(self.dir_attr(ROOT, false)),
+            Node::Folder(owner) => Ok(self.dir_attr(ino, owner == self.user)),
+            Node::File(owner, name) => {
+                if let Some(staged) = self.state().staged.get(&ino).cloned() {
+                    return Ok(self.staged_attr(ino, &staged));
+                }
+                let info = self.file_info(&owner, &name).await?;
+                Ok(self.file_attr(ino, &owner, info.size, time_of(info.mtime_ns)))
+            }
+        }
+    }
+
+    /// Lists a directory, with attributes (for readdirplus), `.` and `..` excluded.
+    pub async fn list(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        match self.node(ino)? {
+            Node::Root => {
+                let users = self.users().await?;
+                let mut st = self.state();
+                let inos: Vec<u64> = users.iter().map(|u| st.folder_ino(u)).collect();
+                drop(st);
+                Ok(users
+                    .into_iter()
+                    .zip(inos)
+                    .map(|(u, ino)| DirEntry {
+                        attr: self.dir_attr(ino, u == self.user),
+                        name: u,
+                    })
+                    .collect())
+            }
+            Node::Folder(owner) => {
+                let files = self.folder(&owner).await?;
+                let mut st = self.state();
+                let mut entries: BTreeMap<String, Attr> = BTreeMap::new();
+                for (name, info) in &files {
+                    let fino = st.file_ino(&owner, name);
+                    entries.insert(
+                        name.clone(),
+                        self.file_attr(fino, &owner, info.size, time_of(info.mtime_ns)),
+                    );
+                }
+                // Files being written show with their local size, also before their
+                // first upload.
+                if owner == self.user {
+                    for (fino, staged) in &st.staged {
+                        entries.insert(staged.name(), self.staged_attr(*fino, staged));
+                    }
+                }
+                drop(st);
+                Ok(entries
+                    .into_iter()
+                    .map(|(name, attr)| DirEntry { name, attr })
+                    .collect())
+            }
+            Node::File(..) => Err(FsError::NotDir),
+        }
+    }
+
+    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let entries = self.list(ino).await?;
+        Ok(self.insert_handle(Handle::Dir(Arc::new(entries))))
+    }
+
+    /// The snapshot taken at opendir, so paging through it is consistent.
+    pub fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
+        match self.handles().get(&fh) {
+            Some(Handle::Dir(d)) => Ok(d.clone()),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    fn insert_handle(&self, h: Handle<R>) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles().insert(fh, h);
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Handle<R>> {
+        self.handles().get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    /// Checks that `ino` is a folder the user may write in and returns its owner.
+    fn own_folder(&self, ino: u64) -> FsResult<String> {
+        match self.node(ino)? {
+            Node::Folder(owner) if owner == self.user => Ok(owner),
+            Node::Folder(_) | Node::Root => Err(FsError::PermissionDenied),
+            Node::File(..) => Err(FsError::NotDir),
+        }
+    }
+
+    fn check_new_name(name: &str) -> FsResult<()> {
+        if name.len() > sharefs_protocol::name::MAX_FILE_NAME {
+            return Err(FsError::NameTooLong);
+        }
+        check_file_name(name).map_err(FsError::InvalidName)
+    }
+
+    /// Creates (or truncates) a file in the user's folder and opens it for writing.
+    pub async fn create(&self, parent: u64, name: &str) -> FsResult<(Attr, u64)> {
+        let owner = self.own_folder(parent)?;
+        Self::check_new_name(name)?;
+        let ino = self.state().file_ino(&owner, name);
+        let staged = self.stage(ino, name, true).await?;
+        staged.truncate(0)?;
+        let attr = self.staged_attr(ino, &staged);
+        let fh = self.insert_handle(Handle::Staged {
+            ino,
+            staged,
+            writable: true,
+        });
+        Ok((attr, fh))
+    }
+
+    /// The staged write of `ino`, created if needed: empty when `truncate`, otherwise
+    /// filled with the file's current content from the server.
+    async fn stage(&self, ino: u64, name: &str, truncate: bool) -> FsResult<Arc<StagedWrite>> {
+        if let Some(s) = self.state().staged.get(&ino).cloned() {
+            s.acquire();
+            return Ok(s);
+        }
+        let staged = Arc::new(StagedWrite::create(&self.staging_dir, name, truncate)?);
+        if !truncate {
+            match self.remote.open(&self.user, name).await {
+                Ok((handle, info)) => {
+                    let reader = Arc::new(ReadHandle::new(
+                        self.remote.clone(),
+                        handle,
+                        info.clone(),
+                        self.prefetch_budget.clone(),
+                    ));
+                    let mut offset = 0;
+                    let filled: FsResult<()> = async {
+                        while offset < info.size {
+                            let data = reader.read(offset, read::BLOCK as u32).await?;
+                            if data.is_empty() {
+                                break;
+                            }
+                            staged.fill(offset, &data)?;
+                            offset += data.len() as u64;
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    reader.close().await;
+                    if let Err(e) = filled {
+                        staged.finish(&self.failed_dir);
+                        return Err(e);
+                    }
+                }
+                Err(e) if e.code() == Some(sharefs_protocol::ErrorCode::NotFound) => {
+                    // Gone meanwhile: writing recreates it.
+                    staged.truncate(0)?;
+                }
+                Err(e) => {
+                    staged.finish(&self.failed_dir);
+                    return Err(e.into());
+                }
+            }
+        }
+        let mut st = self.state();
+        // Another open may have staged it while we downloaded; use theirs.
+        if let Some(s) = st.staged.get(&ino).cloned() {
+            drop(st);
+            staged.mark_uploaded(staged.changes());
+            staged.finish(&self.failed_dir);
+            s.acquire();
+            return Ok(s);
+        }
+        staged.acquire();
+        st.staged.insert(ino, staged.clone());
+        Ok(staged)
+    }
+
+    pub async fn open(&self, ino: u64, mode: OpenMode) -> FsResult<Opened> {
+        let (owner, name) = match self.node(ino)? {
+            Node::File(owner, name) => (owner, name),
+            Node::Root | Node::Folder(_) => return Err(FsError::IsDir),
+        };
+        if mode.write || mode.truncate {
+            if owner != self.user {
+                return Err(FsError::PermissionDenied);
+            }
+            let staged = self.stage(ino, &name, mode.truncate).await?;
+            if mode.truncate {
+                staged.truncate(0)?;
+            }
+            self.state().cached_version.remove(&ino);
+            let fh = self.insert_handle(Handle::Staged {
+                ino,
+                staged,
+                writable: true,
+            });
+            return Ok(Opened {
+                fh,
+                keep_cache: false,
+            });
+        }
+        if let Some(staged) = self.state().staged.get(&ino).cloned() {
+            staged.acquire();
+            let fh = self.insert_handle(Handle::Staged {
+                ino,
+                staged,
+                writable: false,
+            });
+            return Ok(Opened {
+                fh,
+                keep_cache: true,
+            });
+        }
+        // Always asks the server: this open is the download the owner hears about.
+        let (handle, info) = self.remote.open(&owner, &name).await?;
+        let keep_cache = {
+            let mut st = self.state();
+            let keep = st.cached_version.get(&ino) == Some(&info.version);
+            st.cached_version.insert(ino, info.version);
+            keep
+        };
+        self.remember(&info);
+        let reader = Arc::new(ReadHandle::new(
+            self.remote.clone(),
+            handle,
+            info,
+            self.prefetch_budget.clone(),
+        ));
+        let fh = self.insert_handle(Handle::Read(reader));
+        Ok(Opened { fh, keep_cache })
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        match self.handle(fh)? {
+            Handle::Read(r) => r.read(offset, size).await,
+            Handle::Staged { staged, .. } => Ok(Bytes::from(staged.read(offset, size)?)),
+            Handle::Dir(_) => Err(FsError::IsDir),
+        }
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        match self.handle(fh)? {
+            Handle::Staged {
+                staged,
+                writable: true,
+                ..
+            } => staged.write(offset, data),
+            Handle::Staged { .. } | Handle::Read(_) => Err(FsError::BadHandle),
+            Handle::Dir(_) => Err(FsError::IsDir),
+        }
+    }
+
+    /// Uploads a staged file if it changed; returns once the server committed it.
+    async fn upload(&self, ino: u64, staged: &StagedWrite) -> FsResult<()> {
+        let _serial = staged.upload_lock.lock().await;
+        if !staged.dirty() {
+            return Ok(());
+        }
+        let changes = staged.changes();
+        let name = staged.name();
+        let info = self
+            .remote
+            .upload_file(&name, staged.path())
+            .await
+            .map_err(|e| {
+                tracing::warn!(file = %name, error = %e, "upload failed");
+                FsError::from(e)
+            })?;
+        staged.mark_uploaded(changes);
+        tracing::info!(file = %name, size = info.size, "uploaded");
+        let mut st = self.state();
+        if let Some(l) = st.folders.get_mut(&info.owner) {
+            l.items.insert(info.name.clone(), info.clone());
+        }
+        st.cached_version.remove(&ino);
+        Ok(())
+    }
+
+    /// `close()` of a descriptor: uploads pending changes.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        match self.handle(fh)? {
+            Handle::Staged {
+                ino,
+                staged,
+                writable: true,
+            } => self.upload(ino, &staged).await,
+            _ => Ok(()),
+        }
+    }
+
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh).await
+    }
+
+    /// Last close of a handle. A staged file with changes is uploaded a last time; if that
+    /// fails too, its data is kept locally (see [`StagedWrite::finish`]).
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let Some(handle) = self.handles().remove(&fh) else {
+            return Err(FsError::BadHandle);
+        };
+        match handle {
+            Handle::Read(r) => {
+                r.close().await;
+                Ok(())
+            }
+            Handle::Dir(_) => Ok(()),
+            Handle::Staged { ino, staged, .. } => {
+                if !staged.release() {
+                    return Ok(());
+                }
+                let result = self.upload(ino, &staged).await;
+                {
+                    let mut st = self.state();
+                    if staged.refs() > 0 {
+                        return result; // reopened meanwhile: it lives on
+                    }
+                    if st.staged.get(&ino).is_some_and(|s| Arc::ptr_eq(s, &staged)) {
+                        st.staged.remove(&ino);
+                    }
+                }
+                staged.finish(&self.failed_dir);
+                result
+            }
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles().remove(&fh);
+    }
+
+    /// Truncates (the only attribute change with an effect). Mode and time changes are
+    /// accepted and ignored in one's own folder, refused elsewhere.
+    pub async fn setattr(&self, ino: u64, size: Option<u64>, fh: Option<u64>) -> FsResult<Attr> {
+        let (owner, name) = match self.node(ino)? {
+            Node::File(owner, name) => (owner, name),
+            Node::Folder(owner) if owner == self.user => return self.getattr(ino).await,
+            Node::Root | Node::Folder(_) => return Err(FsError::PermissionDenied),
+        };
+        if owner != self.user {
+            return Err(FsError::PermissionDenied);
+        }
+        let Some(size) = size else {
+            return self.getattr(ino).await;
+        };
+        if let Some(Handle::Staged { staged, .. }) = fh.and_then(|fh| self.handle(fh).ok()) {
+            staged.truncate(size)?;
+            return Ok(self.staged_attr(ino, &staged));
+        }
+        let existing = self.state().staged.get(&ino).cloned();
+        if let Some(staged) = existing {
+            staged.truncate(size)?;
+            return Ok(self.staged_attr(ino, &staged));
+        }
+        // truncate(2) on a path with no open descriptor: stage, truncate, upload now.
+        let staged = self.stage(ino, &name, size == 0).await?;
+        staged.truncate(size)?;
+        let fh = self.insert_handle(Handle::Staged {
+            ino,
+            staged: staged.clone(),
+            writable: true,
+        });
+        let attr = self.staged_attr(ino, &staged);
+        self.release(fh).await?;
+        Ok(attr)
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+        let owner = self.own_folder(parent)?;
+        let ino = self
+            .state()
+            .file_inos
+            .get(&(owner.clone(), name.to_string()))
+            .copied();
+        let staged_only = ino.and_then(|i| self.state().staged.remove(&i));
+        match self.remote.delete(name).await {
+            Ok(()) => {}
+            Err(e)
+                if staged_only.is_some()
+                    && e.code() == Some(sharefs_protocol::ErrorCode::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(staged) = staged_only {
+            staged.unlink();
+        }
+        self.forget_file(&owner, name);
+        if let Some(ino) = ino {
+            self.state().cached_version.remove(&ino);
+        }
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+    ) -> FsResult<()> {
+        let owner = self.own_folder(parent)?;
+        let new_owner = self.own_folder(new_parent)?;
+        if owner != new_owner {
+            return Err(FsError::PermissionDenied);
+        }
+        Self::check_new_name(new_name)?;
+        let (ino, staged) = {
+            let st = self.state();
+            let ino = st
+                .file_inos
+                .get(&(owner.clone(), name.to_string()))
+                .copied();
+            (ino, ino.and_then(|i| st.staged.get(&i).cloned()))
+        };
+        // An open, changed file goes up first so the rename moves current content.
+        if let (Some(ino), Some(staged)) = (ino, &staged) {
+            self.upload(ino, staged).await?;
+        }
+        let info = self.remote.rename(name, new_name).await?;
+        let mut st = self.state();
+        if let Some(l) = st.folders.get_mut(&owner) {
+            l.items.remove(name);
+            l.items.insert(new_name.to_string(), info.clone());
+        }
+        // The inode moves with the name, as on a local filesystem.
+        if let Some(ino) = ino {
+            st.file_inos.remove(&(owner.clone(), name.to_string()));
+            if let Some(old) = st
+                .file_inos
+                .insert((owner.clone(), new_name.to_string()), ino)
+            {
+                if old != ino {
+                    st.nodes.remove(&old);
+                    st.staged.remove(&old);
+                }
+            }
+            st.nodes
+                .insert(ino, Node::File(owner.clone(), new_name.to_string()));
+            st.cached_version.remove(&ino);
+            if let Some(s) = staged {
+                s.set_name(new_name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Directories, links and special files: refused in others' folders and the root,
+    /// not offered in one's own.
+    pub fn refuse_create_other(&self, parent: u64) -> FsError {
+        match self.own_folder(parent) {
+            Ok(_) => FsError::NotPermitted,
+            Err(e) => e,
+        }
+    }
+
+    /// rmdir: user folders are the server's, never the mount's to remove.
+    pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        let attr = self.lookup(parent, name).await?;
+        match attr.kind {
+            Kind::Dir => Err(FsError::PermissionDenied),
+            Kind::File => Err(FsError::NotDir),
+        }
+    }
+
+    /// access(2): write access only in one's own folder.
+    pub fn access(&self, ino: u64, write: bool) -> FsResult<()> {
+        if !write {
+            return self.node(ino).map(|_| ());
+        }
+        match self.node(ino)? {
+            Node::Folder(owner) | Node::File(owner, _) if owner == self.user => Ok(()),
+            _ => Err(FsError::PermissionDenied),
+        }
+    }
+
+    pub async fn statfs(&self) -> FsResult<Space> {
+        Ok(self.remote.statfs().await?)
+    }
+
+    /// Applies a server event to the caches; returns what the kernel must forget.
+    pub fn handle_event(&self, event: &Event) -> Vec<Invalidation> {
+        let mut st = self.state();
+        match event {
+            Event::FileChanged { owner, name, file } => {
+                if let Some(l) = st.folders.get_mut(owner) {
+                    match file {
+                        Some(info) => {
+                            l.items.insert(name.clone(), info.clone());
+                        }
+                        None => {
+                            l.items.remove(name);
+                        }
+                    }
+                }
+                let mut out = Vec::new();
+                if let Some(parent) = st.folder_inos.get(owner) {
+                    out.push(Invalidation::Entry {
+                        parent: *parent,
+                        name: name.clone(),
+                    });
+                }
+                if let Some(ino) = st.file_inos.get(&(owner.clone(), name.clone())).copied() {
+                    let unchanged = file
+                        .as_ref()
+                        .is_some_and(|f| st.cached_version.get(&ino) == Some(&f.version));
+                    if !unchanged && !st.staged.contains_key(&ino) {
+                        st.cached_version.remove(&ino);
+                        out.push(Invalidation::Inode { ino });
+                    }
+                }
+                out
+            }
+            Event::UsersChanged => {
+                st.users = None;
+                vec![Invalidation::Inode { ino: ROOT }]
+            }
+            Event::Resync => Self::forget_all(&mut st),
+            Event::Notification { .. } => Vec::new(),
+        }
+    }
+
+    /// After a reconnect: every listing may be stale.
+    pub fn reconnected(&self) -> Vec<Invalidation> {
+        Self::forget_all(&mut self.state())
+    }
+
+    fn forget_all(st: &mut State) -> Vec<Invalidation> {
+        st.users = None;
+        st.folders.clear();
+        let mut out = vec![Invalidation::Attr { ino: ROOT }];
+        out.extend(
+            st.folder_inos
+                .values()
+                .map(|ino| Invalidation::Attr { ino: *ino }),
+        );
+        out.extend(
+            st.file_inos
+                .values()
+                .map(|ino| Invalidation::Attr { ino: *ino }),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,77 @@
+//! Errors of the filesystem core. The FUSE adapter maps each to an errno in one match.
+
+use sharefs_protocol::ErrorCode;
+
+use crate::error::ClientError;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    /// Writing outside one's own folder, and the like.
+    #[error("permission denied")]
+    PermissionDenied,
+    /// Operations sharefs does not offer (sub-directories, links, special files).
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    #[error("name too long")]
+    NameTooLong,
+    #[error("quota exceeded")]
+    QuotaExceeded,
+    #[error("no space left on the server")]
+    NoSpace,
+    #[error("is a directory")]
+    IsDir,
+    #[error("not a directory")]
+    NotDir,
+    #[error("bad file handle")]
+    BadHandle,
+    /// The version an open file was reading is gone from the server.
+    #[error("file changed on the server while open")]
+    Stale,
+    /// Connection lost beyond the timeout, server-side failure, local staging I/O failure.
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl From<ClientError> for FsError {
+    fn from(e: ClientError) -> FsError {
+        match &e {
+            ClientError::Remote(body) => match body.code {
+                ErrorCode::NotFound => FsError::NotFound,
+                ErrorCode::PermissionDenied => FsError::PermissionDenied,
+                ErrorCode::InvalidName => FsError::InvalidName(body.message.clone()),
+                ErrorCode::QuotaExceeded => FsError::QuotaExceeded,
+                ErrorCode::NoSpace => FsError::NoSpace,
+                ErrorCode::Stale => FsError::Stale,
+                ErrorCode::AuthFailed
+                | ErrorCode::VersionMismatch
+                | ErrorCode::ProtocolError
+                | ErrorCode::TooLarge
+                | ErrorCode::Busy
+                | ErrorCode::ChecksumMismatch
+                | ErrorCode::Internal
+                | ErrorCode::Other => FsError::Io(e.to_string()),
+            },
+            ClientError::Disconnected(_)
+            | ClientError::Connect { .. }
+            | ClientError::Io(_)
+            | ClientError::Protocol(_)
+            | ClientError::Timeout(_) => FsError::Io(e.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for FsError {
+    fn from(e: std::io::Error) -> FsError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) => FsError::NoSpace,
+            Some(libc::EDQUOT) => FsError::QuotaExceeded,
+            _ => FsError::Io(format!("local staging: {e}")),
+        }
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;

@@ -1,0 +1,76 @@
+//! What the filesystem core needs of a server: [`Remote`]. The mount implements it with
+//! the reconnecting [`Connection`]; unit tests with an in-memory fake.
+
+use std::future::Future;
+use std::path::Path;
+
+use bytes::Bytes;
+use sharefs_protocol::{FileInfo, Space};
+
+use crate::connection::{Connection, RemoteHandle};
+use crate::error::ClientError;
+
+type R<T> = Result<T, ClientError>;
+
+pub trait Remote: Send + Sync + 'static {
+    /// The logged-in user: the only folder that may be written.
+    fn user(&self) -> &str;
+    fn list_users(&self) -> impl Future<Output = R<Vec<String>>> + Send;
+    fn list_files(&self, owner: &str) -> impl Future<Output = R<Vec<FileInfo>>> + Send;
+    fn stat(&self, owner: &str, name: &str) -> impl Future<Output = R<FileInfo>> + Send;
+    /// Opens for reading; for another user's file this is the download event.
+    fn open(
+        &self,
+        owner: &str,
+        name: &str,
+    ) -> impl Future<Output = R<(RemoteHandle, FileInfo)>> + Send;
+    /// Reads through a handle; `Disconnected` means the handle is gone and may be reopened.
+    fn read(
+        &self,
+        handle: RemoteHandle,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = R<Bytes>> + Send;
+    fn close(&self, handle: RemoteHandle) -> impl Future<Output = ()> + Send;
+    /// Uploads a local file's content as `name` in the user's folder; returns once durable.
+    fn upload_file(&self, name: &str, path: &Path) -> impl Future<Output = R<FileInfo>> + Send;
+    fn delete(&self, name: &str) -> impl Future<Output = R<()>> + Send;
+    fn rename(&self, from: &str, to: &str) -> impl Future<Output = R<FileInfo>> + Send;
+    fn statfs(&self) -> impl Future<Output = R<Space>> + Send;
+}
+
+impl Remote for Connection {
+    fn user(&self) -> &str {
+        Connection::user(self)
+    }
+    async fn list_users(&self) -> R<Vec<String>> {
+        Connection::list_users(self).await
+    }
+    async fn list_files(&self, owner: &str) -> R<Vec<FileInfo>> {
+        Connection::list_files(self, owner).await
+    }
+    async fn stat(&self, owner: &str, name: &str) -> R<FileInfo> {
+        Connection::stat(self, owner, name).await
+    }
+    async fn open(&self, owner: &str, name: &str) -> R<(RemoteHandle, FileInfo)> {
+        Connection::open(self, owner, name).await
+    }
+    async fn read(&self, handle: RemoteHandle, offset: u64, len: u32) -> R<Bytes> {
+        Connection::read(self, handle, offset, len).await
+    }
+    async fn close(&self, handle: RemoteHandle) {
+        Connection::close(self, handle).await
+    }
+    async fn upload_file(&self, name: &str, path: &Path) -> R<FileInfo> {
+        Connection::upload_file(self, name, path).await
+    }
+    async fn delete(&self, name: &str) -> R<()> {
+        Connection::delete(self, name).await
+    }
+    async fn rename(&self, from: &str, to: &str) -> R<FileInfo> {
+        Connection::rename(self, from, to).await
+    }
+    async fn statfs(&self) -> R<Space> {
+        Connection::statfs(self).await
+    }
+}

@@ -1,0 +1,544 @@
+//! The thin FUSE adapter: each kernel callback calls the filesystem core on the tokio
+//! runtime and answers from a spawned task, so a slow read never blocks `ls`; errors become
+//! errnos through [`errno`], the one place that decides them.
+
+use std::ffi::OsStr;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::fs::{Attr, FsCore, FsError, Invalidation, Kind, OpenMode, Remote, ROOT};
+
+/// How long the kernel may trust an entry or attributes without asking. Long, because the
+/// server pushes changes and the mount invalidates them at once.
+const TTL: Duration = Duration::from_secs(10);
+/// Size the kernel may read or write in one request, and `st_blksize` (which makes `cp`
+/// use large buffers).
+pub const IO_SIZE: u32 = 1 << 20;
+
+/// The errno for each core error.
+pub fn errno(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::ENOENT,
+        FsError::PermissionDenied => Errno::EACCES,
+        FsError::NotPermitted => Errno::EPERM,
+        FsError::InvalidName(_) => Errno::EINVAL,
+        FsError::NameTooLong => Errno::ENAMETOOLONG,
+        FsError::QuotaExceeded => Errno::EDQUOT,
+        FsError::NoSpace => Errno::ENOSPC,
+        FsError::IsDir => Errno::EISDIR,
+        FsError::NotDir => Errno::ENOTDIR,
+        FsError::BadHandle => Errno::EBADF,
+        FsError::Stale | FsError::Io(_) => Errno::EIO,
+    }
+}
+
+pub struct FuseAdapter<R: Remote> {
+    core: Arc<FsCore<R>>,
+    rt: tokio::runtime::Handle,
+    uid: u32,
+    gid: u32,
+}
+
+impl<R: Remote> FuseAdapter<R> {
+    pub fn new(core: Arc<FsCore<R>>, rt: tokio::runtime::Handle) -> Self {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        FuseAdapter { core, rt, uid, gid }
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        attr(a, self.uid, self.gid)
+    }
+
+    /// Runs `f` on the runtime with the core; `f` sends the reply.
+    fn run<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<FsCore<R>>, u32, u32) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.core.clone(), self.uid, self.gid));
+    }
+}
+
+fn attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: match a.kind {
+            Kind::Dir => FileType::Directory,
+            Kind::File => FileType::RegularFile,
+        },
+        perm: a.perm,
+        nlink: match a.kind {
+            Kind::Dir => 2,
+            Kind::File => 1,
+        },
+        uid,
+        gid,
+        rdev: 0,
+        blksize: IO_SIZE,
+        flags: 0,
+    }
+}
+
+fn name_str(name: &OsStr) -> Result<String, Errno> {
+    name.to_str().map(str::to_string).ok_or(Errno::EINVAL)
+}
+
+impl<R: Remote> Filesystem for FuseAdapter<R> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ASYNC_READ;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        let _ = config.set_max_write(IO_SIZE);
+        if let Err(nearest) = config.set_max_readahead(IO_SIZE) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(_) => return reply.error(Errno::ENOENT),
+        };
+        self.run(move |core, uid, gid| async move {
+            match core.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(&TTL, &attr(&a, uid, gid), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.run(move |core, uid, gid| async move {
+            match core.getattr(ino.0).await {
+                Ok(a) => reply.attr(&TTL, &attr(&a, uid, gid)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        self.run(move |core, uid, gid| async move {
+            match core.setattr(ino.0, size, fh.map(|f| f.0)).await {
+                Ok(a) => reply.attr(&TTL, &attr(&a, uid, gid)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(&self.core.refuse_create_other(parent.0)));
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(&self.core.refuse_create_other(parent.0)));
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(&self.core.refuse_create_other(parent.0)));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(&self.core.refuse_create_other(newparent.0)));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.run(move |core, _, _| async move {
+            match core.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.run(move |core, _, _| async move {
+            match core.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname) = match (name_str(name), name_str(newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if !flags.is_empty() {
+            // RENAME_EXCHANGE / RENAME_NOREPLACE: not offered.
+            return reply.error(Errno::EINVAL);
+        }
+        self.run(move |core, _, _| async move {
+            match core.rename(parent.0, &name, newparent.0, &newname).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mode = OpenMode {
+            write: flags.acc_mode() != OpenAccMode::O_RDONLY,
+            truncate: flags.0 & libc::O_TRUNC != 0,
+        };
+        self.run(move |core, _, _| async move {
+            match core.open(ino.0, mode).await {
+                Ok(o) => {
+                    let f = if o.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(o.fh), f)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.run(move |core, uid, gid| async move {
+            match core.create(parent.0, &name).await {
+                Ok((a, fh)) => reply.created(
+                    &TTL,
+                    &attr(&a, uid, gid),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.run(move |core, _, _| async move {
+            match core.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // A local pwrite into the staged file: fast enough to answer inline.
+        match self.core.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.run(move |core, _, _| async move {
+            match core.flush(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.run(move |core, _, _| async move {
+            match core.release(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.run(move |core, _, _| async move {
+            match core.fsync(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.run(move |core, _, _| async move {
+            match core.opendir(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.core.dir_entries(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        // Every directory's parent is the root (the root's own parent is outside the mount).
+        let dots = [(ino.0, "."), (ROOT, "..")];
+        let all = dots
+            .iter()
+            .map(|(i, n)| (*i, FileType::Directory, *n))
+            .chain(entries.iter().map(|e| {
+                let kind = match e.attr.kind {
+                    Kind::Dir => FileType::Directory,
+                    Kind::File => FileType::RegularFile,
+                };
+                (e.attr.ino, kind, e.name.as_str())
+            }));
+        for (i, (eino, kind, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(eino), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.core.dir_entries(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let dir = |i: u64| Attr {
+            ino: i,
+            kind: Kind::Dir,
+            size: 0,
+            mtime: SystemTime::UNIX_EPOCH,
+            perm: 0o555,
+        };
+        let dots = [(".".to_string(), dir(ino.0)), ("..".to_string(), dir(ROOT))];
+        let all = dots
+            .iter()
+            .map(|(n, a)| (n.as_str(), a))
+            .chain(entries.iter().map(|e| (e.name.as_str(), &e.attr)));
+        for (i, (name, a)) in all.enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(a.ino),
+                i as u64 + 1,
+                name,
+                &TTL,
+                &self.attr(a),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.core.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.run(move |core, _, _| async move {
+            match core.statfs().await {
+                Ok(s) => {
+                    let bsize = 4096u64;
+                    let blocks = s.total / bsize;
+                    let avail = s.available / bsize;
+                    reply.statfs(
+                        blocks,
+                        avail,
+                        avail,
+                        s.files,
+                        u64::MAX / 2,
+                        bsize as u32,
+                        255,
+                        bsize as u32,
+                    )
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.core.access(ino.0, mask.contains(AccessFlags::W_OK)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// Applies invalidations to the kernel from a thread of its own: a notification can block
+/// while the kernel waits on a request the filesystem is answering.
+pub fn spawn_invalidator(notifier: fuser::Notifier) -> std::sync::mpsc::Sender<Invalidation> {
+    let (tx, rx) = std::sync::mpsc::channel::<Invalidation>();
+    let spawned = std::thread::Builder::new()
+        .name("sharefs-inval".into())
+        .spawn(move || {
+            for inv in rx {
+                // ENOENT means the kernel had nothing cached: fine.
+                let _ = match &inv {
+                    Invalidation::Entry { parent, name } => {
+                        notifier.inval_entry(INodeNo(*parent), OsStr::new(name))
+                    }
+                    Invalidation::Inode { ino } => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                    Invalidation::Attr { ino } => notifier.inval_inode(INodeNo(*ino), -1, 0),
+                };
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the invalidation thread");
+    }
+    tx
+}

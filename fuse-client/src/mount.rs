@@ -1,0 +1,255 @@
+//! `sharefs mount`: connect, mount, serve the kernel until unmounted.
+//!
+//! Foreground mode runs here until `umount`/`fusermount3 -u` or SIGINT/SIGTERM (which
+//! unmount cleanly). Background mode re-runs the binary in foreground mode as a detached
+//! child (new session, log file) and returns once the child reports the mount is up, or
+//! fails with the child's error, so `sharefs mount` behaves like `mount`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use fuser::{MountOption, SessionACL};
+use sharefs_protocol::Event;
+use tokio::sync::mpsc;
+
+use crate::connection::{Connection, ConnectionEvent};
+use crate::desktop;
+use crate::fs::{FsCore, Invalidation};
+use crate::fuse::{spawn_invalidator, FuseAdapter};
+use crate::remote::ConnectOptions;
+
+/// Environment variable that tells a background child to report readiness on stdout.
+const READY_ENV: &str = "SHAREFS_MOUNT_READY";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct MountArgs {
+    /// Where to mount (an existing empty directory).
+    pub mountpoint: PathBuf,
+    /// Stay in the foreground (for tests, systemd, and seeing the log).
+    #[arg(long)]
+    pub foreground: bool,
+    /// Let other local users use the mount (needs user_allow_other in /etc/fuse.conf).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Seconds an operation waits for an unreachable server before failing with EIO.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+    /// Where writes are staged before upload and failed uploads are kept.
+    #[arg(long, env = "SHAREFS_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Threads serving kernel requests.
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
+}
+
+fn default_cache_dir(opts: &ConnectOptions) -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let server: String = opts
+        .server
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    base.join("sharefs").join(format!("{}@{server}", opts.user))
+}
+
+pub fn run(opts: ConnectOptions, args: MountArgs) -> Result<()> {
+    let meta = std::fs::metadata(&args.mountpoint)
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    if !meta.is_dir() {
+        bail!("{}: not a directory", args.mountpoint.display());
+    }
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| default_cache_dir(&opts));
+    std::fs::create_dir_all(&cache_dir)
+        .with_context(|| format!("cache directory {}", cache_dir.display()))?;
+    if args.foreground {
+        foreground(opts, args, cache_dir)
+    } else {
+        background(opts, &args, &cache_dir)
+    }
+}
+
+fn background(opts: ConnectOptions, args: &MountArgs, cache_dir: &Path) -> Result<()> {
+    let log_path = cache_dir.join("mount.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| log_path.display().to_string())?;
+    let exe = std::env::current_exe().context("locating the sharefs binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--server")
+        .arg(&opts.server)
+        .arg("--user")
+        .arg(&opts.user)
+        .arg("mount")
+        .arg(&args.mountpoint)
+        .arg("--foreground")
+        .arg("--timeout")
+        .arg(args.timeout.to_string())
+        .arg("--threads")
+        .arg(args.threads.to_string())
+        .arg("--cache-dir")
+        .arg(cache_dir);
+    if args.allow_other {
+        cmd.arg("--allow-other");
+    }
+    cmd.env("SHAREFS_PASSWORD", &opts.password)
+        .env(READY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid in the child between fork and exec touches no shared state.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount process")?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no pipe to the mount process"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        eprintln!(
+            "mounted {} at {} (log: {})",
+            opts.server,
+            args.mountpoint.display(),
+            log_path.display()
+        );
+        return Ok(());
+    }
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("sharefs:"))
+        .map(|l| l.trim_start_matches("sharefs:").trim().to_string())
+        .unwrap_or_else(|| format!("mount failed; see {}", log_path.display()));
+    bail!("{last}")
+}
+
+fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sharefs-rt")
+        .build()
+        .context("starting the runtime")?;
+    let timeout = Duration::from_secs(args.timeout.max(1));
+    let (conn, events) = runtime
+        .block_on(Connection::start(opts.clone(), timeout))
+        .map_err(|e| anyhow!("{e}"))?;
+    let core = Arc::new(FsCore::new(conn.clone(), cache_dir).map_err(|e| anyhow!("{e}"))?);
+    let adapter = FuseAdapter::new(core.clone(), runtime.handle().clone());
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("sharefs:{}@{}", opts.user, opts.server)),
+        MountOption::Subtype("sharefs".into()),
+        MountOption::NoAtime,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if args.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(args.threads.max(1));
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(adapter, &args.mountpoint, &config)
+        .with_context(|| format!("cannot mount at {}", args.mountpoint.display()))?;
+    let invalidate = spawn_invalidator(session.notifier());
+    runtime.spawn(event_loop(conn, core, events, invalidate));
+
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = args.mountpoint.clone();
+    runtime.spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(mountpoint = %mountpoint.display(), "signal received; unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!(error = %e, "unmount failed");
+        }
+    });
+
+    tracing::info!(mountpoint = %args.mountpoint.display(), server = %opts.server, user = %opts.user, "mounted");
+    if std::env::var_os(READY_ENV).is_some() {
+        println!("ready");
+        // The parent stops reading after this line.
+    }
+    let result = session.run();
+    tracing::info!("unmounted");
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result.context("FUSE session failed")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Applies server events to the caches and the kernel; shows notifications.
+async fn event_loop(
+    conn: Connection,
+    core: Arc<FsCore<Connection>>,
+    mut events: mpsc::UnboundedReceiver<ConnectionEvent>,
+    invalidate: std::sync::mpsc::Sender<Invalidation>,
+) {
+    // Notifications wait on the desktop's daemon; they get their own task so file
+    // changes are never delayed behind them.
+    let (notes_tx, mut notes_rx) = mpsc::unbounded_channel();
+    let notes_conn = conn.clone();
+    tokio::spawn(async move {
+        let mut desktop = desktop::Notifier::default();
+        while let Some(n) = notes_rx.recv().await {
+            desktop.handle(&notes_conn, n).await;
+        }
+    });
+    while let Some(ev) = events.recv().await {
+        let invalidations = match ev {
+            ConnectionEvent::Server(Event::Notification { notification }) => {
+                let _ = notes_tx.send(notification);
+                continue;
+            }
+            ConnectionEvent::Server(ev) => core.handle_event(&ev),
+            ConnectionEvent::Reconnected => core.reconnected(),
+            ConnectionEvent::Lost(_) => continue,
+        };
+        for inv in invalidations {
+            if invalidate.send(inv).is_err() {
+                return;
+            }
+        }
+    }
+}
