@@ -182,8 +182,20 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
 
     let mut unmounter = session.unmount_callable();
     let mountpoint = args.mountpoint.clone();
+    // Installed before we report ready, so an early Ctrl-C unmounts instead of killing.
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = runtime.enter();
+        (
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        )
+    };
     runtime.spawn(async move {
-        wait_for_signal().await;
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
         tracing::info!(mountpoint = %mountpoint.display(), "signal received; unmounting");
         if let Err(e) = unmounter.unmount() {
             tracing::error!(error = %e, "unmount failed");
@@ -199,24 +211,6 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
     tracing::info!("unmounted");
     runtime.shutdown_timeout(Duration::from_secs(2));
     result.context("FUSE session failed")
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// Applies server events to the caches and the kernel; shows notifications.

@@ -1,1 +1,172 @@
-//! Mount harness (see the mount tests).
+//! A real kernel FUSE mount of `sharefs mount --foreground`, unmounted and killed in
+//! `Drop` (also on panic).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::{bin, TestServer, PASSWORD, TIMEOUT};
+
+/// Whether this machine can mount FUSE filesystems. Without it, mount tests skip loudly,
+/// unless `SHAREFS_REQUIRE_FUSE` is set (CI), where they fail.
+pub fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists()
+        && Command::new("fusermount3")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("SHAREFS_REQUIRE_FUSE").is_none(),
+            "FUSE is required (SHAREFS_REQUIRE_FUSE) but /dev/fuse or fusermount3 is missing"
+        );
+        eprintln!("\n*** SKIPPED: /dev/fuse or fusermount3 missing: FUSE mount test not run ***\n");
+    }
+    ok
+}
+
+pub struct TestMount {
+    child: Option<Child>,
+    /// The mount point; `root()/alice` is alice's folder.
+    dir: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl TestMount {
+    /// Mounts `server` as `user`.
+    pub fn new(server: &TestServer, user: &str) -> TestMount {
+        Self::with(server, user, &[], &[])
+    }
+
+    pub fn with(server: &TestServer, user: &str, args: &[&str], env: &[(&str, &str)]) -> TestMount {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let log = cache.path().join("mount.log");
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin("sharefs"));
+        cmd.env("SHAREFS_SERVER", &server.addr)
+            .env("SHAREFS_USER", user)
+            .env("SHAREFS_PASSWORD", PASSWORD)
+            .env("SHAREFS_MOUNT_READY", "1")
+            .env("RUST_LOG", "info,sharefs_client=debug")
+            .env("NO_COLOR", "1")
+            .arg("mount")
+            .arg(dir.path())
+            .arg("--foreground")
+            .arg("--cache-dir")
+            .arg(cache.path().join("cache"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut mount = TestMount {
+            child: Some(child),
+            dir,
+            cache,
+            log,
+        };
+        match rx.recv_timeout(TIMEOUT) {
+            Ok(line) if line.trim() == "ready" => mount,
+            _ => {
+                mount.stop();
+                panic!("mount did not come up; log:\n{}", mount.log_text());
+            }
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Files kept because their upload failed.
+    pub fn failed_dir(&self) -> PathBuf {
+        self.cache.path().join("cache").join("failed")
+    }
+
+    /// Unmounts the way a user does and waits for the process to exit.
+    pub fn unmount(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("fusermount3")
+            .arg("-u")
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "fusermount3 -u failed");
+        let mut child = self.child.take().unwrap();
+        wait_bounded(&mut child)
+    }
+
+    /// Sends SIGINT (Ctrl-C) to the foreground mount and waits for it to exit.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        wait_bounded(&mut child)
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let target = self.dir.path().to_string_lossy().to_string();
+        mounts
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(target.as_str()))
+    }
+
+    fn stop(&mut self) {
+        if self.is_mounted() {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(self.dir.path())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_bounded(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mount process did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- mount log ---\n{}", self.log_text());
+        }
+        self.stop();
+    }
+}

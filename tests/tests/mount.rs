@@ -1,0 +1,559 @@
+//! Real kernel FUSE mounts of a real server: what a user does with `~/Share`.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sharefs_tests::mount::{fuse_available, TestMount};
+use sharefs_tests::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The file as the server has it, read with the client library (not through a mount).
+fn server_content(server: &TestServer, owner: &str, name: &str) -> Option<Vec<u8>> {
+    rt().block_on(async {
+        let (c, _) = server.connect("carol").await;
+        download(&c, owner, name).await.ok()
+    })
+}
+
+fn assert_errno<T: std::fmt::Debug>(r: std::io::Result<T>, errno: i32, what: &str) {
+    match r {
+        Ok(v) => panic!("{what}: succeeded ({v:?}), expected errno {errno}"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(errno), "{what}: {e}"),
+    }
+}
+
+/// Waits (bounded by `limit`) until `cond` holds; panics naming `what` otherwise.
+fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn own_folder_supports_the_usual_write_patterns() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let alice = TestMount::new(&server, "alice");
+    let mut users: Vec<_> = fs::read_dir(alice.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    users.sort();
+    assert_eq!(users, ["alice", "bob", "carol"]);
+
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("report.txt");
+    let data = content(1, 300_000);
+    fs::write(&src, &data).unwrap();
+
+    // Upload with cp: after close, durable on the server.
+    run_ok(Command::new("cp").arg(&src).arg(alice.path("alice/")));
+    assert_eq!(
+        server_content(&server, "alice", "report.txt").unwrap(),
+        data
+    );
+    let meta = fs::metadata(alice.path("alice/report.txt")).unwrap();
+    assert_eq!(meta.len(), data.len() as u64);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+    let listing = run_ok(Command::new("ls").arg("-l").arg(alice.path("alice")));
+    assert!(
+        listing.contains("report.txt") && listing.contains(&data.len().to_string()),
+        "{listing}"
+    );
+
+    // Overwrite.
+    fs::write(alice.path("alice/report.txt"), b"short now").unwrap();
+    assert_eq!(
+        server_content(&server, "alice", "report.txt").unwrap(),
+        b"short now"
+    );
+    assert_eq!(
+        fs::read(alice.path("alice/report.txt")).unwrap(),
+        b"short now"
+    );
+
+    // Append.
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(alice.path("alice/report.txt"))
+        .unwrap();
+    f.write_all(b", and more").unwrap();
+    drop(f);
+    assert_eq!(
+        server_content(&server, "alice", "report.txt").unwrap(),
+        b"short now, and more"
+    );
+
+    // Truncate, through a descriptor and through the path.
+    let f = OpenOptions::new()
+        .write(true)
+        .open(alice.path("alice/report.txt"))
+        .unwrap();
+    f.set_len(5).unwrap();
+    drop(f);
+    assert_eq!(
+        server_content(&server, "alice", "report.txt").unwrap(),
+        b"short"
+    );
+    run_ok(
+        Command::new("truncate")
+            .args(["-s", "2"])
+            .arg(alice.path("alice/report.txt")),
+    );
+    assert_eq!(
+        server_content(&server, "alice", "report.txt").unwrap(),
+        b"sh"
+    );
+
+    // Random writes, compared with the same writes on a local file.
+    let reference = local.path().join("ref.bin");
+    let base = content(2, 3 << 20);
+    fs::write(&reference, &base).unwrap();
+    fs::write(alice.path("alice/random.bin"), &base).unwrap();
+    let mut remote = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(alice.path("alice/random.bin"))
+        .unwrap();
+    let local_f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&reference)
+        .unwrap();
+    for (i, off) in [5u64, 1 << 20, 3_000_000, (3 << 20) - 3, (3 << 20) + 100]
+        .iter()
+        .enumerate()
+    {
+        let chunk = content(10 + i as u64, 7000);
+        remote.write_all_at(&chunk, *off).unwrap();
+        local_f.write_all_at(&chunk, *off).unwrap();
+    }
+    // Read back through the same descriptor before close.
+    let mut head = vec![0u8; 100];
+    remote.seek(SeekFrom::Start(0)).unwrap();
+    remote.read_exact(&mut head).unwrap();
+    assert_eq!(&head[..], &fs::read(&reference).unwrap()[..100]);
+    remote.sync_all().unwrap();
+    drop(remote);
+    let want = fs::read(&reference).unwrap();
+    assert_eq!(
+        sha256(&server_content(&server, "alice", "random.bin").unwrap()),
+        sha256(&want)
+    );
+    assert_eq!(
+        sha256(&fs::read(alice.path("alice/random.bin")).unwrap()),
+        sha256(&want)
+    );
+
+    // Rename within the folder, replacing a target.
+    fs::write(alice.path("alice/target.txt"), b"old target").unwrap();
+    run_ok(
+        Command::new("mv")
+            .arg(alice.path("alice/report.txt"))
+            .arg(alice.path("alice/target.txt")),
+    );
+    assert_eq!(fs::read(alice.path("alice/target.txt")).unwrap(), b"sh");
+    assert_errno(
+        fs::metadata(alice.path("alice/report.txt")),
+        libc::ENOENT,
+        "renamed-away name",
+    );
+    assert!(server_content(&server, "alice", "report.txt").is_none());
+    assert_eq!(
+        server_content(&server, "alice", "target.txt").unwrap(),
+        b"sh"
+    );
+
+    // Empty file (touch) and unlink.
+    run_ok(Command::new("touch").arg(alice.path("alice/empty")));
+    assert_eq!(server_content(&server, "alice", "empty").unwrap(), b"");
+    run_ok(Command::new("rm").arg(alice.path("alice/empty")));
+    assert!(server_content(&server, "alice", "empty").is_none());
+    assert_errno(
+        fs::metadata(alice.path("alice/empty")),
+        libc::ENOENT,
+        "deleted file",
+    );
+    assert_errno(
+        fs::read(alice.path("alice/never-existed")),
+        libc::ENOENT,
+        "missing file",
+    );
+    assert_errno(
+        fs::read_dir(alice.path("nobody")),
+        libc::ENOENT,
+        "missing user",
+    );
+
+    // Things sharefs does not offer in one's own folder.
+    assert_errno(
+        fs::create_dir(alice.path("alice/sub")),
+        libc::EPERM,
+        "mkdir in own folder",
+    );
+    assert_errno(
+        std::os::unix::fs::symlink("x", alice.path("alice/link")),
+        libc::EPERM,
+        "symlink in own folder",
+    );
+    // A name the server refuses is refused locally too.
+    assert_errno(
+        fs::write(alice.path(&format!("alice/{}", "x".repeat(256))), b"x"),
+        libc::ENAMETOOLONG,
+        "long name",
+    );
+}
+
+use std::os::unix::fs::PermissionsExt;
+
+#[test]
+fn other_users_folders_are_read_only() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let alice = TestMount::new(&server, "alice");
+    fs::write(alice.path("alice/mine.txt"), b"alice's").unwrap();
+    let bob = TestMount::new(&server, "bob");
+
+    let p = bob.path("alice/mine.txt");
+    assert_eq!(fs::read(&p).unwrap(), b"alice's");
+    assert_eq!(
+        fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
+    assert_eq!(
+        fs::metadata(bob.path("alice"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o555
+    );
+    let eacces = libc::EACCES;
+    assert_errno(
+        fs::write(bob.path("alice/new.txt"), b"x"),
+        eacces,
+        "create in alice/",
+    );
+    assert_errno(
+        OpenOptions::new().write(true).open(&p),
+        eacces,
+        "open for write",
+    );
+    assert_errno(
+        OpenOptions::new().append(true).open(&p),
+        eacces,
+        "open for append",
+    );
+    assert_errno(fs::remove_file(&p), eacces, "unlink");
+    assert_errno(
+        fs::rename(&p, bob.path("alice/other.txt")),
+        eacces,
+        "rename in alice/",
+    );
+    assert_errno(
+        fs::rename(&p, bob.path("bob/stolen.txt")),
+        eacces,
+        "rename out of alice/",
+    );
+    assert_errno(
+        fs::create_dir(bob.path("alice/dir")),
+        eacces,
+        "mkdir in alice/",
+    );
+    assert_errno(fs::create_dir(bob.path("newuser")), eacces, "mkdir at root");
+    assert_errno(
+        fs::write(bob.path("file-at-root"), b"x"),
+        eacces,
+        "create at root",
+    );
+    assert_errno(fs::remove_dir(bob.path("alice")), eacces, "rmdir a user");
+    let out = Command::new("truncate")
+        .args(["-s", "0"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = Command::new("touch").arg(&p).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "touch on another user's file succeeded"
+    );
+    let out = Command::new("rm").arg("-f").arg(&p).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    // Bob's own writes are not affected, nor is alice's file.
+    fs::write(bob.path("bob/ok.txt"), b"bob's").unwrap();
+    assert_eq!(
+        server_content(&server, "alice", "mine.txt").unwrap(),
+        b"alice's"
+    );
+    let names: Vec<_> = fs::read_dir(alice.path("alice"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["mine.txt"]);
+}
+
+#[test]
+fn changes_appear_in_other_mounts_without_remount() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let alice = TestMount::new(&server, "alice");
+    let bob = TestMount::new(&server, "bob");
+    let in_bob = bob.path("alice/live.txt");
+    // Bob looks first, so his kernel has cached the listing and the negative lookup.
+    assert!(fs::read_dir(bob.path("alice")).unwrap().next().is_none());
+    assert!(!in_bob.exists());
+
+    fs::write(alice.path("alice/live.txt"), b"version one").unwrap();
+    eventually(Duration::from_secs(1), "new file visible to bob", || {
+        in_bob.exists()
+    });
+    assert_eq!(fs::read(&in_bob).unwrap(), b"version one");
+    let listed: Vec<_> = fs::read_dir(bob.path("alice"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(listed, ["live.txt"]);
+
+    // Overwrite with the same length: only a version change can tell.
+    fs::write(alice.path("alice/live.txt"), b"version two").unwrap();
+    eventually(Duration::from_secs(1), "new content visible to bob", || {
+        fs::read(&in_bob).unwrap() == b"version two"
+    });
+    fs::write(alice.path("alice/live.txt"), b"v3, longer than before").unwrap();
+    eventually(Duration::from_secs(1), "new size visible to bob", || {
+        fs::metadata(&in_bob).unwrap().len() == 22
+    });
+    assert_eq!(fs::read(&in_bob).unwrap(), b"v3, longer than before");
+
+    fs::remove_file(alice.path("alice/live.txt")).unwrap();
+    eventually(Duration::from_secs(1), "deleted file gone for bob", || {
+        !in_bob.exists()
+    });
+}
+
+#[test]
+fn large_file_round_trip_through_two_mounts() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let alice = TestMount::new(&server, "alice");
+    let bob = TestMount::new(&server, "bob");
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("big.bin");
+    run_ok(
+        Command::new("dd")
+            .arg("if=/dev/urandom")
+            .arg(format!("of={}", src.display()))
+            .args(["bs=1M", "count=1024", "status=none"]),
+    );
+    run_ok(
+        Command::new("cp")
+            .arg(&src)
+            .arg(alice.path("alice/big.bin")),
+    );
+    let out = local.path().join("out.bin");
+    run_ok(Command::new("cp").arg(bob.path("alice/big.bin")).arg(&out));
+    let sum = |p: &Path| {
+        run_ok(Command::new("sha256sum").arg(p))
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        sum(&src),
+        sum(&out),
+        "1 GiB file differs after upload and download"
+    );
+    // A ranged read far into the file returns the right bytes.
+    let f = fs::File::open(bob.path("alice/big.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 777 << 20).unwrap();
+    let mut want = vec![0u8; 4096];
+    fs::File::open(&src)
+        .unwrap()
+        .read_exact_at(&mut want, 777 << 20)
+        .unwrap();
+    assert_eq!(buf, want);
+}
+
+#[test]
+fn upload_failures_are_reported_by_close_and_fsync() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let mut quota = Command::new(bin("sharefs-server"));
+    quota
+        .args(["user", "quota", "alice", "1M", "--data"])
+        .arg(&server.data);
+    run_ok(&mut quota);
+    let alice = TestMount::new(&server, "alice");
+    fs::write(alice.path("alice/keep.txt"), b"old content").unwrap();
+
+    // fsync reports it.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(alice.path("alice/keep.txt"))
+        .unwrap();
+    f.write_all(&content(3, 2 << 20)).unwrap();
+    assert_errno(f.sync_all(), libc::EDQUOT, "fsync over quota");
+    // close reports it too.
+    use std::os::fd::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // SAFETY: closing the descriptor we own.
+    let rc = unsafe { libc::close(fd) };
+    assert_eq!(rc, -1, "close over quota succeeded");
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EDQUOT)
+    );
+    // The server kept the old version; the staged data was kept locally.
+    assert_eq!(
+        server_content(&server, "alice", "keep.txt").unwrap(),
+        b"old content"
+    );
+    eventually(TIMEOUT, "failed upload kept locally", || {
+        fs::read_dir(alice.failed_dir())
+            .map(|d| d.count() == 1)
+            .unwrap_or(false)
+    });
+    let kept = fs::read_dir(alice.failed_dir())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(fs::metadata(&kept).unwrap().len(), 2 << 20);
+    assert!(
+        alice.log_text().contains(&kept.display().to_string()),
+        "kept path not logged"
+    );
+
+    // cp fails with a clear message.
+    let local = tempfile::tempdir().unwrap();
+    let big = local.path().join("big");
+    fs::write(&big, content(4, 3 << 20)).unwrap();
+    let out = Command::new("cp")
+        .arg(&big)
+        .arg(alice.path("alice/"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("quota"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // df shows the quota.
+    let st = nix_statvfs(alice.root());
+    assert_eq!(st.0 * st.1, 1 << 20, "df total is not the quota");
+}
+
+/// (f_blocks, f_frsize) of a path.
+fn nix_statvfs(p: &Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    (st.f_blocks as u64, st.f_frsize as u64)
+}
+
+#[test]
+fn mount_survives_a_server_restart_and_fails_fast_when_it_is_gone() {
+    if !fuse_available() {
+        return;
+    }
+    let mut server = TestServer::start();
+    let alice = TestMount::with(&server, "alice", &["--timeout", "3"], &[]);
+    fs::write(alice.path("alice/before.txt"), b"before").unwrap();
+    let mut reader = fs::File::open(alice.path("alice/before.txt")).unwrap();
+
+    server.restart();
+    // Reads and writes work again (the mount reconnects and re-opens at the same version).
+    let mut s = String::new();
+    reader.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "before");
+    fs::write(alice.path("alice/after.txt"), b"after").unwrap();
+    assert_eq!(
+        server_content(&server, "alice", "after.txt").unwrap(),
+        b"after"
+    );
+    assert_eq!(fs::read(alice.path("alice/before.txt")).unwrap(), b"before");
+
+    // Server gone: stat of something not cached fails with EIO within the bound.
+    server.kill9();
+    let started = Instant::now();
+    let r = fs::metadata(alice.path("alice/not-cached-anywhere"));
+    let took = started.elapsed();
+    assert_errno(r, libc::EIO, "stat with the server down");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let started = Instant::now();
+    assert_errno(
+        fs::write(alice.path("alice/while-down.txt"), b"x"),
+        libc::EIO,
+        "write with the server down",
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    server.restart();
+    fs::write(alice.path("alice/back.txt"), b"back").unwrap();
+    assert_eq!(
+        server_content(&server, "alice", "back.txt").unwrap(),
+        b"back"
+    );
+}
+
+#[test]
+fn unmount_and_ctrl_c_leave_no_mount_behind() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let mut a = TestMount::new(&server, "alice");
+    assert!(a.is_mounted());
+    let status = a.interrupt();
+    assert!(status.success(), "exit status after SIGINT: {status}");
+    assert!(!a.is_mounted(), "still mounted after SIGINT");
+
+    let mut b = TestMount::new(&server, "alice");
+    let status = b.unmount();
+    assert!(
+        status.success(),
+        "exit status after fusermount3 -u: {status}"
+    );
+    assert!(!b.is_mounted());
+}
