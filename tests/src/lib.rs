@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use sharefs_client::{ConnectOptions, EventStream, RemoteClient};
 
+pub mod desktop;
 pub mod mount;
 
 /// Bound on every wait in the tests: a bug fails the test instead of hanging CI.

@@ -1,0 +1,134 @@
+//! A private D-Bus session bus (a real `dbus-daemon`) and a test notification service on
+//! it: a real `org.freedesktop.Notifications` implementation that records what it is asked
+//! to show.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use zbus::OwnedVariant;
+
+use crate::TIMEOUT;
+
+/// A `dbus-daemon` with its own session bus, killed in `Drop`.
+pub struct TestBus {
+    child: Child,
+    pub address: String,
+}
+
+impl TestBus {
+    pub fn start() -> TestBus {
+        let mut child = Command::new("dbus-daemon")
+            .args([
+                "--config-file=/usr/share/dbus-1/session.conf",
+                "--nofork",
+                "--print-address=1",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (Debian package dbus) is needed for notification tests");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let address = rx
+            .recv_timeout(TIMEOUT)
+            .expect("dbus-daemon printed no address");
+        TestBus {
+            child,
+            address: address.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `Notify` call as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shown {
+    pub app_name: String,
+    pub summary: String,
+    pub body: String,
+}
+
+struct Recorder {
+    shown: Arc<Mutex<Vec<Shown>>>,
+    next_id: u32,
+}
+
+#[zbus::interface(name = "org.freedesktop.Notifications")]
+impl Recorder {
+    #[allow(clippy::too_many_arguments)]
+    fn notify(
+        &mut self,
+        app_name: String,
+        _replaces_id: u32,
+        _app_icon: String,
+        summary: String,
+        body: String,
+        _actions: Vec<String>,
+        _hints: HashMap<String, OwnedVariant>,
+        _expire_timeout: i32,
+    ) -> u32 {
+        self.shown.lock().unwrap().push(Shown {
+            app_name,
+            summary,
+            body,
+        });
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn get_capabilities(&self) -> Vec<String> {
+        vec!["body".into()]
+    }
+
+    fn get_server_information(&self) -> (String, String, String, String) {
+        (
+            "sharefs-test".into(),
+            "sharefs".into(),
+            "1".into(),
+            "1.2".into(),
+        )
+    }
+
+    fn close_notification(&self, _id: u32) {}
+}
+
+/// A notification daemon on `bus`, recording every notification shown.
+pub struct NotificationServer {
+    _conn: zbus::Connection,
+    shown: Arc<Mutex<Vec<Shown>>>,
+}
+
+impl NotificationServer {
+    pub async fn start(bus: &TestBus) -> NotificationServer {
+        let shown = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder {
+            shown: shown.clone(),
+            next_id: 0,
+        };
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .name("org.freedesktop.Notifications")
+            .serve_at("/org/freedesktop/Notifications", recorder)
+            .build()
+            .await
+            .expect("cannot serve org.freedesktop.Notifications on the test bus");
+        NotificationServer { _conn: conn, shown }
+    }
+
+    pub fn shown(&self) -> Vec<Shown> {
+        self.shown.lock().unwrap().clone()
+    }
+}
