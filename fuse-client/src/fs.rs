@@ -726,16 +726,20 @@ impl<R: Remote> FsCore<R> {
             .file_inos
             .get(&(owner.clone(), name.to_string()))
             .copied();
-        let staged_only = ino.and_then(|i| self.state().staged.remove(&i));
+        let staged = ino.and_then(|i| self.state().staged.get(&i).cloned());
         match self.remote.delete(name).await {
             Ok(()) => {}
+            // Created here and not uploaded yet: only the local copy exists.
             Err(e)
-                if staged_only.is_some()
-                    && e.code() == Some(sharefs_protocol::ErrorCode::NotFound) => {}
+                if staged.is_some() && e.code() == Some(sharefs_protocol::ErrorCode::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
-        if let Some(staged) = staged_only {
+        if let (Some(ino), Some(staged)) = (ino, staged) {
             staged.unlink();
+            let mut st = self.state();
+            if st.staged.get(&ino).is_some_and(|s| Arc::ptr_eq(s, &staged)) {
+                st.staged.remove(&ino);
+            }
         }
         self.forget_file(&owner, name);
         if let Some(ino) = ino {

@@ -542,3 +542,38 @@ pub fn spawn_invalidator(notifier: fuser::Notifier) -> std::sync::mpsc::Sender<I
     }
     tx
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_the_expected_errnos() {
+        let cases = [
+            (FsError::NotFound, libc::ENOENT),
+            (FsError::PermissionDenied, libc::EACCES),
+            (FsError::NotPermitted, libc::EPERM),
+            (FsError::QuotaExceeded, libc::EDQUOT),
+            (FsError::NoSpace, libc::ENOSPC),
+            (FsError::Io("x".into()), libc::EIO),
+            (FsError::Stale, libc::EIO),
+            (FsError::NameTooLong, libc::ENAMETOOLONG),
+        ];
+        for (e, want) in cases {
+            assert_eq!(i32::from(errno(&e)), want, "{e:?}");
+        }
+        let remote = |code| {
+            FsError::from(crate::ClientError::Remote(
+                sharefs_protocol::ErrorBody::new(code, "m"),
+            ))
+        };
+        use sharefs_protocol::ErrorCode as C;
+        assert_eq!(i32::from(errno(&remote(C::QuotaExceeded))), libc::EDQUOT);
+        assert_eq!(i32::from(errno(&remote(C::NoSpace))), libc::ENOSPC);
+        assert_eq!(i32::from(errno(&remote(C::PermissionDenied))), libc::EACCES);
+        assert_eq!(i32::from(errno(&remote(C::NotFound))), libc::ENOENT);
+        assert_eq!(i32::from(errno(&remote(C::Internal))), libc::EIO);
+        let timeout = FsError::from(crate::ClientError::Timeout(Duration::from_secs(1)));
+        assert_eq!(i32::from(errno(&timeout)), libc::EIO);
+    }
+}

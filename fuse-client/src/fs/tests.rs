@@ -1,1 +1,450 @@
+//! The core against an in-memory fake server: error mapping, permissions, caching
+//! decisions, and a property test of random operation sequences against a model.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use sharefs_protocol::{ErrorBody, ErrorCode, FileInfo, Space};
+
+use super::*;
+use crate::connection::RemoteHandle;
+use crate::error::ClientError;
+
+/// (owner, name) -> (content, version)
+type Files = BTreeMap<(String, String), (Vec<u8>, u64)>;
+
+#[derive(Default)]
+struct Fake {
+    user: String,
+    users: Vec<String>,
+    files: Mutex<Files>,
+    handles: Mutex<HashMap<u64, (Vec<u8>, FileInfo)>>,
+    next: AtomicU64,
+    opens: Mutex<Vec<(String, String)>>,
+    fail_uploads: Mutex<Option<ErrorCode>>,
+}
+
+fn remote_err(code: ErrorCode) -> ClientError {
+    ClientError::Remote(ErrorBody::new(code, format!("{code:?}")))
+}
+
+impl Fake {
+    fn new(user: &str) -> Fake {
+        Fake {
+            user: user.into(),
+            users: vec!["alice".into(), "bob".into()],
+            next: AtomicU64::new(1),
+            ..Fake::default()
+        }
+    }
+
+    fn info(owner: &str, name: &str, data: &[u8], version: u64) -> FileInfo {
+        FileInfo {
+            owner: owner.into(),
+            name: name.into(),
+            size: data.len() as u64,
+            mtime_ns: 0,
+            version,
+        }
+    }
+
+    fn put(&self, owner: &str, name: &str, data: &[u8]) -> FileInfo {
+        let v = self.next.fetch_add(1, Ordering::Relaxed);
+        self.files
+            .lock()
+            .unwrap()
+            .insert((owner.into(), name.into()), (data.to_vec(), v));
+        Self::info(owner, name, data, v)
+    }
+
+    fn content(&self, owner: &str, name: &str) -> Option<Vec<u8>> {
+        self.files
+            .lock()
+            .unwrap()
+            .get(&(owner.to_string(), name.to_string()))
+            .map(|(d, _)| d.clone())
+    }
+}
+
+impl Remote for Fake {
+    fn user(&self) -> &str {
+        &self.user
+    }
+    async fn list_users(&self) -> Result<Vec<String>, ClientError> {
+        Ok(self.users.clone())
+    }
+    async fn list_files(&self, owner: &str) -> Result<Vec<FileInfo>, ClientError> {
+        Ok(self
+            .files
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((o, _), _)| o == owner)
+            .map(|((o, n), (d, v))| Fake::info(o, n, d, *v))
+            .collect())
+    }
+    async fn stat(&self, owner: &str, name: &str) -> Result<FileInfo, ClientError> {
+        let files = self.files.lock().unwrap();
+        let (d, v) = files
+            .get(&(owner.to_string(), name.to_string()))
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        Ok(Fake::info(owner, name, d, *v))
+    }
+    async fn open(&self, owner: &str, name: &str) -> Result<(RemoteHandle, FileInfo), ClientError> {
+        self.opens.lock().unwrap().push((owner.into(), name.into()));
+        let (d, v) = self
+            .files
+            .lock()
+            .unwrap()
+            .get(&(owner.to_string(), name.to_string()))
+            .cloned()
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let info = Fake::info(owner, name, &d, v);
+        self.handles.lock().unwrap().insert(id, (d, info.clone()));
+        Ok((RemoteHandle { id, generation: 1 }, info))
+    }
+    async fn read(&self, h: RemoteHandle, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+        let handles = self.handles.lock().unwrap();
+        let (d, _) = handles
+            .get(&h.id)
+            .ok_or_else(|| remote_err(ErrorCode::ProtocolError))?;
+        let start = (offset as usize).min(d.len());
+        let end = (start + len as usize).min(d.len());
+        Ok(Bytes::copy_from_slice(&d[start..end]))
+    }
+    async fn close(&self, h: RemoteHandle) {
+        self.handles.lock().unwrap().remove(&h.id);
+    }
+    async fn upload_file(&self, name: &str, path: &Path) -> Result<FileInfo, ClientError> {
+        if let Some(code) = *self.fail_uploads.lock().unwrap() {
+            return Err(remote_err(code));
+        }
+        let data = std::fs::read(path).map_err(ClientError::from)?;
+        Ok(self.put(&self.user.clone(), name, &data))
+    }
+    async fn delete(&self, name: &str) -> Result<(), ClientError> {
+        self.files
+            .lock()
+            .unwrap()
+            .remove(&(self.user.clone(), name.to_string()))
+            .map(|_| ())
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))
+    }
+    async fn rename(&self, from: &str, to: &str) -> Result<FileInfo, ClientError> {
+        let mut files = self.files.lock().unwrap();
+        let (d, _) = files
+            .remove(&(self.user.clone(), from.to_string()))
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        let v = self.next.fetch_add(1, Ordering::Relaxed);
+        let info = Fake::info(&self.user, to, &d, v);
+        files.insert((self.user.clone(), to.to_string()), (d, v));
+        Ok(info)
+    }
+    async fn statfs(&self) -> Result<Space, ClientError> {
+        Ok(Space {
+            total: 100,
+            available: 50,
+            used: 50,
+            files: 1,
+        })
+    }
+}
+
+struct Env {
+    core: FsCore<Fake>,
+    _cache: tempfile::TempDir,
+}
+
+fn env(user: &str) -> Env {
+    let cache = tempfile::tempdir().unwrap();
+    let core = FsCore::new(Fake::new(user), cache.path().to_path_buf()).unwrap();
+    Env {
+        core,
+        _cache: cache,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn folder(core: &FsCore<Fake>, owner: &str) -> u64 {
+    core.lookup(ROOT, owner).await.unwrap().ino
+}
+
+async fn read_all(core: &FsCore<Fake>, ino: u64) -> Vec<u8> {
+    let o = core.open(ino, OpenMode::default()).await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        let d = core.read(o.fh, out.len() as u64, 128 * 1024).await.unwrap();
+        if d.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&d);
+    }
+    core.release(o.fh).await.unwrap();
+    out
+}
+
+#[test]
+fn others_folders_and_root_refuse_writes() {
+    rt().block_on(async {
+        let e = env("bob");
+        e.core.remote.put("alice", "f", b"data");
+        let alice = folder(&e.core, "alice").await;
+        let f = e.core.lookup(alice, "f").await.unwrap();
+        assert_eq!(f.perm, 0o444);
+        let w = OpenMode {
+            write: true,
+            truncate: false,
+        };
+        assert!(matches!(
+            e.core.open(f.ino, w).await,
+            Err(FsError::PermissionDenied)
+        ));
+        assert!(matches!(
+            e.core.create(alice, "g").await,
+            Err(FsError::PermissionDenied)
+        ));
+        assert!(matches!(
+            e.core.create(ROOT, "g").await,
+            Err(FsError::PermissionDenied)
+        ));
+        assert!(matches!(
+            e.core.unlink(alice, "f").await,
+            Err(FsError::PermissionDenied)
+        ));
+        let bob = folder(&e.core, "bob").await;
+        assert!(matches!(
+            e.core.rename(alice, "f", bob, "f").await,
+            Err(FsError::PermissionDenied)
+        ));
+        assert!(matches!(
+            e.core.setattr(f.ino, Some(0), None).await,
+            Err(FsError::PermissionDenied)
+        ));
+        assert!(matches!(
+            e.core.refuse_create_other(alice),
+            FsError::PermissionDenied
+        ));
+        assert!(matches!(
+            e.core.refuse_create_other(bob),
+            FsError::NotPermitted
+        ));
+        assert!(e.core.access(f.ino, true).is_err() && e.core.access(f.ino, false).is_ok());
+        assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"data");
+    });
+}
+
+#[test]
+fn upload_errors_reach_flush_with_their_kind() {
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        for (code, check) in [
+            (
+                ErrorCode::QuotaExceeded,
+                (|e: &FsError| matches!(e, FsError::QuotaExceeded)) as fn(&FsError) -> bool,
+            ),
+            (ErrorCode::NoSpace, |e| matches!(e, FsError::NoSpace)),
+            (ErrorCode::Internal, |e| matches!(e, FsError::Io(_))),
+        ] {
+            *e.core.remote.fail_uploads.lock().unwrap() = Some(code);
+            let (_, fh) = e.core.create(dir, "f").await.unwrap();
+            e.core.write(fh, 0, b"hello").unwrap();
+            let err = e.core.flush(fh).await.unwrap_err();
+            assert!(check(&err), "{code:?} became {err:?}");
+            assert!(e.core.release(fh).await.is_err());
+        }
+        // Every failed upload kept its data.
+        let kept = std::fs::read_dir(e._cache.path().join("failed"))
+            .unwrap()
+            .count();
+        assert_eq!(kept, 3);
+        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        let (_, fh) = e.core.create(dir, "f").await.unwrap();
+        e.core.write(fh, 0, b"hello").unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
+    });
+}
+
+#[test]
+fn every_open_reaches_the_server_and_cache_is_kept_per_version() {
+    rt().block_on(async {
+        let e = env("bob");
+        e.core.remote.put("alice", "f", b"one");
+        let alice = folder(&e.core, "alice").await;
+        let f = e.core.lookup(alice, "f").await.unwrap();
+        let o1 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(!o1.keep_cache);
+        e.core.release(o1.fh).await.unwrap();
+        let o2 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(o2.keep_cache, "same version: pages may stay");
+        e.core.release(o2.fh).await.unwrap();
+        let info = e.core.remote.put("alice", "f", b"two");
+        let inv = e.core.handle_event(&Event::FileChanged {
+            owner: "alice".into(),
+            name: "f".into(),
+            file: Some(info),
+        });
+        assert!(inv.contains(&Invalidation::Inode { ino: f.ino }), "{inv:?}");
+        assert!(inv.contains(&Invalidation::Entry {
+            parent: alice,
+            name: "f".into()
+        }));
+        let o3 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(!o3.keep_cache, "new version: pages must go");
+        assert_eq!(e.core.read(o3.fh, 0, 10).await.unwrap(), &b"two"[..]);
+        e.core.release(o3.fh).await.unwrap();
+        assert_eq!(e.core.remote.opens.lock().unwrap().len(), 3);
+    });
+}
+
+#[test]
+fn reads_prefetch_sequentially_and_fetch_only_what_random_reads_ask() {
+    rt().block_on(async {
+        let e = env("bob");
+        let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+        e.core.remote.put("alice", "big", &data);
+        let alice = folder(&e.core, "alice").await;
+        let f = e.core.lookup(alice, "big").await.unwrap();
+        assert_eq!(read_all(&e.core, f.ino).await, data);
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        for off in [4_999_990u64, 17, 3_000_000, 1 << 20] {
+            let d = e.core.read(o.fh, off, 4096).await.unwrap();
+            let end = (off as usize + 4096).min(data.len());
+            assert_eq!(&d[..], &data[off as usize..end]);
+        }
+        e.core.release(o.fh).await.unwrap();
+    });
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create(usize, Vec<u8>),
+    Append(usize, Vec<u8>),
+    WriteAt(usize, u16, Vec<u8>),
+    Truncate(usize, u16),
+    Rename(usize, usize),
+    Unlink(usize),
+}
+
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+fn op() -> impl Strategy<Value = Op> {
+    let data = || prop::collection::vec(any::<u8>(), 0..300);
+    let n = || 0..NAMES.len();
+    prop_oneof![
+        (n(), data()).prop_map(|(i, d)| Op::Create(i, d)),
+        (n(), data()).prop_map(|(i, d)| Op::Append(i, d)),
+        (n(), 0u16..600, data()).prop_map(|(i, o, d)| Op::WriteAt(i, o, d)),
+        (n(), 0u16..600).prop_map(|(i, l)| Op::Truncate(i, l)),
+        (n(), n()).prop_map(|(a, b)| Op::Rename(a, b)),
+        n().prop_map(Op::Unlink),
+    ]
+}
+
+/// Applies `op` to the core the way the kernel would for the matching syscalls, and to
+/// the model; errors must match too (ENOENT for missing files).
+async fn apply(core: &FsCore<Fake>, dir: u64, model: &mut BTreeMap<String, Vec<u8>>, op: &Op) {
+    let write_mode = OpenMode {
+        write: true,
+        truncate: false,
+    };
+    match op {
+        Op::Create(i, d) => {
+            let (_, fh) = core.create(dir, NAMES[*i]).await.unwrap();
+            core.write(fh, 0, d).unwrap();
+            core.flush(fh).await.unwrap();
+            core.release(fh).await.unwrap();
+            model.insert(NAMES[*i].into(), d.clone());
+        }
+        Op::Append(i, d) | Op::WriteAt(i, _, d) => {
+            let found = core.lookup(dir, NAMES[*i]).await;
+            let Some(m) = model.get_mut(NAMES[*i]) else {
+                assert!(matches!(found, Err(FsError::NotFound)), "{found:?}");
+                return;
+            };
+            let attr = found.unwrap();
+            let off = match op {
+                Op::WriteAt(_, o, _) => *o as usize,
+                _ => m.len(),
+            };
+            let o = core.open(attr.ino, write_mode).await.unwrap();
+            core.write(o.fh, off as u64, d).unwrap();
+            core.flush(o.fh).await.unwrap();
+            core.release(o.fh).await.unwrap();
+            if m.len() < off + d.len() {
+                m.resize(off + d.len(), 0);
+            }
+            m[off..off + d.len()].copy_from_slice(d);
+        }
+        Op::Truncate(i, len) => {
+            let found = core.lookup(dir, NAMES[*i]).await;
+            let Some(m) = model.get_mut(NAMES[*i]) else {
+                assert!(matches!(found, Err(FsError::NotFound)));
+                return;
+            };
+            core.setattr(found.unwrap().ino, Some(*len as u64), None)
+                .await
+                .unwrap();
+            m.resize(*len as usize, 0);
+        }
+        Op::Rename(a, b) => {
+            let r = core.rename(dir, NAMES[*a], dir, NAMES[*b]).await;
+            match model.remove(NAMES[*a]) {
+                Some(d) => {
+                    r.unwrap();
+                    model.insert(NAMES[*b].into(), d);
+                }
+                None => assert!(matches!(r, Err(FsError::NotFound)), "{r:?}"),
+            }
+        }
+        Op::Unlink(i) => {
+            let r = core.unlink(dir, NAMES[*i]).await;
+            match model.remove(NAMES[*i]) {
+                Some(_) => r.unwrap(),
+                None => assert!(matches!(r, Err(FsError::NotFound)), "{r:?}"),
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// After every operation the mount's listing and content, and the server's content,
+    /// equal a plain in-memory model of the folder.
+    #[test]
+    fn random_operation_sequences_match_a_model(ops in prop::collection::vec(op(), 1..25)) {
+        rt().block_on(async {
+            let e = env("alice");
+            let dir = folder(&e.core, "alice").await;
+            let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            for op in &ops {
+                apply(&e.core, dir, &mut model, op).await;
+                let listed: BTreeMap<String, u64> = e.core.list(dir).await.unwrap()
+                    .into_iter().map(|d| (d.name, d.attr.size)).collect();
+                let want: BTreeMap<String, u64> = model.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
+                assert_eq!(listed, want, "after {op:?}");
+                for (name, data) in &model {
+                    assert_eq!(&e.core.remote.content("alice", name).unwrap(), data, "server, {name} after {op:?}");
+                    let ino = e.core.lookup(dir, name).await.unwrap().ino;
+                    assert_eq!(&read_all(&e.core, ino).await, data, "mount, {name} after {op:?}");
+                }
+            }
+            // Nothing staged is left behind.
+            assert_eq!(std::fs::read_dir(e._cache.path().join("staging")).unwrap().count(), 0);
+        });
+    }
+}

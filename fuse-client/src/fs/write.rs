@@ -161,14 +161,7 @@ impl StagedWrite {
     pub fn finish(&self, failed_dir: &Path) {
         if self.dirty() {
             let name = self.name();
-            let keep = failed_dir.join(format!(
-                "{}-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-                name
-            ));
+            let keep = unique_path(failed_dir, &name);
             let kept = std::fs::create_dir_all(failed_dir)
                 .and_then(|()| std::fs::rename(&self.path, &keep));
             match kept {
@@ -188,4 +181,24 @@ impl StagedWrite {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot remove staged file");
         }
     }
+}
+
+/// `dir/<time>-<n>-<name>` that does not exist yet, within the 255-byte name limit.
+fn unique_path(dir: &Path, name: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut short = name;
+    while short.len() > 200 {
+        let mut cut = 200;
+        while !short.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        short = &short[..cut];
+    }
+    (0u32..)
+        .map(|n| dir.join(format!("{secs}-{n}-{short}")))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| dir.join(short))
 }
