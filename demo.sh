@@ -10,7 +10,7 @@ if ! command -v fusermount3 >/dev/null 2>&1; then
     exit 1
 fi
 cargo build --release --bins
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 data=${SHAREFS_DATA:-./sharefs-data}
 mnt=${1:-./Share}
 addr=127.0.0.1:7070
