@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
-    ClientMessage, ErrorCode, Event, FileInfo, Frame, FrameCodec, Notification, Reply, Request,
-    ServerMessage, Space, DEFAULT_MAX_FRAME, MAGIC, VERSION,
+    ClientMessage, ErrorCode, Event, FileInfo, Frame, FrameCodec, FrameError, Notification, Reply,
+    Request, ServerMessage, Space, DEFAULT_MAX_FRAME, MAGIC, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -57,10 +57,11 @@ struct Inner {
 }
 
 impl Inner {
-    fn fail_all(&self, reason: &str) {
+    /// Fails every waiting call with `err` and marks the connection closed.
+    fn fail_all(&self, err: ClientError) {
         let waiters = self.waiters.lock().ok().and_then(|mut w| w.take());
         for (_, w) in waiters.into_iter().flatten() {
-            let _ = w.send(Err(ClientError::Disconnected(reason.to_string())));
+            let _ = w.send(Err(err.clone()));
         }
         let _ = self.closed_tx.send(true);
     }
@@ -213,15 +214,26 @@ impl RemoteClient {
         }
     }
 
+    /// All of a user's files, sorted by name (fetched page by page).
     pub async fn list_files(&self, owner: &str) -> Result<Vec<FileInfo>> {
-        match self
-            .call_empty(Request::ListFiles {
+        let mut all: Vec<FileInfo> = Vec::new();
+        loop {
+            let after = all.last().map(|f| f.name.clone());
+            let op = Request::ListFiles {
                 owner: owner.into(),
-            })
-            .await?
-        {
-            Reply::Files { files } => Ok(files),
-            other => Err(wrong_reply(other)),
+                after,
+                limit: None,
+            };
+            match self.call_empty(op).await? {
+                Reply::Files { files, more } => {
+                    let empty = files.is_empty();
+                    all.extend(files);
+                    if !more || empty {
+                        return Ok(all);
+                    }
+                }
+                other => return Err(wrong_reply(other)),
+            }
         }
     }
 
@@ -413,19 +425,18 @@ async fn write_loop<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     while let Some(frame) = rx.recv().await {
-        if let Err(e) = sink.feed(frame).await {
+        let sent = match sink.feed(frame).await {
+            Ok(()) if rx.is_empty() => sink.flush().await,
+            other => other,
+        };
+        if let Err(e) = sent {
             if let Some(inner) = inner.upgrade() {
-                inner.fail_all(&e.to_string());
+                inner.fail_all(match e {
+                    FrameError::Io(e) => ClientError::Disconnected(e.to_string()),
+                    other => ClientError::Protocol(other.to_string()),
+                });
             }
             return;
-        }
-        if rx.is_empty() {
-            if let Err(e) = sink.flush().await {
-                if let Some(inner) = inner.upgrade() {
-                    inner.fail_all(&e.to_string());
-                }
-                return;
-            }
         }
     }
     let _ = sink.close().await;
@@ -441,12 +452,15 @@ async fn read_loop<S>(
     let reason = loop {
         let frame = match source.next().await {
             Some(Ok(frame)) => frame,
-            Some(Err(e)) => break e.to_string(),
-            None => break "server closed the connection".to_string(),
+            Some(Err(FrameError::Io(e))) => break ClientError::Disconnected(e.to_string()),
+            // A frame we cannot decode will not decode on a new connection either: not
+            // worth retrying.
+            Some(Err(e)) => break ClientError::Protocol(e.to_string()),
+            None => break ClientError::Disconnected("server closed the connection".into()),
         };
         let msg = match frame.message::<ServerMessage>() {
             Ok(m) => m,
-            Err(e) => break format!("malformed message from server: {e}"),
+            Err(e) => break ClientError::Protocol(format!("malformed message from server: {e}")),
         };
         let Some(inner) = inner.upgrade() else {
             return;
@@ -458,18 +472,17 @@ async fn read_loop<S>(
                 error,
             } => (id, Err(ClientError::Remote(error))),
             ServerMessage::Error { id: None, error } => {
-                let reason = if error.code == ErrorCode::Busy {
-                    format!("server busy: {error}")
+                break if error.code == ErrorCode::Busy {
+                    ClientError::Disconnected(format!("server busy: {error}"))
                 } else {
-                    format!("server closed the connection: {error}")
+                    ClientError::Remote(error)
                 };
-                break reason;
             }
             ServerMessage::Event { event } => {
                 let _ = events.send(event);
                 continue;
             }
-            other => break format!("unexpected message {other:?}"),
+            other => break ClientError::Protocol(format!("unexpected message {other:?}")),
         };
         let waiter = inner
             .waiters
@@ -480,8 +493,8 @@ async fn read_loop<S>(
             let _ = w.send(result);
         }
     };
-    tracing::debug!(reason, "connection ended");
+    tracing::debug!(%reason, "connection ended");
     if let Some(inner) = inner.upgrade() {
-        inner.fail_all(&reason);
+        inner.fail_all(reason);
     }
 }

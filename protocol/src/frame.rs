@@ -133,6 +133,9 @@ impl Encoder<Frame> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        if frame.header.len() > MAX_HEADER as usize {
+            return Err(FrameError::Malformed("header too large"));
+        }
         let len = 4 + frame.header.len() + frame.payload.len();
         if len > self.max_frame {
             return Err(FrameError::TooLarge {

@@ -29,4 +29,7 @@ pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;
 /// inside [`DEFAULT_MAX_FRAME`].
 pub const CHUNK_SIZE: u32 = 1024 * 1024;
 /// Cap on a frame's JSON header, whatever the negotiated frame size.
-pub const MAX_HEADER: u32 = 256 * 1024;
+pub const MAX_HEADER: u32 = 2 * 1024 * 1024;
+/// Most files in one listing page; with 255-byte names a page stays well under
+/// [`MAX_HEADER`].
+pub const LIST_PAGE: u32 = 4096;

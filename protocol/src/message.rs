@@ -73,8 +73,13 @@ pub enum ServerMessage {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     ListUsers,
+    /// One page of a user's files, sorted by name, starting after `after`.
     ListFiles {
         owner: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     },
     Stat {
         owner: String,
@@ -152,6 +157,9 @@ pub enum Reply {
     },
     Files {
         files: Vec<FileInfo>,
+        /// More files follow the last one: ask again with `after`.
+        #[serde(default)]
+        more: bool,
     },
     File {
         file: FileInfo,

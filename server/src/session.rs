@@ -18,7 +18,7 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
     ClientMessage, ErrorBody, ErrorCode, Event, Frame, FrameCodec, FrameError, Reply, Request,
-    ServerMessage, CHUNK_SIZE, MAGIC, VERSION,
+    ServerMessage, CHUNK_SIZE, LIST_PAGE, MAGIC, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -579,10 +579,17 @@ impl Context {
                     .await?;
                 Reply::Users { users }
             }
-            Request::ListFiles { owner } => {
+            Request::ListFiles {
+                owner,
+                after,
+                limit,
+            } => {
                 let owner = self.require_user(owner).await?;
-                let files = self.blocking(move |s| s.store.list(&owner)).await?;
-                Reply::Files { files }
+                let limit = limit.unwrap_or(LIST_PAGE).clamp(1, LIST_PAGE) as usize;
+                let (files, more) = self
+                    .blocking(move |s| s.store.list_page(&owner, after.as_deref(), limit))
+                    .await?;
+                Reply::Files { files, more }
             }
             Request::Stat { owner, name } => {
                 let owner = self.require_user(owner).await?;

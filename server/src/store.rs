@@ -249,9 +249,30 @@ impl Store {
 
     /// Lists a user's files, sorted by name.
     pub fn list(&self, owner: &str) -> Result<Vec<FileInfo>> {
+        Ok(self.list_page(owner, None, usize::MAX)?.0)
+    }
+
+    /// Up to `limit` files after `after`, sorted by name, and whether more follow.
+    pub fn list_page(
+        &self,
+        owner: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<FileInfo>, bool)> {
+        use std::ops::Bound;
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
-        Ok(folder.files.values().map(|m| m.info(owner)).collect())
+        let start = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut iter = folder
+            .files
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(_, m)| m.info(owner));
+        let page: Vec<FileInfo> = iter.by_ref().take(limit).collect();
+        let more = iter.next().is_some();
+        Ok((page, more))
     }
 
     pub fn stat(&self, owner: &str, name: &str) -> Result<FileInfo> {
@@ -619,6 +640,27 @@ mod tests {
             store.commit_upload(up, 16, "x"),
             Err(ServerError::QuotaExceeded(_))
         ));
+    }
+
+    #[test]
+    fn listing_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 0).unwrap();
+        for i in 0..7 {
+            put(&store, "alice", &format!("f{i}"), b"x").unwrap();
+        }
+        let (p1, more) = store.list_page("alice", None, 3).unwrap();
+        assert!(more);
+        let (p2, _) = store.list_page("alice", Some(&p1[2].name), 3).unwrap();
+        let (p3, more) = store.list_page("alice", Some(&p2[2].name), 3).unwrap();
+        assert!(!more);
+        let names: Vec<_> = p1
+            .iter()
+            .chain(&p2)
+            .chain(&p3)
+            .map(|f| f.name.as_str())
+            .collect();
+        assert_eq!(names, ["f0", "f1", "f2", "f3", "f4", "f5", "f6"]);
     }
 
     #[test]

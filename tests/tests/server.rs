@@ -185,6 +185,31 @@ fn blake3_hex(data: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_come_in_pages() {
+    let server = TestServer::start();
+    let (alice, _) = server.connect("alice").await;
+    for i in 0..5 {
+        upload(&alice, &format!("f{i}"), b"x").await;
+    }
+    let page = |after: Option<&str>| Request::ListFiles {
+        owner: "alice".into(),
+        after: after.map(str::to_string),
+        limit: Some(2),
+    };
+    let (reply, _) = alice.call(page(None), Bytes::new()).await.unwrap();
+    let sharefs_protocol::Reply::Files { files, more } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!((files.len(), more), (2, true));
+    let (reply, _) = alice.call(page(Some("f3")), Bytes::new()).await.unwrap();
+    let sharefs_protocol::Reply::Files { files, more } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!((files[0].name.as_str(), more), ("f4", false));
+    assert_eq!(alice.list_files("alice").await.unwrap().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_names_are_refused() {
     let server = TestServer::start();
     let (alice, _) = server.connect("alice").await;
