@@ -12,6 +12,9 @@ pub enum ClientError {
     Disconnected(String),
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
+    /// The server's identity could not be verified; retrying will not help.
+    #[error("{0}")]
+    Tls(String),
     #[error("{0}")]
     Io(String),
     #[error("protocol error: {0}")]

@@ -16,6 +16,7 @@ pub mod fuse;
 pub mod mount;
 pub mod remote;
 pub mod settings;
+pub mod tls;
 pub mod transfer;
 
 pub use error::ClientError;

@@ -109,6 +109,22 @@ fn background(opts: ConnectOptions, args: &MountArgs, cache_dir: &Path) -> Resul
     if args.allow_other {
         cmd.arg("--allow-other");
     }
+    match &opts.tls {
+        None => {
+            cmd.arg("--plaintext");
+        }
+        Some(trust) => {
+            if let Some(fp) = &trust.fingerprint {
+                cmd.arg("--server-fingerprint").arg(fp);
+            }
+            if let Some(ca) = &trust.ca {
+                cmd.arg("--ca").arg(ca);
+            }
+            if let Some(k) = &trust.known_servers {
+                cmd.arg("--known-servers").arg(k);
+            }
+        }
+    }
     cmd.env("SHAREFS_PASSWORD", &opts.password)
         .env(READY_ENV, "1")
         .stdin(Stdio::null())

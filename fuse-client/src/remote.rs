@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::Framed;
 
 use crate::error::{ClientError, Result};
+use crate::tls::{self, TrustOptions};
 
 type Waiter = oneshot::Sender<Result<(Reply, Bytes)>>;
 
@@ -36,6 +37,8 @@ pub struct ConnectOptions {
     pub user: String,
     pub password: String,
     pub connect_timeout: Duration,
+    /// `None`: plaintext (`--plaintext`).
+    pub tls: Option<TrustOptions>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +82,31 @@ impl RemoteClient {
             .map_err(|_| connect_err("timed out".into()))?
             .map_err(|e| connect_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        let Some(trust) = &opts.tls else {
+            let login = Self::handshake(stream, &opts.user, &opts.password);
+            return match tokio::time::timeout(opts.connect_timeout, login).await {
+                Ok(Err(ClientError::Disconnected(_))) => Err(connect_err(
+                    "the server closed the connection (it may expect TLS: drop --plaintext)".into(),
+                )),
+                Ok(r) => r,
+                Err(_) => Err(connect_err("no answer to the handshake".into())),
+            };
+        };
+        let tls = tls::connector(&opts.server, trust).map_err(ClientError::Tls)?;
+        let handshake = tls.connector.connect(tls.server_name.clone(), stream);
+        let stream = match tokio::time::timeout(opts.connect_timeout, handshake).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let refused = tls.failure.lock().ok().and_then(|mut f| f.take());
+                return Err(match refused {
+                    Some(why) => ClientError::Tls(why),
+                    None => connect_err(format!(
+                        "TLS handshake failed: {e} (if the server runs with --plaintext, use --plaintext too)"
+                    )),
+                });
+            }
+            Err(_) => return Err(connect_err("no answer to the TLS handshake".into())),
+        };
         tokio::time::timeout(
             opts.connect_timeout,
             Self::handshake(stream, &opts.user, &opts.password),

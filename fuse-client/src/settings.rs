@@ -6,7 +6,10 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use sharefs_protocol::fingerprint::parse_fingerprint;
+
 use crate::remote::ConnectOptions;
+use crate::tls::TrustOptions;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
@@ -27,6 +30,18 @@ pub struct ConnectArgs {
     /// Seconds to wait for the server to answer a connection.
     #[arg(long, global = true, default_value_t = 10)]
     pub connect_timeout: u64,
+    /// Connect without TLS (only to a server started with --plaintext, on a trusted network).
+    #[arg(long, global = true, env = "SHAREFS_PLAINTEXT")]
+    pub plaintext: bool,
+    /// Require the server's certificate to have this SHA-256 fingerprint.
+    #[arg(long, global = true, env = "SHAREFS_SERVER_FINGERPRINT")]
+    pub server_fingerprint: Option<String>,
+    /// Verify the server's certificate against this CA certificate (PEM) instead of pinning.
+    #[arg(long, global = true, env = "SHAREFS_CA")]
+    pub ca: Option<PathBuf>,
+    /// File of pinned server fingerprints (default ~/.config/sharefs/known_servers).
+    #[arg(long, global = true, env = "SHAREFS_KNOWN_SERVERS")]
+    pub known_servers: Option<PathBuf>,
 }
 
 impl ConnectArgs {
@@ -53,11 +68,27 @@ impl ConnectArgs {
                     .into(),
             );
         };
+        let tls = if self.plaintext {
+            None
+        } else {
+            let fingerprint = match &self.server_fingerprint {
+                Some(f) => Some(parse_fingerprint(f).ok_or_else(|| {
+                    format!("--server-fingerprint {f}: expected SHA256: and 64 hex digits")
+                })?),
+                None => None,
+            };
+            Some(TrustOptions {
+                fingerprint,
+                ca: self.ca.clone(),
+                known_servers: self.known_servers.clone(),
+            })
+        };
         Ok(ConnectOptions {
             server: self.server.clone(),
             user,
             password,
             connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
+            tls,
         })
     }
 }

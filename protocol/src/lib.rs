@@ -10,6 +10,7 @@
 //!
 //! The protocol is documented for humans in `docs/PROTOCOL.md`.
 
+pub mod fingerprint;
 pub mod frame;
 pub mod message;
 pub mod name;

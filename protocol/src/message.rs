@@ -145,6 +145,8 @@ pub enum Request {
         recent: u32,
     },
     StatFs,
+    /// Keeps an idle connection alive; answered with `ok`.
+    Ping,
 }
 
 /// Successful answers.
@@ -269,6 +271,8 @@ pub enum ErrorCode {
     QuotaExceeded,
     NoSpace,
     AuthFailed,
+    /// Too many failed logins from this address or for this user: wait and retry.
+    Throttled,
     VersionMismatch,
     ProtocolError,
     TooLarge,

@@ -5,13 +5,28 @@ use std::time::Duration;
 
 use sharefs_protocol::DEFAULT_MAX_FRAME;
 
+use crate::throttle::LoginPolicy;
+use crate::tls::TlsIdentity;
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Largest frame accepted; a larger one closes the connection.
     pub max_frame: u32,
+    /// TLS identity; `None` serves plaintext (`--plaintext`).
+    pub tls: Option<TlsIdentity>,
     /// Connections served at once; more are refused with `busy`.
     pub max_connections: usize,
+    /// Connections served at once from one IP address.
+    pub max_connections_per_addr: usize,
+    /// A logged-in connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Uploads one user may have in progress at once, across all connections.
+    pub max_uploads_per_user: usize,
+    /// Login throttling.
+    pub login: LoginPolicy,
+    /// Unknown user names logging in create their account (trusted LANs only).
+    pub open_registration: bool,
     /// Requests a connection may have in flight; more wait (TCP back-pressure).
     pub max_in_flight: usize,
     /// Time a new connection has to finish handshake and login.
@@ -29,7 +44,13 @@ impl ServerConfig {
         ServerConfig {
             data_dir: data_dir.into(),
             max_frame: DEFAULT_MAX_FRAME,
+            tls: None,
             max_connections: 1024,
+            max_connections_per_addr: 64,
+            idle_timeout: Duration::from_secs(15 * 60),
+            max_uploads_per_user: 16,
+            login: LoginPolicy::default(),
+            open_registration: false,
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(10),
             coalesce_window: Duration::from_secs(5),

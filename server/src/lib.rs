@@ -18,6 +18,8 @@ pub mod hub;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod throttle;
+pub mod tls;
 pub mod users;
 
 pub use config::ServerConfig;

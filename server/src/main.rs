@@ -4,6 +4,7 @@ use std::io::{BufRead, IsTerminal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -46,9 +47,46 @@ struct ServeArgs {
     /// Largest frame accepted, in bytes.
     #[arg(long, default_value_t = sharefs_protocol::DEFAULT_MAX_FRAME)]
     max_frame: u32,
+    /// Serve without TLS (trusted networks and benchmarks only: passwords travel in the clear).
+    #[arg(long)]
+    plaintext: bool,
+    /// TLS certificate chain (PEM); default: a self-signed one generated in DATA/tls.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Connections served at once.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Connections served at once from one IP address.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_addr: usize,
+    /// Seconds a new connection has to finish its TLS handshake and login.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout: u64,
+    /// Seconds of silence after which a logged-in connection is closed.
+    #[arg(long, default_value_t = 900)]
+    idle_timeout: u64,
+    /// Requests one connection may have in flight.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    /// Uploads one user may have in progress at once.
+    #[arg(long, default_value_t = 16)]
+    max_uploads_per_user: usize,
+    /// Failed logins (per address or user name) before refusing it for --login-lockout.
+    #[arg(long, default_value_t = 10)]
+    login_lockout_after: u32,
+    /// Seconds a locked-out address or user name is refused.
+    #[arg(long, default_value_t = 60)]
+    login_lockout: u64,
+    /// Delay after the 4th failed login, in ms; doubles with each further failure (max 4 s).
+    #[arg(long, default_value_t = 250)]
+    login_delay_ms: u64,
+    /// Let unknown user names log in, creating their account with the password given.
+    /// Only for trusted networks.
+    #[arg(long)]
+    open_registration: bool,
     /// Free disk space uploads must leave, e.g. 64M or 1G.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     disk_reserve: u64,
@@ -233,10 +271,32 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let mut config = ServerConfig::new(data);
+        let mut config = ServerConfig::new(&data);
         config.max_frame = args.max_frame;
         config.max_connections = args.max_connections;
+        config.max_connections_per_addr = args.max_connections_per_addr;
+        config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
+        config.idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
+        config.max_in_flight = args.max_in_flight.max(1);
+        config.max_uploads_per_user = args.max_uploads_per_user.max(1);
         config.disk_reserve = args.disk_reserve;
+        config.open_registration = args.open_registration;
+        config.login.lockout_after = args.login_lockout_after.max(1);
+        config.login.lockout = Duration::from_secs(args.login_lockout);
+        config.login.delay_base = Duration::from_millis(args.login_delay_ms);
+        if args.open_registration {
+            tracing::warn!("open registration: any unknown user name can create an account");
+        }
+        if !args.plaintext {
+            std::fs::create_dir_all(&data)
+                .with_context(|| format!("data directory {}", data.display()))?;
+            let identity = sharefs_server::tls::load(
+                &data,
+                args.tls_cert.as_deref(),
+                args.tls_key.as_deref(),
+            )?;
+            config.tls = Some(identity);
+        }
         let addr = listener.local_addr()?;
         sharefs_server::server::run_with(listener, config, shutdown_signal(), || {
             // One line on stdout once serving, for scripts and test harnesses.

@@ -1,8 +1,10 @@
 //! The accept loop: a connection limit, accept errors retried with backoff, and graceful
 //! shutdown that stops accepting, tells every session to end and waits for them.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::SinkExt;
@@ -17,6 +19,7 @@ use crate::error::Result;
 use crate::hub::Hub;
 use crate::session;
 use crate::store::Store;
+use crate::throttle::LoginThrottle;
 use crate::users::UserDb;
 
 /// State shared by all connections; cheap to clone.
@@ -28,6 +31,46 @@ pub struct Shared {
     pub hub: Hub,
     /// Bounds the bytes of file data buffered for reads across the whole server, in KiB.
     pub read_budget: Arc<Semaphore>,
+    pub throttle: Arc<LoginThrottle>,
+    /// Live connections per peer address.
+    per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Uploads in progress per user, across connections.
+    uploads: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// A counted slot (a connection of an address, an upload of a user); freed on drop.
+#[derive(Debug)]
+pub struct Slot<K: std::hash::Hash + Eq + Clone> {
+    table: Arc<Mutex<HashMap<K, usize>>>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Slot<K> {
+    fn take(table: &Arc<Mutex<HashMap<K, usize>>>, key: K, max: usize) -> Option<Slot<K>> {
+        let mut t = table.lock().ok()?;
+        let n = t.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            table: table.clone(),
+            key,
+        })
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.table.lock() {
+            if let Some(n) = t.get_mut(&self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    t.remove(&self.key);
+                }
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -36,13 +79,26 @@ impl Shared {
         let hub = Hub::open(&config.data_dir, config.coalesce_window)?;
         let users = UserDb::new(&config.data_dir);
         let read_budget = Arc::new(Semaphore::new((config.read_buffer_budget / 1024).max(1)));
+        let throttle = Arc::new(LoginThrottle::new(config.login.clone()));
         Ok(Shared {
             config: Arc::new(config),
             store,
             users,
             hub,
             read_budget,
+            throttle,
+            per_addr: Arc::default(),
+            uploads: Arc::default(),
         })
+    }
+
+    /// An upload slot for `user`, if under the per-user limit.
+    pub fn upload_slot(&self, user: &str) -> Option<Slot<String>> {
+        Slot::take(
+            &self.uploads,
+            user.to_string(),
+            self.config.max_uploads_per_user,
+        )
     }
 }
 
@@ -62,6 +118,14 @@ pub async fn run_with(
     let shared = Shared::open(config)?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, data = %shared.config.data_dir.display(), "serving");
+    }
+    match &shared.config.tls {
+        Some(id) => tracing::info!(
+            fingerprint = %id.fingerprint,
+            cert = %id.cert_path.display(),
+            "TLS on; clients pin this certificate fingerprint"
+        ),
+        None => tracing::warn!("TLS off (--plaintext): traffic and passwords travel in the clear"),
     }
     on_ready();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -85,18 +149,23 @@ pub async fn run_with(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                match limit.clone().try_acquire_owned() {
-                    Ok(permit) => {
+                let addr_slot = Slot::take(&shared.per_addr, peer.ip(), shared.config.max_connections_per_addr);
+                match (limit.clone().try_acquire_owned(), addr_slot) {
+                    (Ok(permit), Some(slot)) => {
                         let shared = shared.clone();
                         let stop = stop_rx.clone();
                         sessions.spawn(async move {
-                            session::serve(stream, peer, shared, stop).await;
-                            drop(permit);
+                            accept(stream, peer, shared, stop).await;
+                            drop((permit, slot));
                         });
                     }
-                    Err(_) => {
+                    (Ok(_), None) => {
+                        tracing::warn!(%peer, "too many connections from this address; refusing");
+                        sessions.spawn(refuse_busy(stream, shared.config.max_frame, "too many connections from your address"));
+                    }
+                    (Err(_), _) => {
                         tracing::warn!(%peer, "connection limit reached; refusing");
-                        sessions.spawn(refuse_busy(stream, shared.config.max_frame));
+                        sessions.spawn(refuse_busy(stream, shared.config.max_frame, "server has too many connections"));
                     }
                 }
             }
@@ -115,14 +184,69 @@ pub async fn run_with(
     Ok(())
 }
 
-async fn refuse_busy(stream: TcpStream, max_frame: u32) {
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Sets up the transport (TLS, or plaintext) and serves the session on it. A client of the
+/// wrong kind gets told so, in words it can read where possible.
+async fn accept(stream: TcpStream, peer: SocketAddr, shared: Shared, stop: watch::Receiver<bool>) {
+    let timeout = shared.config.handshake_timeout;
+    let mut first = [0u8; 1];
+    let peeked = match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            tracing::info!(%peer, "nothing received before the handshake timeout; closing");
+            return;
+        }
+    };
+    if peeked == 0 {
+        return;
+    }
+    let looks_tls = first[0] == TLS_HANDSHAKE;
+    match &shared.config.tls {
+        Some(identity) => {
+            if !looks_tls {
+                tracing::warn!(%peer, "plaintext client on a TLS server; refusing");
+                let why = "this server requires TLS: connect without --plaintext";
+                refuse(
+                    stream,
+                    shared.config.max_frame,
+                    ErrorCode::ProtocolError,
+                    why,
+                )
+                .await;
+                return;
+            }
+            let acceptor = tokio_rustls::TlsAcceptor::from(identity.config.clone());
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => session::serve(tls, peer, shared, stop).await,
+                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out; closing"),
+            }
+        }
+        None => {
+            if looks_tls {
+                // Answering in plaintext would only confuse its TLS stack: close.
+                tracing::warn!(%peer, "TLS client on a plaintext server (--plaintext); closing");
+                return;
+            }
+            session::serve(stream, peer, shared, stop).await
+        }
+    }
+}
+
+async fn refuse_busy(stream: TcpStream, max_frame: u32, why: &str) {
+    let message = format!("{why}; try again later");
+    refuse(stream, max_frame, ErrorCode::Busy, &message).await
+}
+
+/// Sends one connection-level error frame in plaintext and closes.
+async fn refuse(stream: TcpStream, max_frame: u32, code: ErrorCode, message: &str) {
     let mut framed = Framed::new(stream, FrameCodec::new(max_frame));
     let msg = ServerMessage::Error {
         id: None,
-        error: ErrorBody::new(
-            ErrorCode::Busy,
-            "server has too many connections; try again later",
-        ),
+        error: ErrorBody::new(code, message),
     };
     if let Ok(frame) = Frame::new(&msg, bytes::Bytes::new()) {
         let _ = tokio::time::timeout(Duration::from_secs(2), framed.send(frame)).await;

@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::error::ServerError;
 use crate::hub::EventSink;
-use crate::server::Shared;
+use crate::server::{Shared, Slot};
 use crate::store::{OpenFile, StagedUpload};
 
 /// A reply on its way to the writer task, with the read-budget permit its payload holds.
@@ -133,6 +133,12 @@ async fn serve_inner<S>(
     tracing::info!("disconnected");
 }
 
+enum Login {
+    Ok,
+    Registered,
+    Failed,
+}
+
 /// Hello and login. Returns the user name, or the error to send before closing.
 async fn handshake<S>(
     framed: &mut Framed<S, FrameCodec>,
@@ -178,18 +184,51 @@ where
         ClientMessage::Login { user, password } => (user, password),
         _ => return Err(protocol("expected login")),
     };
+    if let Err(wait) = shared.throttle.check(peer.ip(), &user) {
+        tracing::warn!(%peer, user, "login refused: too many failures");
+        return Err(ErrorBody::new(
+            ErrorCode::Throttled,
+            format!(
+                "too many failed logins; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        ));
+    }
     let users = shared.users.clone();
     let name = user.clone();
-    let ok = tokio::task::spawn_blocking(move || users.verify(&name, &password))
-        .await
-        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| e.body())?;
-    if !ok {
-        tracing::warn!(%peer, user, "login failed");
-        return Err(ErrorBody::new(
-            ErrorCode::AuthFailed,
-            "unknown user or wrong password",
-        ));
+    let register = shared.config.open_registration;
+    let outcome = tokio::task::spawn_blocking(move || -> Result<Login, ServerError> {
+        if users.verify(&name, &password)? {
+            return Ok(Login::Ok);
+        }
+        if register && users.get(&name)?.is_none() {
+            sharefs_protocol::name::check_user_name(&name).map_err(ServerError::InvalidName)?;
+            if password.is_empty() {
+                return Ok(Login::Failed);
+            }
+            users.add(&name, &password, None)?;
+            return Ok(Login::Registered);
+        }
+        Ok(Login::Failed)
+    })
+    .await
+    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+    .map_err(|e| e.body())?;
+    match outcome {
+        Login::Ok => shared.throttle.succeeded(peer.ip(), &user),
+        Login::Registered => {
+            tracing::info!(%peer, user, "account created by open registration");
+            shared.hub.broadcast(Event::UsersChanged);
+        }
+        Login::Failed => {
+            let delay = shared.throttle.failed(peer.ip(), &user);
+            tracing::warn!(%peer, user, ?delay, "login failed");
+            tokio::time::sleep(delay).await;
+            return Err(ErrorBody::new(
+                ErrorCode::AuthFailed,
+                "unknown user or wrong password",
+            ));
+        }
     }
     tracing::info!(%peer, user, "logged in");
     send(framed, &ServerMessage::LoginOk { user: user.clone() }).await?;
@@ -288,8 +327,9 @@ struct Session {
     user: String,
     shared: Shared,
     out: mpsc::Sender<Outgoing>,
-    /// Uploads in progress; owned by the reader loop, which writes their chunks in order.
-    uploads: HashMap<u64, StagedUpload>,
+    /// Uploads in progress, each with its slot of the per-user limit; owned by the reader
+    /// loop, which writes their chunks in order.
+    uploads: HashMap<u64, (StagedUpload, Slot<String>)>,
     /// Open read handles, shared with request tasks. std `Mutex`: map operations only.
     handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     next_id: Arc<AtomicU64>,
@@ -327,9 +367,17 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let idle = self.shared.config.idle_timeout;
         loop {
             let next = tokio::select! {
-                next = source.next() => next,
+                next = tokio::time::timeout(idle, source.next()) => match next {
+                    Ok(next) => next,
+                    Err(_) if self.tasks.is_empty() && self.uploads.is_empty() => {
+                        tracing::info!(?idle, "idle; closing connection");
+                        return;
+                    }
+                    Err(_) => continue,
+                },
                 _ = stop.changed() => {
                     tracing::info!("server shutting down; closing session");
                     return;
@@ -379,7 +427,7 @@ impl Session {
     }
 
     async fn chunk(&mut self, upload: u64, offset: u64, data: Bytes) {
-        let Some(mut up) = self.uploads.remove(&upload) else {
+        let Some((mut up, slot)) = self.uploads.remove(&upload) else {
             tracing::debug!(upload, "chunk for an unknown upload ignored");
             return;
         };
@@ -390,7 +438,7 @@ impl Session {
         .await;
         match result {
             Ok(up) => {
-                self.uploads.insert(upload, up);
+                self.uploads.insert(upload, (up, slot));
             }
             Err(e) => tracing::error!(error = %e, "upload write task failed"),
         }
@@ -418,7 +466,7 @@ impl Session {
                 size,
                 blake3,
             } => match self.uploads.remove(&upload) {
-                Some(up) => {
+                Some((up, _slot)) => {
                     let ctx = self.context();
                     self.spawn(id, async move {
                         let name = up.name().to_string();
@@ -459,6 +507,10 @@ impl Session {
     ) -> Result<Reply, ServerError> {
         let ctx = self.context();
         ctx.own(&owner, &name)?;
+        let slot = self
+            .shared
+            .upload_slot(&self.user)
+            .ok_or(ServerError::Busy("uploads in progress for this user"))?;
         let up = ctx
             .blocking(move |shared| {
                 let quota = shared.users.get(&owner)?.and_then(|u| u.quota);
@@ -466,7 +518,7 @@ impl Session {
             })
             .await?;
         let upload = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.uploads.insert(upload, up);
+        self.uploads.insert(upload, (up, slot));
         Ok(Reply::UploadStarted { upload })
     }
 
@@ -661,6 +713,7 @@ impl Context {
                     .await?;
                 Reply::Notifications { pending, recent }
             }
+            Request::Ping => Reply::Ok,
             Request::StatFs => {
                 let user = self.user.clone();
                 let space = self

@@ -67,6 +67,8 @@ pub struct TestServer {
     child: Option<Child>,
     pub addr: String,
     pub data: PathBuf,
+    /// The server certificate's fingerprint; `None` for a `--plaintext` server.
+    pub fingerprint: Option<String>,
     /// Holds the temp directory (data, logs) for the server's life.
     _dir: tempfile::TempDir,
     log: PathBuf,
@@ -86,6 +88,7 @@ impl TestServer {
             child: None,
             addr: "127.0.0.1:0".into(),
             data,
+            fingerprint: None,
             log: dir.path().join("server.log"),
             _dir: dir,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
@@ -154,6 +157,30 @@ impl TestServer {
                 )
             });
         self.addr = addr.to_string();
+        self.fingerprint = if self.extra_args.iter().any(|a| a == "--plaintext") {
+            None
+        } else {
+            let cert = self.extra_arg("--tls-cert").map(PathBuf::from);
+            let key = self.extra_arg("--tls-key").map(PathBuf::from);
+            let id =
+                sharefs_server::tls::load(&self.data, cert.as_deref(), key.as_deref()).unwrap();
+            Some(id.fingerprint)
+        };
+    }
+
+    fn extra_arg(&self, name: &str) -> Option<String> {
+        let i = self.extra_args.iter().position(|a| a == name)?;
+        self.extra_args.get(i + 1).cloned()
+    }
+
+    /// Trust settings that accept exactly this server (pinned fingerprint), or plaintext.
+    pub fn trust(&self) -> Option<sharefs_client::tls::TrustOptions> {
+        self.fingerprint
+            .as_ref()
+            .map(|fp| sharefs_client::tls::TrustOptions {
+                fingerprint: Some(fp.clone()),
+                ..Default::default()
+            })
     }
 
     pub fn log_text(&self) -> String {
@@ -188,6 +215,7 @@ impl TestServer {
             user: user.into(),
             password: PASSWORD.into(),
             connect_timeout: Duration::from_secs(10),
+            tls: self.trust(),
         }
     }
 
@@ -203,7 +231,16 @@ impl TestServer {
         cmd.env("SHAREFS_SERVER", &self.addr)
             .env("SHAREFS_USER", user)
             .env("SHAREFS_PASSWORD", PASSWORD);
+        self.transport_env(&mut cmd);
         cmd
+    }
+
+    /// Sets the environment that makes a `sharefs` command trust (or not use) TLS here.
+    pub fn transport_env(&self, cmd: &mut Command) {
+        match &self.fingerprint {
+            Some(fp) => cmd.env("SHAREFS_SERVER_FINGERPRINT", fp),
+            None => cmd.env("SHAREFS_PLAINTEXT", "1"),
+        };
     }
 }
 

@@ -51,6 +51,7 @@ impl TestMount {
             .env("SHAREFS_USER", user)
             .env("SHAREFS_PASSWORD", PASSWORD)
             .env("SHAREFS_MOUNT_READY", "1")
+            .env("SHAREFS_KNOWN_SERVERS", cache.path().join("known_servers"))
             .env("RUST_LOG", "info,sharefs_client=debug")
             .env("NO_COLOR", "1")
             .arg("mount")
@@ -62,6 +63,7 @@ impl TestMount {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(logf);
+        server.transport_env(&mut cmd);
         for (k, v) in env {
             cmd.env(k, v);
         }

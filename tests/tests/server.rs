@@ -262,7 +262,7 @@ async fn bad_logins_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_before_login_are_refused() {
-    let server = TestServer::start();
+    let server = TestServer::start_with(&["--plaintext"]);
     let stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
     let mut framed = Framed::new(stream, FrameCodec::new(1 << 20));
     let hello = ClientMessage::Hello {
@@ -299,7 +299,7 @@ async fn requests_before_login_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_mismatch_is_a_clear_error() {
-    let server = TestServer::start();
+    let server = TestServer::start_with(&["--plaintext"]);
     let stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
     let mut framed = Framed::new(stream, FrameCodec::new(1 << 20));
     let hello = ClientMessage::Hello {
@@ -337,7 +337,7 @@ async fn expect_closed(mut stream: tokio::net::TcpStream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_frames_and_garbage_close_only_that_connection() {
-    let server = TestServer::start();
+    let server = TestServer::start_with(&["--plaintext"]);
     let (alice, _) = server.connect("alice").await;
     upload(&alice, "still-here", b"fine").await;
 

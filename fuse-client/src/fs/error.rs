@@ -47,6 +47,7 @@ impl From<ClientError> for FsError {
                 ErrorCode::NoSpace => FsError::NoSpace,
                 ErrorCode::Stale => FsError::Stale,
                 ErrorCode::AuthFailed
+                | ErrorCode::Throttled
                 | ErrorCode::VersionMismatch
                 | ErrorCode::ProtocolError
                 | ErrorCode::TooLarge
@@ -57,6 +58,7 @@ impl From<ClientError> for FsError {
             },
             ClientError::Disconnected(_)
             | ClientError::Connect { .. }
+            | ClientError::Tls(_)
             | ClientError::Io(_)
             | ClientError::Protocol(_)
             | ClientError::Timeout(_) => FsError::Io(e.to_string()),

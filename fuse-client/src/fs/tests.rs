@@ -384,6 +384,10 @@ async fn apply(core: &FsCore<Fake>, dir: u64, model: &mut BTreeMap<String, Vec<u
             core.write(o.fh, off as u64, d).unwrap();
             core.flush(o.fh).await.unwrap();
             core.release(o.fh).await.unwrap();
+            // As pwrite(2): an empty write changes nothing, not even the size.
+            if d.is_empty() {
+                return;
+            }
             if m.len() < off + d.len() {
                 m.resize(off + d.len(), 0);
             }
