@@ -37,6 +37,9 @@ for _ in $(seq 100); do
 done
 
 export SHAREFS_SERVER=$addr
+# TLS is on: the client pins the demo server's self-signed certificate on first use. The
+# pin lives with the demo data, so a fresh ./sharefs-data (new certificate) starts clean.
+export SHAREFS_KNOWN_SERVERS=$data/known_servers
 # A file from "friend", so there is something to download.
 SHAREFS_USER=friend SHAREFS_PASSWORD=friend "$bin/sharefs" put README.md welcome.md >/dev/null 2>&1 || true
 
