@@ -54,6 +54,9 @@ impl Drop for TestBus {
     }
 }
 
+/// The address of an existing bus.
+pub struct BusAddress(pub String);
+
 /// One `Notify` call as received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shown {
@@ -62,9 +65,12 @@ pub struct Shown {
     pub body: String,
 }
 
+type OnShow = Box<dyn Fn(&str) + Send + Sync>;
+
 struct Recorder {
     shown: Arc<Mutex<Vec<Shown>>>,
     next_id: u32,
+    on_show: Option<OnShow>,
 }
 
 #[zbus::interface(name = "org.freedesktop.Notifications")]
@@ -81,6 +87,9 @@ impl Recorder {
         _hints: HashMap<String, OwnedVariant>,
         _expire_timeout: i32,
     ) -> u32 {
+        if let Some(f) = &self.on_show {
+            f(&summary);
+        }
         self.shown.lock().unwrap().push(Shown {
             app_name,
             summary,
@@ -114,12 +123,22 @@ pub struct NotificationServer {
 
 impl NotificationServer {
     pub async fn start(bus: &TestBus) -> NotificationServer {
+        Self::serve(&bus.address, None).await
+    }
+
+    /// Serves on a bus given by address, calling `on_show` with each summary.
+    pub async fn start_at(bus: &BusAddress, on_show: impl Fn(&str) + Send + Sync + 'static) -> NotificationServer {
+        Self::serve(&bus.0, Some(Box::new(on_show))).await
+    }
+
+    async fn serve(address: &str, on_show: Option<OnShow>) -> NotificationServer {
         let shown = Arc::new(Mutex::new(Vec::new()));
         let recorder = Recorder {
             shown: shown.clone(),
             next_id: 0,
+            on_show,
         };
-        let conn = zbus::connection::Builder::address(bus.address.as_str())
+        let conn = zbus::connection::Builder::address(address)
             .name("org.freedesktop.Notifications")
             .serve_at("/org/freedesktop/Notifications", recorder)
             .build()

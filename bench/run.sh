@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The sharefs benchmark: local disk vs sshfs vs sharefs, same machine, same disk.
+#   bench/run.sh            full run (about 20-30 minutes), writes BENCHMARKS.md
+#   bench/run.sh --short    small sizes, one round (< 3 minutes), writes bench/short-results.md
+# Installs what it needs (Debian packages: sshfs, openssh-server, fio, fuse3, dbus, openssl;
+# Python package blake3 for the cost-growth part), builds sharefs in release mode, and
+# removes every process and mount it started, also on failure. Run as root (it drops the
+# page cache between cold runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pair in sshfs:sshfs sshd:openssh-server fio:fio fusermount3:fuse3 dbus-daemon:dbus openssl:openssl; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "bench: installing ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+python3 -c 'import blake3' 2>/dev/null || python3 -m pip install -q blake3 2>/dev/null \
+    || echo "bench: python blake3 unavailable; the cost-growth part will be skipped" >&2
+
+cargo build --release --quiet --bins -p sharefs-server -p sharefs-client -p sharefs-tests
+exec python3 bench/bench.py --target-dir "${CARGO_TARGET_DIR:-target}/release" "$@"
