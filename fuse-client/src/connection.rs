@@ -190,6 +190,54 @@ impl Connection {
         .await
     }
 
+    /// Starts a streamed upload on the current connection.
+    pub async fn upload_begin(&self, name: &str) -> Result<RemoteHandle> {
+        self.retry(|c, generation| async move {
+            let id = c.upload_begin(name, None).await?;
+            Ok(RemoteHandle { id, generation })
+        })
+        .await
+    }
+
+    /// Current live client if it is still the one of `generation`.
+    fn client_of(&self, generation: u64) -> Result<RemoteClient> {
+        match self.inner.live.borrow().as_ref() {
+            Some((c, g)) if *g == generation && !c.is_closed() => Ok(c.clone()),
+            _ => Err(ClientError::Disconnected(
+                "upload of an earlier connection".into(),
+            )),
+        }
+    }
+
+    /// Sends a chunk of a streamed upload; fails at once if its connection is gone.
+    pub async fn upload_chunk(&self, h: RemoteHandle, offset: u64, data: Bytes) -> Result<()> {
+        let client = self.client_of(h.generation)?;
+        tokio::time::timeout(self.inner.op_timeout, client.send_chunk(h.id, offset, data))
+            .await
+            .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
+    }
+
+    pub async fn upload_commit(
+        &self,
+        h: RemoteHandle,
+        size: u64,
+        blake3: &str,
+    ) -> Result<FileInfo> {
+        let client = self.client_of(h.generation)?;
+        tokio::time::timeout(
+            self.inner.op_timeout,
+            client.upload_commit(h.id, size, blake3),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
+    }
+
+    pub async fn upload_abort(&self, h: RemoteHandle) {
+        if let Ok(client) = self.client_of(h.generation) {
+            let _ = tokio::time::timeout(self.inner.op_timeout, client.upload_abort(h.id)).await;
+        }
+    }
+
     pub async fn delete(&self, name: &str) -> Result<()> {
         let owner = self.inner.user.clone();
         let owner = owner.as_str();

@@ -15,6 +15,7 @@
 mod error;
 mod read;
 pub mod remote;
+mod stream;
 mod write;
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,6 +32,7 @@ use tokio::sync::Semaphore;
 pub use error::{FsError, FsResult};
 pub use read::ReadHandle;
 pub use remote::Remote;
+use stream::StreamState;
 pub use write::StagedWrite;
 
 pub const ROOT: u64 = 1;
@@ -190,6 +192,10 @@ pub struct FsCore<R: Remote> {
     /// std `Mutex`: held for map lookups only, never across an await.
     state: Mutex<State>,
     handles: Mutex<HashMap<u64, Handle<R>>>,
+    /// Writable handles that changed their file since their last flush. A flush without
+    /// changes (a shell's `dup2` + `close` before it writes) uploads nothing, so replacing a
+    /// file never commits an empty version in between; the last release still uploads.
+    changed_since_flush: Mutex<std::collections::HashSet<u64>>,
     next_fh: AtomicU64,
     prefetch_budget: Arc<Semaphore>,
 }
@@ -212,6 +218,7 @@ impl<R: Remote> FsCore<R> {
             mounted_at: SystemTime::now(),
             state: Mutex::new(State::default()),
             handles: Mutex::new(HashMap::new()),
+            changed_since_flush: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
             prefetch_budget: Arc::new(Semaphore::new(PREFETCH_BUDGET)),
         })
@@ -593,15 +600,78 @@ impl<R: Remote> FsCore<R> {
         }
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        match self.handle(fh)? {
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let staged = match self.handle(fh)? {
             Handle::Staged {
                 staged,
                 writable: true,
                 ..
-            } => staged.write(offset, data),
-            Handle::Staged { .. } | Handle::Read(_) => Err(FsError::BadHandle),
-            Handle::Dir(_) => Err(FsError::IsDir),
+            } => staged,
+            Handle::Staged { .. } | Handle::Read(_) => return Err(FsError::BadHandle),
+            Handle::Dir(_) => return Err(FsError::IsDir),
+        };
+        let _order = staged.stream_order.lock().await;
+        let n = staged.write(offset, data)?;
+        self.mark_changed(fh);
+        self.feed_stream(&staged, offset, data).await;
+        Ok(n)
+    }
+
+    /// Passes a write on to the file's streamed upload, starting one for the first write
+    /// of a fresh file and ending it at the first write out of sequence.
+    async fn feed_stream(&self, staged: &StagedWrite, offset: u64, data: &[u8]) {
+        let len = data.len() as u64;
+        let tx = {
+            let Ok(mut st) = staged.stream.lock() else {
+                return;
+            };
+            match &mut *st {
+                StreamState::Eligible if offset == 0 && staged.size() == len => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(stream::STREAM_QUEUE);
+                    tokio::spawn(stream::run(self.remote.clone(), staged.name(), rx));
+                    *st = StreamState::Active {
+                        tx: tx.clone(),
+                        next: len,
+                    };
+                    Some(tx)
+                }
+                StreamState::Active { tx, next } if *next == offset => {
+                    *next += len;
+                    Some(tx.clone())
+                }
+                StreamState::Eligible | StreamState::Active { .. } => {
+                    *st = StreamState::Off;
+                    None
+                }
+                StreamState::Off => None,
+            }
+        };
+        if let Some(tx) = tx {
+            let msg = stream::StreamMsg::Data(Bytes::copy_from_slice(data));
+            if tx.send(msg).await.is_err() {
+                staged.stop_stream();
+            }
+        }
+    }
+
+    /// Commits the file's stream if it carries exactly the staged content.
+    async fn finish_stream(&self, staged: &StagedWrite) -> Option<FileInfo> {
+        let tx = {
+            let mut st = staged.stream.lock().ok()?;
+            match std::mem::take(&mut *st) {
+                StreamState::Active { tx, next } if next == staged.size() => tx,
+                _ => return None,
+            }
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(stream::StreamMsg::Finish(reply)).await.ok()?;
+        match answer.await {
+            Ok(Ok(info)) => Some(info),
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "streamed upload failed; uploading the staged file");
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -613,14 +683,15 @@ impl<R: Remote> FsCore<R> {
         }
         let changes = staged.changes();
         let name = staged.name();
-        let info = self
-            .remote
-            .upload_file(&name, staged.path())
-            .await
-            .map_err(|e| {
-                tracing::warn!(file = %name, error = %e, "upload failed");
-                FsError::from(e)
-            })?;
+        let streamed = self.finish_stream(staged).await;
+        let info = match streamed {
+            Some(info) => Ok(info),
+            None => self.remote.upload_file(&name, staged.path()).await,
+        }
+        .map_err(|e| {
+            tracing::warn!(file = %name, error = %e, "upload failed");
+            FsError::from(e)
+        })?;
         staged.mark_uploaded(changes);
         tracing::info!(file = %name, size = info.size, "uploaded");
         let mut st = self.state();
@@ -631,8 +702,33 @@ impl<R: Remote> FsCore<R> {
         Ok(())
     }
 
-    /// `close()` of a descriptor: uploads pending changes.
+    fn mark_changed(&self, fh: u64) {
+        if let Ok(mut c) = self.changed_since_flush.lock() {
+            c.insert(fh);
+        }
+    }
+
+    fn take_changed(&self, fh: u64) -> bool {
+        self.changed_since_flush
+            .lock()
+            .map(|mut c| c.remove(&fh))
+            .unwrap_or(true)
+    }
+
+    /// `close()` of a descriptor: uploads what this handle changed.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        match self.handle(fh)? {
+            Handle::Staged {
+                ino,
+                staged,
+                writable: true,
+            } if self.take_changed(fh) => self.upload(ino, &staged).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// fsync(2): uploads pending changes, whoever made them.
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         match self.handle(fh)? {
             Handle::Staged {
                 ino,
@@ -643,16 +739,13 @@ impl<R: Remote> FsCore<R> {
         }
     }
 
-    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh).await
-    }
-
     /// Last close of a handle. A staged file with changes is uploaded a last time; if that
     /// fails too, its data is kept locally (see [`StagedWrite::finish`]).
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let Some(handle) = self.handles().remove(&fh) else {
             return Err(FsError::BadHandle);
         };
+        self.take_changed(fh);
         match handle {
             Handle::Read(r) => {
                 r.close().await;
@@ -697,8 +790,11 @@ impl<R: Remote> FsCore<R> {
         let Some(size) = size else {
             return self.getattr(ino).await;
         };
-        if let Some(Handle::Staged { staged, .. }) = fh.and_then(|fh| self.handle(fh).ok()) {
+        if let (Some(fh), Some(Handle::Staged { staged, .. })) =
+            (fh, fh.and_then(|fh| self.handle(fh).ok()))
+        {
             staged.truncate(size)?;
+            self.mark_changed(fh);
             return Ok(self.staged_attr(ino, &staged));
         }
         let existing = self.state().staged.get(&ino).cloned();

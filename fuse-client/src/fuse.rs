@@ -103,7 +103,10 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_ASYNC_READ;
+            | InitFlags::FUSE_ASYNC_READ
+            // O_TRUNC arrives with open() instead of as a separate truncate, so replacing
+            // a file never uploads an empty version in between.
+            | InitFlags::FUSE_ATOMIC_O_TRUNC;
         let _ = config.add_capabilities(wanted & config.capabilities());
         let _ = config.set_max_write(IO_SIZE);
         if let Err(nearest) = config.set_max_readahead(IO_SIZE) {
@@ -339,11 +342,15 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        // A local pwrite into the staged file: fast enough to answer inline.
-        match self.core.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // The kernel waits for each write's reply before sending a writer's next one, so
+        // answering from a task keeps a writer's writes in order.
+        let data = data.to_vec();
+        self.run(move |core, _, _| async move {
+            match core.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn flush(

@@ -31,7 +31,13 @@ pub struct ConnectArgs {
     #[arg(long, global = true, default_value_t = 10)]
     pub connect_timeout: u64,
     /// Connect without TLS (only to a server started with --plaintext, on a trusted network).
-    #[arg(long, global = true, env = "SHAREFS_PLAINTEXT")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHAREFS_PLAINTEXT",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
     pub plaintext: bool,
     /// Require the server's certificate to have this SHA-256 fingerprint.
     #[arg(long, global = true, env = "SHAREFS_SERVER_FINGERPRINT")]

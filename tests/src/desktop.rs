@@ -127,7 +127,10 @@ impl NotificationServer {
     }
 
     /// Serves on a bus given by address, calling `on_show` with each summary.
-    pub async fn start_at(bus: &BusAddress, on_show: impl Fn(&str) + Send + Sync + 'static) -> NotificationServer {
+    pub async fn start_at(
+        bus: &BusAddress,
+        on_show: impl Fn(&str) + Send + Sync + 'static,
+    ) -> NotificationServer {
         Self::serve(&bus.0, Some(Box::new(on_show))).await
     }
 

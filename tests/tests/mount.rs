@@ -191,7 +191,30 @@ fn own_folder_supports_the_usual_write_patterns() {
 
     // Empty file (touch) and unlink.
     run_ok(Command::new("touch").arg(alice.path("alice/empty")));
-    assert_eq!(server_content(&server, "alice", "empty").unwrap(), b"");
+    // Nothing was written: committed at the last release, just after close returns.
+    eventually(TIMEOUT, "empty file on the server", || {
+        server_content(&server, "alice", "empty").as_deref() == Some(b"")
+    });
+    // A shell redirection closes a dup of the descriptor before writing: the file must
+    // not pass through an empty version on the server.
+    fs::write(alice.path("alice/target.txt"), b"before").unwrap();
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "echo after > '{}'",
+        alice.path("alice/target.txt").display()
+    )));
+    assert_eq!(
+        server_content(&server, "alice", "target.txt").unwrap(),
+        b"after\n"
+    );
+    let log = server.log_text();
+    let commits: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("upload committed") && l.contains("target.txt"))
+        .collect();
+    assert!(
+        commits.iter().all(|l| !l.contains("size=0")),
+        "empty intermediate version: {commits:?}"
+    );
     run_ok(Command::new("rm").arg(alice.path("alice/empty")));
     assert!(server_content(&server, "alice", "empty").is_none());
     assert_errno(

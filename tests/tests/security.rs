@@ -39,29 +39,46 @@ async fn a_pinned_client_refuses_another_server() {
         known_servers: Some(known.clone()),
         ..Default::default()
     });
-    within("first use", RemoteClient::connect(&opts)).await.unwrap();
+    within("first use", RemoteClient::connect(&opts))
+        .await
+        .unwrap();
     let pinned = std::fs::read_to_string(&known).unwrap();
-    assert!(pinned.contains(b.fingerprint.as_deref().unwrap()), "{pinned}");
-    within("second use", RemoteClient::connect(&opts)).await.unwrap();
+    assert!(
+        pinned.contains(b.fingerprint.as_deref().unwrap()),
+        "{pinned}"
+    );
+    within("second use", RemoteClient::connect(&opts))
+        .await
+        .unwrap();
 
     // The address now presents another certificate (A's pin stands for what the client saw
     // before): a hard error that says what to do.
-    let swapped = pinned.replace(b.fingerprint.as_deref().unwrap(), a.fingerprint.as_deref().unwrap());
+    let swapped = pinned.replace(
+        b.fingerprint.as_deref().unwrap(),
+        a.fingerprint.as_deref().unwrap(),
+    );
     std::fs::write(&known, swapped).unwrap();
     let e = connect_err(&opts).await;
     let text = e.to_string();
     assert!(text.contains("SERVER IDENTITY CHANGED"), "{text}");
     assert!(text.contains(&known.display().to_string()), "{text}");
     // Nothing was re-pinned.
-    assert!(!std::fs::read_to_string(&known).unwrap().contains(b.fingerprint.as_deref().unwrap()));
+    assert!(!std::fs::read_to_string(&known)
+        .unwrap()
+        .contains(b.fingerprint.as_deref().unwrap()));
 
     // The CLI says the same in one line and fails.
     let mut ls = b.cli("alice");
-    ls.env_remove("SHAREFS_SERVER_FINGERPRINT").env("SHAREFS_KNOWN_SERVERS", &known).arg("ls");
+    ls.env_remove("SHAREFS_SERVER_FINGERPRINT")
+        .env("SHAREFS_KNOWN_SERVERS", &known)
+        .arg("ls");
     let out = ls.output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("SERVER IDENTITY CHANGED") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("SERVER IDENTITY CHANGED") && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +108,13 @@ struct Pki {
     ca: std::path::PathBuf,
 }
 
-fn issue(dir: &Path, name: &str, host: &str, expired: bool, ca: &(rcgen::Certificate, rcgen::KeyPair)) -> (String, String) {
+fn issue(
+    dir: &Path,
+    name: &str,
+    host: &str,
+    expired: bool,
+    ca: &(rcgen::Certificate, rcgen::KeyPair),
+) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
     if expired {
@@ -103,7 +126,10 @@ fn issue(dir: &Path, name: &str, host: &str, expired: bool, ca: &(rcgen::Certifi
     let key_path = dir.join(format!("{name}.key"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    (cert_path.display().to_string(), key_path.display().to_string())
+    (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +145,11 @@ async fn ca_signed_certificates_are_checked() {
     std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
     let ca = (ca_cert, ca_key);
 
-    let cases = [("good", "localhost", false, true), ("wronghost", "example.com", false, false), ("expired", "localhost", true, false)];
+    let cases = [
+        ("good", "localhost", false, true),
+        ("wronghost", "example.com", false, false),
+        ("expired", "localhost", true, false),
+    ];
     for (name, host, expired, ok) in cases {
         let (cert, key) = issue(dir.path(), name, host, expired, &ca);
         let server = TestServer::start_with(&["--tls-cert", &cert, "--tls-key", &key]);
@@ -143,7 +173,10 @@ async fn ca_signed_certificates_are_checked() {
             (_, Err(e)) => panic!("{name}: {e:?}"),
         }
     }
-    assert!(!dir.path().join("known").exists(), "CA-verified servers must not be pinned");
+    assert!(
+        !dir.path().join("known").exists(),
+        "CA-verified servers must not be pinned"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,8 +222,14 @@ async fn open_registration_creates_accounts_only_when_enabled() {
     let open = TestServer::start_with(&["--open-registration"]);
     let mut opts = open.options("dave");
     opts.password = "dave's".into();
-    let (dave, _) = within("register", RemoteClient::connect(&opts)).await.unwrap();
-    assert!(dave.list_users().await.unwrap().contains(&"dave".to_string()));
+    let (dave, _) = within("register", RemoteClient::connect(&opts))
+        .await
+        .unwrap();
+    assert!(dave
+        .list_users()
+        .await
+        .unwrap()
+        .contains(&"dave".to_string()));
     drop(dave);
     // The account now has that password.
     opts.password = "other".into();
@@ -273,20 +312,30 @@ async fn garbage_slow_loris_and_floods_do_not_stop_real_clients() {
     let (carol, _) = loop {
         match RemoteClient::connect(&server.options("carol")).await {
             Ok(c) => break c,
-            Err(e) => assert!(started.elapsed() < TIMEOUT, "cannot connect after the attack: {e}"),
+            Err(e) => assert!(
+                started.elapsed() < TIMEOUT,
+                "cannot connect after the attack: {e}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(download(&carol, "alice", "f").await.unwrap().len(), data.len());
+    assert_eq!(
+        download(&carol, "alice", "f").await.unwrap().len(),
+        data.len()
+    );
     assert!(peak_rss < 200 * 1024, "server RSS reached {peak_rss} KiB");
-    assert!(server.log_text().contains("connection limit reached"), "flood never hit the limit");
+    assert!(
+        server.log_text().contains("connection limit reached"),
+        "flood never hit the limit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_through_the_cli_keeps_the_old_version() {
     let server = TestServer::start();
     let mut q = Command::new(bin("sharefs-server"));
-    q.args(["user", "quota", "alice", "1M", "--data"]).arg(&server.data);
+    q.args(["user", "quota", "alice", "1M", "--data"])
+        .arg(&server.data);
     assert!(q.status().unwrap().success());
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("doc");
@@ -316,7 +365,11 @@ async fn the_disk_reserve_is_never_crossed() {
     put.arg("put").arg(&f);
     let out = put.output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no space"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no space"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !fuse_available() {
         return;
     }

@@ -34,6 +34,23 @@ pub trait Remote: Send + Sync + 'static {
     fn close(&self, handle: RemoteHandle) -> impl Future<Output = ()> + Send;
     /// Uploads a local file's content as `name` in the user's folder; returns once durable.
     fn upload_file(&self, name: &str, path: &Path) -> impl Future<Output = R<FileInfo>> + Send;
+    /// Starts an upload whose bytes are streamed as they are written.
+    fn upload_begin(&self, name: &str) -> impl Future<Output = R<RemoteHandle>> + Send;
+    /// Next bytes of a streamed upload, in order.
+    fn upload_chunk(
+        &self,
+        h: RemoteHandle,
+        offset: u64,
+        data: Bytes,
+    ) -> impl Future<Output = R<()>> + Send;
+    /// Makes a streamed upload the file's new version; returns once durable.
+    fn upload_commit(
+        &self,
+        h: RemoteHandle,
+        size: u64,
+        blake3: &str,
+    ) -> impl Future<Output = R<FileInfo>> + Send;
+    fn upload_abort(&self, h: RemoteHandle) -> impl Future<Output = ()> + Send;
     fn delete(&self, name: &str) -> impl Future<Output = R<()>> + Send;
     fn rename(&self, from: &str, to: &str) -> impl Future<Output = R<FileInfo>> + Send;
     fn statfs(&self) -> impl Future<Output = R<Space>> + Send;
@@ -63,6 +80,18 @@ impl Remote for Connection {
     }
     async fn upload_file(&self, name: &str, path: &Path) -> R<FileInfo> {
         Connection::upload_file(self, name, path).await
+    }
+    async fn upload_begin(&self, name: &str) -> R<RemoteHandle> {
+        Connection::upload_begin(self, name).await
+    }
+    async fn upload_chunk(&self, h: RemoteHandle, offset: u64, data: Bytes) -> R<()> {
+        Connection::upload_chunk(self, h, offset, data).await
+    }
+    async fn upload_commit(&self, h: RemoteHandle, size: u64, blake3: &str) -> R<FileInfo> {
+        Connection::upload_commit(self, h, size, blake3).await
+    }
+    async fn upload_abort(&self, h: RemoteHandle) {
+        Connection::upload_abort(self, h).await
     }
     async fn delete(&self, name: &str) -> R<()> {
         Connection::delete(self, name).await

@@ -26,6 +26,10 @@ struct Fake {
     next: AtomicU64,
     opens: Mutex<Vec<(String, String)>>,
     fail_uploads: Mutex<Option<ErrorCode>>,
+    /// Streamed uploads in progress: id -> (name, data so far).
+    uploads: Mutex<HashMap<u64, (String, Vec<u8>)>>,
+    /// Streamed uploads committed.
+    streamed: Mutex<usize>,
 }
 
 fn remote_err(code: ErrorCode) -> ClientError {
@@ -126,6 +130,51 @@ impl Remote for Fake {
         }
         let data = std::fs::read(path).map_err(ClientError::from)?;
         Ok(self.put(&self.user.clone(), name, &data))
+    }
+    async fn upload_begin(&self, name: &str) -> Result<RemoteHandle, ClientError> {
+        if let Some(code) = *self.fail_uploads.lock().unwrap() {
+            return Err(remote_err(code));
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.uploads
+            .lock()
+            .unwrap()
+            .insert(id, (name.to_string(), Vec::new()));
+        Ok(RemoteHandle { id, generation: 1 })
+    }
+    async fn upload_chunk(
+        &self,
+        h: RemoteHandle,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), ClientError> {
+        let mut ups = self.uploads.lock().unwrap();
+        let (_, buf) = ups
+            .get_mut(&h.id)
+            .ok_or_else(|| remote_err(ErrorCode::ProtocolError))?;
+        assert_eq!(buf.len() as u64, offset, "chunks out of order");
+        buf.extend_from_slice(&data);
+        Ok(())
+    }
+    async fn upload_commit(
+        &self,
+        h: RemoteHandle,
+        size: u64,
+        blake3_hex: &str,
+    ) -> Result<FileInfo, ClientError> {
+        let (name, data) = self
+            .uploads
+            .lock()
+            .unwrap()
+            .remove(&h.id)
+            .ok_or_else(|| remote_err(ErrorCode::ProtocolError))?;
+        assert_eq!(data.len() as u64, size);
+        assert_eq!(blake3::hash(&data).to_hex().as_str(), blake3_hex);
+        *self.streamed.lock().unwrap() += 1;
+        Ok(self.put(&self.user.clone(), &name, &data))
+    }
+    async fn upload_abort(&self, h: RemoteHandle) {
+        self.uploads.lock().unwrap().remove(&h.id);
     }
     async fn delete(&self, name: &str) -> Result<(), ClientError> {
         self.files
@@ -259,7 +308,7 @@ fn upload_errors_reach_flush_with_their_kind() {
         ] {
             *e.core.remote.fail_uploads.lock().unwrap() = Some(code);
             let (_, fh) = e.core.create(dir, "f").await.unwrap();
-            e.core.write(fh, 0, b"hello").unwrap();
+            e.core.write(fh, 0, b"hello").await.unwrap();
             let err = e.core.flush(fh).await.unwrap_err();
             assert!(check(&err), "{code:?} became {err:?}");
             assert!(e.core.release(fh).await.is_err());
@@ -271,7 +320,7 @@ fn upload_errors_reach_flush_with_their_kind() {
         assert_eq!(kept, 3);
         *e.core.remote.fail_uploads.lock().unwrap() = None;
         let (_, fh) = e.core.create(dir, "f").await.unwrap();
-        e.core.write(fh, 0, b"hello").unwrap();
+        e.core.write(fh, 0, b"hello").await.unwrap();
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
         assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
@@ -364,7 +413,7 @@ async fn apply(core: &FsCore<Fake>, dir: u64, model: &mut BTreeMap<String, Vec<u
     match op {
         Op::Create(i, d) => {
             let (_, fh) = core.create(dir, NAMES[*i]).await.unwrap();
-            core.write(fh, 0, d).unwrap();
+            core.write(fh, 0, d).await.unwrap();
             core.flush(fh).await.unwrap();
             core.release(fh).await.unwrap();
             model.insert(NAMES[*i].into(), d.clone());
@@ -381,7 +430,7 @@ async fn apply(core: &FsCore<Fake>, dir: u64, model: &mut BTreeMap<String, Vec<u
                 _ => m.len(),
             };
             let o = core.open(attr.ino, write_mode).await.unwrap();
-            core.write(o.fh, off as u64, d).unwrap();
+            core.write(o.fh, off as u64, d).await.unwrap();
             core.flush(o.fh).await.unwrap();
             core.release(o.fh).await.unwrap();
             // As pwrite(2): an empty write changes nothing, not even the size.
@@ -451,4 +500,57 @@ proptest! {
             assert_eq!(std::fs::read_dir(e._cache.path().join("staging")).unwrap().count(), 0);
         });
     }
+}
+
+#[test]
+fn sequential_writes_stream_and_anything_else_falls_back_to_the_staged_file() {
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 253) as u8).collect();
+        let (_, fh) = e.core.create(dir, "seq").await.unwrap();
+        for (i, chunk) in data.chunks(128 * 1024).enumerate() {
+            e.core
+                .write(fh, (i * 128 * 1024) as u64, chunk)
+                .await
+                .unwrap();
+        }
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(
+            *e.core.remote.streamed.lock().unwrap(),
+            1,
+            "sequential file not streamed"
+        );
+        assert_eq!(e.core.remote.content("alice", "seq").unwrap(), data);
+
+        // A write out of order ends the stream; the content is still right.
+        let (_, fh) = e.core.create(dir, "jumpy").await.unwrap();
+        e.core.write(fh, 0, &data[..2_000_000]).await.unwrap();
+        e.core.write(fh, 100, b"patched").await.unwrap();
+        e.core
+            .write(fh, 2_000_000, &data[2_000_000..])
+            .await
+            .unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let mut want = data.clone();
+        want[100..107].copy_from_slice(b"patched");
+        assert_eq!(e.core.remote.content("alice", "jumpy").unwrap(), want);
+        assert_eq!(*e.core.remote.streamed.lock().unwrap(), 1);
+        assert!(
+            e.core.remote.uploads.lock().unwrap().is_empty(),
+            "aborted stream left an upload"
+        );
+
+        // A failing stream falls back and reports the server's error if that fails too.
+        *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::QuotaExceeded);
+        let (_, fh) = e.core.create(dir, "over").await.unwrap();
+        e.core.write(fh, 0, &data).await.unwrap();
+        assert!(matches!(
+            e.core.flush(fh).await,
+            Err(FsError::QuotaExceeded)
+        ));
+        let _ = e.core.release(fh).await;
+    });
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::error::{FsError, FsResult};
+use super::stream::StreamState;
 
 #[derive(Debug)]
 struct State {
@@ -27,13 +28,24 @@ struct State {
     unlinked: bool,
 }
 
-#[derive(Debug)]
 pub struct StagedWrite {
     file: File,
     path: PathBuf,
     state: Mutex<State>,
     /// Serialises uploads of this file.
     pub upload_lock: tokio::sync::Mutex<()>,
+    /// The streamed upload, if any (see `stream.rs`). std `Mutex`: never held across an
+    /// await; `stream_order` keeps feeds in write order.
+    pub stream: Mutex<StreamState>,
+    pub stream_order: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for StagedWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedWrite")
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 impl StagedWrite {
@@ -56,7 +68,20 @@ impl StagedWrite {
                 unlinked: false,
             }),
             upload_lock: tokio::sync::Mutex::new(()),
+            stream: Mutex::new(if dirty {
+                StreamState::Eligible
+            } else {
+                StreamState::Off
+            }),
+            stream_order: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Stops streaming (the stream's task then aborts its server-side upload).
+    pub fn stop_stream(&self) {
+        if let Ok(mut s) = self.stream.lock() {
+            *s = StreamState::Off;
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -92,6 +117,7 @@ impl StagedWrite {
 
     /// The file was deleted: nothing of it is to be uploaded any more.
     pub fn unlink(&self) {
+        self.stop_stream();
         let mut s = self.state();
         s.unlinked = true;
         s.uploaded = s.changes;
@@ -133,6 +159,12 @@ impl StagedWrite {
     }
 
     pub fn truncate(&self, size: u64) -> FsResult<()> {
+        if let Ok(mut s) = self.stream.lock() {
+            // Truncating a never-written file keeps it eligible; anything else ends a stream.
+            if !(matches!(*s, StreamState::Eligible) && size == 0) {
+                *s = StreamState::Off;
+            }
+        }
         self.file.set_len(size)?;
         let mut s = self.state();
         s.size = size;

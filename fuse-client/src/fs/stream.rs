@@ -1,0 +1,108 @@
+//! Streaming sequential writes to the server while they happen.
+//!
+//! A file created (or truncated) through the mount and then written strictly sequentially
+//! from offset 0 — `cp`, `dd`, most editors' saves — is sent to the server chunk by chunk as
+//! the writes arrive, so `close()` only waits for the tail and the commit, instead of
+//! uploading the whole file after the last write. The staged local copy is still written:
+//! it remains the source of truth, and any deviation (a write elsewhere, a truncate, a
+//! lost connection, a failed stream) drops the stream and falls back to uploading the
+//! staged file whole at close. Only a stream that covers exactly the staged content from
+//! byte 0 to its end is ever committed.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use sharefs_protocol::{FileInfo, CHUNK_SIZE};
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::FsError;
+use super::remote::Remote;
+
+pub enum StreamMsg {
+    Data(Bytes),
+    /// All data was sent: commit and answer.
+    Finish(oneshot::Sender<Result<FileInfo, FsError>>),
+}
+
+/// Where a staged file's stream stands.
+#[derive(Default)]
+pub enum StreamState {
+    /// Created or truncated and not written yet: a first write at offset 0 starts a stream.
+    Eligible,
+    /// Streaming; `next` is the offset the next sequential write must have.
+    Active {
+        tx: mpsc::Sender<StreamMsg>,
+        next: u64,
+    },
+    /// Not streaming (never eligible, broken, or finished): upload whole at close.
+    #[default]
+    Off,
+}
+
+/// Messages buffered between the writer and the uploader (each up to one FUSE write).
+pub const STREAM_QUEUE: usize = 8;
+
+/// Receives the written data in order, uploads it in chunks, commits on `Finish`; aborts
+/// the server-side upload if the sender goes away without finishing.
+pub async fn run<R: Remote>(remote: Arc<R>, name: String, mut rx: mpsc::Receiver<StreamMsg>) {
+    let handle = remote.upload_begin(&name).await;
+    let mut failed: Option<FsError> = handle.as_ref().err().map(|e| FsError::from(e.clone()));
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = BytesMut::new();
+    let mut sent = 0u64;
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            StreamMsg::Data(data) => {
+                let Ok(h) = &handle else { continue };
+                if failed.is_some() {
+                    continue;
+                }
+                hasher.update(&data);
+                buf.extend_from_slice(&data);
+                if buf.len() >= CHUNK_SIZE as usize {
+                    let chunk = buf.split().freeze();
+                    let len = chunk.len() as u64;
+                    match remote.upload_chunk(*h, sent, chunk).await {
+                        Ok(()) => sent += len,
+                        Err(e) => failed = Some(e.into()),
+                    }
+                }
+            }
+            StreamMsg::Finish(reply) => {
+                let result = match (&handle, failed.take()) {
+                    (_, Some(e)) => Err(e),
+                    (Err(e), None) => Err(FsError::from(e.clone())),
+                    (Ok(h), None) => {
+                        let tail = buf.split().freeze();
+                        let len = tail.len() as u64;
+                        let tail_sent = if tail.is_empty() {
+                            Ok(())
+                        } else {
+                            remote.upload_chunk(*h, sent, tail).await
+                        };
+                        match tail_sent {
+                            Ok(()) => {
+                                let hash = hasher.finalize().to_hex();
+                                remote
+                                    .upload_commit(*h, sent + len, hash.as_str())
+                                    .await
+                                    .map_err(FsError::from)
+                            }
+                            Err(e) => Err(e.into()),
+                        }
+                    }
+                };
+                if result.is_err() {
+                    if let Ok(h) = &handle {
+                        remote.upload_abort(*h).await;
+                    }
+                }
+                let _ = reply.send(result);
+                return;
+            }
+        }
+    }
+    if let Ok(h) = handle {
+        remote.upload_abort(h).await;
+    }
+}
