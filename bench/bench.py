@@ -336,6 +336,8 @@ def main():
             ("rm 2,000 files", "files/s", w.rm_small, True),
             ("untar 2,000 x 4 KiB", "files/s", w.untar, True),
         ]
+        reset_peak(server.pid)
+        reset_peak(mount_proc.pid)
         for r in range(rounds):
             for name, unit, f, higher in plan:
                 for t, d in targets.items():  # interleaved: every target each round
@@ -355,6 +357,9 @@ def main():
                 results.setdefault("4 KiB random read O_DIRECT, QD1", {"unit": "IOPS", "higher": True}).setdefault(t, []).append(iops)
                 results.setdefault("4 KiB random read latency", {"unit": "us", "higher": False}).setdefault(t, []).append(lat)
                 log(f"round {r + 1} randread {t:8} {iops:10.0f} IOPS {lat:8.1f} us")
+
+        extra["server peak RSS during the single-client workloads incl. 1 GiB copies (KiB)"] = rss_peak_kib(server.pid)
+        extra["mount peak RSS during the single-client workloads incl. 1 GiB copies (KiB)"] = rss_peak_kib(mount_proc.pid)
 
         # ls -l of a big folder, first (fresh mounts) and warm.
         n = sizes["listing"]
@@ -396,8 +401,8 @@ def main():
             secs = timed(go)
             results.setdefault(f"8 clients x {per} MiB in, aggregate", {"unit": "MiB/s", "higher": True}).setdefault(t, []).append(8 * per / secs)
             log(f"8 clients {t}: {8 * per / secs:.0f} MiB/s")
-        extra["server peak RSS (whole run, KiB)"] = rss_peak_kib(server.pid)
-        extra["mount peak RSS (since 8-client run, KiB)"] = rss_peak_kib(mount_proc.pid)
+        extra["server peak RSS during the 8-client run (KiB)"] = rss_peak_kib(server.pid)
+        extra["mount peak RSS during the 8-client run (KiB)"] = rss_peak_kib(mount_proc.pid)
 
         # Notification latency: bob opens alice's (bench's) files; time from open() to the
         # Notify call reaching a notification service on a private session bus.
