@@ -145,10 +145,16 @@ impl Connection {
             .await
     }
 
-    pub async fn open(&self, owner: &str, name: &str) -> Result<(RemoteHandle, FileInfo)> {
+    /// Opens for reading; up to `head` bytes of the start come back with the handle.
+    pub async fn open(
+        &self,
+        owner: &str,
+        name: &str,
+        head: u32,
+    ) -> Result<(RemoteHandle, FileInfo, Bytes)> {
         self.retry(|c, generation| async move {
-            let (id, info) = c.open(owner, name).await?;
-            Ok((RemoteHandle { id, generation }, info))
+            let (id, info, data) = c.open_with_head(owner, name, head).await?;
+            Ok((RemoteHandle { id, generation }, info, data))
         })
         .await
     }

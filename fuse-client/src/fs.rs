@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use sharefs_protocol::name::check_file_name;
-use sharefs_protocol::{Event, FileInfo, Space};
+use sharefs_protocol::{Event, FileInfo, Space, CHUNK_SIZE};
 use tokio::sync::Semaphore;
 
 pub use error::{FsError, FsResult};
@@ -38,6 +38,8 @@ pub use write::StagedWrite;
 pub const ROOT: u64 = 1;
 /// Oldest a cached listing may be, as a backstop for lost events.
 pub const LISTING_MAX_AGE: Duration = Duration::from_secs(60);
+/// Bytes of a file's start that come back with its open: small files need no more trips.
+const HEAD: u32 = 128 * 1024;
 /// Prefetched blocks (1 MiB each) across all open files.
 const PREFETCH_BUDGET: usize = 64;
 
@@ -486,12 +488,13 @@ impl<R: Remote> FsCore<R> {
         }
         let staged = Arc::new(StagedWrite::create(&self.staging_dir, name, truncate)?);
         if !truncate {
-            match self.remote.open(&self.user, name).await {
-                Ok((handle, info)) => {
+            match self.remote.open(&self.user, name, HEAD).await {
+                Ok((handle, info, head)) => {
                     let reader = Arc::new(ReadHandle::new(
                         self.remote.clone(),
                         handle,
                         info.clone(),
+                        head,
                         self.prefetch_budget.clone(),
                     ));
                     let mut offset = 0;
@@ -574,7 +577,7 @@ impl<R: Remote> FsCore<R> {
             });
         }
         // Always asks the server: this open is the download the owner hears about.
-        let (handle, info) = self.remote.open(&owner, &name).await?;
+        let (handle, info, head) = self.remote.open(&owner, &name, HEAD).await?;
         let keep_cache = {
             let mut st = self.state();
             let keep = st.cached_version.get(&ino) == Some(&info.version);
@@ -586,6 +589,7 @@ impl<R: Remote> FsCore<R> {
             self.remote.clone(),
             handle,
             info,
+            head,
             self.prefetch_budget.clone(),
         ));
         let fh = self.insert_handle(Handle::Read(reader));
@@ -621,34 +625,51 @@ impl<R: Remote> FsCore<R> {
     /// of a fresh file and ending it at the first write out of sequence.
     async fn feed_stream(&self, staged: &StagedWrite, offset: u64, data: &[u8]) {
         let len = data.len() as u64;
-        let tx = {
+        let send = {
             let Ok(mut st) = staged.stream.lock() else {
                 return;
             };
             match &mut *st {
                 StreamState::Eligible if offset == 0 && staged.size() == len => {
-                    let (tx, rx) = tokio::sync::mpsc::channel(stream::STREAM_QUEUE);
-                    tokio::spawn(stream::run(self.remote.clone(), staged.name(), rx));
-                    *st = StreamState::Active {
-                        tx: tx.clone(),
+                    *st = StreamState::Pending {
+                        buf: bytes::BytesMut::from(data),
                         next: len,
                     };
-                    Some(tx)
+                    None
+                }
+                StreamState::Pending { buf, next } if *next == offset => {
+                    buf.extend_from_slice(data);
+                    *next += len;
+                    if buf.len() < CHUNK_SIZE as usize {
+                        None
+                    } else {
+                        // Big enough to be worth streaming: start, with what we kept.
+                        let head = buf.split().freeze();
+                        let next = *next;
+                        let (tx, rx) = tokio::sync::mpsc::channel(stream::STREAM_QUEUE);
+                        tokio::spawn(stream::run(self.remote.clone(), staged.name(), rx));
+                        *st = StreamState::Active {
+                            tx: tx.clone(),
+                            next,
+                        };
+                        Some((tx, head))
+                    }
                 }
                 StreamState::Active { tx, next } if *next == offset => {
                     *next += len;
-                    Some(tx.clone())
+                    Some((tx.clone(), Bytes::copy_from_slice(data)))
                 }
-                StreamState::Eligible | StreamState::Active { .. } => {
+                StreamState::Eligible
+                | StreamState::Pending { .. }
+                | StreamState::Active { .. } => {
                     *st = StreamState::Off;
                     None
                 }
                 StreamState::Off => None,
             }
         };
-        if let Some(tx) = tx {
-            let msg = stream::StreamMsg::Data(Bytes::copy_from_slice(data));
-            if tx.send(msg).await.is_err() {
+        if let Some((tx, payload)) = send {
+            if tx.send(stream::StreamMsg::Data(payload)).await.is_err() {
                 staged.stop_stream();
             }
         }

@@ -277,15 +277,25 @@ impl RemoteClient {
 
     /// Opens a file for reading (a download when `owner` is someone else).
     pub async fn open(&self, owner: &str, name: &str) -> Result<(u64, FileInfo)> {
-        match self
-            .call_empty(Request::Open {
-                owner: owner.into(),
-                name: name.into(),
-            })
-            .await?
-        {
-            Reply::Opened { handle, file } => Ok((handle, file)),
-            other => Err(wrong_reply(other)),
+        let (handle, file, _) = self.open_with_head(owner, name, 0).await?;
+        Ok((handle, file))
+    }
+
+    /// Opens a file and returns up to `head` bytes from its start with the handle.
+    pub async fn open_with_head(
+        &self,
+        owner: &str,
+        name: &str,
+        head: u32,
+    ) -> Result<(u64, FileInfo, Bytes)> {
+        let op = Request::Open {
+            owner: owner.into(),
+            name: name.into(),
+            head,
+        };
+        match self.call(op, Bytes::new()).await? {
+            (Reply::Opened { handle, file }, data) => Ok((handle, file, data)),
+            (other, _) => Err(wrong_reply(other)),
         }
     }
 

@@ -90,6 +90,10 @@ pub enum Request {
     Open {
         owner: String,
         name: String,
+        /// Up to this many bytes from the start of the file come back with the reply (as
+        /// its payload), saving small files a round trip.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        head: u32,
     },
     /// Reads up to `len` bytes at `offset`; the data is the response payload, shorter at
     /// end of file.
@@ -147,6 +151,10 @@ pub enum Request {
     StatFs,
     /// Keeps an idle connection alive; answered with `ok`.
     Ping,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Successful answers.

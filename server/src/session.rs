@@ -466,9 +466,11 @@ impl Session {
                 size,
                 blake3,
             } => match self.uploads.remove(&upload) {
-                Some((up, _slot)) => {
+                Some((up, slot)) => {
                     let ctx = self.context();
                     self.spawn(id, async move {
+                        // The upload counts against the user's limit until committed.
+                        let _slot = slot;
                         let name = up.name().to_string();
                         let info = ctx
                             .blocking(move |shared| shared.store.commit_upload(up, size, &blake3))
@@ -648,7 +650,7 @@ impl Context {
                 let file = self.blocking(move |s| s.store.stat(&owner, &name)).await?;
                 Reply::File { file }
             }
-            Request::Open { owner, name } => return self.open(owner, name).await,
+            Request::Open { owner, name, head } => return self.open(owner, name, head).await,
             Request::Read {
                 handle,
                 offset,
@@ -733,7 +735,7 @@ impl Context {
         Ok((reply, Bytes::new(), None))
     }
 
-    async fn open(self, owner: String, name: String) -> Handled {
+    async fn open(self, owner: String, name: String, head: u32) -> Handled {
         let owner = self.require_user(owner).await?;
         let downloader = self.user.clone();
         let open = self
@@ -753,7 +755,19 @@ impl Context {
         let handle = self.next_id.fetch_add(1, Ordering::Relaxed);
         let file = open.info.clone();
         self.handles()?.insert(handle, Arc::new(open));
-        Ok((Reply::Opened { handle, file }, Bytes::new(), None))
+        let head = (head.min(CHUNK_SIZE) as u64).min(file.size) as usize;
+        if head == 0 {
+            return Ok((Reply::Opened { handle, file }, Bytes::new(), None));
+        }
+        let open = self
+            .handles()?
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| ServerError::Internal("handle vanished".into()))?;
+        let data = tokio::task::spawn_blocking(move || read_at(&open.file, 0, head))
+            .await
+            .map_err(|e| ServerError::Internal(format!("read task failed: {e}")))??;
+        Ok((Reply::Opened { handle, file }, data, None))
     }
 
     async fn read(self, handle: u64, offset: u64, len: u32) -> Handled {

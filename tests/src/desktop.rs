@@ -3,7 +3,6 @@
 //! to show.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -31,12 +30,7 @@ impl TestBus {
             .spawn()
             .expect("dbus-daemon (Debian package dbus) is needed for notification tests");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
+        let rx = crate::first_line(stdout);
         let address = rx
             .recv_timeout(TIMEOUT)
             .expect("dbus-daemon printed no address");

@@ -62,6 +62,18 @@ pub fn bin(name: &str) -> PathBuf {
 
 pub const PASSWORD: &str = "correct horse";
 
+/// The first line a child prints, delivered on a channel so the caller can wait for it
+/// with a bound (`recv_timeout`) instead of blocking on the pipe.
+pub fn first_line(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx
+}
+
 /// A `sharefs-server` child process over a temp data directory.
 pub struct TestServer {
     child: Option<Child>,
@@ -135,12 +147,7 @@ impl TestServer {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
+        let rx = first_line(stdout);
         self.child = Some(child);
         let line = rx
             .recv_timeout(TIMEOUT)

@@ -1,7 +1,6 @@
 //! A real kernel FUSE mount of `sharefs mount --foreground`, unmounted and killed in
 //! `Drop` (also on panic).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -69,12 +68,7 @@ impl TestMount {
         }
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
+        let rx = crate::first_line(stdout);
         let mut mount = TestMount {
             child: Some(child),
             dir,

@@ -45,6 +45,8 @@ pub struct ReadHandle<R: Remote> {
     remote: Arc<R>,
     pub info: FileInfo,
     handle: Mutex<RemoteHandle>,
+    /// The start of the file, as it came with the open.
+    head: Bytes,
     prefetch: Mutex<Prefetch>,
     budget: Arc<Semaphore>,
 }
@@ -54,11 +56,13 @@ impl<R: Remote> ReadHandle<R> {
         remote: Arc<R>,
         handle: RemoteHandle,
         info: FileInfo,
+        head: Bytes,
         budget: Arc<Semaphore>,
     ) -> Self {
         ReadHandle {
             remote,
             info,
+            head,
             handle: Mutex::new(handle),
             prefetch: Mutex::new(Prefetch::default()),
             budget,
@@ -93,7 +97,10 @@ impl<R: Remote> ReadHandle<R> {
         if self.current_handle() != failed {
             return Ok(()); // another fetch reopened it already
         }
-        let (handle, info) = self.remote.open(&self.info.owner, &self.info.name).await?;
+        let (handle, info, _) = self
+            .remote
+            .open(&self.info.owner, &self.info.name, 0)
+            .await?;
         if info.version != self.info.version {
             self.remote.close(handle).await;
             tracing::warn!(owner = %self.info.owner, name = %self.info.name, "file changed while open; failing reads");
@@ -127,6 +134,12 @@ impl<R: Remote> ReadHandle<R> {
             return Ok(Bytes::new());
         }
         let end = file_size.min(offset + size as u64);
+        if end <= self.head.len() as u64 {
+            if let Ok(mut p) = self.prefetch.lock() {
+                p.next_offset = end;
+            }
+            return Ok(self.head.slice(offset as usize..end as usize));
+        }
         let wanted: Vec<(u64, BlockFuture)> = {
             let mut p = self
                 .prefetch

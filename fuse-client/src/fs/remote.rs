@@ -18,12 +18,14 @@ pub trait Remote: Send + Sync + 'static {
     fn list_users(&self) -> impl Future<Output = R<Vec<String>>> + Send;
     fn list_files(&self, owner: &str) -> impl Future<Output = R<Vec<FileInfo>>> + Send;
     fn stat(&self, owner: &str, name: &str) -> impl Future<Output = R<FileInfo>> + Send;
-    /// Opens for reading; for another user's file this is the download event.
+    /// Opens for reading; for another user's file this is the download event. Up to
+    /// `head` bytes of the file's start come back with the handle.
     fn open(
         &self,
         owner: &str,
         name: &str,
-    ) -> impl Future<Output = R<(RemoteHandle, FileInfo)>> + Send;
+        head: u32,
+    ) -> impl Future<Output = R<(RemoteHandle, FileInfo, Bytes)>> + Send;
     /// Reads through a handle; `Disconnected` means the handle is gone and may be reopened.
     fn read(
         &self,
@@ -69,8 +71,8 @@ impl Remote for Connection {
     async fn stat(&self, owner: &str, name: &str) -> R<FileInfo> {
         Connection::stat(self, owner, name).await
     }
-    async fn open(&self, owner: &str, name: &str) -> R<(RemoteHandle, FileInfo)> {
-        Connection::open(self, owner, name).await
+    async fn open(&self, owner: &str, name: &str, head: u32) -> R<(RemoteHandle, FileInfo, Bytes)> {
+        Connection::open(self, owner, name, head).await
     }
     async fn read(&self, handle: RemoteHandle, offset: u64, len: u32) -> R<Bytes> {
         Connection::read(self, handle, offset, len).await

@@ -29,6 +29,9 @@ pub enum StreamMsg {
 pub enum StreamState {
     /// Created or truncated and not written yet: a first write at offset 0 starts a stream.
     Eligible,
+    /// Written sequentially but less than a chunk so far: kept here, and streamed only if
+    /// the file grows past a chunk (small files go up in one `put` at close instead).
+    Pending { buf: BytesMut, next: u64 },
     /// Streaming; `next` is the offset the next sequential write must have.
     Active {
         tx: mpsc::Sender<StreamMsg>,
@@ -40,7 +43,7 @@ pub enum StreamState {
 }
 
 /// Messages buffered between the writer and the uploader (each up to one FUSE write).
-pub const STREAM_QUEUE: usize = 8;
+pub const STREAM_QUEUE: usize = 4;
 
 /// Receives the written data in order, uploads it in chunks, commits on `Finish`; aborts
 /// the server-side upload if the sender goes away without finishing.

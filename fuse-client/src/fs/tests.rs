@@ -98,7 +98,12 @@ impl Remote for Fake {
             .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
         Ok(Fake::info(owner, name, d, *v))
     }
-    async fn open(&self, owner: &str, name: &str) -> Result<(RemoteHandle, FileInfo), ClientError> {
+    async fn open(
+        &self,
+        owner: &str,
+        name: &str,
+        head: u32,
+    ) -> Result<(RemoteHandle, FileInfo, Bytes), ClientError> {
         self.opens.lock().unwrap().push((owner.into(), name.into()));
         let (d, v) = self
             .files
@@ -109,8 +114,9 @@ impl Remote for Fake {
             .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let info = Fake::info(owner, name, &d, v);
+        let head = Bytes::copy_from_slice(&d[..d.len().min(head as usize)]);
         self.handles.lock().unwrap().insert(id, (d, info.clone()));
-        Ok((RemoteHandle { id, generation: 1 }, info))
+        Ok((RemoteHandle { id, generation: 1 }, info, head))
     }
     async fn read(&self, h: RemoteHandle, offset: u64, len: u32) -> Result<Bytes, ClientError> {
         let handles = self.handles.lock().unwrap();
