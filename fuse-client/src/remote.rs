@@ -83,6 +83,7 @@ impl RemoteClient {
             .map_err(|e| connect_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let Some(trust) = &opts.tls else {
+            tracing::warn!(server = %opts.server, "TLS off (--plaintext): password and data travel in the clear");
             let login = Self::handshake(stream, &opts.user, &opts.password);
             return match tokio::time::timeout(opts.connect_timeout, login).await {
                 Ok(Err(ClientError::Disconnected(_))) => Err(connect_err(
