@@ -183,6 +183,11 @@ impl Hub {
 
     fn append_history(&self, owner: &str, n: &Notification) -> Result<()> {
         let path = self.inner.dir.join(owner).join("history.jsonl");
+        // Bounded history: past 1 MiB the file becomes history.1.jsonl (replacing the one
+        // before), so it never grows without end. `recent` reads the current file.
+        if fs::metadata(&path).is_ok_and(|m| m.len() > HISTORY_MAX) {
+            fs::rename(&path, self.inner.dir.join(owner).join("history.1.jsonl"))?;
+        }
         let mut line = serde_json::to_vec(n)
             .map_err(|e| ServerError::Internal(format!("cannot encode notification: {e}")))?;
         line.push(b'\n');
@@ -256,6 +261,8 @@ impl Hub {
         Ok(())
     }
 }
+
+const HISTORY_MAX: u64 = 1 << 20;
 
 fn pending_name(id: u64) -> String {
     format!("{id:016x}.json")

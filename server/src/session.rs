@@ -764,10 +764,8 @@ impl Context {
             .get(&handle)
             .cloned()
             .ok_or_else(|| ServerError::Internal("handle vanished".into()))?;
-        let data = tokio::task::spawn_blocking(move || read_at(&open.file, 0, head))
-            .await
-            .map_err(|e| ServerError::Internal(format!("read task failed: {e}")))??;
-        Ok((Reply::Opened { handle, file }, data, None))
+        let (data, permit) = self.read_budgeted(open, 0, head).await?;
+        Ok((Reply::Opened { handle, file }, data, Some(permit)))
     }
 
     async fn read(self, handle: u64, offset: u64, len: u32) -> Handled {
@@ -778,6 +776,18 @@ impl Context {
             .ok_or_else(|| ServerError::Protocol(format!("no open handle {handle}")))?;
         let len = len.min(CHUNK_SIZE) as usize;
         let len = len.min(open.info.size.saturating_sub(offset) as usize);
+        let (data, permit) = self.read_budgeted(open, offset, len).await?;
+        Ok((Reply::Data, data, Some(permit)))
+    }
+
+    /// Reads under the server-wide read-buffer budget; the permit lives until the reply
+    /// carrying the data has been written.
+    async fn read_budgeted(
+        &self,
+        open: Arc<OpenFile>,
+        offset: u64,
+        len: usize,
+    ) -> Result<(Bytes, OwnedSemaphorePermit), ServerError> {
         let kib = len.div_ceil(1024).max(1) as u32;
         let permit = self
             .shared
@@ -789,7 +799,7 @@ impl Context {
         let data = tokio::task::spawn_blocking(move || read_at(&open.file, offset, len))
             .await
             .map_err(|e| ServerError::Internal(format!("read task failed: {e}")))??;
-        Ok((Reply::Data, data, Some(permit)))
+        Ok((data, permit))
     }
 }
 
