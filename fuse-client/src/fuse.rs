@@ -66,6 +66,21 @@ impl<R: Remote> FuseAdapter<R> {
     {
         self.rt.spawn(f(self.core.clone(), self.uid, self.gid));
     }
+
+    /// Runs a core call whose success is an empty reply.
+    fn run_empty<F, Fut>(&self, reply: ReplyEmpty, f: F)
+    where
+        F: FnOnce(Arc<FsCore<R>>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), FsError>> + Send + 'static,
+    {
+        let fut = f(self.core.clone());
+        self.rt.spawn(async move {
+            match fut.await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
 }
 
 fn attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
@@ -216,11 +231,8 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.run(move |core, _, _| async move {
-            match core.unlink(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+        self.run_empty(reply, move |core| async move {
+            core.unlink(parent.0, &name).await
         });
     }
 
@@ -229,11 +241,8 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.run(move |core, _, _| async move {
-            match core.rmdir(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+        self.run_empty(reply, move |core| async move {
+            core.rmdir(parent.0, &name).await
         });
     }
 
@@ -255,11 +264,8 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             // RENAME_EXCHANGE / RENAME_NOREPLACE: not offered.
             return reply.error(Errno::EINVAL);
         }
-        self.run(move |core, _, _| async move {
-            match core.rename(parent.0, &name, newparent.0, &newname).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+        self.run_empty(reply, move |core| async move {
+            core.rename(parent.0, &name, newparent.0, &newname).await
         });
     }
 
@@ -361,12 +367,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.run(move |core, _, _| async move {
-            match core.flush(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.run_empty(reply, move |core| async move { core.flush(fh.0).await });
     }
 
     fn release(
@@ -379,12 +380,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.run(move |core, _, _| async move {
-            match core.release(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.run_empty(reply, move |core| async move { core.release(fh.0).await });
     }
 
     fn fsync(
@@ -395,12 +391,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.run(move |core, _, _| async move {
-            match core.fsync(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.run_empty(reply, move |core| async move { core.fsync(fh.0).await });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
