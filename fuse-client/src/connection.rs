@@ -196,6 +196,18 @@ impl Connection {
         .await
     }
 
+    /// Uploads bytes held in memory (one round trip for small files).
+    pub async fn upload_bytes(&self, name: &str, data: Bytes) -> Result<FileInfo> {
+        self.retry(|c, _| {
+            let data = data.clone();
+            async move {
+                let size = data.len() as u64;
+                transfer::upload(&c, name, &data[..], Some(size), |_| {}).await
+            }
+        })
+        .await
+    }
+
     /// Starts a streamed upload on the current connection.
     pub async fn upload_begin(&self, name: &str) -> Result<RemoteHandle> {
         self.retry(|c, generation| async move {

@@ -33,7 +33,8 @@ pub use error::{FsError, FsResult};
 pub use read::ReadHandle;
 pub use remote::Remote;
 use stream::StreamState;
-pub use write::StagedWrite;
+use write::{Base, Content};
+pub use write::{MemoryBudget, StagedWrite};
 
 pub const ROOT: u64 = 1;
 /// Oldest a cached listing may be, as a backstop for lost events.
@@ -42,6 +43,8 @@ pub const LISTING_MAX_AGE: Duration = Duration::from_secs(60);
 const HEAD: u32 = 128 * 1024;
 /// Prefetched blocks (1 MiB each) across all open files.
 const PREFETCH_BUDGET: usize = 64;
+/// Memory for small staged writes across all open files (each up to 1 MiB).
+const STAGED_MEMORY: u64 = 32 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -200,6 +203,24 @@ pub struct FsCore<R: Remote> {
     changed_since_flush: Mutex<std::collections::HashSet<u64>>,
     next_fh: AtomicU64,
     prefetch_budget: Arc<Semaphore>,
+    staged_memory: Arc<MemoryBudget>,
+}
+
+/// A pinned server version as the base of a staged write.
+struct BaseReader<R: Remote>(Arc<ReadHandle<R>>);
+
+impl<R: Remote> Base for BaseReader<R> {
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = FsResult<Bytes>> + Send + '_>> {
+        Box::pin(self.0.read(offset, len))
+    }
+
+    fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.0.close())
+    }
 }
 
 fn time_of(ns: i64) -> SystemTime {
@@ -223,6 +244,7 @@ impl<R: Remote> FsCore<R> {
             changed_since_flush: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
             prefetch_budget: Arc::new(Semaphore::new(PREFETCH_BUDGET)),
+            staged_memory: Arc::new(MemoryBudget::new(STAGED_MEMORY)),
         })
     }
 
@@ -480,14 +502,16 @@ impl<R: Remote> FsCore<R> {
     }
 
     /// The staged write of `ino`, created if needed: empty when `truncate`, otherwise
-    /// filled with the file's current content from the server.
+    /// based on the file's current version (fetched only where needed, see `write.rs`).
     async fn stage(&self, ino: u64, name: &str, truncate: bool) -> FsResult<Arc<StagedWrite>> {
         if let Some(s) = self.state().staged.get(&ino).cloned() {
             s.acquire();
             return Ok(s);
         }
-        let staged = Arc::new(StagedWrite::create(&self.staging_dir, name, truncate)?);
-        if !truncate {
+        let budget = self.staged_memory.clone();
+        let staged = if truncate {
+            StagedWrite::create(&self.staging_dir, name, true, budget)
+        } else {
             match self.remote.open(&self.user, name, HEAD).await {
                 Ok((handle, info, head)) => {
                     let reader = Arc::new(ReadHandle::new(
@@ -497,47 +521,58 @@ impl<R: Remote> FsCore<R> {
                         head,
                         self.prefetch_budget.clone(),
                     ));
-                    let mut offset = 0;
-                    let filled: FsResult<()> = async {
-                        while offset < info.size {
-                            let data = reader.read(offset, read::BLOCK as u32).await?;
-                            if data.is_empty() {
-                                break;
+                    if info.size == 0 {
+                        reader.close().await;
+                        StagedWrite::create(&self.staging_dir, name, false, budget)
+                    } else {
+                        let base = Arc::new(BaseReader(reader.clone()));
+                        match StagedWrite::based_on(
+                            &self.staging_dir,
+                            name,
+                            base,
+                            info.size,
+                            budget,
+                        ) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                reader.close().await;
+                                return Err(e);
                             }
-                            staged.fill(offset, &data)?;
-                            offset += data.len() as u64;
                         }
-                        Ok(())
-                    }
-                    .await;
-                    reader.close().await;
-                    if let Err(e) = filled {
-                        staged.finish(&self.failed_dir);
-                        return Err(e);
                     }
                 }
                 Err(e) if e.code() == Some(sharefs_protocol::ErrorCode::NotFound) => {
                     // Gone meanwhile: writing recreates it.
-                    staged.truncate(0)?;
+                    let s = StagedWrite::create(&self.staging_dir, name, false, budget);
+                    s.truncate(0)?;
+                    s
                 }
-                Err(e) => {
-                    staged.finish(&self.failed_dir);
-                    return Err(e.into());
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let staged = Arc::new(staged);
+        let theirs = {
+            let mut st = self.state();
+            // Another open may have staged it meanwhile; use theirs.
+            match st.staged.get(&ino).cloned() {
+                Some(s) => Some(s),
+                None => {
+                    staged.acquire();
+                    st.staged.insert(ino, staged.clone());
+                    None
                 }
             }
+        };
+        match theirs {
+            Some(s) => {
+                staged.mark_uploaded(staged.changes());
+                staged.close_base().await;
+                staged.finish(&self.failed_dir);
+                s.acquire();
+                Ok(s)
+            }
+            None => Ok(staged),
         }
-        let mut st = self.state();
-        // Another open may have staged it while we downloaded; use theirs.
-        if let Some(s) = st.staged.get(&ino).cloned() {
-            drop(st);
-            staged.mark_uploaded(staged.changes());
-            staged.finish(&self.failed_dir);
-            s.acquire();
-            return Ok(s);
-        }
-        staged.acquire();
-        st.staged.insert(ino, staged.clone());
-        Ok(staged)
     }
 
     pub async fn open(&self, ino: u64, mode: OpenMode) -> FsResult<Opened> {
@@ -599,7 +634,7 @@ impl<R: Remote> FsCore<R> {
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         match self.handle(fh)? {
             Handle::Read(r) => r.read(offset, size).await,
-            Handle::Staged { staged, .. } => Ok(Bytes::from(staged.read(offset, size)?)),
+            Handle::Staged { staged, .. } => Ok(Bytes::from(staged.read(offset, size).await?)),
             Handle::Dir(_) => Err(FsError::IsDir),
         }
     }
@@ -615,7 +650,7 @@ impl<R: Remote> FsCore<R> {
             Handle::Dir(_) => return Err(FsError::IsDir),
         };
         let _order = staged.stream_order.lock().await;
-        let n = staged.write(offset, data)?;
+        let n = staged.write(offset, data).await?;
         self.mark_changed(fh);
         self.feed_stream(&staged, offset, data).await;
         Ok(n)
@@ -630,7 +665,7 @@ impl<R: Remote> FsCore<R> {
                 return;
             };
             match &mut *st {
-                StreamState::Eligible if offset == 0 && staged.size() == len => {
+                StreamState::Eligible if offset == 0 => {
                     *st = StreamState::Pending {
                         buf: bytes::BytesMut::from(data),
                         next: len,
@@ -704,10 +739,17 @@ impl<R: Remote> FsCore<R> {
         }
         let changes = staged.changes();
         let name = staged.name();
+        if let Err(e) = staged.materialize().await {
+            tracing::warn!(file = %name, error = %e, "cannot fetch the rest of the file");
+            return Err(e);
+        }
         let streamed = self.finish_stream(staged).await;
         let info = match streamed {
             Some(info) => Ok(info),
-            None => self.remote.upload_file(&name, staged.path()).await,
+            None => match staged.content() {
+                Content::Memory(data) => self.remote.upload_bytes(&name, data).await,
+                Content::File(path) => self.remote.upload_file(&name, &path).await,
+            },
         }
         .map_err(|e| {
             tracing::warn!(file = %name, error = %e, "upload failed");
@@ -778,6 +820,7 @@ impl<R: Remote> FsCore<R> {
                     return Ok(());
                 }
                 let result = self.upload(ino, &staged).await;
+                staged.close_base().await;
                 {
                     let mut st = self.state();
                     if staged.refs() > 0 {

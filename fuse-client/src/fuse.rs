@@ -1,6 +1,9 @@
-//! The thin FUSE adapter: each kernel callback calls the filesystem core on the tokio
-//! runtime and answers from a spawned task, so a slow read never blocks `ls`; errors become
-//! errnos through [`errno`], the one place that decides them.
+//! The thin FUSE adapter: each kernel callback calls the filesystem core and answers as
+//! soon as it completes. A call that can finish at once (a cached lookup, a write into a
+//! staged file, a read from prefetched data) is answered from the FUSE thread itself, with
+//! no hop to another thread; one that waits (for the network) continues as a task on the
+//! tokio runtime, so a slow read never blocks `ls`. Errors become errnos through [`errno`],
+//! the one place that decides them.
 
 use std::ffi::OsStr;
 use std::io;
@@ -58,13 +61,28 @@ impl<R: Remote> FuseAdapter<R> {
         attr(a, self.uid, self.gid)
     }
 
-    /// Runs `f` on the runtime with the core; `f` sends the reply.
+    /// Polls `fut` once here; if it has to wait, hands it to the runtime. Futures must
+    /// (and tokio's do) re-register with the waker of their latest poll, so the first poll
+    /// with a no-op waker is safe.
+    fn drive<Fut>(&self, fut: Fut)
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let _runtime = self.rt.enter();
+        let mut fut = Box::pin(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if fut.as_mut().poll(&mut cx).is_pending() {
+            self.rt.spawn(fut);
+        }
+    }
+
+    /// Runs `f` with the core; `f` sends the reply.
     fn run<F, Fut>(&self, f: F)
     where
         F: FnOnce(Arc<FsCore<R>>, u32, u32) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.core.clone(), self.uid, self.gid));
+        self.drive(f(self.core.clone(), self.uid, self.gid));
     }
 
     /// Runs a core call whose success is an empty reply.
@@ -74,7 +92,7 @@ impl<R: Remote> FuseAdapter<R> {
         Fut: std::future::Future<Output = Result<(), FsError>> + Send + 'static,
     {
         let fut = f(self.core.clone());
-        self.rt.spawn(async move {
+        self.drive(async move {
             match fut.await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),

@@ -97,11 +97,11 @@ impl Hub {
     }
 
     /// Pushes an event to the sessions `to` selects, never blocking.
-    fn push(&self, event: &Event, to: impl Fn(&EventSink) -> bool) {
+    fn push(&self, event: &Event, to: impl Fn(u64, &EventSink) -> bool) {
         let Ok(sessions) = self.inner.sessions.lock() else {
             return;
         };
-        for sink in sessions.values().filter(|s| to(s)) {
+        for (_, sink) in sessions.iter().filter(|(id, s)| to(**id, s)) {
             if sink.tx.try_send(event.clone()).is_err() {
                 sink.lagged.store(true, Ordering::Relaxed);
             }
@@ -110,7 +110,13 @@ impl Hub {
 
     /// Tells every session that a file changed.
     pub fn broadcast(&self, event: Event) {
-        self.push(&event, |_| true);
+        self.push(&event, |_, _| true);
+    }
+
+    /// Tells every session but `origin` (which made the change and knows it) that a file
+    /// changed.
+    pub fn broadcast_except(&self, event: Event, origin: u64) {
+        self.push(&event, |id, _| id != origin);
     }
 
     /// Records a download of `owner`'s `file` by `downloader` durably, then pushes it to
@@ -175,7 +181,7 @@ impl Hub {
             id = n.id,
             "download notification recorded"
         );
-        self.push(&Event::Notification { notification: n }, |s| {
+        self.push(&Event::Notification { notification: n }, |_, s| {
             s.user == owner
         });
         Ok(())

@@ -109,6 +109,7 @@ async fn serve_inner<S>(
     let writer = tokio::spawn(write_loop(sink, out_rx, ev_rx, lagged).in_current_span());
 
     let mut session = Session {
+        id: session_id,
         user: user.clone(),
         shared: shared.clone(),
         out: out_tx,
@@ -324,6 +325,8 @@ async fn write_loop<S>(
 
 /// State of one logged-in connection.
 struct Session {
+    /// This session's id in the hub: its own changes are not echoed back to it.
+    id: u64,
     user: String,
     shared: Shared,
     out: mpsc::Sender<Outgoing>,
@@ -526,6 +529,7 @@ impl Session {
 
     fn context(&self) -> Context {
         Context {
+            session: self.id,
             user: self.user.clone(),
             shared: self.shared.clone(),
             handles: self.handles.clone(),
@@ -571,6 +575,7 @@ impl Session {
 
 /// What a request task needs of its session.
 struct Context {
+    session: u64,
     user: String,
     shared: Shared,
     handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
@@ -593,11 +598,12 @@ impl Context {
     }
 
     fn changed(&self, name: &str, file: Option<sharefs_protocol::FileInfo>) {
-        self.shared.hub.broadcast(Event::FileChanged {
+        let event = Event::FileChanged {
             owner: self.user.clone(),
             name: name.to_string(),
             file,
-        });
+        };
+        self.shared.hub.broadcast_except(event, self.session);
     }
 
     /// Writes are allowed in the caller's own folder only, whatever the client sends.

@@ -10,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use argon2::password_hash::{
     rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
@@ -31,15 +32,40 @@ pub struct UserRecord {
     pub created_ms: i64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct UsersFile {
     users: BTreeMap<String, UserRecord>,
 }
 
-/// Handle on `users.json` of one data directory.
+/// Handle on `users.json` of one data directory. Reads are served from a parsed copy
+/// kept while the file's identity (inode, size, ctime) is unchanged, so `sharefs-server
+/// user ...` run beside a live server takes effect at once without a re-read per request.
 #[derive(Debug, Clone)]
 pub struct UserDb {
     dir: PathBuf,
+    cached: Arc<Mutex<Option<Cached>>>,
+}
+
+/// The parsed file and the stamp it was read under.
+type Cached = (Stamp, Arc<UsersFile>);
+
+/// What identifies one written version of `users.json` (every save renames a new file in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
 }
 
 /// An exclusive advisory lock held while a writer rewrites `users.json`.
@@ -95,6 +121,7 @@ impl UserDb {
     pub fn new(data_dir: &Path) -> UserDb {
         UserDb {
             dir: data_dir.to_path_buf(),
+            cached: Arc::default(),
         }
     }
 
@@ -112,6 +139,31 @@ impl UserDb {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(UsersFile::default()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The current users, re-read only if the file changed since the last read.
+    fn current(&self) -> Result<Arc<UsersFile>> {
+        let stamp = match fs::metadata(self.path()) {
+            Ok(m) => Some(Stamp::of(&m)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        let Some(stamp) = stamp else {
+            return Ok(Arc::default());
+        };
+        if let Ok(c) = self.cached.lock() {
+            if let Some((s, users)) = c.as_ref() {
+                if *s == stamp {
+                    return Ok(users.clone());
+                }
+            }
+        }
+        // Stamp taken before the read: a change during the read makes the next call re-read.
+        let users = Arc::new(self.load()?);
+        if let Ok(mut c) = self.cached.lock() {
+            *c = Some((stamp, users.clone()));
+        }
+        Ok(users)
     }
 
     fn save(&self, users: &UsersFile) -> Result<()> {
@@ -178,11 +230,11 @@ impl UserDb {
     }
 
     pub fn list(&self) -> Result<BTreeMap<String, UserRecord>> {
-        Ok(self.load()?.users)
+        Ok(self.current()?.users.clone())
     }
 
     pub fn get(&self, name: &str) -> Result<Option<UserRecord>> {
-        Ok(self.load()?.users.remove(name))
+        Ok(self.current()?.users.get(name).cloned())
     }
 
     /// Checks a password. Blocking (argon2 takes tens of milliseconds): call it off the

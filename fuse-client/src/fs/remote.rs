@@ -36,6 +36,8 @@ pub trait Remote: Send + Sync + 'static {
     fn close(&self, handle: RemoteHandle) -> impl Future<Output = ()> + Send;
     /// Uploads a local file's content as `name` in the user's folder; returns once durable.
     fn upload_file(&self, name: &str, path: &Path) -> impl Future<Output = R<FileInfo>> + Send;
+    /// Uploads `data` as `name` in the user's folder; returns once durable.
+    fn upload_bytes(&self, name: &str, data: Bytes) -> impl Future<Output = R<FileInfo>> + Send;
     /// Starts an upload whose bytes are streamed as they are written.
     fn upload_begin(&self, name: &str) -> impl Future<Output = R<RemoteHandle>> + Send;
     /// Next bytes of a streamed upload, in order.
@@ -82,6 +84,9 @@ impl Remote for Connection {
     }
     async fn upload_file(&self, name: &str, path: &Path) -> R<FileInfo> {
         Connection::upload_file(self, name, path).await
+    }
+    async fn upload_bytes(&self, name: &str, data: Bytes) -> R<FileInfo> {
+        Connection::upload_bytes(self, name, data).await
     }
     async fn upload_begin(&self, name: &str) -> R<RemoteHandle> {
         Connection::upload_begin(self, name).await

@@ -30,6 +30,8 @@ struct Fake {
     uploads: Mutex<HashMap<u64, (String, Vec<u8>)>>,
     /// Streamed uploads committed.
     streamed: Mutex<usize>,
+    /// Bytes served by `read` (not counting the head that comes with an open).
+    read_bytes: AtomicU64,
 }
 
 fn remote_err(code: ErrorCode) -> ClientError {
@@ -125,6 +127,8 @@ impl Remote for Fake {
             .ok_or_else(|| remote_err(ErrorCode::ProtocolError))?;
         let start = (offset as usize).min(d.len());
         let end = (start + len as usize).min(d.len());
+        self.read_bytes
+            .fetch_add((end - start) as u64, Ordering::Relaxed);
         Ok(Bytes::copy_from_slice(&d[start..end]))
     }
     async fn close(&self, h: RemoteHandle) {
@@ -135,6 +139,12 @@ impl Remote for Fake {
             return Err(remote_err(code));
         }
         let data = std::fs::read(path).map_err(ClientError::from)?;
+        Ok(self.put(&self.user.clone(), name, &data))
+    }
+    async fn upload_bytes(&self, name: &str, data: Bytes) -> Result<FileInfo, ClientError> {
+        if let Some(code) = *self.fail_uploads.lock().unwrap() {
+            return Err(remote_err(code));
+        }
         Ok(self.put(&self.user.clone(), name, &data))
     }
     async fn upload_begin(&self, name: &str) -> Result<RemoteHandle, ClientError> {
@@ -558,5 +568,117 @@ fn sequential_writes_stream_and_anything_else_falls_back_to_the_staged_file() {
             Err(FsError::QuotaExceeded)
         ));
         let _ = e.core.release(fh).await;
+    });
+}
+
+#[test]
+fn opening_without_truncate_fetches_only_what_is_not_overwritten() {
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        let old: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let new: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+        let remote = &e.core.remote;
+        let reads = || remote.read_bytes.load(Ordering::Relaxed);
+        remote.put("alice", "big", &old);
+        let write = OpenMode {
+            write: true,
+            truncate: false,
+        };
+
+        // Rewritten whole from byte 0: nothing of the old version is downloaded.
+        let ino = e.core.lookup(dir, "big").await.unwrap().ino;
+        let o = e.core.open(ino, write).await.unwrap();
+        for (i, chunk) in new.chunks(1 << 20).enumerate() {
+            e.core.write(o.fh, (i << 20) as u64, chunk).await.unwrap();
+        }
+        e.core.flush(o.fh).await.unwrap();
+        e.core.release(o.fh).await.unwrap();
+        assert_eq!(reads(), 0, "a full rewrite downloaded the old version");
+        assert_eq!(remote.content("alice", "big").unwrap(), new);
+        assert!(
+            remote.handles.lock().unwrap().is_empty(),
+            "base handle left open"
+        );
+
+        // A rewritten prefix keeps the old tail, fetched at close.
+        let o = e.core.open(ino, write).await.unwrap();
+        e.core.write(o.fh, 0, &old[..1_000_000]).await.unwrap();
+        e.core.flush(o.fh).await.unwrap();
+        e.core.release(o.fh).await.unwrap();
+        let mut want = old[..1_000_000].to_vec();
+        want.extend_from_slice(&new[1_000_000..]);
+        assert_eq!(remote.content("alice", "big").unwrap(), want);
+        assert!(
+            reads() <= 2_000_000 + (1 << 20),
+            "fetched {} bytes",
+            reads()
+        );
+
+        // A write past the prefix, a read of unwritten bytes and a truncate all see the
+        // old content where nothing was written.
+        let before = reads();
+        let o = e.core.open(ino, write).await.unwrap();
+        e.core.write(o.fh, 10, b"head").await.unwrap();
+        e.core.write(o.fh, 2_500_000, b"tail").await.unwrap();
+        assert!(
+            reads() > before,
+            "write past the prefix did not fetch the base"
+        );
+        let got = e.core.read(o.fh, 0, 20).await.unwrap();
+        let mut expect = want[..20].to_vec();
+        expect[10..14].copy_from_slice(b"head");
+        assert_eq!(&got[..], &expect[..]);
+        e.core
+            .setattr(ino, Some(2_500_002), Some(o.fh))
+            .await
+            .unwrap();
+        e.core.flush(o.fh).await.unwrap();
+        e.core.release(o.fh).await.unwrap();
+        let mut expect = want.clone();
+        expect[10..14].copy_from_slice(b"head");
+        expect[2_500_000..2_500_004].copy_from_slice(b"tail");
+        expect.truncate(2_500_002);
+        assert_eq!(remote.content("alice", "big").unwrap(), expect);
+
+        // Truncated shorter than the prefix: the rest of the base is never needed.
+        let before = reads();
+        let o = e.core.open(ino, write).await.unwrap();
+        e.core.write(o.fh, 0, b"short").await.unwrap();
+        e.core.setattr(ino, Some(5), Some(o.fh)).await.unwrap();
+        e.core.flush(o.fh).await.unwrap();
+        e.core.release(o.fh).await.unwrap();
+        assert_eq!(reads(), before);
+        assert_eq!(remote.content("alice", "big").unwrap(), b"short");
+        assert!(
+            remote.handles.lock().unwrap().is_empty(),
+            "base handle left open"
+        );
+    });
+}
+
+#[test]
+fn small_files_are_staged_in_memory_and_large_ones_spill() {
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        let (attr, fh) = e.core.create(dir, "small").await.unwrap();
+        e.core.write(fh, 0, &[7u8; 4096]).await.unwrap();
+        let staged = e.core.state().staged.get(&attr.ino).cloned().unwrap();
+        assert!(staged.in_memory());
+        e.core.write(fh, 4096, &vec![8u8; 2 << 20]).await.unwrap();
+        assert!(!staged.in_memory(), "2 MiB still in memory");
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let mut want = vec![7u8; 4096];
+        want.extend(vec![8u8; 2 << 20]);
+        assert_eq!(e.core.remote.content("alice", "small").unwrap(), want);
+        assert_eq!(e.core.staged_memory.used(), 0, "memory budget not returned");
+        let staging = e.core.staging_dir.clone();
+        assert_eq!(
+            std::fs::read_dir(staging).unwrap().count(),
+            0,
+            "staged file left behind"
+        );
     });
 }

@@ -1,18 +1,113 @@
-//! Writes to one's own files are staged in a local temp file and uploaded on flush/fsync.
+//! Writes to one's own files are staged locally and uploaded on flush/fsync.
 //!
 //! One [`StagedWrite`] per inode, shared by every handle open on it, so two descriptors
 //! of one file see each other's writes as on a local disk. `close()` (flush) uploads the
 //! whole staged content if anything changed and returns only once the server committed it,
 //! with the server's error if it did not. A staged file whose upload never succeeded is not
-//! deleted: on the last release it moves to the `failed/` directory and its path is logged.
+//! deleted: on the last release it is written to the `failed/` directory and its path is
+//! logged.
+//!
+//! Small content lives in memory (up to [`MEMORY_FILE`] per file, within a budget shared
+//! by all files) and goes up in one round trip; larger content spills to a temp file in
+//! the staging directory.
+//!
+//! Opening an existing file without `O_TRUNC` does not download it. The staged file is
+//! *based* on the version current at open (a pinned server handle) and records how much
+//! of it the writer has overwritten from byte 0 on. Rewriting a file from the start —
+//! `fio`, `dd conv=notrunc`, many databases' first pass — therefore never fetches it. The
+//! base is fetched ("materialized") only when something needs bytes the writer has not
+//! written: a read past the overwritten prefix, a write beyond it, or an upload while the
+//! prefix is shorter than the file.
 
 use std::fs::File;
+use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
 
 use super::error::{FsError, FsResult};
 use super::stream::StreamState;
+
+/// Largest staged content kept in memory; beyond it, a temp file.
+pub const MEMORY_FILE: u64 = 1 << 20;
+/// Bytes fetched per read while materializing a base.
+const BASE_BLOCK: u64 = 1 << 20;
+
+/// Memory shared by all in-memory staged files.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    used: AtomicU64,
+    limit: u64,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: u64) -> MemoryBudget {
+        MemoryBudget {
+            used: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    fn take(&self, n: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= self.limit).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// The version a staged file is based on, read on demand.
+pub trait Base: Send + Sync {
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Pin<Box<dyn Future<Output = FsResult<Bytes>> + Send + '_>>;
+    fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// What of the base is still needed: bytes `prefix..end` (the writer has overwritten
+/// everything before `prefix`; truncation cut everything from `end` on).
+#[derive(Debug, Clone, Copy)]
+struct Lazy {
+    prefix: u64,
+    end: u64,
+}
+
+enum Backing {
+    /// `reserved` bytes of the memory budget are held for `data`.
+    Memory {
+        data: Vec<u8>,
+        reserved: u64,
+    },
+    File {
+        file: File,
+        path: PathBuf,
+    },
+}
+
+/// Staged content ready for upload.
+pub enum Content {
+    Memory(Bytes),
+    File(PathBuf),
+}
 
 #[derive(Debug)]
 struct State {
@@ -29,9 +124,12 @@ struct State {
 }
 
 pub struct StagedWrite {
-    file: File,
-    path: PathBuf,
+    backing: Mutex<Backing>,
+    dir: PathBuf,
+    budget: Arc<MemoryBudget>,
     state: Mutex<State>,
+    lazy: Mutex<Option<Lazy>>,
+    base: tokio::sync::Mutex<Option<Arc<dyn Base>>>,
     /// Serialises uploads of this file.
     pub upload_lock: tokio::sync::Mutex<()>,
     /// The streamed upload, if any (see `stream.rs`). std `Mutex`: never held across an
@@ -43,56 +141,107 @@ pub struct StagedWrite {
 impl std::fmt::Debug for StagedWrite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StagedWrite")
-            .field("path", &self.path)
+            .field("name", &self.name())
             .finish()
     }
 }
 
+fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 impl StagedWrite {
-    /// A new empty staged file in `dir`. `dirty` says whether an empty upload is due even
-    /// without writes (a newly created or truncated file).
-    pub fn create(dir: &Path, name: &str, dirty: bool) -> FsResult<StagedWrite> {
-        let tmp = tempfile::Builder::new()
-            .prefix("staged-")
-            .tempfile_in(dir)?;
-        let (file, path) = tmp.keep().map_err(|e| FsError::Io(e.to_string()))?;
-        Ok(StagedWrite {
-            file,
-            path,
+    /// A new empty staged file. `dirty` says whether an empty upload is due even without
+    /// writes (a newly created or truncated file).
+    pub fn create(dir: &Path, name: &str, dirty: bool, budget: Arc<MemoryBudget>) -> StagedWrite {
+        StagedWrite::new(
+            dir,
+            name,
+            budget,
+            Backing::Memory {
+                data: Vec::new(),
+                reserved: 0,
+            },
+            0,
+            u64::from(dirty),
+            if dirty {
+                StreamState::Eligible
+            } else {
+                StreamState::Off
+            },
+        )
+    }
+
+    /// A staged file with the content of `base` (`size` bytes), fetched only if needed.
+    pub fn based_on(
+        dir: &Path,
+        name: &str,
+        base: Arc<dyn Base>,
+        size: u64,
+        budget: Arc<MemoryBudget>,
+    ) -> FsResult<StagedWrite> {
+        let backing = if size <= MEMORY_FILE && budget.take(size) {
+            Backing::Memory {
+                data: vec![0; size as usize],
+                reserved: size,
+            }
+        } else {
+            let (file, path) = temp_file(dir)?;
+            file.set_len(size)?;
+            Backing::File { file, path }
+        };
+        let staged = StagedWrite::new(dir, name, budget, backing, size, 0, StreamState::Eligible);
+        if size > 0 {
+            *guard(&staged.lazy) = Some(Lazy {
+                prefix: 0,
+                end: size,
+            });
+            if let Ok(mut b) = staged.base.try_lock() {
+                *b = Some(base);
+            }
+        }
+        Ok(staged)
+    }
+
+    fn new(
+        dir: &Path,
+        name: &str,
+        budget: Arc<MemoryBudget>,
+        backing: Backing,
+        size: u64,
+        changes: u64,
+        stream: StreamState,
+    ) -> StagedWrite {
+        StagedWrite {
+            backing: Mutex::new(backing),
+            dir: dir.to_path_buf(),
+            budget,
             state: Mutex::new(State {
                 name: name.to_string(),
-                size: 0,
-                changes: u64::from(dirty),
+                size,
+                changes,
                 uploaded: 0,
                 refs: 0,
                 unlinked: false,
             }),
+            lazy: Mutex::new(None),
+            base: tokio::sync::Mutex::new(None),
             upload_lock: tokio::sync::Mutex::new(()),
-            stream: Mutex::new(if dirty {
-                StreamState::Eligible
-            } else {
-                StreamState::Off
-            }),
+            stream: Mutex::new(stream),
             stream_order: tokio::sync::Mutex::new(()),
-        })
+        }
     }
 
     /// Stops streaming (the stream's task then aborts its server-side upload).
     pub fn stop_stream(&self) {
-        if let Ok(mut s) = self.stream.lock() {
-            *s = StreamState::Off;
-        }
+        *guard(&self.stream) = StreamState::Off;
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+    fn state(&self) -> MutexGuard<'_, State> {
+        guard(&self.state)
     }
 
     pub fn name(&self) -> String {
@@ -115,6 +264,16 @@ impl StagedWrite {
         self.state().refs
     }
 
+    /// Whether the content is in memory (tests).
+    pub fn in_memory(&self) -> bool {
+        matches!(*guard(&self.backing), Backing::Memory { .. })
+    }
+
+    /// Whether the base still has to be fetched for some bytes (tests).
+    pub fn based(&self) -> bool {
+        guard(&self.lazy).is_some()
+    }
+
     /// The file was deleted: nothing of it is to be uploaded any more.
     pub fn unlink(&self) {
         self.stop_stream();
@@ -130,42 +289,194 @@ impl StagedWrite {
         s.refs == 0
     }
 
-    /// Appends downloaded content while filling the staged copy of an existing file.
-    /// Does not count as a change.
-    pub fn fill(&self, offset: u64, data: &[u8]) -> FsResult<()> {
-        self.file.write_all_at(data, offset)?;
-        let mut s = self.state();
-        s.size = s.size.max(offset + data.len() as u64);
+    /// Writes into the backing store, spilling memory to a temp file when it outgrows
+    /// its limit or the budget.
+    fn put(&self, offset: u64, data: &[u8]) -> FsResult<()> {
+        let end = offset + data.len() as u64;
+        let mut backing = guard(&self.backing);
+        if let Backing::Memory {
+            data: mem,
+            reserved,
+        } = &mut *backing
+        {
+            let need = end.max(mem.len() as u64);
+            let fits =
+                need <= MEMORY_FILE && (need <= *reserved || self.budget.take(need - *reserved));
+            if fits {
+                *reserved = (*reserved).max(need);
+                if mem.len() < end as usize {
+                    mem.resize(end as usize, 0);
+                }
+                mem[offset as usize..end as usize].copy_from_slice(data);
+                return Ok(());
+            }
+            let (file, path) = temp_file(&self.dir)?;
+            file.write_all_at(mem, 0)?;
+            self.budget.give(*reserved);
+            *backing = Backing::File { file, path };
+        }
+        match &*backing {
+            Backing::File { file, .. } => file.write_all_at(data, offset)?,
+            Backing::Memory { .. } => {
+                return Err(FsError::Io("staged file lost its backing".into()))
+            }
+        }
         Ok(())
     }
 
-    pub fn write(&self, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.file.write_all_at(data, offset)?;
+    fn set_len(&self, size: u64) -> FsResult<()> {
+        let mut backing = guard(&self.backing);
+        match &mut *backing {
+            Backing::Memory { data, .. } if size <= data.len() as u64 => {
+                data.truncate(size as usize);
+                Ok(())
+            }
+            Backing::Memory { .. } => {
+                drop(backing);
+                // Growing: zeros, through the same path as a write (may spill).
+                let cur = self.backing_len();
+                self.put(cur, &vec![0; (size - cur) as usize])
+            }
+            Backing::File { file, .. } => Ok(file.set_len(size)?),
+        }
+    }
+
+    fn backing_len(&self) -> u64 {
+        match &*guard(&self.backing) {
+            Backing::Memory { data, .. } => data.len() as u64,
+            Backing::File { file, .. } => file.metadata().map(|m| m.len()).unwrap_or(0),
+        }
+    }
+
+    /// Fetches whatever of the base is still needed, then lets the base go.
+    pub async fn materialize(&self) -> FsResult<()> {
+        let mut base = self.base.lock().await;
+        let mut pos = 0u64;
+        loop {
+            let Some(lazy) = *guard(&self.lazy) else {
+                break;
+            };
+            pos = pos.max(lazy.prefix);
+            if pos >= lazy.end {
+                break;
+            }
+            let Some(b) = base.as_ref() else {
+                return Err(FsError::Io("the base of a staged file is gone".into()));
+            };
+            let len = BASE_BLOCK.min(lazy.end - pos) as u32;
+            let data = b.read(pos, len).await?;
+            if data.is_empty() {
+                return Err(FsError::Io(format!(
+                    "{}: the server's copy ended at {pos} of {} bytes",
+                    self.name(),
+                    lazy.end
+                )));
+            }
+            self.fill(pos, &data)?;
+            pos += data.len() as u64;
+        }
+        *guard(&self.lazy) = None;
+        if let Some(b) = base.take() {
+            b.close().await;
+        }
+        Ok(())
+    }
+
+    /// Lets the base go if nothing of it is needed any more (after the last release).
+    pub async fn close_base(&self) {
+        let mut base = self.base.lock().await;
+        if let Some(b) = base.take() {
+            b.close().await;
+        }
+    }
+
+    /// Writes base bytes where the writer has not written (under the lazy lock, so a
+    /// concurrent write either comes after and wins, or moved the prefix first).
+    fn fill(&self, offset: u64, data: &[u8]) -> FsResult<()> {
+        let lazy = guard(&self.lazy);
+        let Some(l) = *lazy else {
+            return Ok(());
+        };
+        let from = offset.max(l.prefix);
+        let to = (offset + data.len() as u64).min(l.end);
+        if from < to {
+            let slice = &data[(from - offset) as usize..(to - offset) as usize];
+            self.put(from, slice)?;
+        }
+        Ok(())
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let len = data.len() as u64;
+        if len == 0 {
+            return Ok(0);
+        }
+        loop {
+            {
+                let mut lazy = guard(&self.lazy);
+                match &mut *lazy {
+                    None => break,
+                    Some(l) if offset <= l.prefix => {
+                        l.prefix = l.prefix.max(offset + len);
+                        if l.prefix >= l.end {
+                            *lazy = None;
+                        }
+                        break;
+                    }
+                    Some(_) => {}
+                }
+            }
+            self.materialize().await?;
+        }
+        self.put(offset, data)?;
         let mut s = self.state();
-        s.size = s.size.max(offset + data.len() as u64);
+        s.size = s.size.max(offset + len);
         s.changes += 1;
         Ok(data.len() as u32)
     }
 
-    pub fn read(&self, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+    pub async fn read(&self, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        let needs_base =
+            guard(&self.lazy).is_some_and(|l| offset + u64::from(len) > l.prefix && offset < l.end);
+        if needs_base {
+            self.materialize().await?;
+        }
         let size = self.size();
         if offset >= size {
             return Ok(Vec::new());
         }
         let len = (len as u64).min(size - offset) as usize;
         let mut buf = vec![0u8; len];
-        self.file.read_exact_at(&mut buf, offset)?;
+        match &*guard(&self.backing) {
+            Backing::Memory { data, .. } => {
+                let start = (offset as usize).min(data.len());
+                let stop = (offset as usize + len).min(data.len());
+                buf[..stop - start].copy_from_slice(&data[start..stop]);
+            }
+            Backing::File { file, .. } => file.read_exact_at(&mut buf, offset)?,
+        }
         Ok(buf)
     }
 
     pub fn truncate(&self, size: u64) -> FsResult<()> {
-        if let Ok(mut s) = self.stream.lock() {
+        {
+            let mut s = guard(&self.stream);
             // Truncating a never-written file keeps it eligible; anything else ends a stream.
             if !(matches!(*s, StreamState::Eligible) && size == 0) {
                 *s = StreamState::Off;
             }
         }
-        self.file.set_len(size)?;
+        {
+            let mut lazy = guard(&self.lazy);
+            if let Some(l) = &mut *lazy {
+                l.end = l.end.min(size);
+                l.prefix = l.prefix.min(size);
+                if l.prefix >= l.end {
+                    *lazy = None;
+                }
+            }
+        }
+        self.set_len(size)?;
         let mut s = self.state();
         s.size = size;
         s.changes += 1;
@@ -188,14 +499,25 @@ impl StagedWrite {
         s.uploaded = s.uploaded.max(changes);
     }
 
-    /// Called after the last release: removes the staged file, or keeps it in `failed_dir`
-    /// when its content never reached the server.
+    /// The content to upload (after [`StagedWrite::materialize`]).
+    pub fn content(&self) -> Content {
+        match &*guard(&self.backing) {
+            Backing::Memory { data, .. } => Content::Memory(Bytes::copy_from_slice(data)),
+            Backing::File { path, .. } => Content::File(path.clone()),
+        }
+    }
+
+    /// Called after the last release: drops the staged content, or keeps it in
+    /// `failed_dir` when it never reached the server.
     pub fn finish(&self, failed_dir: &Path) {
+        let mut backing = guard(&self.backing);
         if self.dirty() {
             let name = self.name();
             let keep = unique_path(failed_dir, &name);
-            let kept = std::fs::create_dir_all(failed_dir)
-                .and_then(|()| std::fs::rename(&self.path, &keep));
+            let kept = std::fs::create_dir_all(failed_dir).and_then(|()| match &*backing {
+                Backing::Memory { data, .. } => std::fs::write(&keep, data),
+                Backing::File { path, .. } => std::fs::rename(path, &keep),
+            });
             match kept {
                 Ok(()) => tracing::error!(
                     file = %name,
@@ -204,15 +526,36 @@ impl StagedWrite {
                 ),
                 Err(e) => tracing::error!(
                     file = %name,
-                    kept = %self.path.display(),
                     error = %e,
-                    "upload never succeeded; the data is kept locally"
+                    "upload never succeeded and the data could not be kept"
                 ),
             }
-        } else if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove staged file");
+        } else if let Backing::File { path, .. } = &*backing {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove staged file");
+            }
+        }
+        if let Backing::Memory { data, reserved } = &mut *backing {
+            self.budget.give(*reserved);
+            *reserved = 0;
+            *data = Vec::new();
         }
     }
+}
+
+impl Drop for StagedWrite {
+    fn drop(&mut self) {
+        if let Backing::Memory { reserved, .. } = &*guard(&self.backing) {
+            self.budget.give(*reserved);
+        }
+    }
+}
+
+fn temp_file(dir: &Path) -> FsResult<(File, PathBuf)> {
+    let tmp = tempfile::Builder::new()
+        .prefix("staged-")
+        .tempfile_in(dir)?;
+    tmp.keep().map_err(|e| FsError::Io(e.to_string()))
 }
 
 /// `dir/<time>-<n>-<name>` that does not exist yet, within the 255-byte name limit.
