@@ -42,9 +42,9 @@ pub fn temp_name(prefix: &str) -> String {
     )
 }
 
-/// Writes `bytes` to `target` atomically and durably, staging in `tmp_dir` (same filesystem).
-/// The caller fsyncs the target's directory (once, after possibly several renames).
-pub fn write_atomic_nosync_dir(tmp_dir: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes `bytes` to `target` atomically and durably, staging in `tmp_dir` (same filesystem);
+/// the caller fsyncs the target's directory.
+fn write_atomic_nosync_dir(tmp_dir: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = tmp_dir.join(temp_name("meta"));
     let result = (|| {
         let mut f = create_new(&tmp)?;

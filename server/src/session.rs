@@ -676,9 +676,7 @@ impl Context {
                 let file = self
                     .blocking(move |s| {
                         let quota = s.users.get(&owner)?.and_then(|u| u.quota);
-                        let mut up = s.store.begin_upload(&owner, &name, Some(size), quota)?;
-                        up.write_chunk(0, &payload);
-                        s.store.commit_upload(up, size, &blake3)
+                        s.store.put(&owner, &name, &payload, &blake3, quota)
                     })
                     .await?;
                 tracing::info!(file = %file.name, size, "upload committed");
@@ -802,25 +800,9 @@ impl Context {
             .acquire_many_owned(kib)
             .await
             .map_err(|_| ServerError::Internal("read budget closed".into()))?;
-        let data = tokio::task::spawn_blocking(move || read_at(&open.file, offset, len))
+        let data = tokio::task::spawn_blocking(move || open.read(offset, len))
             .await
             .map_err(|e| ServerError::Internal(format!("read task failed: {e}")))??;
         Ok((data, permit))
     }
-}
-
-fn read_at(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(filled);
-    Ok(Bytes::from(buf))
 }

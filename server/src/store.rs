@@ -1,30 +1,44 @@
-//! File storage: one directory per user holding content blobs and one small JSON metadata
-//! file per user file.
+//! File storage: one directory per user holding its files' contents and an fsynced
+//! append-only journal of their metadata.
 //!
 //! Layout under the data directory:
 //! ```text
 //! tmp/                               uploads being received (emptied at start)
-//! files/<user>/<version>.blob        content of one version of one file
-//! files/<user>/<hash(name)>.meta     {"name", "size", "mtime_ns", "version", "blake3"}
+//! files/<user>/snapshot.json         {"journal": n, "files": [FileMeta, ...]}
+//! files/<user>/journal-<n>.jsonl     one JSON record per change since that snapshot
+//! files/<user>/<version>.blob        content of one large file version
+//! files/<user>/pack-<n>.dat          contents of small files, appended one after another
 //! ```
-//! A blob is named by its version, so a new version never overwrites the old one: commit
-//! writes the blob, fsyncs it, renames it into place and fsyncs the directory, then replaces
-//! the metadata file the same way, then unlinks the old blob. Readers that opened the old
-//! blob keep reading it (POSIX keeps unlinked files readable). A crash at any point leaves
-//! the old or the new metadata, each pointing at a complete blob; blobs no metadata names
-//! are removed when the user's folder is next loaded. One mutation writes one metadata file,
-//! whatever the number of files.
+//! A change is durable when its journal record is: the content is written and fsynced
+//! first (a blob renamed into place with its directory fsynced, or bytes appended to the
+//! pack and fdatasynced), then the record is appended and the journal fdatasynced. A crash
+//! at any point leaves the old or the new state; a torn last record is cut off at the next
+//! load, and blobs and packs that no record names are removed then. Blobs are named by a
+//! version, so a new version never overwrites the old one, and readers that opened the old
+//! content keep reading it (POSIX keeps unlinked files readable; pack bytes are never
+//! rewritten in place).
 //!
-//! Metadata file names are a hash of the file name because a file name may be 255 bytes,
-//! the limit of a directory entry, leaving no room for a suffix.
+//! A small file costs one pack append and one journal append — two fdatasyncs, no new
+//! inode, no directory fsync — which is what makes creating and deleting many small files
+//! cheap. When the journal holds more records than twice the folder's files it is folded
+//! into a new snapshot (temp file, fsync, rename) that names a new, empty journal, so a
+//! crash between the steps never replays old records over a newer snapshot; when more than half of the pack is
+//! garbage (deleted or replaced contents) the live contents are copied into a new pack and
+//! a snapshot switches to it. Both costs are amortised over at least as many changes as
+//! they copy, so cost per change does not grow with the number of files.
+//!
+//! Folders written by earlier versions (one `<hash>.meta` JSON file per user file) are read
+//! and folded into a snapshot on first load.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sharefs_protocol::name::{check_file_name, check_user_name};
 use sharefs_protocol::{FileInfo, Space};
@@ -32,7 +46,17 @@ use sharefs_protocol::{FileInfo, Space};
 use crate::error::{Result, ServerError};
 use crate::fsutil;
 
-/// Metadata of one stored file, as kept in its `.meta` file.
+/// Contents up to this size go into the folder's pack instead of a blob file each.
+pub const PACK_MAX: u64 = 64 * 1024;
+/// A snapshot is written once the journal holds this many records and more than twice the
+/// folder's files.
+const SNAPSHOT_MIN_RECORDS: u64 = 1024;
+/// A pack is compacted once it holds this much garbage and more garbage than live bytes.
+const PACK_MIN_GARBAGE: u64 = 8 << 20;
+
+const SNAPSHOT: &str = "snapshot.json";
+
+/// Metadata of one stored file, as kept in snapshots and journal records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct FileMeta {
     name: String,
@@ -40,6 +64,25 @@ struct FileMeta {
     mtime_ns: i64,
     version: u64,
     blake3: String,
+    /// The blob holding the content, when not `version` (after a rename).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    blob: Option<u64>,
+    /// Where in a pack the content is, for small files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pack: Option<PackRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct PackRef {
+    pack: u64,
+    offset: u64,
+}
+
+/// Where a file's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Content {
+    Blob(u64),
+    Pack(PackRef),
 }
 
 impl FileMeta {
@@ -52,6 +95,52 @@ impl FileMeta {
             version: self.version,
         }
     }
+
+    fn content(&self) -> Content {
+        match self.pack {
+            Some(p) => Content::Pack(p),
+            None => Content::Blob(self.blob.unwrap_or(self.version)),
+        }
+    }
+
+    fn with_content(mut self, content: Content) -> FileMeta {
+        match content {
+            Content::Blob(b) => {
+                self.pack = None;
+                self.blob = (b != self.version).then_some(b);
+            }
+            Content::Pack(p) => {
+                self.pack = Some(p);
+                self.blob = None;
+            }
+        }
+        self
+    }
+}
+
+/// One change, as a line of the journal.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Record {
+    Put(FileMeta),
+    Delete { name: String },
+    Rename { from: String, file: FileMeta },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Snapshot {
+    /// The journal that continues this snapshot.
+    #[serde(default)]
+    journal: u64,
+    files: Vec<FileMeta>,
+}
+
+/// The pack new small files are appended to.
+#[derive(Debug)]
+struct Pack {
+    id: u64,
+    file: File,
+    len: u64,
 }
 
 /// The loaded index of one user's folder.
@@ -60,6 +149,200 @@ struct Folder {
     dir: PathBuf,
     files: BTreeMap<String, FileMeta>,
     used: u64,
+    journal: File,
+    /// Number of the journal file in use (named by the snapshot).
+    epoch: u64,
+    journal_len: u64,
+    /// Records in the journal (changes since the snapshot).
+    records: u64,
+    pack: Option<Pack>,
+    /// Bytes of the current pack that no file uses any more.
+    pack_garbage: u64,
+}
+
+impl Folder {
+    fn pack_path(&self, id: u64) -> PathBuf {
+        self.dir.join(pack_name(id))
+    }
+
+    /// Appends one record and makes it durable. On failure the journal is cut back so the
+    /// next record does not follow a torn one.
+    fn append(&mut self, record: &Record) -> Result<()> {
+        let mut line = serde_json::to_vec(record)
+            .map_err(|e| ServerError::Internal(format!("cannot encode a journal record: {e}")))?;
+        line.push(b'\n');
+        let result = self
+            .journal
+            .write_all_at(&line, self.journal_len)
+            .and_then(|()| self.journal.sync_data());
+        match result {
+            Ok(()) => {
+                self.journal_len += line.len() as u64;
+                self.records += 1;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.journal.set_len(self.journal_len);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Sets `name` to `meta`, releasing what it replaces.
+    fn insert(&mut self, meta: FileMeta) {
+        self.used += meta.size;
+        if let Some(old) = self.files.insert(meta.name.clone(), meta) {
+            self.forget(&old);
+        }
+    }
+
+    /// Accounts for a file's content no longer being used (blobs are removed at once; a
+    /// crash before that leaves an orphan the next load removes).
+    fn forget(&mut self, old: &FileMeta) {
+        self.used = self.used.saturating_sub(old.size);
+        match old.content() {
+            Content::Pack(p) => {
+                if self.pack.as_ref().is_some_and(|cur| cur.id == p.pack) {
+                    self.pack_garbage += old.size;
+                }
+            }
+            Content::Blob(b) => remove_quietly(&self.dir.join(blob_name(b))),
+        }
+    }
+
+    /// Writes a snapshot of the folder that continues with a new, empty journal.
+    fn snapshot(&mut self, tmp: &Path) -> Result<()> {
+        let next = self.epoch + 1;
+        let next_path = self.dir.join(journal_name(next));
+        let journal = open_journal(&next_path, true)?;
+        let written: Result<()> = (|| {
+            journal.sync_all()?;
+            fsutil::sync_dir(&self.dir)?;
+            let snap = Snapshot {
+                journal: next,
+                files: self.files.values().cloned().collect(),
+            };
+            let bytes = serde_json::to_vec(&snap)
+                .map_err(|e| ServerError::Internal(format!("cannot encode a snapshot: {e}")))?;
+            fsutil::write_atomic(tmp, &self.dir.join(SNAPSHOT), &bytes)?;
+            Ok(())
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&next_path);
+            return Err(e);
+        }
+        remove_quietly(&self.dir.join(journal_name(self.epoch)));
+        self.journal = journal;
+        self.epoch = next;
+        self.journal_len = 0;
+        self.records = 0;
+        Ok(())
+    }
+
+    /// Snapshots and compacts when the journal or the pack carry enough garbage.
+    fn maintain(&mut self, tmp: &Path) {
+        let live_packed: u64 = self
+            .pack
+            .as_ref()
+            .map_or(0, |p| p.len.saturating_sub(self.pack_garbage));
+        let result = if self.pack_garbage >= PACK_MIN_GARBAGE && self.pack_garbage > live_packed {
+            self.compact(tmp)
+        } else if self.records >= SNAPSHOT_MIN_RECORDS && self.records > 2 * self.files.len() as u64
+        {
+            self.snapshot(tmp)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            // Nothing is lost: the journal and the old pack still hold everything.
+            tracing::warn!(dir = %self.dir.display(), error = %e, "folder maintenance failed");
+        }
+    }
+
+    /// Copies the live packed contents into a new pack, switches to it with a snapshot,
+    /// and removes the old pack (open readers keep reading it).
+    fn compact(&mut self, tmp: &Path) -> Result<()> {
+        let Some(old) = self.pack.as_ref() else {
+            return Ok(());
+        };
+        let old_id = old.id;
+        let new_id = old_id + 1;
+        let new_path = self.pack_path(new_id);
+        let file = fsutil::create_new(&new_path)?;
+        let mut len = 0u64;
+        let mut moved = Vec::new();
+        let copied: Result<()> = (|| {
+            for meta in self.files.values() {
+                if let Content::Pack(p) = meta.content() {
+                    let mut buf = vec![0u8; meta.size as usize];
+                    read_exact_at(&self.pack_file_for(p.pack)?, &mut buf, p.offset)?;
+                    file.write_all_at(&buf, len)?;
+                    moved.push((
+                        meta.name.clone(),
+                        PackRef {
+                            pack: new_id,
+                            offset: len,
+                        },
+                    ));
+                    len += meta.size;
+                }
+            }
+            file.sync_all()?;
+            fsutil::sync_dir(&self.dir)?;
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&new_path);
+            return Err(e);
+        }
+        let before = self.files.clone();
+        for (name, r) in moved {
+            if let Some(m) = self.files.get_mut(&name) {
+                m.pack = Some(r);
+            }
+        }
+        if let Err(e) = self.snapshot(tmp) {
+            self.files = before;
+            let _ = fs::remove_file(&new_path);
+            return Err(e);
+        }
+        self.pack = Some(Pack {
+            id: new_id,
+            file,
+            len,
+        });
+        self.pack_garbage = 0;
+        remove_quietly(&self.pack_path(old_id));
+        Ok(())
+    }
+
+    fn pack_file_for(&self, id: u64) -> Result<File> {
+        match &self.pack {
+            Some(p) if p.id == id => Ok(p.file.try_clone()?),
+            _ => Ok(fsutil::open_read(&self.pack_path(id))?),
+        }
+    }
+
+    /// The pack to append to, created on first use.
+    fn pack_mut(&mut self) -> Result<&mut Pack> {
+        if self.pack.is_none() {
+            let id = 1;
+            let path = self.pack_path(id);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)?;
+            fsutil::sync_dir(&self.dir)?;
+            let len = file.metadata()?.len();
+            self.pack = Some(Pack { id, file, len });
+        }
+        self.pack
+            .as_mut()
+            .ok_or_else(|| ServerError::Internal("pack missing".into()))
+    }
 }
 
 /// Cheap-to-clone handle on the storage of one data directory.
@@ -145,11 +428,39 @@ impl Drop for StagedUpload {
     }
 }
 
-/// An open read handle: the blob of the version current at open.
+/// An open read handle on the version current at open: its blob, or its range of a pack.
 #[derive(Debug)]
 pub struct OpenFile {
-    pub file: File,
+    file: File,
+    /// Where the content starts in `file`.
+    start: u64,
     pub info: FileInfo,
+}
+
+impl OpenFile {
+    /// Up to `len` bytes at `offset` of the content (fewer at its end). Blocking.
+    pub fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        let len = len.min(self.info.size.saturating_sub(offset) as usize);
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            match self
+                .file
+                .read_at(&mut buf[filled..], self.start + offset + filled as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(filled);
+        Ok(Bytes::from(buf))
+    }
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    file.read_exact_at(buf, offset)
 }
 
 impl Store {
@@ -195,8 +506,10 @@ impl Store {
     fn load_folder(&self, owner: &str) -> Result<Folder> {
         let dir = self.inner.root.join("files").join(owner);
         fsutil::create_dir_durable(&dir)?;
-        let mut files = BTreeMap::new();
         let mut blobs = Vec::new();
+        let mut packs = Vec::new();
+        let mut legacy = Vec::new();
+        let mut journals = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
             let fname = entry.file_name();
@@ -207,9 +520,43 @@ impl Store {
                 if let Ok(v) = u64::from_str_radix(v, 16) {
                     blobs.push(v);
                 }
+            } else if let Some(n) = fname
+                .strip_prefix("pack-")
+                .and_then(|r| r.strip_suffix(".dat"))
+            {
+                if let Ok(n) = n.parse::<u64>() {
+                    packs.push(n);
+                }
             } else if fname.ends_with(".meta") {
-                let path = entry.path();
-                let bytes = fs::read(&path)?;
+                legacy.push(entry.path());
+            } else if fname.starts_with("journal-") && fname.ends_with(".jsonl") {
+                journals.push(entry.path());
+            }
+        }
+
+        // The snapshot, or (older layout) one metadata file per user file.
+        let snapshot_path = dir.join(SNAPSHOT);
+        let mut files = BTreeMap::new();
+        let mut epoch = 0;
+        let have_snapshot = match fs::read(&snapshot_path) {
+            Ok(bytes) => {
+                let snap: Snapshot =
+                    serde_json::from_slice(&bytes).map_err(|source| ServerError::Corrupt {
+                        path: snapshot_path.display().to_string(),
+                        source,
+                    })?;
+                epoch = snap.journal;
+                for m in snap.files {
+                    files.insert(m.name.clone(), m);
+                }
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !have_snapshot {
+            for path in &legacy {
+                let bytes = fs::read(path)?;
                 let meta: FileMeta =
                     serde_json::from_slice(&bytes).map_err(|source| ServerError::Corrupt {
                         path: path.display().to_string(),
@@ -218,33 +565,126 @@ impl Store {
                 files.insert(meta.name.clone(), meta);
             }
         }
-        let referenced: std::collections::HashSet<u64> =
-            files.values().map(|m| m.version).collect();
-        let mut removed = 0;
-        for v in &blobs {
-            if !referenced.contains(v) {
-                fs::remove_file(dir.join(blob_name(*v)))?;
-                removed += 1;
+
+        // Replay the journal; cut off a torn last record.
+        let journal_path = dir.join(journal_name(epoch));
+        let journal = open_journal(&journal_path, false)?;
+        let bytes = fs::read(&journal_path)?;
+        let mut records = 0u64;
+        let mut valid = 0usize;
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            if !line.ends_with(b"\n") {
+                tracing::warn!(owner, "cutting off a torn journal record");
+                break;
+            }
+            valid += line.len();
+            match serde_json::from_slice::<Record>(line) {
+                Ok(record) => {
+                    records += 1;
+                    apply(&mut files, record);
+                }
+                Err(e) => {
+                    tracing::error!(owner, error = %e, "skipping an unreadable journal record")
+                }
             }
         }
-        let present: std::collections::HashSet<u64> = blobs.into_iter().collect();
+        if valid < bytes.len() {
+            journal.set_len(valid as u64)?;
+            journal.sync_all()?;
+        }
+        // Journals of other snapshots (a crash while switching) are superseded.
+        for old in journals.iter().filter(|p| **p != journal_path) {
+            fs::remove_file(old)?;
+        }
+        fsutil::sync_dir(&dir)?;
+
+        // Drop entries whose content is missing, and contents no entry names.
+        let blob_set: HashSet<u64> = blobs.iter().copied().collect();
+        let pack_set: HashSet<u64> = packs.iter().copied().collect();
         files.retain(|name, meta| {
-            let ok = present.contains(&meta.version);
+            let ok = match meta.content() {
+                Content::Blob(b) => blob_set.contains(&b),
+                Content::Pack(p) => pack_set.contains(&p.pack),
+            };
             if !ok {
-                tracing::error!(owner, name, "metadata names a missing blob; dropping entry");
+                tracing::error!(
+                    owner,
+                    name,
+                    "metadata names missing content; dropping entry"
+                );
             }
             ok
         });
+        let mut used_blobs = HashSet::new();
+        let mut used_packs = HashSet::new();
+        for m in files.values() {
+            match m.content() {
+                Content::Blob(b) => used_blobs.insert(b),
+                Content::Pack(p) => used_packs.insert(p.pack),
+            };
+        }
+        let current_pack = used_packs.iter().copied().max();
+        let mut removed = 0;
+        for b in blobs.iter().filter(|b| !used_blobs.contains(b)) {
+            fs::remove_file(dir.join(blob_name(*b)))?;
+            removed += 1;
+        }
+        for p in packs.iter().filter(|p| Some(**p) != current_pack) {
+            if used_packs.contains(p) {
+                continue;
+            }
+            fs::remove_file(dir.join(pack_name(*p)))?;
+            removed += 1;
+        }
         if removed > 0 {
-            tracing::info!(owner, removed, "removed blobs of unfinished uploads");
+            tracing::info!(owner, removed, "removed contents of unfinished uploads");
             fsutil::sync_dir(&dir)?;
         }
+
         let max_version = files.values().map(|m| m.version).max().unwrap_or(0);
         self.inner
             .next_version
             .fetch_max(max_version + 1, Ordering::Relaxed);
         let used = files.values().map(|m| m.size).sum();
-        Ok(Folder { dir, files, used })
+        let journal_len = valid as u64;
+        let mut folder = Folder {
+            dir,
+            files,
+            used,
+            journal,
+            epoch,
+            journal_len,
+            records,
+            pack: None,
+            pack_garbage: 0,
+        };
+        if let Some(id) = current_pack {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(folder.pack_path(id))?;
+            let len = file.metadata()?.len();
+            let live: u64 = folder
+                .files
+                .values()
+                .filter(|m| matches!(m.content(), Content::Pack(p) if p.pack == id))
+                .map(|m| m.size)
+                .sum();
+            folder.pack_garbage = len.saturating_sub(live);
+            folder.pack = Some(Pack { id, file, len });
+        }
+        // An older layout is folded into a snapshot once, then its files go.
+        if !legacy.is_empty() {
+            if !have_snapshot {
+                folder.snapshot(&self.inner.tmp)?;
+            }
+            for path in &legacy {
+                fs::remove_file(path)?;
+            }
+            fsutil::sync_dir(&folder.dir)?;
+        }
+        Ok(folder)
     }
 
     /// Lists a user's files, sorted by name.
@@ -295,9 +735,13 @@ impl Store {
             .files
             .get(name)
             .ok_or_else(|| ServerError::NotFound(format!("{owner}/{name}")))?;
-        let file = fsutil::open_read(&folder.dir.join(blob_name(meta.version)))?;
+        let (file, start) = match meta.content() {
+            Content::Blob(b) => (fsutil::open_read(&folder.dir.join(blob_name(b)))?, 0),
+            Content::Pack(p) => (folder.pack_file_for(p.pack)?, p.offset),
+        };
         Ok(OpenFile {
             file,
+            start,
             info: meta.info(owner),
         })
     }
@@ -415,25 +859,80 @@ impl Store {
             mtime_ns: fsutil::now_ns(),
             version,
             blake3: hash.to_string(),
+            blob: None,
+            pack: None,
         };
-        if let Err(e) = self.write_meta(&folder.dir, &meta) {
+        if let Err(e) = folder.append(&Record::Put(meta.clone())) {
             let _ = fs::remove_file(&blob);
             return Err(e);
         }
-        let old = folder.files.insert(name.to_string(), meta.clone());
-        folder.used += size;
-        if let Some(old) = old {
-            folder.used = folder.used.saturating_sub(old.size);
-            remove_quietly(&folder.dir.join(blob_name(old.version)));
-        }
+        folder.insert(meta.clone());
+        folder.maintain(&self.inner.tmp);
         Ok(meta.info(owner))
     }
 
-    fn write_meta(&self, dir: &Path, meta: &FileMeta) -> Result<()> {
-        let bytes = serde_json::to_vec(meta)
-            .map_err(|e| ServerError::Internal(format!("cannot encode metadata: {e}")))?;
-        fsutil::write_atomic(&self.inner.tmp, &dir.join(meta_name(&meta.name)), &bytes)?;
-        Ok(())
+    /// Stores a whole file received in one piece: small ones are appended to the folder's
+    /// pack, larger ones go through a blob like any upload. Blocking; durable on return.
+    pub fn put(
+        &self,
+        owner: &str,
+        name: &str,
+        data: &[u8],
+        blake3_hex: &str,
+        quota: Option<u64>,
+    ) -> Result<FileInfo> {
+        let size = data.len() as u64;
+        if size > PACK_MAX {
+            let mut up = self.begin_upload(owner, name, Some(size), quota)?;
+            up.write_chunk(0, data);
+            return self.commit_upload(up, size, blake3_hex);
+        }
+        check_file_name(name).map_err(ServerError::InvalidName)?;
+        let hash = blake3::hash(data).to_hex();
+        if !hash.as_str().eq_ignore_ascii_case(blake3_hex) {
+            return Err(ServerError::ChecksumMismatch);
+        }
+        let folder = self.folder(owner)?;
+        let mut folder = lock(&folder)?;
+        let old = folder.files.get(name).map_or(0, |m| m.size);
+        let (allowance, allowance_error) =
+            self.allowance(folder.used.saturating_sub(old), quota)?;
+        if size > allowance {
+            return Err(allowance_error);
+        }
+        let pack = folder.pack_mut()?;
+        let at = PackRef {
+            pack: pack.id,
+            offset: pack.len,
+        };
+        if size > 0 {
+            let written = pack
+                .file
+                .write_all_at(data, at.offset)
+                .and_then(|()| pack.file.sync_data());
+            if let Err(e) = written {
+                let _ = pack.file.set_len(at.offset);
+                return Err(e.into());
+            }
+            pack.len += size;
+        }
+        let meta = FileMeta {
+            name: name.to_string(),
+            size,
+            mtime_ns: fsutil::now_ns(),
+            version: self.next_version(),
+            blake3: hash.to_string(),
+            blob: None,
+            pack: Some(at),
+        };
+        if let Err(e) = folder.append(&Record::Put(meta.clone())) {
+            // The appended bytes are garbage now.
+            folder.pack_garbage += size;
+            return Err(e);
+        }
+        folder.insert(meta.clone());
+        folder.maintain(&self.inner.tmp);
+        Ok(meta.info(owner))
     }
 
     /// Deletes a file of `owner`'s.
@@ -444,17 +943,17 @@ impl Store {
         let Some(meta) = folder.files.get(name).cloned() else {
             return Err(ServerError::NotFound(format!("{owner}/{name}")));
         };
-        fs::remove_file(folder.dir.join(meta_name(name)))?;
-        fsutil::sync_dir(&folder.dir)?;
+        folder.append(&Record::Delete {
+            name: name.to_string(),
+        })?;
         folder.files.remove(name);
-        folder.used = folder.used.saturating_sub(meta.size);
-        remove_quietly(&folder.dir.join(blob_name(meta.version)));
+        folder.forget(&meta);
+        folder.maintain(&self.inner.tmp);
         Ok(())
     }
 
-    /// Renames within `owner`'s folder, replacing `to`. The content gets a new version (a
-    /// hard link of the blob) so the old and new names never share a blob: a crash between
-    /// the steps leaves both names readable rather than one dangling.
+    /// Renames within `owner`'s folder, replacing `to`, in one journal record. The file
+    /// gets a new version (clients cache by version); its content stays where it is.
     pub fn rename(&self, owner: &str, from: &str, to: &str) -> Result<FileInfo> {
         check_file_name(from).map_err(ServerError::InvalidName)?;
         check_file_name(to).map_err(ServerError::InvalidName)?;
@@ -466,29 +965,20 @@ impl Store {
         if from == to {
             return Ok(src.info(owner));
         }
-        let version = self.next_version();
-        fs::hard_link(
-            folder.dir.join(blob_name(src.version)),
-            folder.dir.join(blob_name(version)),
-        )?;
-        fsutil::sync_dir(&folder.dir)?;
         let meta = FileMeta {
             name: to.to_string(),
-            version,
+            version: self.next_version(),
             ..src.clone()
-        };
-        if let Err(e) = self.write_meta(&folder.dir, &meta) {
-            remove_quietly(&folder.dir.join(blob_name(version)));
-            return Err(e);
         }
-        fs::remove_file(folder.dir.join(meta_name(from)))?;
-        fsutil::sync_dir(&folder.dir)?;
+        .with_content(src.content());
+        folder.append(&Record::Rename {
+            from: from.to_string(),
+            file: meta.clone(),
+        })?;
         folder.files.remove(from);
-        remove_quietly(&folder.dir.join(blob_name(src.version)));
-        if let Some(old) = folder.files.insert(to.to_string(), meta.clone()) {
-            folder.used = folder.used.saturating_sub(old.size);
-            remove_quietly(&folder.dir.join(blob_name(old.version)));
-        }
+        folder.used = folder.used.saturating_sub(src.size);
+        folder.insert(meta.clone());
+        folder.maintain(&self.inner.tmp);
         Ok(meta.info(owner))
     }
 
@@ -534,9 +1024,38 @@ fn blob_name(version: u64) -> String {
     format!("{version:016x}.blob")
 }
 
-fn meta_name(name: &str) -> String {
-    let hash = blake3::hash(name.as_bytes()).to_hex();
-    format!("{}.meta", &hash.as_str()[..32])
+fn pack_name(id: u64) -> String {
+    format!("pack-{id}.dat")
+}
+
+fn journal_name(epoch: u64) -> String {
+    format!("journal-{epoch}.jsonl")
+}
+
+fn open_journal(path: &Path, truncate: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Applies a journal record to a folder's index (at load).
+fn apply(files: &mut BTreeMap<String, FileMeta>, record: Record) {
+    match record {
+        Record::Put(meta) => {
+            files.insert(meta.name.clone(), meta);
+        }
+        Record::Delete { name } => {
+            files.remove(&name);
+        }
+        Record::Rename { from, file } => {
+            files.remove(&from);
+            files.insert(file.name.clone(), file);
+        }
+    }
 }
 
 fn remove_quietly(path: &Path) {
@@ -562,11 +1081,8 @@ mod tests {
     }
 
     fn read_all(store: &Store, owner: &str, name: &str) -> Vec<u8> {
-        use std::io::Read;
-        let mut f = store.open_read(owner, name).unwrap().file;
-        let mut v = Vec::new();
-        f.read_to_end(&mut v).unwrap();
-        v
+        let f = store.open_read(owner, name).unwrap();
+        f.read(0, usize::MAX).unwrap().to_vec()
     }
 
     #[test]
@@ -577,9 +1093,7 @@ mod tests {
         let reader = store.open_read("alice", "a.txt").unwrap();
         put(&store, "alice", "a.txt", b"two!").unwrap();
         // The old handle still reads the old version.
-        let mut old = Vec::new();
-        std::io::Read::read_to_end(&mut &reader.file, &mut old).unwrap();
-        assert_eq!(old, b"one");
+        assert_eq!(&reader.read(0, 100).unwrap()[..], b"one");
         assert_eq!(read_all(&store, "alice", "a.txt"), b"two!");
         store.rename("alice", "a.txt", "b.txt").unwrap();
         assert!(matches!(
@@ -677,5 +1191,156 @@ mod tests {
             put(&store, "../etc", "x", b"x"),
             Err(ServerError::InvalidName(_))
         ));
+    }
+
+    fn put_small(store: &Store, owner: &str, name: &str, data: &[u8]) -> FileInfo {
+        let hash = blake3::hash(data).to_hex();
+        store.put(owner, name, data, hash.as_str(), None).unwrap()
+    }
+
+    fn names(dir: &Path, suffix: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(suffix))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn small_files_live_in_the_pack_and_survive_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("files/alice");
+        let store = Store::open(dir.path(), 0).unwrap();
+        put_small(&store, "alice", "a", b"first");
+        let reader = store.open_read("alice", "a").unwrap();
+        put_small(&store, "alice", "a", b"second");
+        put_small(&store, "alice", "b", b"");
+        put_small(&store, "alice", "c", b"doomed");
+        store.delete("alice", "c").unwrap();
+        store.rename("alice", "a", "d").unwrap();
+        // An old reader keeps its version; no blob and no per-file metadata was written.
+        assert_eq!(&reader.read(0, 100).unwrap()[..], b"first");
+        assert!(names(&folder, ".blob").is_empty());
+        assert!(names(&folder, ".meta").is_empty());
+        assert_eq!(names(&folder, ".dat"), ["pack-1.dat"]);
+        // Rejected: wrong checksum, over quota; nothing changes.
+        assert!(matches!(
+            store.put("alice", "d", b"x", "00", None),
+            Err(ServerError::ChecksumMismatch)
+        ));
+        let h = blake3::hash(b"too big").to_hex();
+        assert!(matches!(
+            store.put("alice", "e", b"too big", h.as_str(), Some(8)),
+            Err(ServerError::QuotaExceeded(_))
+        ));
+
+        let store = Store::open(dir.path(), 0).unwrap();
+        let list: Vec<(String, u64)> = store
+            .list("alice")
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.name, f.size))
+            .collect();
+        assert_eq!(list, [("b".to_string(), 0), ("d".to_string(), 6)]);
+        assert_eq!(read_all(&store, "alice", "d"), b"second");
+        assert_eq!(store.space("alice", None).unwrap().used, 6);
+    }
+
+    #[test]
+    fn a_torn_journal_tail_is_cut_and_unnamed_contents_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("files/alice");
+        let store = Store::open(dir.path(), 0).unwrap();
+        put_small(&store, "alice", "kept", b"kept");
+        put(&store, "alice", "big", &vec![5u8; 100_000]).unwrap();
+        drop(store);
+        // A crash mid-append: half a record, an unreferenced blob and pack.
+        let mut j = OpenOptions::new()
+            .append(true)
+            .open(folder.join(journal_name(0)))
+            .unwrap();
+        j.write_all(br#"{"put":{"name":"half"#).unwrap();
+        fs::write(folder.join(blob_name(1)), b"orphan").unwrap();
+        fs::write(folder.join(pack_name(9)), b"orphan").unwrap();
+
+        let store = Store::open(dir.path(), 0).unwrap();
+        let names_listed: Vec<String> = store
+            .list("alice")
+            .unwrap()
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        assert_eq!(names_listed, ["big", "kept"]);
+        assert_eq!(read_all(&store, "alice", "kept"), b"kept");
+        assert_eq!(names(&folder, ".blob").len(), 1);
+        assert_eq!(names(&folder, ".dat"), ["pack-1.dat"]);
+        // Appends after the cut are read back.
+        put_small(&store, "alice", "after", b"after");
+        let store = Store::open(dir.path(), 0).unwrap();
+        assert_eq!(read_all(&store, "alice", "after"), b"after");
+    }
+
+    #[test]
+    fn journal_is_snapshotted_and_pack_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("files/alice");
+        let store = Store::open(dir.path(), 0).unwrap();
+        let big = vec![1u8; PACK_MAX as usize];
+        // Overwrites make garbage: enough to compact, and enough records to snapshot.
+        let rounds = (PACK_MIN_GARBAGE / PACK_MAX) * 2 + 8;
+        for i in 0..rounds {
+            let mut data = big.clone();
+            data[0] = i as u8;
+            put_small(&store, "alice", "hot", &data);
+        }
+        put_small(&store, "alice", "cold", b"cold");
+        for i in 0..SNAPSHOT_MIN_RECORDS {
+            put_small(&store, "alice", "tiny", &i.to_le_bytes());
+        }
+        assert!(fs::metadata(folder.join(SNAPSHOT)).is_ok(), "no snapshot");
+        let journals = names(&folder, ".jsonl");
+        assert_eq!(journals.len(), 1, "{journals:?}");
+        assert_ne!(journals[0], journal_name(0), "journal never switched");
+        assert!(
+            fs::metadata(folder.join(&journals[0])).unwrap().len() < 200 * 1024,
+            "journal not folded"
+        );
+        let packs = names(&folder, ".dat");
+        assert_eq!(packs.len(), 1);
+        assert_ne!(packs[0], "pack-1.dat", "pack never compacted");
+        let pack_len = fs::metadata(folder.join(&packs[0])).unwrap().len();
+        assert!(pack_len < PACK_MIN_GARBAGE * 3, "pack is {pack_len} bytes");
+
+        let store = Store::open(dir.path(), 0).unwrap();
+        let mut want = big.clone();
+        want[0] = (rounds - 1) as u8;
+        assert_eq!(read_all(&store, "alice", "hot"), want);
+        assert_eq!(read_all(&store, "alice", "cold"), b"cold");
+        assert_eq!(
+            read_all(&store, "alice", "tiny"),
+            (SNAPSHOT_MIN_RECORDS - 1).to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn folders_of_the_per_file_metadata_layout_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("files/alice");
+        fs::create_dir_all(&folder).unwrap();
+        fs::write(folder.join(blob_name(7)), b"legacy").unwrap();
+        let meta = format!(
+            r#"{{"name":"old.txt","size":6,"mtime_ns":1,"version":7,"blake3":"{}"}}"#,
+            blake3::hash(b"legacy").to_hex()
+        );
+        fs::write(folder.join("0123456789abcdef0123456789abcdef.meta"), meta).unwrap();
+        let store = Store::open(dir.path(), 0).unwrap();
+        assert_eq!(read_all(&store, "alice", "old.txt"), b"legacy");
+        assert!(names(&folder, ".meta").is_empty());
+        put_small(&store, "alice", "new.txt", b"new");
+        let store = Store::open(dir.path(), 0).unwrap();
+        assert_eq!(read_all(&store, "alice", "old.txt"), b"legacy");
+        assert_eq!(read_all(&store, "alice", "new.txt"), b"new");
     }
 }

@@ -583,3 +583,87 @@ async fn graceful_shutdown_keeps_committed_data() {
         .collect();
     assert_eq!(names, vec!["f"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_small_file_writes_keeps_every_acknowledged_file() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    const WRITERS: u64 = 4;
+    const NAMES: u64 = 40;
+    let size = |t: u64, j: u64| ((t * 7919 + j * 104_729) % 60_000) as usize;
+    let mut server = TestServer::start();
+    // name -> (last acknowledged j, j in flight)
+    let state: Arc<Mutex<HashMap<String, (Option<u64>, Option<u64>)>>> = Arc::default();
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..WRITERS {
+        let opts = server.options("alice");
+        let state = state.clone();
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let (client, _) = sharefs_client::RemoteClient::connect(&opts).await?;
+            for j in 0.. {
+                let name = format!("t{t}_{}", j % NAMES);
+                state.lock().unwrap().entry(name.clone()).or_default().1 = Some(j);
+                let data = content(t * 1_000_000 + j, size(t, j));
+                sharefs_client::transfer::upload(
+                    &client,
+                    &name,
+                    &data[..],
+                    Some(data.len() as u64),
+                    |_| {},
+                )
+                .await?;
+                state.lock().unwrap().insert(name, (Some(j), None));
+                acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok::<(), ClientError>(())
+        }));
+    }
+    // Kill once many small files (new ones and overwrites) have been acknowledged.
+    within("300 acknowledged writes", async {
+        while acked.load(std::sync::atomic::Ordering::SeqCst) < 300 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    server.kill9();
+    for t in tasks {
+        let r = within("writer task", t).await.unwrap();
+        assert!(r.is_err(), "writer finished without the server");
+    }
+    server.restart();
+
+    let (alice, _) = server.connect("alice").await;
+    let listed: HashMap<String, u64> = alice
+        .list_files("alice")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.name, f.size))
+        .collect();
+    let state = state.lock().unwrap().clone();
+    for (name, (done, in_flight)) in &state {
+        let t: u64 = name[1..name.find('_').unwrap()].parse().unwrap();
+        let ok_versions: Vec<u64> = done.iter().chain(in_flight.iter()).copied().collect();
+        let Some(&size_listed) = listed.get(name) else {
+            assert!(done.is_none(), "{name}: acknowledged but lost");
+            continue;
+        };
+        let data = download(&alice, "alice", name).await.unwrap();
+        assert_eq!(data.len() as u64, size_listed, "{name}: size disagrees");
+        let h = sha256(&data);
+        assert!(
+            ok_versions
+                .iter()
+                .any(|j| h == sha256(&content(t * 1_000_000 + j, size(t, *j)))),
+            "{name}: content is neither the acknowledged nor the in-flight version"
+        );
+    }
+    for name in listed.keys() {
+        assert!(
+            state.contains_key(name),
+            "{name} appeared but was never written"
+        );
+    }
+}
