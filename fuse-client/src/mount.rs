@@ -170,7 +170,8 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
     // staying in glibc's per-thread arenas, which otherwise grow with every thread.
     // SAFETY: mallopt only tunes the allocator; no other thread runs yet.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -22,6 +22,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::Framed;
 
+/// Frames queued for the connection's writer. Upload chunks are up to 1 MiB, so this bounds
+/// the memory an upload can queue per connection, whatever the number of streams.
+const OUTGOING_FRAMES: usize = 8;
+
 use crate::error::{ClientError, Result};
 use crate::tls::{self, TrustOptions};
 
@@ -167,7 +171,7 @@ impl RemoteClient {
         }
 
         let (sink, source) = framed.split();
-        let (tx, rx) = mpsc::channel::<Frame>(32);
+        let (tx, rx) = mpsc::channel::<Frame>(OUTGOING_FRAMES);
         let (closed_tx, closed) = watch::channel(false);
         let inner = Arc::new(Inner {
             user: user.to_string(),

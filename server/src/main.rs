@@ -253,7 +253,8 @@ fn run(cli: Cli) -> Result<()> {
 fn bound_allocator_caching() {
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

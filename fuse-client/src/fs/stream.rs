@@ -43,7 +43,7 @@ pub enum StreamState {
 }
 
 /// Messages buffered between the writer and the uploader (each up to one FUSE write).
-pub const STREAM_QUEUE: usize = 4;
+pub const STREAM_QUEUE: usize = 2;
 
 /// Receives the written data in order, uploads it in chunks, commits on `Finish`; aborts
 /// the server-side upload if the sender goes away without finishing.
@@ -61,13 +61,31 @@ pub async fn run<R: Remote>(remote: Arc<R>, name: String, mut rx: mpsc::Receiver
                     continue;
                 }
                 hasher.update(&data);
+                // Chunks of exactly CHUNK_SIZE; whole-chunk pieces of a write (the kernel's
+                // usual 1 MiB) go out without a copy.
+                let chunk = CHUNK_SIZE as usize;
+                let mut data = data;
+                let mut out = Vec::new();
+                if !buf.is_empty() {
+                    let take = (chunk - buf.len()).min(data.len());
+                    buf.extend_from_slice(&data[..take]);
+                    data = data.slice(take..);
+                    if buf.len() == chunk {
+                        out.push(buf.split().freeze());
+                    }
+                }
+                while data.len() >= chunk {
+                    out.push(data.split_to(chunk));
+                }
                 buf.extend_from_slice(&data);
-                if buf.len() >= CHUNK_SIZE as usize {
-                    let chunk = buf.split().freeze();
-                    let len = chunk.len() as u64;
-                    match remote.upload_chunk(*h, sent, chunk).await {
+                for piece in out {
+                    let len = piece.len() as u64;
+                    match remote.upload_chunk(*h, sent, piece).await {
                         Ok(()) => sent += len,
-                        Err(e) => failed = Some(e.into()),
+                        Err(e) => {
+                            failed = Some(e.into());
+                            break;
+                        }
                     }
                 }
             }
