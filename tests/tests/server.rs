@@ -592,8 +592,9 @@ async fn kill_9_during_small_file_writes_keeps_every_acknowledged_file() {
     const NAMES: u64 = 40;
     let size = |t: u64, j: u64| ((t * 7919 + j * 104_729) % 60_000) as usize;
     let mut server = TestServer::start();
-    // name -> (last acknowledged j, j in flight)
-    let state: Arc<Mutex<HashMap<String, (Option<u64>, Option<u64>)>>> = Arc::default();
+    /// name -> (last acknowledged j, j in flight)
+    type Versions = HashMap<String, (Option<u64>, Option<u64>)>;
+    let state: Arc<Mutex<Versions>> = Arc::default();
     let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for t in 0..WRITERS {
