@@ -800,6 +800,9 @@ impl Context {
             .acquire_many_owned(kib)
             .await
             .map_err(|_| ServerError::Internal("read budget closed".into()))?;
+        if let Some(data) = open.read_cached(offset, len) {
+            return Ok((data, permit));
+        }
         let data = tokio::task::spawn_blocking(move || open.read(offset, len))
             .await
             .map_err(|e| ServerError::Internal(format!("read task failed: {e}")))??;

@@ -459,6 +459,28 @@ impl OpenFile {
     }
 }
 
+impl OpenFile {
+    /// Like [`OpenFile::read`], but only if the bytes are in the page cache: never waits
+    /// for the disk, so it may run on an async worker. `None` means: read it the slow way.
+    pub fn read_cached(&self, offset: u64, len: usize) -> Option<Bytes> {
+        use std::os::fd::AsRawFd;
+        let len = len.min(self.info.size.saturating_sub(offset) as usize);
+        if len == 0 {
+            return Some(Bytes::new());
+        }
+        let mut buf = vec![0u8; len];
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        let at = i64::try_from(self.start + offset).ok()?;
+        // SAFETY: one iovec describing `buf`, which outlives the call; the fd is owned.
+        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        // Short reads happen at a page-cache boundary as well as at the end: retry slowly.
+        (n == len as isize).then(|| Bytes::from(buf))
+    }
+}
+
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     file.read_exact_at(buf, offset)
 }
