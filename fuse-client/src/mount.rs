@@ -166,12 +166,14 @@ fn background(opts: ConnectOptions, args: &MountArgs, cache_dir: &Path) -> Resul
 }
 
 fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Result<()> {
-    // Data buffers (up to a few MiB) go straight back to the system when freed instead of
-    // staying in glibc's per-thread arenas, which otherwise grow with every thread.
+    // 1 MiB data buffers are reused from the heap instead of being mapped and zero-filled
+    // by the kernel for every chunk (page faults were a large share of a transfer's CPU);
+    // two arenas and a 16 MiB trim threshold bound what stays resident across threads.
     // SAFETY: mallopt only tunes the allocator; no other thread runs yet.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

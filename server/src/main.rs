@@ -247,14 +247,16 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Keeps file-data buffers (up to a few MiB each) out of glibc's per-thread arenas, where
-/// freed buffers otherwise stay resident: with it the server's RSS stays flat across
-/// transfers instead of growing with every worker thread that ever touched a buffer.
+/// Lets 1 MiB file-data buffers be reused from the heap instead of being mapped and
+/// zero-filled by the kernel for every chunk (page faults were a large share of a
+/// transfer's CPU), while two arenas and a 16 MiB trim threshold keep the RSS flat instead
+/// of growing with every worker thread that ever touched a buffer.
 fn bound_allocator_caching() {
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 
