@@ -740,19 +740,36 @@ impl Context {
     }
 
     async fn open(self, owner: String, name: String, head: u32) -> Handled {
+        // One's own small files open without a trip to the blocking pool (no disk access:
+        // the folder is loaded and the pack is open); everything else takes the slow path.
+        let quick = if owner == self.user {
+            self.shared.store.try_open_packed(&owner, &name)
+        } else {
+            None
+        };
+        let open = match quick {
+            Some(open) => open,
+            None => self.open_slow(owner, name).await?,
+        };
+        self.opened(open, head).await
+    }
+
+    async fn open_slow(&self, owner: String, name: String) -> Result<OpenFile, ServerError> {
         let owner = self.require_user(owner).await?;
         let downloader = self.user.clone();
-        let open = self
-            .blocking(move |s| {
-                let open = s.store.open_read(&owner, &name)?;
-                if owner != downloader {
-                    // Recorded durably before the reader gets a byte.
-                    s.hub
-                        .record_download(&owner, &downloader, &name, open.info.size)?;
-                }
-                Ok(open)
-            })
-            .await?;
+        self.blocking(move |s| {
+            let open = s.store.open_read(&owner, &name)?;
+            if owner != downloader {
+                // Recorded durably before the reader gets a byte.
+                s.hub
+                    .record_download(&owner, &downloader, &name, open.info.size)?;
+            }
+            Ok(open)
+        })
+        .await
+    }
+
+    async fn opened(self, open: OpenFile, head: u32) -> Handled {
         if open.info.owner != self.user {
             tracing::info!(owner = %open.info.owner, file = %open.info.name, size = open.info.size, "download");
         }

@@ -768,6 +768,23 @@ impl Store {
         })
     }
 
+    /// Opens a file whose content is in a pack of an already loaded folder, if that needs
+    /// no disk access and no waiting for the folder's lock; `None` otherwise.
+    pub fn try_open_packed(&self, owner: &str, name: &str) -> Option<OpenFile> {
+        let folder = self.inner.folders.try_lock().ok()?.get(owner)?.clone();
+        let folder = folder.try_lock().ok()?;
+        let meta = folder.files.get(name)?;
+        let Content::Pack(p) = meta.content() else {
+            return None;
+        };
+        let pack = folder.pack.as_ref().filter(|cur| cur.id == p.pack)?;
+        Some(OpenFile {
+            file: pack.file.try_clone().ok()?,
+            start: p.offset,
+            info: meta.info(owner),
+        })
+    }
+
     /// Bytes `owner` may still add: the smaller of quota headroom and disk space above the
     /// reserve, with the error to report when crossed.
     fn allowance(&self, used: u64, quota: Option<u64>) -> Result<(u64, ServerError)> {

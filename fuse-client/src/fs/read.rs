@@ -198,7 +198,10 @@ impl<R: Remote> ReadHandle<R> {
         .unwrap_or_default();
 
         if wanted.is_empty() {
-            // Random access: exactly the bytes asked for.
+            // Random access: exactly the bytes asked for, in one piece when they fit one.
+            if end - offset <= BLOCK {
+                return self.clone().fetch(offset, (end - offset) as u32).await;
+            }
             let mut out = BytesMut::with_capacity((end - offset) as usize);
             let mut pos = offset;
             while pos < end {
