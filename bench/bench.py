@@ -445,34 +445,27 @@ def main():
 
         # Cost growth: stat and ls -l with N files in a folder; server start with N files.
         growth = []
-        try:
-            import blake3  # noqa: F401
-            have_blake3 = True
-        except ImportError:
-            have_blake3 = False
-            log("python blake3 missing: cost-growth part skipped")
-        if have_blake3:
-            for count in sizes["growth"]:
-                gdata = root / f"growth-{count}"
-                make_folder(gdata, "bench", count)
-                gp, gfp, start_s = start_sharefs_server(env, gdata, 7272)
-                gm = root / f"mnt-growth-{count}"
-                gmp = mount_sharefs(env, 7272, gfp, "bench", gm)
-                drop_caches()
-                ls_first = timed(lambda: run(["ls", "-l", gm / "bench"], stdout=subprocess.DEVNULL))
-                stat_t = []
-                for i in range(50):
-                    p = gm / "bench" / f"g{(i * 7919) % count:07}"
-                    stat_t.append(timed(lambda: os.stat(p)))
-                # A file not looked up before, on a fresh mount (no listing cached).
-                unmount(env, gm, gmp)
-                gmp = mount_sharefs(env, 7272, gfp, "bench", gm)
-                cold_stat = timed(lambda: os.stat(gm / "bench" / f"g{count // 2:07}"))
-                growth.append((count, start_s, ls_first, ls_first / count * 1e6, statistics.median(stat_t) * 1e6, cold_stat * 1e3))
-                log(f"growth {count}: start {start_s:.3f}s ls {ls_first:.3f}s stat {statistics.median(stat_t) * 1e6:.0f}us cold stat {cold_stat * 1e3:.1f}ms")
-                unmount(env, gm, gmp)
-                gp.terminate()
-                gp.wait()
+        for count in sizes["growth"]:
+            gdata = root / f"growth-{count}"
+            make_folder(gdata, "bench", count)
+            gp, gfp, start_s = start_sharefs_server(env, gdata, 7272)
+            gm = root / f"mnt-growth-{count}"
+            gmp = mount_sharefs(env, 7272, gfp, "bench", gm)
+            drop_caches()
+            ls_first = timed(lambda: run(["ls", "-l", gm / "bench"], stdout=subprocess.DEVNULL))
+            stat_t = []
+            for i in range(50):
+                p = gm / "bench" / f"g{(i * 7919) % count:07}"
+                stat_t.append(timed(lambda: os.stat(p)))
+            # A file not looked up before, on a fresh mount (no listing cached).
+            unmount(env, gm, gmp)
+            gmp = mount_sharefs(env, 7272, gfp, "bench", gm)
+            cold_stat = timed(lambda: os.stat(gm / "bench" / f"g{count // 2:07}"))
+            growth.append((count, start_s, ls_first, ls_first / count * 1e6, statistics.median(stat_t) * 1e6, cold_stat * 1e3))
+            log(f"growth {count}: start {start_s:.3f}s ls {ls_first:.3f}s stat {statistics.median(stat_t) * 1e6:.0f}us cold stat {cold_stat * 1e3:.1f}ms")
+            unmount(env, gm, gmp)
+            gp.terminate()
+            gp.wait()
         extra["growth"] = growth
     finally:
         env.close()
@@ -484,18 +477,16 @@ def main():
 
 def make_folder(data, user, count):
     """Writes a data directory with `count` 1-byte files for `user`, in the server's
-    on-disk format (files/<user>/<version>.blob + <hash(name)>.meta)."""
-    import blake3
+    on-disk format (files/<user>/snapshot.json naming byte ranges of pack-1.dat)."""
     d = data / "files" / user
     d.mkdir(parents=True)
     base = 1 << 60
     now = time.time_ns()
-    for i in range(count):
-        name = f"g{i:07}"
-        version = base + i
-        (d / f"{version:016x}.blob").write_bytes(b"g")
-        meta = {"name": name, "size": 1, "mtime_ns": now, "version": version, "blake3": blake3.blake3(b"g").hexdigest()}
-        (d / f"{blake3.blake3(name.encode()).hexdigest()[:32]}.meta").write_text(json.dumps(meta))
+    digest = "805a31dee1a2a0d3fbe08c612de4fe6be78166a3c4d3a4db7805ad839ed47d4d"  # BLAKE3 of b"g"
+    (d / "pack-1.dat").write_bytes(b"g" * count)
+    files = [{"name": f"g{i:07}", "size": 1, "mtime_ns": now, "version": base + i, "blake3": digest,
+              "pack": {"pack": 1, "offset": i}} for i in range(count)]
+    (d / "snapshot.json").write_text(json.dumps({"journal": 0, "files": files}))
 
 
 def fmt(v, unit):

@@ -2,8 +2,8 @@
 # The sharefs benchmark: local disk vs sshfs vs sharefs, same machine, same disk.
 #   bench/run.sh            full run (about 20-30 minutes), writes BENCHMARKS.md
 #   bench/run.sh --short    small sizes, one round (< 3 minutes), writes bench/short-results.md
-# Installs what it needs (Debian packages: sshfs, openssh-server, fio, fuse3, dbus, openssl;
-# Python package blake3 for the cost-growth part), builds sharefs in release mode, and
+# Installs what it needs (Debian packages: sshfs, openssh-server, fio, fuse3, dbus, openssl),
+# builds sharefs in release mode, and
 # removes every process and mount it started, also on failure. Run as root (it drops the
 # page cache between cold runs).
 set -euo pipefail
@@ -19,8 +19,6 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-python3 -c 'import blake3' 2>/dev/null || python3 -m pip install -q blake3 2>/dev/null \
-    || echo "bench: python blake3 unavailable; the cost-growth part will be skipped" >&2
 
 cargo build --release --quiet --bins -p sharefs-server -p sharefs-client -p sharefs-tests
 exec python3 bench/bench.py --target-dir "${CARGO_TARGET_DIR:-target}/release" "$@"
