@@ -324,6 +324,29 @@ async fn write_loop<S>(
 }
 
 /// State of one logged-in connection.
+/// An upload of this session: idle, or writing its last chunk on the blocking pool while
+/// the reader goes on decrypting the next one.
+enum Upload {
+    Idle(Box<StagedUpload>),
+    Writing(tokio::task::JoinHandle<StagedUpload>),
+}
+
+impl Upload {
+    /// The upload once its last write is done; `None` if that write task died.
+    async fn settle(self) -> Option<StagedUpload> {
+        match self {
+            Upload::Idle(up) => Some(*up),
+            Upload::Writing(task) => match task.await {
+                Ok(up) => Some(up),
+                Err(e) => {
+                    tracing::error!(error = %e, "upload write task failed");
+                    None
+                }
+            },
+        }
+    }
+}
+
 struct Session {
     /// This session's id in the hub: its own changes are not echoed back to it.
     id: u64,
@@ -332,7 +355,7 @@ struct Session {
     out: mpsc::Sender<Outgoing>,
     /// Uploads in progress, each with its slot of the per-user limit; owned by the reader
     /// loop, which writes their chunks in order.
-    uploads: HashMap<u64, (StagedUpload, Slot<String>)>,
+    uploads: HashMap<u64, (Upload, Slot<String>)>,
     /// Open read handles, shared with request tasks. std `Mutex`: map operations only.
     handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     next_id: Arc<AtomicU64>,
@@ -430,21 +453,20 @@ impl Session {
     }
 
     async fn chunk(&mut self, upload: u64, offset: u64, data: Bytes) {
-        let Some((mut up, slot)) = self.uploads.remove(&upload) else {
+        let Some((state, slot)) = self.uploads.remove(&upload) else {
             tracing::debug!(upload, "chunk for an unknown upload ignored");
             return;
         };
-        let result = tokio::task::spawn_blocking(move || {
+        // One write in flight per upload: chunks stay in order, and this one is written
+        // while the next is read.
+        let Some(mut up) = state.settle().await else {
+            return;
+        };
+        let task = tokio::task::spawn_blocking(move || {
             up.write_chunk(offset, &data);
             up
-        })
-        .await;
-        match result {
-            Ok(up) => {
-                self.uploads.insert(upload, (up, slot));
-            }
-            Err(e) => tracing::error!(error = %e, "upload write task failed"),
-        }
+        });
+        self.uploads.insert(upload, (Upload::Writing(task), slot));
     }
 
     async fn reply(&self, id: u64, result: Result<Reply, ServerError>) {
@@ -469,11 +491,15 @@ impl Session {
                 size,
                 blake3,
             } => match self.uploads.remove(&upload) {
-                Some((up, slot)) => {
+                Some((state, slot)) => {
                     let ctx = self.context();
                     self.spawn(id, async move {
                         // The upload counts against the user's limit until committed.
                         let _slot = slot;
+                        let up = state
+                            .settle()
+                            .await
+                            .ok_or_else(|| ServerError::Internal("upload write failed".into()))?;
                         let name = up.name().to_string();
                         let info = ctx
                             .blocking(move |shared| shared.store.commit_upload(up, size, &blake3))
@@ -523,7 +549,7 @@ impl Session {
             })
             .await?;
         let upload = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.uploads.insert(upload, (up, slot));
+        self.uploads.insert(upload, (Upload::Idle(Box::new(up)), slot));
         Ok(Reply::UploadStarted { upload })
     }
 

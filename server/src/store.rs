@@ -48,6 +48,8 @@ use crate::fsutil;
 
 /// Contents up to this size go into the folder's pack instead of a blob file each.
 pub const PACK_MAX: u64 = 64 * 1024;
+/// Bytes of an upload after which their writeback to disk is started.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 /// A snapshot is written once the journal holds this many records and more than twice the
 /// folder's files.
 const SNAPSHOT_MIN_RECORDS: u64 = 1024;
@@ -376,6 +378,8 @@ pub struct StagedUpload {
     path: PathBuf,
     hasher: blake3::Hasher,
     written: u64,
+    /// Where the next early writeback starts.
+    writeback_from: u64,
     /// Bytes the owner may still add (quota and disk reserve), checked per chunk.
     allowance: u64,
     allowance_error: Option<ServerError>,
@@ -417,6 +421,23 @@ impl StagedUpload {
         }
         self.hasher.update(data);
         self.written += data.len() as u64;
+        if self.written - self.writeback_from >= WRITEBACK_EVERY {
+            // Start writing what came so far to disk now, so the fsync at commit waits for
+            // the tail only instead of the whole file (the disk works during the transfer).
+            use std::os::fd::AsRawFd;
+            let (from, len) = (self.writeback_from, self.written - self.writeback_from);
+            // SAFETY: plain syscall on an owned descriptor; errors only cost the overlap,
+            // the commit's fsync still makes everything durable.
+            unsafe {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    from as i64,
+                    len as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.writeback_from = self.written;
+        }
     }
 }
 
@@ -832,6 +853,7 @@ impl Store {
             path,
             hasher: blake3::Hasher::new(),
             written: 0,
+            writeback_from: 0,
             allowance,
             allowance_error: Some(allowance_error),
             failed: None,
