@@ -549,7 +549,8 @@ impl Session {
             })
             .await?;
         let upload = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.uploads.insert(upload, (Upload::Idle(Box::new(up)), slot));
+        self.uploads
+            .insert(upload, (Upload::Idle(Box::new(up)), slot));
         Ok(Reply::UploadStarted { upload })
     }
 

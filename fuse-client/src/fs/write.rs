@@ -167,11 +167,7 @@ impl StagedWrite {
             },
             0,
             u64::from(dirty),
-            if dirty {
-                StreamState::Eligible
-            } else {
-                StreamState::Off
-            },
+            StreamState::Eligible,
         )
     }
 
@@ -461,8 +457,17 @@ impl StagedWrite {
     pub fn truncate(&self, size: u64) -> FsResult<()> {
         {
             let mut s = guard(&self.stream);
-            // Truncating a never-written file keeps it eligible; anything else ends a stream.
-            if !(matches!(*s, StreamState::Eligible) && size == 0) {
+            // A stream survives a size change that leaves what it carries intact (`fio`
+            // and some copiers set the final size first); it commits only if it ends up
+            // covering the whole file. Cutting into streamed bytes ends it.
+            let keep = match &*s {
+                StreamState::Eligible => true,
+                StreamState::Pending { next, .. } | StreamState::Active { next, .. } => {
+                    size >= *next
+                }
+                StreamState::Off => false,
+            };
+            if !keep {
                 *s = StreamState::Off;
             }
         }
