@@ -559,6 +559,49 @@ fn sequential_writes_stream_and_anything_else_falls_back_to_the_staged_file() {
             "aborted stream left an upload"
         );
 
+        // Setting the final size first (fio, some copiers) keeps the stream, and so does
+        // opening an existing empty file without O_TRUNC.
+        let (attr, fh) = e.core.create(dir, "sized").await.unwrap();
+        e.core
+            .setattr(attr.ino, Some(data.len() as u64), Some(fh))
+            .await
+            .unwrap();
+        for (i, chunk) in data.chunks(1 << 20).enumerate() {
+            e.core.write(fh, (i << 20) as u64, chunk).await.unwrap();
+        }
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "sized").unwrap(), data);
+        assert_eq!(
+            *e.core.remote.streamed.lock().unwrap(),
+            2,
+            "sized file not streamed"
+        );
+        e.core.remote.put("alice", "empty", b"");
+        let ino = e.core.lookup(dir, "empty").await.unwrap().ino;
+        let o = e
+            .core
+            .open(
+                ino,
+                OpenMode {
+                    write: true,
+                    truncate: false,
+                },
+            )
+            .await
+            .unwrap();
+        for (i, chunk) in data.chunks(1 << 20).enumerate() {
+            e.core.write(o.fh, (i << 20) as u64, chunk).await.unwrap();
+        }
+        e.core.flush(o.fh).await.unwrap();
+        e.core.release(o.fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "empty").unwrap(), data);
+        assert_eq!(
+            *e.core.remote.streamed.lock().unwrap(),
+            3,
+            "empty file not streamed"
+        );
+
         // A failing stream falls back and reports the server's error if that fails too.
         *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::QuotaExceeded);
         let (_, fh) = e.core.create(dir, "over").await.unwrap();
