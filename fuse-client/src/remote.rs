@@ -22,9 +22,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::Framed;
 
-/// Frames queued for the connection's writer. Upload chunks are up to 1 MiB, so this bounds
-/// the memory an upload can queue per connection, whatever the number of streams.
-const OUTGOING_FRAMES: usize = 8;
+/// The sending half of a connection, whatever the transport (TCP or TLS).
+type FrameSink = std::pin::Pin<Box<dyn futures::Sink<Frame, Error = FrameError> + Send>>;
 
 use crate::error::{ClientError, Result};
 use crate::tls::{self, TrustOptions};
@@ -50,10 +49,13 @@ pub struct RemoteClient {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     user: String,
-    tx: mpsc::Sender<Frame>,
+    /// Callers write their frames themselves, one at a time (no writer task to wake: a
+    /// request leaves from the thread that makes it). A frame, once queued, is complete
+    /// in the codec's buffer, so a caller cancelled mid-flush leaves the next one to push
+    /// the rest; at most one frame (up to 1 MiB) is ever buffered per connection.
+    sink: tokio::sync::Mutex<FrameSink>,
     /// In-flight requests; `None` once the connection is closed, so no waiter can be added
     /// after the last ones were failed. std `Mutex`: never held across an await.
     waiters: Mutex<Option<HashMap<u64, Waiter>>>,
@@ -63,7 +65,32 @@ struct Inner {
     closed_tx: watch::Sender<bool>,
 }
 
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").field("user", &self.user).finish()
+    }
+}
+
 impl Inner {
+    /// Writes one frame; a failure closes the connection for every caller.
+    async fn send(&self, frame: Frame) -> Result<()> {
+        if *self.closed.borrow() {
+            return Err(ClientError::Disconnected("connection closed".into()));
+        }
+        let mut sink = self.sink.lock().await;
+        match sink.send(frame).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let err = match e {
+                    FrameError::Io(e) => ClientError::Disconnected(e.to_string()),
+                    other => ClientError::Protocol(other.to_string()),
+                };
+                self.fail_all(err.clone());
+                Err(err)
+            }
+        }
+    }
+
     /// Fails every waiting call with `err` and marks the connection closed.
     fn fail_all(&self, err: ClientError) {
         let waiters = self.waiters.lock().ok().and_then(|mut w| w.take());
@@ -171,19 +198,18 @@ impl RemoteClient {
         }
 
         let (sink, source) = framed.split();
-        let (tx, rx) = mpsc::channel::<Frame>(OUTGOING_FRAMES);
         let (closed_tx, closed) = watch::channel(false);
         let inner = Arc::new(Inner {
             user: user.to_string(),
-            tx,
+            sink: tokio::sync::Mutex::new(Box::pin(sink)),
             waiters: Mutex::new(Some(HashMap::new())),
             next_id: AtomicU64::new(1),
             closed,
             closed_tx,
         });
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(sink, rx, Arc::downgrade(&inner)));
-        tokio::spawn(read_loop(source, Arc::downgrade(&inner), ev_tx));
+        let dropped = inner.closed.clone();
+        tokio::spawn(read_loop(source, Arc::downgrade(&inner), ev_tx, dropped));
         Ok((RemoteClient { inner }, ev_rx))
     }
 
@@ -218,8 +244,13 @@ impl RemoteClient {
         }
         let frame = Frame::new(&ClientMessage::Request { id, op }, payload)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        if self.inner.tx.send(frame).await.is_err() {
-            return Err(ClientError::Disconnected("connection closed".into()));
+        if let Err(e) = self.inner.send(frame).await {
+            if let Ok(mut w) = self.inner.waiters.lock() {
+                if let Some(w) = w.as_mut() {
+                    w.remove(&id);
+                }
+            }
+            return Err(e);
         }
         rx.await
             .map_err(|_| ClientError::Disconnected("connection closed".into()))?
@@ -229,11 +260,7 @@ impl RemoteClient {
     pub async fn send_chunk(&self, upload: u64, offset: u64, data: Bytes) -> Result<()> {
         let frame = Frame::new(&ClientMessage::Chunk { upload, offset }, data)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.inner
-            .tx
-            .send(frame)
-            .await
-            .map_err(|_| ClientError::Disconnected("connection closed".into()))
+        self.inner.send(frame).await
     }
 
     async fn call_empty(&self, op: Request) -> Result<Reply> {
@@ -460,40 +487,26 @@ where
     }
 }
 
-async fn write_loop<S>(
-    mut sink: futures::stream::SplitSink<Framed<S, FrameCodec>, Frame>,
-    mut rx: mpsc::Receiver<Frame>,
-    inner: std::sync::Weak<Inner>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    while let Some(frame) = rx.recv().await {
-        let sent = match sink.feed(frame).await {
-            Ok(()) if rx.is_empty() => sink.flush().await,
-            other => other,
-        };
-        if let Err(e) = sent {
-            if let Some(inner) = inner.upgrade() {
-                inner.fail_all(match e {
-                    FrameError::Io(e) => ClientError::Disconnected(e.to_string()),
-                    other => ClientError::Protocol(other.to_string()),
-                });
-            }
-            return;
-        }
-    }
-    let _ = sink.close().await;
-}
-
 async fn read_loop<S>(
     mut source: futures::stream::SplitStream<Framed<S, FrameCodec>>,
     inner: std::sync::Weak<Inner>,
     events: mpsc::UnboundedSender<Event>,
+    mut dropped: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let reason = loop {
-        let frame = match source.next().await {
+        let next = tokio::select! {
+            next = source.next() => next,
+            // The client was dropped (its sender went with it): close the connection.
+            changed = dropped.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let frame = match next {
             Some(Ok(frame)) => frame,
             Some(Err(FrameError::Io(e))) => break ClientError::Disconnected(e.to_string()),
             // A frame we cannot decode will not decode on a new connection either: not
