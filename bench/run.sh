@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sharefs benchmark: local disk vs sshfs vs sharefs, same machine, same disk.
-#   bench/run.sh            full run (about 20-30 minutes), writes BENCHMARKS.md
+#   bench/run.sh            full run (about 10-15 minutes), writes BENCHMARKS.md
 #   bench/run.sh --short    small sizes, one round (< 3 minutes), writes bench/short-results.md
 # Installs what it needs (Debian packages: sshfs, openssh-server, fio, fuse3, dbus, openssl),
 # builds sharefs in release mode, and
