@@ -580,3 +580,53 @@ fn unmount_and_ctrl_c_leave_no_mount_behind() {
     );
     assert!(!b.is_mounted());
 }
+
+#[test]
+fn rewriting_in_place_keeps_the_bytes_not_written() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let alice = TestMount::new(&server, "alice");
+    let path = alice.path("alice/db.bin");
+    let mut want = content(7, 24 << 20);
+    fs::write(&path, &want).unwrap();
+    assert_eq!(server_content(&server, "alice", "db.bin").unwrap(), want);
+
+    // A patch in the middle, through a descriptor opened without O_TRUNC.
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(b"patched in the middle", 13 << 20).unwrap();
+    drop(f);
+    want[13 << 20..(13 << 20) + 21].copy_from_slice(b"patched in the middle");
+    assert_eq!(server_content(&server, "alice", "db.bin").unwrap(), want);
+
+    // The first half rewritten from byte 0 (`dd conv=notrunc`): the second half stays.
+    let local = tempfile::tempdir().unwrap();
+    let half = local.path().join("half");
+    let new_half = content(8, 12 << 20);
+    fs::write(&half, &new_half).unwrap();
+    run_ok(
+        Command::new("dd")
+            .arg(format!("if={}", half.display()))
+            .arg(format!("of={}", path.display()))
+            .args(["bs=1M", "conv=notrunc", "status=none"]),
+    );
+    want[..12 << 20].copy_from_slice(&new_half);
+    assert_eq!(server_content(&server, "alice", "db.bin").unwrap(), want);
+
+    // Read back through the same descriptor before closing: written and unwritten parts.
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(b"head").unwrap();
+    let mut buf = vec![0u8; 8];
+    f.seek(SeekFrom::Start(20 << 20)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, want[20 << 20..(20 << 20) + 8]);
+    drop(f);
+    want[..4].copy_from_slice(b"head");
+    assert_eq!(server_content(&server, "alice", "db.bin").unwrap(), want);
+    assert_eq!(fs::read(&path).unwrap(), want);
+}
