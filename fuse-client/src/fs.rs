@@ -734,6 +734,11 @@ impl<R: Remote> FsCore<R> {
     /// Uploads a staged file if it changed; returns once the server committed it.
     async fn upload(&self, ino: u64, staged: &StagedWrite) -> FsResult<()> {
         let _serial = staged.upload_lock.lock().await;
+        self.upload_locked(ino, staged).await
+    }
+
+    /// [`FsCore::upload`] with the file's upload lock held by the caller.
+    async fn upload_locked(&self, ino: u64, staged: &StagedWrite) -> FsResult<()> {
         if !staged.dirty() {
             return Ok(());
         }
@@ -778,14 +783,24 @@ impl<R: Remote> FsCore<R> {
             .unwrap_or(true)
     }
 
-    /// `close()` of a descriptor: uploads what this handle changed.
+    /// `close()` of a descriptor: uploads what this handle changed. The check happens under
+    /// the file's upload lock, so a `close()` never returns while another close of the same
+    /// open file (a forked child closing its inherited copy, say) is still uploading this
+    /// handle's writes.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         match self.handle(fh)? {
             Handle::Staged {
                 ino,
                 staged,
                 writable: true,
-            } if self.take_changed(fh) => self.upload(ino, &staged).await,
+            } => {
+                let _serial = staged.upload_lock.lock().await;
+                if self.take_changed(fh) {
+                    self.upload_locked(ino, &staged).await
+                } else {
+                    Ok(())
+                }
+            }
             _ => Ok(()),
         }
     }

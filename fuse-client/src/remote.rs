@@ -65,6 +65,20 @@ struct Inner {
     closed_tx: watch::Sender<bool>,
 }
 
+impl Drop for Inner {
+    /// Ends the connection cleanly (TLS close_notify) when the last handle goes.
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let idle: FrameSink = Box::pin(futures::sink::drain().sink_map_err(|e| match e {}));
+        let mut sink = std::mem::replace(self.sink.get_mut(), idle);
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), sink.close()).await;
+        });
+    }
+}
+
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inner").field("user", &self.user).finish()

@@ -413,6 +413,11 @@ impl Session {
             let frame = match next {
                 None => return,
                 Some(Ok(frame)) => frame,
+                // A client that goes away without a TLS goodbye is not a protocol error.
+                Some(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(error = %e, "connection closed without TLS close_notify");
+                    return;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "bad frame; closing connection");
                     self.fatal(frame_error_body(&e)).await;

@@ -581,6 +581,20 @@ fn unmount_and_ctrl_c_leave_no_mount_behind() {
     assert!(!b.is_mounted());
 }
 
+/// Equal contents, or a failure naming the first differing byte (not megabytes of bytes).
+fn assert_same(got: &[u8], want: &[u8], line: u32) {
+    if got == want {
+        return;
+    }
+    let first = got.iter().zip(want).position(|(a, b)| a != b);
+    let last = got.iter().zip(want).rposition(|(a, b)| a != b);
+    panic!(
+        "line {line}: {} bytes, want {}; first difference at {first:?}, last at {last:?}",
+        got.len(),
+        want.len()
+    );
+}
+
 #[test]
 fn rewriting_in_place_keeps_the_bytes_not_written() {
     if !fuse_available() {
@@ -591,14 +605,22 @@ fn rewriting_in_place_keeps_the_bytes_not_written() {
     let path = alice.path("alice/db.bin");
     let mut want = content(7, 24 << 20);
     fs::write(&path, &want).unwrap();
-    assert_eq!(server_content(&server, "alice", "db.bin").unwrap(), want);
+    assert_same(
+        &server_content(&server, "alice", "db.bin").unwrap(),
+        &want,
+        line!(),
+    );
 
     // A patch in the middle, through a descriptor opened without O_TRUNC.
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     f.write_all_at(b"patched in the middle", 13 << 20).unwrap();
     drop(f);
     want[13 << 20..(13 << 20) + 21].copy_from_slice(b"patched in the middle");
-    assert_eq!(server_content(&server, "alice", "db.bin").unwrap(), want);
+    assert_same(
+        &server_content(&server, "alice", "db.bin").unwrap(),
+        &want,
+        line!(),
+    );
 
     // The first half rewritten from byte 0 (`dd conv=notrunc`): the second half stays.
     let local = tempfile::tempdir().unwrap();
@@ -612,7 +634,11 @@ fn rewriting_in_place_keeps_the_bytes_not_written() {
             .args(["bs=1M", "conv=notrunc", "status=none"]),
     );
     want[..12 << 20].copy_from_slice(&new_half);
-    assert_eq!(server_content(&server, "alice", "db.bin").unwrap(), want);
+    assert_same(
+        &server_content(&server, "alice", "db.bin").unwrap(),
+        &want,
+        line!(),
+    );
 
     // Read back through the same descriptor before closing: written and unwritten parts.
     let mut f = OpenOptions::new()
@@ -627,6 +653,10 @@ fn rewriting_in_place_keeps_the_bytes_not_written() {
     assert_eq!(buf, want[20 << 20..(20 << 20) + 8]);
     drop(f);
     want[..4].copy_from_slice(b"head");
-    assert_eq!(server_content(&server, "alice", "db.bin").unwrap(), want);
-    assert_eq!(fs::read(&path).unwrap(), want);
+    assert_same(
+        &server_content(&server, "alice", "db.bin").unwrap(),
+        &want,
+        line!(),
+    );
+    assert_same(&fs::read(&path).unwrap(), &want, line!());
 }
