@@ -347,7 +347,7 @@ def main():
                         log(f"{name} on {t} failed: {e}")
                         v = float("nan")
                     results.setdefault(name, {"unit": unit, "higher": higher}).setdefault(t, []).append(v)
-                    log(f"round {r + 1} {name:28} {t:8} {v:10.1f} {unit}")
+                    log(f"round {r + 1} {sized(name, sizes):28} {t:8} {v:10.1f} {unit}")
             for t, d in targets.items():
                 try:
                     iops, lat = w.randread(d)
@@ -499,6 +499,12 @@ def fmt(v, unit):
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
+def sized(name, sizes):
+    """A workload's label with the sizes of this mode (short mode is smaller)."""
+    name = name.replace("1 GiB", f"{sizes['big_mib']} MiB" if sizes["big_mib"] != 1024 else "1 GiB")
+    return name.replace("2,000", f"{sizes['small']:,}")
+
+
 def write_report(path, results, extra, sizes, rounds, short):
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
@@ -518,8 +524,7 @@ def write_report(path, results, extra, sizes, rounds, short):
             if a != a or b != b or b == 0:
                 return "-"
             return f"{a / b:.2f}"
-        name = name.replace("1 GiB", f"{sizes['big_mib']} MiB" if sizes["big_mib"] != 1024 else "1 GiB")
-        name = name.replace("2,000", f"{sizes['small']:,}")
+        name = sized(name, sizes)
         lines.append(f"| {name} | {unit} | {fmt(m['local'], unit)} | {fmt(m['sshfs'], unit)} | {fmt(m['sharefs'], unit)} | "
                      f"{ratio(m['sharefs'], m['sshfs'])} | {ratio(m['sharefs'], m['local'])} |")
     lines.append("")
