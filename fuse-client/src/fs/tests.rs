@@ -717,6 +717,22 @@ fn small_files_are_staged_in_memory_and_large_ones_spill() {
         want.extend(vec![8u8; 2 << 20]);
         assert_eq!(e.core.remote.content("alice", "small").unwrap(), want);
         assert_eq!(e.core.staged_memory.used(), 0, "memory budget not returned");
+
+        // Growing by truncate past the memory limit spills without writing the zeros.
+        let (attr, fh) = e.core.create(dir, "sparse").await.unwrap();
+        e.core
+            .setattr(attr.ino, Some(8 << 20), Some(fh))
+            .await
+            .unwrap();
+        let staged = e.core.state().staged.get(&attr.ino).cloned().unwrap();
+        assert!(!staged.in_memory(), "8 MiB of zeros kept in memory");
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(
+            e.core.remote.content("alice", "sparse").unwrap(),
+            vec![0u8; 8 << 20]
+        );
+        assert_eq!(e.core.staged_memory.used(), 0, "memory budget not returned");
         let staging = e.core.staging_dir.clone();
         assert_eq!(
             std::fs::read_dir(staging).unwrap().count(),

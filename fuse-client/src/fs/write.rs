@@ -167,7 +167,6 @@ impl StagedWrite {
             },
             0,
             u64::from(dirty),
-            StreamState::Eligible,
         )
     }
 
@@ -189,15 +188,13 @@ impl StagedWrite {
             file.set_len(size)?;
             Backing::File { file, path }
         };
-        let staged = StagedWrite::new(dir, name, budget, backing, size, 0, StreamState::Eligible);
+        let mut staged = StagedWrite::new(dir, name, budget, backing, size, 0);
         if size > 0 {
             *guard(&staged.lazy) = Some(Lazy {
                 prefix: 0,
                 end: size,
             });
-            if let Ok(mut b) = staged.base.try_lock() {
-                *b = Some(base);
-            }
+            *staged.base.get_mut() = Some(base);
         }
         Ok(staged)
     }
@@ -209,7 +206,6 @@ impl StagedWrite {
         backing: Backing,
         size: u64,
         changes: u64,
-        stream: StreamState,
     ) -> StagedWrite {
         StagedWrite {
             backing: Mutex::new(backing),
@@ -226,7 +222,7 @@ impl StagedWrite {
             lazy: Mutex::new(None),
             base: tokio::sync::Mutex::new(None),
             upload_lock: tokio::sync::Mutex::new(()),
-            stream: Mutex::new(stream),
+            stream: Mutex::new(StreamState::Eligible),
             stream_order: tokio::sync::Mutex::new(()),
         }
     }
@@ -265,11 +261,6 @@ impl StagedWrite {
         matches!(*guard(&self.backing), Backing::Memory { .. })
     }
 
-    /// Whether the base still has to be fetched for some bytes (tests).
-    pub fn based(&self) -> bool {
-        guard(&self.lazy).is_some()
-    }
-
     /// The file was deleted: nothing of it is to be uploaded any more.
     pub fn unlink(&self) {
         self.stop_stream();
@@ -285,63 +276,61 @@ impl StagedWrite {
         s.refs == 0
     }
 
+    /// Moves in-memory content to a temp file (sparse beyond what was written).
+    fn spill<'a>(&self, backing: &'a mut Backing) -> FsResult<&'a File> {
+        if let Backing::Memory { data, reserved } = backing {
+            let (file, path) = temp_file(&self.dir)?;
+            file.write_all_at(data, 0)?;
+            self.budget.give(*reserved);
+            *backing = Backing::File { file, path };
+        }
+        match backing {
+            Backing::File { file, .. } => Ok(file),
+            Backing::Memory { .. } => Err(FsError::Io("staged file lost its backing".into())),
+        }
+    }
+
+    /// Grows in-memory content to `len` if that fits its limit and the budget.
+    fn fits_in_memory(&self, backing: &mut Backing, len: u64) -> bool {
+        let Backing::Memory { data, reserved } = backing else {
+            return false;
+        };
+        let fits = len <= MEMORY_FILE && (len <= *reserved || self.budget.take(len - *reserved));
+        if fits {
+            *reserved = (*reserved).max(len);
+            if (data.len() as u64) < len {
+                data.resize(len as usize, 0);
+            }
+        }
+        fits
+    }
+
     /// Writes into the backing store, spilling memory to a temp file when it outgrows
     /// its limit or the budget.
     fn put(&self, offset: u64, data: &[u8]) -> FsResult<()> {
         let end = offset + data.len() as u64;
         let mut backing = guard(&self.backing);
-        if let Backing::Memory {
-            data: mem,
-            reserved,
-        } = &mut *backing
-        {
-            let need = end.max(mem.len() as u64);
-            let fits =
-                need <= MEMORY_FILE && (need <= *reserved || self.budget.take(need - *reserved));
-            if fits {
-                *reserved = (*reserved).max(need);
-                if mem.len() < end as usize {
-                    mem.resize(end as usize, 0);
-                }
+        if self.fits_in_memory(&mut backing, end) {
+            if let Backing::Memory { data: mem, .. } = &mut *backing {
                 mem[offset as usize..end as usize].copy_from_slice(data);
-                return Ok(());
             }
-            let (file, path) = temp_file(&self.dir)?;
-            file.write_all_at(mem, 0)?;
-            self.budget.give(*reserved);
-            *backing = Backing::File { file, path };
+            return Ok(());
         }
-        match &*backing {
-            Backing::File { file, .. } => file.write_all_at(data, offset)?,
-            Backing::Memory { .. } => {
-                return Err(FsError::Io("staged file lost its backing".into()))
-            }
-        }
-        Ok(())
+        Ok(self.spill(&mut backing)?.write_all_at(data, offset)?)
     }
 
     fn set_len(&self, size: u64) -> FsResult<()> {
         let mut backing = guard(&self.backing);
-        match &mut *backing {
-            Backing::Memory { data, .. } if size <= data.len() as u64 => {
+        if let Backing::Memory { data, .. } = &mut *backing {
+            if size <= data.len() as u64 {
                 data.truncate(size as usize);
-                Ok(())
+                return Ok(());
             }
-            Backing::Memory { .. } => {
-                drop(backing);
-                // Growing: zeros, through the same path as a write (may spill).
-                let cur = self.backing_len();
-                self.put(cur, &vec![0; (size - cur) as usize])
-            }
-            Backing::File { file, .. } => Ok(file.set_len(size)?),
         }
-    }
-
-    fn backing_len(&self) -> u64 {
-        match &*guard(&self.backing) {
-            Backing::Memory { data, .. } => data.len() as u64,
-            Backing::File { file, .. } => file.metadata().map(|m| m.len()).unwrap_or(0),
+        if self.fits_in_memory(&mut backing, size) {
+            return Ok(());
         }
+        Ok(self.spill(&mut backing)?.set_len(size)?)
     }
 
     /// Fetches whatever of the base is still needed, then lets the base go.
