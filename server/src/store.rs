@@ -272,20 +272,27 @@ impl Folder {
         let new_path = self.pack_path(new_id);
         let file = fsutil::create_new(&new_path)?;
         let mut len = 0u64;
+        // (name, where it was, where it goes)
         let mut moved = Vec::new();
         let copied: Result<()> = (|| {
+            let mut sources: HashMap<u64, File> = HashMap::new();
+            let mut buf = Vec::new();
             for meta in self.files.values() {
                 if let Content::Pack(p) = meta.content() {
-                    let mut buf = vec![0u8; meta.size as usize];
-                    read_exact_at(&self.pack_file_for(p.pack)?, &mut buf, p.offset)?;
+                    let source = match sources.entry(p.pack) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(self.pack_file_for(p.pack)?)
+                        }
+                    };
+                    buf.resize(meta.size as usize, 0);
+                    source.read_exact_at(&mut buf, p.offset)?;
                     file.write_all_at(&buf, len)?;
-                    moved.push((
-                        meta.name.clone(),
-                        PackRef {
-                            pack: new_id,
-                            offset: len,
-                        },
-                    ));
+                    let to = PackRef {
+                        pack: new_id,
+                        offset: len,
+                    };
+                    moved.push((meta.name.clone(), p, to));
                     len += meta.size;
                 }
             }
@@ -297,14 +304,16 @@ impl Folder {
             let _ = fs::remove_file(&new_path);
             return Err(e);
         }
-        let before = self.files.clone();
-        for (name, r) in moved {
-            if let Some(m) = self.files.get_mut(&name) {
-                m.pack = Some(r);
+        let set_refs = |files: &mut BTreeMap<String, FileMeta>, to_new: bool| {
+            for (name, from, to) in &moved {
+                if let Some(m) = files.get_mut(name) {
+                    m.pack = Some(if to_new { *to } else { *from });
+                }
             }
-        }
+        };
+        set_refs(&mut self.files, true);
         if let Err(e) = self.snapshot(tmp) {
-            self.files = before;
+            set_refs(&mut self.files, false);
             let _ = fs::remove_file(&new_path);
             return Err(e);
         }
@@ -500,10 +509,6 @@ impl OpenFile {
         // Short reads happen at a page-cache boundary as well as at the end: retry slowly.
         (n == len as isize).then(|| Bytes::from(buf))
     }
-}
-
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    file.read_exact_at(buf, offset)
 }
 
 impl Store {

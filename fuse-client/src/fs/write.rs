@@ -361,18 +361,13 @@ impl StagedWrite {
             pos += data.len() as u64;
         }
         *guard(&self.lazy) = None;
-        if let Some(b) = base.take() {
-            b.close().await;
-        }
+        close(&mut base).await;
         Ok(())
     }
 
     /// Lets the base go if nothing of it is needed any more (after the last release).
     pub async fn close_base(&self) {
-        let mut base = self.base.lock().await;
-        if let Some(b) = base.take() {
-            b.close().await;
-        }
+        close(&mut *self.base.lock().await).await;
     }
 
     /// Writes base bytes where the writer has not written (under the lazy lock, so a
@@ -542,6 +537,12 @@ impl Drop for StagedWrite {
         if let Backing::Memory { reserved, .. } = &*guard(&self.backing) {
             self.budget.give(*reserved);
         }
+    }
+}
+
+async fn close(base: &mut Option<Arc<dyn Base>>) {
+    if let Some(b) = base.take() {
+        b.close().await;
     }
 }
 
