@@ -145,6 +145,15 @@ struct Pack {
     len: u64,
 }
 
+impl Pack {
+    /// Opens (creating if needed) pack `id` of the folder `dir`, to append at its end.
+    fn open(dir: &Path, id: u64) -> io::Result<Pack> {
+        let file = open_rw(&dir.join(pack_name(id)), false)?;
+        let len = file.metadata()?.len();
+        Ok(Pack { id, file, len })
+    }
+}
+
 /// The loaded index of one user's folder.
 #[derive(Debug)]
 struct Folder {
@@ -216,7 +225,7 @@ impl Folder {
     fn snapshot(&mut self, tmp: &Path) -> Result<()> {
         let next = self.epoch + 1;
         let next_path = self.dir.join(journal_name(next));
-        let journal = open_journal(&next_path, true)?;
+        let journal = open_rw(&next_path, true)?;
         let written: Result<()> = (|| {
             journal.sync_all()?;
             fsutil::sync_dir(&self.dir)?;
@@ -336,23 +345,15 @@ impl Folder {
 
     /// The pack to append to, created on first use.
     fn pack_mut(&mut self) -> Result<&mut Pack> {
-        if self.pack.is_none() {
-            let id = 1;
-            let path = self.pack_path(id);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&path)?;
-            fsutil::sync_dir(&self.dir)?;
-            let len = file.metadata()?.len();
-            self.pack = Some(Pack { id, file, len });
-        }
-        self.pack
-            .as_mut()
-            .ok_or_else(|| ServerError::Internal("pack missing".into()))
+        let pack = match self.pack.take() {
+            Some(p) => p,
+            None => {
+                let p = Pack::open(&self.dir, 1)?;
+                fsutil::sync_dir(&self.dir)?;
+                p
+            }
+        };
+        Ok(self.pack.insert(pack))
     }
 }
 
@@ -616,7 +617,7 @@ impl Store {
 
         // Replay the journal; cut off a torn last record.
         let journal_path = dir.join(journal_name(epoch));
-        let journal = open_journal(&journal_path, false)?;
+        let journal = open_rw(&journal_path, false)?;
         let bytes = fs::read(&journal_path)?;
         let mut records = 0u64;
         let mut valid = 0usize;
@@ -707,20 +708,15 @@ impl Store {
             pack_garbage: 0,
         };
         if let Some(id) = current_pack {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(folder.pack_path(id))?;
-            let len = file.metadata()?.len();
+            let pack = Pack::open(&folder.dir, id)?;
             let live: u64 = folder
                 .files
                 .values()
                 .filter(|m| matches!(m.content(), Content::Pack(p) if p.pack == id))
                 .map(|m| m.size)
                 .sum();
-            folder.pack_garbage = len.saturating_sub(live);
-            folder.pack = Some(Pack { id, file, len });
+            folder.pack_garbage = pack.len.saturating_sub(live);
+            folder.pack = Some(pack);
         }
         // An older layout is folded into a snapshot once, then its files go.
         if !legacy.is_empty() {
@@ -1098,7 +1094,8 @@ fn journal_name(epoch: u64) -> String {
     format!("journal-{epoch}.jsonl")
 }
 
-fn open_journal(path: &Path, truncate: bool) -> io::Result<File> {
+/// Opens a file of the folder for reading and writing, creating it if needed.
+fn open_rw(path: &Path, truncate: bool) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
