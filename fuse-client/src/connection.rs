@@ -217,6 +217,14 @@ impl Connection {
         .await
     }
 
+    /// `fut`, failing with `Timeout` after the operation timeout (no retry: for uploads,
+    /// which live on one connection).
+    async fn bounded<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.inner.op_timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
+    }
+
     /// Current live client if it is still the one of `generation`.
     fn client_of(&self, generation: u64) -> Result<RemoteClient> {
         match self.inner.live.borrow().as_ref() {
@@ -230,9 +238,7 @@ impl Connection {
     /// Sends a chunk of a streamed upload; fails at once if its connection is gone.
     pub async fn upload_chunk(&self, h: RemoteHandle, offset: u64, data: Bytes) -> Result<()> {
         let client = self.client_of(h.generation)?;
-        tokio::time::timeout(self.inner.op_timeout, client.send_chunk(h.id, offset, data))
-            .await
-            .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
+        self.bounded(client.send_chunk(h.id, offset, data)).await
     }
 
     pub async fn upload_commit(
@@ -242,12 +248,7 @@ impl Connection {
         blake3: &str,
     ) -> Result<FileInfo> {
         let client = self.client_of(h.generation)?;
-        tokio::time::timeout(
-            self.inner.op_timeout,
-            client.upload_commit(h.id, size, blake3),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
+        self.bounded(client.upload_commit(h.id, size, blake3)).await
     }
 
     pub async fn upload_abort(&self, h: RemoteHandle) {

@@ -807,16 +807,12 @@ impl Context {
         }
         let handle = self.next_id.fetch_add(1, Ordering::Relaxed);
         let file = open.info.clone();
-        self.handles()?.insert(handle, Arc::new(open));
+        let open = Arc::new(open);
+        self.handles()?.insert(handle, open.clone());
         let head = (head.min(CHUNK_SIZE) as u64).min(file.size) as usize;
         if head == 0 {
             return Ok((Reply::Opened { handle, file }, Bytes::new(), None));
         }
-        let open = self
-            .handles()?
-            .get(&handle)
-            .cloned()
-            .ok_or_else(|| ServerError::Internal("handle vanished".into()))?;
         let (data, permit) = self.read_budgeted(open, 0, head).await?;
         Ok((Reply::Opened { handle, file }, data, Some(permit)))
     }
