@@ -640,6 +640,13 @@ impl<R: Remote> FsCore<R> {
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_bytes(fh, offset, Bytes::copy_from_slice(data))
+            .await
+    }
+
+    /// [`FsCore::write`] of bytes the caller already owns: a streamed upload takes them
+    /// without another copy.
+    pub async fn write_bytes(&self, fh: u64, offset: u64, data: Bytes) -> FsResult<u32> {
         let staged = match self.handle(fh)? {
             Handle::Staged {
                 staged,
@@ -650,7 +657,7 @@ impl<R: Remote> FsCore<R> {
             Handle::Dir(_) => return Err(FsError::IsDir),
         };
         let _order = staged.stream_order.lock().await;
-        let n = staged.write(offset, data).await?;
+        let n = staged.write(offset, &data).await?;
         self.mark_changed(fh);
         self.feed_stream(&staged, offset, data).await;
         Ok(n)
@@ -658,7 +665,7 @@ impl<R: Remote> FsCore<R> {
 
     /// Passes a write on to the file's streamed upload, starting one for the first write
     /// of a fresh file and ending it at the first write out of sequence.
-    async fn feed_stream(&self, staged: &StagedWrite, offset: u64, data: &[u8]) {
+    async fn feed_stream(&self, staged: &StagedWrite, offset: u64, data: Bytes) {
         let len = data.len() as u64;
         let send = {
             let Ok(mut st) = staged.stream.lock() else {
@@ -667,13 +674,13 @@ impl<R: Remote> FsCore<R> {
             match &mut *st {
                 StreamState::Eligible if offset == 0 => {
                     *st = StreamState::Pending {
-                        buf: bytes::BytesMut::from(data),
+                        buf: bytes::BytesMut::from(&data[..]),
                         next: len,
                     };
                     None
                 }
                 StreamState::Pending { buf, next } if *next == offset => {
-                    buf.extend_from_slice(data);
+                    buf.extend_from_slice(&data);
                     *next += len;
                     if buf.len() < CHUNK_SIZE as usize {
                         None
@@ -692,7 +699,7 @@ impl<R: Remote> FsCore<R> {
                 }
                 StreamState::Active { tx, next } if *next == offset => {
                     *next += len;
-                    Some((tx.clone(), Bytes::copy_from_slice(data)))
+                    Some((tx.clone(), data))
                 }
                 StreamState::Eligible
                 | StreamState::Pending { .. }

@@ -366,11 +366,12 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        // The kernel waits for each write's reply before sending a writer's next one, so
-        // answering from a task keeps a writer's writes in order.
-        let data = data.to_vec();
+        // The one copy of the data out of the kernel's request buffer; a streamed upload
+        // sends this very buffer. The kernel waits for each write's reply before sending a
+        // writer's next one, so a write that has to wait keeps the writer's order.
+        let data = bytes::Bytes::copy_from_slice(data);
         self.run(move |core, _, _| async move {
-            match core.write(fh.0, offset, &data).await {
+            match core.write_bytes(fh.0, offset, data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),
             }
