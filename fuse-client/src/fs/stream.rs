@@ -1,7 +1,7 @@
 //! Streaming sequential writes to the server while they happen.
 //!
-//! A file created (or truncated) through the mount and then written strictly sequentially
-//! from offset 0 — `cp`, `dd`, most editors' saves — is sent to the server chunk by chunk as
+//! A file written through the mount strictly sequentially from offset 0 — `cp`, `dd`, most
+//! editors' saves, `fio`'s rewrite of an existing file — is sent to the server chunk by chunk as
 //! the writes arrive, so `close()` only waits for the tail and the commit, instead of
 //! uploading the whole file after the last write. The staged local copy is still written:
 //! it remains the source of truth, and any deviation (a write elsewhere, a truncate, a
@@ -27,7 +27,7 @@ pub enum StreamMsg {
 /// Where a staged file's stream stands.
 #[derive(Default)]
 pub enum StreamState {
-    /// Created or truncated and not written yet: a first write at offset 0 starts a stream.
+    /// Not written yet: a first write at offset 0 starts a stream.
     Eligible,
     /// Written sequentially but less than a chunk so far: kept here, and streamed only if
     /// the file grows past a chunk (small files go up in one `put` at close instead).
