@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub read_buffer_budget: usize,
     /// Free disk space uploads leave untouched.
     pub disk_reserve: u64,
+    /// Threads connections are spread over (each connection stays on one); 0: one per core.
+    pub session_threads: usize,
 }
 
 impl ServerConfig {
@@ -56,6 +58,7 @@ impl ServerConfig {
             coalesce_window: Duration::from_secs(5),
             read_buffer_budget: 32 * 1024 * 1024,
             disk_reserve: 64 * 1024 * 1024,
+            session_threads: 0,
         }
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! # Layout
 //! - [`server`]: the accept loop ([`server::run`]), connection limit, graceful shutdown.
+//! - [`threads`]: the session threads connections are spread over, one per core.
 //! - [`session`]: one connection: handshake, login, request dispatch, pushed events.
-//! - [`store`]: crash-safe file storage with per-file JSON metadata.
+//! - [`store`]: crash-safe file storage: per user, a JSON journal of file metadata with
+//!   snapshots, small files appended to a pack, large ones as blobs.
 //! - [`hub`]: durable download notifications and the registry of live sessions.
 //! - [`users`]: accounts with argon2id password hashes in `users.json`.
 //! - [`config`]: settings and their defaults.
@@ -18,6 +20,7 @@ pub mod hub;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod threads;
 pub mod throttle;
 pub mod tls;
 pub mod users;

@@ -71,6 +71,9 @@ struct ServeArgs {
     /// Requests one connection may have in flight.
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
+    /// Threads connections are spread over (a connection stays on one); 0: one per core.
+    #[arg(long, default_value_t = 0)]
+    session_threads: usize,
     /// Uploads one user may have in progress at once.
     #[arg(long, default_value_t = 16)]
     max_uploads_per_user: usize,
@@ -269,7 +272,11 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    // This runtime only accepts connections; they are served on the session threads.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -281,6 +288,7 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
         config.idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
         config.max_in_flight = args.max_in_flight.max(1);
+        config.session_threads = args.session_threads;
         config.max_uploads_per_user = args.max_uploads_per_user.max(1);
         config.disk_reserve = args.disk_reserve;
         config.open_registration = args.open_registration;

@@ -19,6 +19,7 @@ use crate::error::Result;
 use crate::hub::Hub;
 use crate::session;
 use crate::store::Store;
+use crate::threads::SessionThreads;
 use crate::throttle::LoginThrottle;
 use crate::users::UserDb;
 
@@ -130,6 +131,7 @@ pub async fn run_with(
     on_ready();
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    let threads = SessionThreads::start(shared.config.session_threads)?;
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(10);
@@ -150,20 +152,21 @@ pub async fn run_with(
                 };
                 let _ = stream.set_nodelay(true);
                 let addr_slot = Slot::take(&shared.per_addr, peer.ip(), shared.config.max_connections_per_addr);
-                match (limit.clone().try_acquire_owned(), addr_slot) {
-                    (Ok(permit), Some(slot)) => {
+                match (limit.clone().try_acquire_owned(), addr_slot, threads.place()) {
+                    (Ok(permit), Some(slot), Some((thread, placement))) => {
                         let shared = shared.clone();
                         let stop = stop_rx.clone();
-                        sessions.spawn(async move {
+                        // The connection lives on its session thread from here on.
+                        sessions.spawn_on(async move {
                             accept(stream, peer, shared, stop).await;
-                            drop((permit, slot));
-                        });
+                            drop((permit, slot, placement));
+                        }, &thread);
                     }
-                    (Ok(_), None) => {
+                    (Ok(_), None, _) => {
                         tracing::warn!(%peer, "too many connections from this address; refusing");
                         sessions.spawn(refuse_busy(stream, shared.config.max_frame, "too many connections from your address"));
                     }
-                    (Err(_), _) => {
+                    (Err(_), _, _) | (_, _, None) => {
                         tracing::warn!(%peer, "connection limit reached; refusing");
                         sessions.spawn(refuse_busy(stream, shared.config.max_frame, "server has too many connections"));
                     }
@@ -181,6 +184,8 @@ pub async fn run_with(
         tracing::warn!("sessions did not end in time; aborting them");
         sessions.shutdown().await;
     }
+    // Joining the threads waits for their last disk writes (bounded); off the async threads.
+    let _ = tokio::task::spawn_blocking(move || drop(threads)).await;
     Ok(())
 }
 
