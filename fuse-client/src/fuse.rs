@@ -7,7 +7,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -61,19 +61,12 @@ impl<R: Remote> FuseAdapter<R> {
         attr(a, self.uid, self.gid)
     }
 
-    /// Polls `fut` once here; if it has to wait, hands it to the runtime. Futures must
-    /// (and tokio's do) re-register with the waker of their latest poll, so the first poll
-    /// with a no-op waker is safe.
+    /// Runs `fut` from the FUSE thread; see [`drive`].
     fn drive<Fut>(&self, fut: Fut)
     where
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let _runtime = self.rt.enter();
-        let mut fut = Box::pin(fut);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if fut.as_mut().poll(&mut cx).is_pending() {
-            self.rt.spawn(fut);
-        }
+        drive(&self.rt, fut);
     }
 
     /// Runs `f` with the core; `f` sends the reply.
@@ -98,6 +91,83 @@ impl<R: Remote> FuseAdapter<R> {
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+}
+
+/// Polls `fut` once here; if it has to wait, it is parked until it is woken and only
+/// then handed to the runtime, by its waker. The wake comes from the runtime thread that
+/// received the reply, so the future continues right there: no other thread is woken
+/// just to poll a future that can only be waiting. Futures must (and tokio's do)
+/// re-register with the waker of their latest poll.
+fn drive<Fut>(rt: &tokio::runtime::Handle, fut: Fut)
+where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let _runtime = rt.enter();
+    let mut fut: ParkedFuture = Box::pin(fut);
+    let parked = Arc::new(Parked {
+        rt: rt.clone(),
+        state: Mutex::new(ParkedState::default()),
+    });
+    let waker = std::task::Waker::from(parked.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    if fut.as_mut().poll(&mut cx).is_ready() {
+        return;
+    }
+    let woken_meanwhile = {
+        let mut state = parked.lock();
+        if state.woken {
+            Some(fut)
+        } else {
+            state.fut = Some(fut);
+            None
+        }
+    };
+    if let Some(fut) = woken_meanwhile {
+        rt.spawn(fut);
+    }
+}
+
+type ParkedFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
+/// A callback's future waiting for its first wake (see [`drive`]).
+struct Parked {
+    rt: tokio::runtime::Handle,
+    state: Mutex<ParkedState>,
+}
+
+#[derive(Default)]
+struct ParkedState {
+    /// The future, once its first poll has returned.
+    fut: Option<ParkedFuture>,
+    /// Woken during its first poll, before it was parked here.
+    woken: bool,
+}
+
+impl Parked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParkedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl std::task::Wake for Parked {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let fut = {
+            let mut state = self.lock();
+            let fut = state.fut.take();
+            if fut.is_none() {
+                state.woken = true;
+            }
+            fut
+        };
+        // Later wakes find nothing: the runtime's task has registered its own waker.
+        if let Some(fut) = fut {
+            self.rt.spawn(fut);
+        }
     }
 }
 
@@ -608,5 +678,63 @@ mod tests {
         assert_eq!(i32::from(errno(&remote(C::Internal))), libc::EIO);
         let timeout = FsError::from(crate::ClientError::Timeout(Duration::from_secs(1)));
         assert_eq!(i32::from(errno(&timeout)), libc::EIO);
+    }
+
+    /// Every way a callback's future can complete: at once, woken during its first poll,
+    /// woken later from a runtime thread, and woken from a thread outside the runtime.
+    #[test]
+    fn driven_futures_complete_however_they_are_woken() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (done, finished) = std::sync::mpsc::channel::<&str>();
+        let d = done.clone();
+        drive(rt.handle(), async move {
+            let _ = d.send("ready");
+        });
+        let d = done.clone();
+        drive(rt.handle(), async move {
+            tokio::task::yield_now().await; // wakes itself inside the first poll
+            let _ = d.send("self-woken");
+        });
+        let d = done.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        drive(rt.handle(), async move {
+            let _ = rx.await;
+            let _ = d.send("runtime-woken");
+        });
+        rt.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _ = tx.send(());
+        });
+        let d = done.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        drive(rt.handle(), async move {
+            let _ = rx.await;
+            let _ = d.send("thread-woken");
+        });
+        std::thread::spawn(move || tx.send(()));
+        let d = done;
+        drive(rt.handle(), async move {
+            tokio::time::sleep(Duration::from_millis(20)).await; // a timer, twice
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let _ = d.send("timer");
+        });
+        let mut got: Vec<&str> = (0..5)
+            .map(|_| finished.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "ready",
+                "runtime-woken",
+                "self-woken",
+                "thread-woken",
+                "timer"
+            ]
+        );
     }
 }

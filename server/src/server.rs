@@ -154,11 +154,23 @@ pub async fn run_with(
                 let addr_slot = Slot::take(&shared.per_addr, peer.ip(), shared.config.max_connections_per_addr);
                 match (limit.clone().try_acquire_owned(), addr_slot, threads.place()) {
                     (Ok(permit), Some(slot), Some((thread, placement))) => {
+                        // The connection lives on its session thread from here on, its
+                        // socket registered with that thread's reactor: readiness then
+                        // wakes that thread directly instead of passing through this one.
+                        let stream = match stream.into_std() {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "cannot hand the connection over; closing");
+                                continue;
+                            }
+                        };
                         let shared = shared.clone();
                         let stop = stop_rx.clone();
-                        // The connection lives on its session thread from here on.
                         sessions.spawn_on(async move {
-                            accept(stream, peer, shared, stop).await;
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => accept(stream, peer, shared, stop).await,
+                                Err(e) => tracing::warn!(%peer, error = %e, "cannot register the connection; closing"),
+                            }
                             drop((permit, slot, placement));
                         }, &thread);
                     }
