@@ -5,7 +5,10 @@
 //! - Inode numbers are handed out on first sight of a (user, name) and never reused for
 //!   the life of the mount.
 //! - Listings are cached until the server says they changed (pushed `file_changed`
-//!   events), until a reconnect, or for at most [`LISTING_MAX_AGE`].
+//!   events), until a reconnect, or for at most [`LISTING_MAX_AGE`]. A folder that is not
+//!   listed but looked up repeatedly (`cat a b c ...`, creates) gets its listing fetched in
+//!   the background, so later lookups, negative ones too, need no round trip. A listing
+//!   fetched while the folder changed is not cached: it may predate the change.
 //! - Writes are allowed only in the user's own folder and only to regular files; all
 //!   else is `PermissionDenied` (in others' folders and the root) or `NotPermitted`
 //!   (sub-directories, in one's own).
@@ -130,9 +133,44 @@ struct State {
     cached_version: HashMap<u64, u64>,
     /// Files being written, by inode.
     staged: HashMap<u64, Arc<StagedWrite>>,
+    /// Bumped by every change to a folder's cached view; a listing fetched while it moved
+    /// may miss that change and is not cached.
+    folder_epochs: HashMap<String, u64>,
+    /// Bumped when every listing is dropped (reconnect, resync).
+    epoch_all: u64,
+    /// Lookups that had to ask the server since the folder's listing went away.
+    lookup_misses: HashMap<String, u32>,
+    /// Folders whose listing is being fetched in the background.
+    prefetching: std::collections::HashSet<String>,
 }
 
+/// After this many lookups in one folder answered by the server, the folder's listing is
+/// fetched in the background and later lookups (also of names that do not exist, as before
+/// every create) are answered from it. A single `stat` of a huge folder stays one request.
+const LISTING_AFTER_MISSES: u32 = 8;
+
+type FolderListing = BTreeMap<String, FileInfo>;
+
 impl State {
+    /// A folder's cached listing, to change: fetches of it in flight are not cached.
+    fn touch_folder(&mut self, owner: &str) -> Option<&mut Listing<FolderListing>> {
+        *self.folder_epochs.entry(owner.to_string()).or_default() += 1;
+        self.folders.get_mut(owner)
+    }
+
+    fn folder_epoch(&self, owner: &str) -> (u64, u64) {
+        let own = self.folder_epochs.get(owner).copied().unwrap_or(0);
+        (self.epoch_all, own)
+    }
+
+    /// Caches a listing fetched since `epoch`, unless the folder changed meanwhile.
+    fn cache_listing(&mut self, owner: &str, epoch: (u64, u64), files: FolderListing) {
+        if self.folder_epoch(owner) == epoch {
+            self.folders.insert(owner.to_string(), Listing::new(files));
+            self.lookup_misses.remove(owner);
+        }
+    }
+
     fn folder_ino(&mut self, owner: &str) -> u64 {
         if let Some(ino) = self.folder_inos.get(owner) {
             return *ino;
@@ -188,14 +226,36 @@ impl<R: Remote> Clone for Handle<R> {
 }
 
 /// The filesystem. Cheap to share: wrap it in an `Arc`.
+fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Fetches `owner`'s listing and caches it unless the folder changed while it was fetched.
+async fn fetch_listing<R: Remote>(
+    remote: &R,
+    state: &Mutex<State>,
+    owner: &str,
+) -> FsResult<FolderListing> {
+    let epoch = lock_state(state).folder_epoch(owner);
+    let files: FolderListing = remote
+        .list_files(owner)
+        .await?
+        .into_iter()
+        .map(|f| (f.name.clone(), f))
+        .collect();
+    lock_state(state).cache_listing(owner, epoch, files.clone());
+    Ok(files)
+}
+
 pub struct FsCore<R: Remote> {
     remote: Arc<R>,
     user: String,
     staging_dir: PathBuf,
     failed_dir: PathBuf,
     mounted_at: SystemTime,
-    /// std `Mutex`: held for map lookups only, never across an await.
-    state: Mutex<State>,
+    /// std `Mutex`: held for map lookups only, never across an await. Shared with
+    /// background listing fetches.
+    state: Arc<Mutex<State>>,
     handles: Mutex<HashMap<u64, Handle<R>>>,
     /// Writable handles that changed their file since their last flush. A flush without
     /// changes (a shell's `dup2` + `close` before it writes) uploads nothing, so replacing a
@@ -239,7 +299,7 @@ impl<R: Remote> FsCore<R> {
             staging_dir,
             failed_dir: cache_dir.join("failed"),
             mounted_at: SystemTime::now(),
-            state: Mutex::new(State::default()),
+            state: Arc::default(),
             handles: Mutex::new(HashMap::new()),
             changed_since_flush: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
@@ -253,10 +313,7 @@ impl<R: Remote> FsCore<R> {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        }
+        lock_state(&self.state)
     }
 
     fn handles(&self) -> MutexGuard<'_, HashMap<u64, Handle<R>>> {
@@ -311,31 +368,37 @@ impl<R: Remote> FsCore<R> {
     }
 
     /// A user's files, from cache or the server.
-    async fn folder(&self, owner: &str) -> FsResult<BTreeMap<String, FileInfo>> {
+    async fn folder(&self, owner: &str) -> FsResult<FolderListing> {
         if let Some(l) = self.state().folders.get(owner).filter(|l| l.fresh()) {
             return Ok(l.items.clone());
         }
-        let files: BTreeMap<String, FileInfo> = self
-            .remote
-            .list_files(owner)
-            .await?
-            .into_iter()
-            .map(|f| (f.name.clone(), f))
-            .collect();
-        self.state()
-            .folders
-            .insert(owner.to_string(), Listing::new(files.clone()));
-        Ok(files)
+        fetch_listing(&*self.remote, &self.state, owner).await
     }
 
     /// One file's info, from the cached listing or a `stat`.
     async fn file_info(&self, owner: &str, name: &str) -> FsResult<FileInfo> {
-        let cached = self
-            .state()
-            .folders
-            .get(owner)
-            .filter(|l| l.fresh())
-            .map(|l| l.items.get(name).cloned());
+        let (cached, prefetch) = {
+            let mut st = self.state();
+            match st.folders.get(owner).filter(|l| l.fresh()) {
+                Some(l) => (Some(l.items.get(name).cloned()), false),
+                None => {
+                    let misses = st.lookup_misses.entry(owner.to_string()).or_default();
+                    *misses += 1;
+                    let due = *misses >= LISTING_AFTER_MISSES;
+                    (None, due && st.prefetching.insert(owner.to_string()))
+                }
+            }
+        };
+        if prefetch {
+            let (remote, state, owner) =
+                (self.remote.clone(), self.state.clone(), owner.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = fetch_listing(&*remote, &state, &owner).await {
+                    tracing::debug!(%owner, error = %e, "listing prefetch failed");
+                }
+                lock_state(&state).prefetching.remove(&owner);
+            });
+        }
         match cached {
             Some(Some(info)) => Ok(info),
             Some(None) => Err(FsError::NotFound),
@@ -345,14 +408,14 @@ impl<R: Remote> FsCore<R> {
 
     fn remember(&self, info: &FileInfo) {
         let mut st = self.state();
-        if let Some(l) = st.folders.get_mut(&info.owner) {
+        if let Some(l) = st.touch_folder(&info.owner) {
             l.items.insert(info.name.clone(), info.clone());
         }
     }
 
     fn forget_file(&self, owner: &str, name: &str) {
         let mut st = self.state();
-        if let Some(l) = st.folders.get_mut(owner) {
+        if let Some(l) = st.touch_folder(owner) {
             l.items.remove(name);
         }
     }
@@ -770,7 +833,7 @@ impl<R: Remote> FsCore<R> {
         staged.mark_uploaded(changes);
         tracing::info!(file = %name, size = info.size, "uploaded");
         let mut st = self.state();
-        if let Some(l) = st.folders.get_mut(&info.owner) {
+        if let Some(l) = st.touch_folder(&info.owner) {
             l.items.insert(info.name.clone(), info.clone());
         }
         st.cached_version.remove(&ino);
@@ -957,7 +1020,7 @@ impl<R: Remote> FsCore<R> {
         }
         let info = self.remote.rename(name, new_name).await?;
         let mut st = self.state();
-        if let Some(l) = st.folders.get_mut(&owner) {
+        if let Some(l) = st.touch_folder(&owner) {
             l.items.remove(name);
             l.items.insert(new_name.to_string(), info.clone());
         }
@@ -1021,7 +1084,7 @@ impl<R: Remote> FsCore<R> {
         let mut st = self.state();
         match event {
             Event::FileChanged { owner, name, file } => {
-                if let Some(l) = st.folders.get_mut(owner) {
+                if let Some(l) = st.touch_folder(owner) {
                     match file {
                         Some(info) => {
                             l.items.insert(name.clone(), info.clone());
@@ -1066,6 +1129,7 @@ impl<R: Remote> FsCore<R> {
     fn forget_all(st: &mut State) -> Vec<Invalidation> {
         st.users = None;
         st.folders.clear();
+        st.epoch_all += 1;
         let mut out = vec![Invalidation::Attr { ino: ROOT }];
         out.extend(
             st.folder_inos

@@ -32,6 +32,11 @@ struct Fake {
     streamed: Mutex<usize>,
     /// Bytes served by `read` (not counting the head that comes with an open).
     read_bytes: AtomicU64,
+    /// `stat` and `list_files` calls (started).
+    stats: AtomicU64,
+    lists: AtomicU64,
+    /// While held, `list_files` waits (a listing in flight).
+    list_gate: tokio::sync::RwLock<()>,
 }
 
 fn remote_err(code: ErrorCode) -> ClientError {
@@ -84,6 +89,8 @@ impl Remote for Fake {
         Ok(self.users.clone())
     }
     async fn list_files(&self, owner: &str) -> Result<Vec<FileInfo>, ClientError> {
+        self.lists.fetch_add(1, Ordering::Relaxed);
+        let _gate = self.list_gate.read().await;
         Ok(self
             .files
             .lock()
@@ -94,6 +101,7 @@ impl Remote for Fake {
             .collect())
     }
     async fn stat(&self, owner: &str, name: &str) -> Result<FileInfo, ClientError> {
+        self.stats.fetch_add(1, Ordering::Relaxed);
         let files = self.files.lock().unwrap();
         let (d, v) = files
             .get(&(owner.to_string(), name.to_string()))
@@ -340,6 +348,77 @@ fn upload_errors_reach_flush_with_their_kind() {
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
         assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
+    });
+}
+
+/// Lets spawned tasks (a listing prefetch) run until `done` holds.
+async fn settle(done: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("background work did not settle");
+}
+
+#[test]
+fn repeated_lookups_fetch_the_listing_once_it_is_known_not_to_be_stale() {
+    rt().block_on(async {
+        let e = env("bob");
+        for i in 0..20 {
+            e.core.remote.put("alice", &format!("f{i}"), b"x");
+        }
+        let alice = folder(&e.core, "alice").await;
+        let stats = || e.core.remote.stats.load(Ordering::Relaxed);
+        let lists = || e.core.remote.lists.load(Ordering::Relaxed);
+        // A few lookups (one of a name that does not exist) each ask the server.
+        for i in 0..LISTING_AFTER_MISSES - 1 {
+            e.core.lookup(alice, &format!("f{i}")).await.unwrap();
+        }
+        assert!(matches!(
+            e.core.lookup(alice, "missing").await,
+            Err(FsError::NotFound)
+        ));
+        assert_eq!(stats(), LISTING_AFTER_MISSES as u64);
+        // That last one started a listing; the folder changes while it is in flight, so
+        // what it brings may miss the change: it is not kept.
+        let gate = e.core.remote.list_gate.write().await;
+        settle(|| lists() == 1).await;
+        let info = e.core.remote.put("alice", "late", b"y");
+        e.core.handle_event(&Event::FileChanged {
+            owner: "alice".into(),
+            name: "late".into(),
+            file: Some(info),
+        });
+        drop(gate);
+        settle(|| !e.core.state().prefetching.contains("alice")).await;
+        assert_eq!(lists(), 1);
+        assert!(!e.core.state().folders.contains_key("alice"));
+        // The next lookup still asks, and starts another listing, which is kept.
+        assert_eq!(e.core.lookup(alice, "late").await.unwrap().size, 1);
+        settle(|| !e.core.state().prefetching.contains("alice")).await;
+        assert_eq!(lists(), 2);
+        let asked = stats();
+        // From here lookups, of names that exist or not, are answered from the listing.
+        for i in 0..20 {
+            e.core.lookup(alice, &format!("f{i}")).await.unwrap();
+        }
+        assert!(matches!(
+            e.core.lookup(alice, "nope").await,
+            Err(FsError::NotFound)
+        ));
+        assert_eq!(e.core.lookup(alice, "late").await.unwrap().size, 1);
+        assert_eq!(stats(), asked);
+        // Changes pushed by the server keep it current.
+        e.core.remote.put("alice", "later", b"zz");
+        e.core.handle_event(&Event::FileChanged {
+            owner: "alice".into(),
+            name: "later".into(),
+            file: Some(Fake::info("alice", "later", b"zz", 99)),
+        });
+        assert_eq!(e.core.lookup(alice, "later").await.unwrap().size, 2);
+        assert_eq!(stats(), asked);
     });
 }
 
