@@ -7,8 +7,8 @@
 //! - Listings are cached until the server says they changed (pushed `file_changed`
 //!   events), until a reconnect, or for at most [`LISTING_MAX_AGE`]. A folder that is not
 //!   listed but looked up repeatedly (`cat a b c ...`, creates) gets its listing fetched in
-//!   the background, so later lookups, negative ones too, need no round trip. A listing
-//!   fetched while the folder changed is not cached: it may predate the change.
+//!   the background, so later lookups, negative ones too, need no round trip. Changes seen
+//!   while a listing is in flight are replayed onto it, since it may predate them.
 //! - Writes are allowed only in the user's own folder and only to regular files; all
 //!   else is `PermissionDenied` (in others' folders and the root) or `NotPermitted`
 //!   (sub-directories, in one's own).
@@ -133,10 +133,11 @@ struct State {
     cached_version: HashMap<u64, u64>,
     /// Files being written, by inode.
     staged: HashMap<u64, Arc<StagedWrite>>,
-    /// Bumped by every change to a folder's cached view; a listing fetched while it moved
-    /// may miss that change and is not cached.
-    folder_epochs: HashMap<String, u64>,
-    /// Bumped when every listing is dropped (reconnect, resync).
+    /// Changes to folders with a listing fetch in flight, replayed onto what it brings
+    /// (it may predate them).
+    folder_logs: HashMap<String, FolderLog>,
+    /// Bumped when every listing is dropped (reconnect, resync): fetches in flight then
+    /// are not cached.
     epoch_all: u64,
     /// Lookups that had to ask the server since the folder's listing went away.
     lookup_misses: HashMap<String, u32>,
@@ -151,23 +152,52 @@ const LISTING_AFTER_MISSES: u32 = 8;
 
 type FolderListing = BTreeMap<String, FileInfo>;
 
+#[derive(Debug, Default)]
+struct FolderLog {
+    /// Fetches in flight; the log goes when the last one ends.
+    fetches: u32,
+    changes: Vec<(String, Option<FileInfo>)>,
+}
+
+fn apply_change(items: &mut FolderListing, name: &str, file: Option<&FileInfo>) {
+    match file {
+        Some(info) => {
+            items.insert(name.to_string(), info.clone());
+        }
+        None => {
+            items.remove(name);
+        }
+    }
+}
+
+/// A listing fetch in flight; ends its share of the folder's change log when dropped,
+/// also when the fetch is abandoned.
+struct Fetching<'a> {
+    state: &'a Mutex<State>,
+    owner: &'a str,
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        let mut st = lock_state(self.state);
+        if let Some(log) = st.folder_logs.get_mut(self.owner) {
+            log.fetches = log.fetches.saturating_sub(1);
+            if log.fetches == 0 {
+                st.folder_logs.remove(self.owner);
+            }
+        }
+    }
+}
+
 impl State {
-    /// A folder's cached listing, to change: fetches of it in flight are not cached.
-    fn touch_folder(&mut self, owner: &str) -> Option<&mut Listing<FolderListing>> {
-        *self.folder_epochs.entry(owner.to_string()).or_default() += 1;
-        self.folders.get_mut(owner)
-    }
-
-    fn folder_epoch(&self, owner: &str) -> (u64, u64) {
-        let own = self.folder_epochs.get(owner).copied().unwrap_or(0);
-        (self.epoch_all, own)
-    }
-
-    /// Caches a listing fetched since `epoch`, unless the folder changed meanwhile.
-    fn cache_listing(&mut self, owner: &str, epoch: (u64, u64), files: FolderListing) {
-        if self.folder_epoch(owner) == epoch {
-            self.folders.insert(owner.to_string(), Listing::new(files));
-            self.lookup_misses.remove(owner);
+    /// Records that `name` in `owner`'s folder is now `file` (`None`: gone), in the cached
+    /// listing and for the fetches of it in flight.
+    fn folder_changed(&mut self, owner: &str, name: &str, file: Option<&FileInfo>) {
+        if let Some(l) = self.folders.get_mut(owner) {
+            apply_change(&mut l.items, name, file);
+        }
+        if let Some(log) = self.folder_logs.get_mut(owner) {
+            log.changes.push((name.to_string(), file.cloned()));
         }
     }
 
@@ -230,20 +260,39 @@ fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Fetches `owner`'s listing and caches it unless the folder changed while it was fetched.
+/// Fetches `owner`'s listing and caches it, with the changes seen while it was in flight
+/// replayed onto it: the server may have listed the folder before them.
 async fn fetch_listing<R: Remote>(
     remote: &R,
     state: &Mutex<State>,
     owner: &str,
 ) -> FsResult<FolderListing> {
-    let epoch = lock_state(state).folder_epoch(owner);
-    let files: FolderListing = remote
-        .list_files(owner)
-        .await?
-        .into_iter()
-        .map(|f| (f.name.clone(), f))
-        .collect();
-    lock_state(state).cache_listing(owner, epoch, files.clone());
+    let (epoch, start) = {
+        let mut st = lock_state(state);
+        let log = st.folder_logs.entry(owner.to_string()).or_default();
+        log.fetches += 1;
+        let start = log.changes.len();
+        (st.epoch_all, start)
+    };
+    let fetching = Fetching { state, owner };
+    let listed = remote.list_files(owner).await;
+    let mut st = lock_state(state);
+    let since: Vec<_> = st
+        .folder_logs
+        .get(owner)
+        .map(|log| log.changes.get(start..).unwrap_or_default().to_vec())
+        .unwrap_or_default();
+    let mut files: FolderListing = listed?.into_iter().map(|f| (f.name.clone(), f)).collect();
+    for (name, file) in &since {
+        apply_change(&mut files, name, file.as_ref());
+    }
+    if st.epoch_all == epoch {
+        st.folders
+            .insert(owner.to_string(), Listing::new(files.clone()));
+        st.lookup_misses.remove(owner);
+    }
+    drop(st);
+    drop(fetching);
     Ok(files)
 }
 
@@ -407,17 +456,12 @@ impl<R: Remote> FsCore<R> {
     }
 
     fn remember(&self, info: &FileInfo) {
-        let mut st = self.state();
-        if let Some(l) = st.touch_folder(&info.owner) {
-            l.items.insert(info.name.clone(), info.clone());
-        }
+        self.state()
+            .folder_changed(&info.owner, &info.name, Some(info));
     }
 
     fn forget_file(&self, owner: &str, name: &str) {
-        let mut st = self.state();
-        if let Some(l) = st.touch_folder(owner) {
-            l.items.remove(name);
-        }
+        self.state().folder_changed(owner, name, None);
     }
 
     pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
@@ -833,9 +877,7 @@ impl<R: Remote> FsCore<R> {
         staged.mark_uploaded(changes);
         tracing::info!(file = %name, size = info.size, "uploaded");
         let mut st = self.state();
-        if let Some(l) = st.touch_folder(&info.owner) {
-            l.items.insert(info.name.clone(), info.clone());
-        }
+        st.folder_changed(&info.owner, &info.name, Some(&info));
         st.cached_version.remove(&ino);
         Ok(())
     }
@@ -1020,10 +1062,8 @@ impl<R: Remote> FsCore<R> {
         }
         let info = self.remote.rename(name, new_name).await?;
         let mut st = self.state();
-        if let Some(l) = st.touch_folder(&owner) {
-            l.items.remove(name);
-            l.items.insert(new_name.to_string(), info.clone());
-        }
+        st.folder_changed(&owner, name, None);
+        st.folder_changed(&owner, new_name, Some(&info));
         // The inode moves with the name, as on a local filesystem.
         if let Some(ino) = ino {
             st.file_inos.remove(&(owner.clone(), name.to_string()));
@@ -1084,16 +1124,7 @@ impl<R: Remote> FsCore<R> {
         let mut st = self.state();
         match event {
             Event::FileChanged { owner, name, file } => {
-                if let Some(l) = st.touch_folder(owner) {
-                    match file {
-                        Some(info) => {
-                            l.items.insert(name.clone(), info.clone());
-                        }
-                        None => {
-                            l.items.remove(name);
-                        }
-                    }
-                }
+                st.folder_changed(owner, name, file.as_ref());
                 let mut out = Vec::new();
                 if let Some(parent) = st.folder_inos.get(owner) {
                     out.push(Invalidation::Entry {
