@@ -907,11 +907,16 @@ impl<R: Remote> FsCore<R> {
                 writable: true,
             } => {
                 let _serial = staged.upload_lock.lock().await;
-                if self.take_changed(fh) {
-                    self.upload_locked(ino, &staged).await
-                } else {
-                    Ok(())
+                if !self.take_changed(fh) {
+                    return Ok(());
                 }
+                let result = self.upload_locked(ino, &staged).await;
+                if result.is_err() {
+                    // Not committed: the next close of this open file tries again and
+                    // reports (a parent's close after its forked child's close failed).
+                    self.mark_changed(fh);
+                }
+                result
             }
             _ => Ok(()),
         }

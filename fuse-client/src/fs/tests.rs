@@ -342,9 +342,20 @@ fn upload_errors_reach_flush_with_their_kind() {
             .unwrap()
             .count();
         assert_eq!(kept, 3);
-        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        // Two closes of one open file (a forked child's, then its parent's): the first
+        // fails, and the second tries again instead of reporting success for data that
+        // never went up.
         let (_, fh) = e.core.create(dir, "f").await.unwrap();
         e.core.write(fh, 0, b"hello").await.unwrap();
+        assert!(e.core.flush(fh).await.is_err());
+        assert!(e.core.flush(fh).await.is_err());
+        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        e.core.flush(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
+        e.core.release(fh).await.unwrap();
+        let (_, fh) = e.core.create(dir, "f").await.unwrap();
+        e.core.write(fh, 0, b"hello").await.unwrap();
+        e.core.flush(fh).await.unwrap();
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
         assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
