@@ -255,7 +255,6 @@ impl<R: Remote> Clone for Handle<R> {
     }
 }
 
-/// The filesystem. Cheap to share: wrap it in an `Arc`.
 fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -296,6 +295,7 @@ async fn fetch_listing<R: Remote>(
     Ok(files)
 }
 
+/// The filesystem. Cheap to share: wrap it in an `Arc`.
 pub struct FsCore<R: Remote> {
     remote: Arc<R>,
     user: String,

@@ -1298,11 +1298,20 @@ mod tests {
                 .unwrap();
             assert!(read_all(&store, "alice", name) == data, "{name}");
         }
+        // A streamed upload (size unknown at the start) that ends small goes to the pack.
+        let tiny = &data[..150];
+        let mut up = store.begin_upload("alice", "tiny", None, None).unwrap();
+        up.write_chunk(0, &tiny[..100]);
+        up.write_chunk(100, &tiny[100..]);
+        let hash = blake3::hash(tiny).to_hex();
+        store.commit_upload(up, 150, hash.as_str()).unwrap();
+        assert_eq!(read_all(&store, "alice", "tiny"), tiny);
         // And after a restart, read from disk rather than from what was just written.
         let store = Store::open(dir.path(), 0).unwrap();
         for name in ["exact", "odd", "small first"] {
             assert!(read_all(&store, "alice", name) == data, "{name}");
         }
+        assert_eq!(read_all(&store, "alice", "tiny"), tiny);
     }
 
     #[test]
