@@ -878,7 +878,10 @@ impl<R: Remote> FsCore<R> {
         tracing::info!(file = %name, size = info.size, "uploaded");
         let mut st = self.state();
         st.folder_changed(&info.owner, &info.name, Some(&info));
-        st.cached_version.remove(&ino);
+        // The kernel's pages of this file came from these writes (or from the version they
+        // were made on): they are this version's, and the next open may keep them instead
+        // of dropping what may be a gigabyte of cache.
+        st.cached_version.insert(ino, info.version);
         Ok(())
     }
 

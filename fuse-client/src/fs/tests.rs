@@ -459,6 +459,36 @@ fn repeated_lookups_fetch_the_listing_with_changes_in_flight_replayed_onto_it() 
     });
 }
 
+/// After one's own file is uploaded, the kernel's pages of it are that version's: the next
+/// open keeps them, until the file changes elsewhere.
+#[test]
+fn pages_written_here_are_kept_for_the_version_they_became() {
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        let (attr, fh) = e.core.create(dir, "f").await.unwrap();
+        e.core.write(fh, 0, b"mine").await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let o = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
+        assert!(o.keep_cache, "the pages are the uploaded version's");
+        e.core.release(o.fh).await.unwrap();
+        let info = e.core.remote.put("alice", "f", b"theirs");
+        let inv = e.core.handle_event(&Event::FileChanged {
+            owner: "alice".into(),
+            name: "f".into(),
+            file: Some(info),
+        });
+        assert!(
+            inv.contains(&Invalidation::Inode { ino: attr.ino }),
+            "{inv:?}"
+        );
+        let o = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
+        assert!(!o.keep_cache, "changed elsewhere: pages must go");
+        e.core.release(o.fh).await.unwrap();
+    });
+}
+
 #[test]
 fn every_open_reaches_the_server_and_cache_is_kept_per_version() {
     rt().block_on(async {
