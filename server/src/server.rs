@@ -152,8 +152,9 @@ pub async fn run_with(
                 };
                 let _ = stream.set_nodelay(true);
                 let addr_slot = Slot::take(&shared.per_addr, peer.ip(), shared.config.max_connections_per_addr);
-                match (limit.clone().try_acquire_owned(), addr_slot, threads.place()) {
-                    (Ok(permit), Some(slot), Some((thread, placement))) => {
+                match (limit.clone().try_acquire_owned(), addr_slot) {
+                    (Ok(permit), Some(slot)) => {
+                        let (thread, placement) = threads.place();
                         // The connection lives on its session thread from here on, its
                         // socket registered with that thread's reactor: readiness then
                         // wakes that thread directly instead of passing through this one.
@@ -174,11 +175,11 @@ pub async fn run_with(
                             drop((permit, slot, placement));
                         }, &thread);
                     }
-                    (Ok(_), None, _) => {
+                    (Ok(_), None) => {
                         tracing::warn!(%peer, "too many connections from this address; refusing");
                         sessions.spawn(refuse_busy(stream, shared.config.max_frame, "too many connections from your address"));
                     }
-                    (Err(_), _, _) | (_, _, None) => {
+                    (Err(_), _) => {
                         tracing::warn!(%peer, "connection limit reached; refusing");
                         sessions.spawn(refuse_busy(stream, shared.config.max_frame, "server has too many connections"));
                     }

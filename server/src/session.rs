@@ -323,7 +323,6 @@ async fn write_loop<S>(
     let _ = sink.close().await;
 }
 
-/// State of one logged-in connection.
 /// An upload of this session: idle, or writing its last chunk on the blocking pool while
 /// the reader goes on decrypting the next one.
 enum Upload {
@@ -347,6 +346,7 @@ impl Upload {
     }
 }
 
+/// State of one logged-in connection.
 struct Session {
     /// This session's id in the hub: its own changes are not echoed back to it.
     id: u64,

@@ -494,42 +494,39 @@ impl StagedUpload {
             self.failed = self.allowance_error.take();
             return;
         }
-        let Some(file) = self.file.as_ref() else {
-            return;
-        };
-        if let Some(direct) = self.direct.as_mut() {
-            match direct.write(data) {
-                Ok(()) => {
-                    self.hasher.update(data);
-                    self.written += data.len() as u64;
-                    return;
-                }
-                Err(e) => {
-                    // Direct I/O refused after all: the gathered bytes and this chunk go
-                    // through the page cache instead (rewriting any of the chunk's bytes
-                    // already written directly, with the same bytes), as does the rest.
-                    tracing::debug!(error = %e, "direct write failed; buffering this upload");
-                    let result = file.write_all_at(direct.block(), direct.base);
-                    self.writeback_from = direct.base;
-                    self.direct = None;
-                    if let Err(e) = result {
-                        self.failed = Some(e.into());
-                        return;
-                    }
-                }
-            }
-        }
-        if let Err(e) = file.write_all_at(data, self.written) {
+        if let Err(e) = self.store(data) {
             self.failed = Some(e.into());
             return;
         }
         self.hasher.update(data);
         self.written += data.len() as u64;
-        if self.written - self.writeback_from >= WRITEBACK_EVERY {
+    }
+
+    /// Puts a chunk's bytes on their way to disk: directly in whole blocks where possible,
+    /// else through the page cache with early writeback.
+    fn store(&mut self, data: &[u8]) -> io::Result<()> {
+        let Some(file) = self.file.as_ref() else {
+            return Ok(());
+        };
+        if let Some(mut direct) = self.direct.take() {
+            let Err(e) = direct.write(data) else {
+                self.direct = Some(direct);
+                return Ok(());
+            };
+            // Direct I/O refused after all: the gathered bytes and this chunk go through
+            // the page cache instead (rewriting any of the chunk's bytes already written
+            // directly, with the same bytes), as does the rest.
+            tracing::debug!(error = %e, "direct write failed; buffering this upload");
+            self.writeback_from = direct.base;
+            file.write_all_at(direct.block(), direct.base)?;
+        }
+        file.write_all_at(data, self.written)?;
+        let end = self.written + data.len() as u64;
+        if end - self.writeback_from >= WRITEBACK_EVERY {
             // Start writing what came so far to disk now, so the fsync at commit waits for
             // the tail only instead of the whole file (the disk works during the transfer).
             use std::os::fd::AsRawFd;
-            let (from, len) = (self.writeback_from, self.written - self.writeback_from);
+            let (from, len) = (self.writeback_from, end - self.writeback_from);
             // SAFETY: plain syscall on an owned descriptor; errors only cost the overlap,
             // the commit's fsync still makes everything durable.
             unsafe {
@@ -540,12 +537,11 @@ impl StagedUpload {
                     libc::SYNC_FILE_RANGE_WRITE,
                 );
             }
-            self.writeback_from = self.written;
+            self.writeback_from = end;
         }
+        Ok(())
     }
-}
 
-impl StagedUpload {
     /// Writes what is still gathered (the unaligned tail) through the page cache.
     fn finish_writes(&mut self) -> Result<()> {
         let (Some(file), Some(direct)) = (self.file.as_ref(), self.direct.take()) else {
