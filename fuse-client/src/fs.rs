@@ -134,15 +134,13 @@ struct State {
     /// Files being written, by inode.
     staged: HashMap<u64, Arc<StagedWrite>>,
     /// Changes to folders with a listing fetch in flight, replayed onto what it brings
-    /// (it may predate them).
+    /// (it may predate them). A folder is here exactly while a fetch of it is in flight.
     folder_logs: HashMap<String, FolderLog>,
     /// Bumped when every listing is dropped (reconnect, resync): fetches in flight then
     /// are not cached.
     epoch_all: u64,
     /// Lookups that had to ask the server since the folder's listing went away.
     lookup_misses: HashMap<String, u32>,
-    /// Folders whose listing is being fetched in the background.
-    prefetching: std::collections::HashSet<String>,
 }
 
 /// After this many lookups in one folder answered by the server, the folder's listing is
@@ -170,20 +168,56 @@ fn apply_change(items: &mut FolderListing, name: &str, file: Option<&FileInfo>) 
     }
 }
 
-/// A listing fetch in flight; ends its share of the folder's change log when dropped,
-/// also when the fetch is abandoned.
-struct Fetching<'a> {
-    state: &'a Mutex<State>,
-    owner: &'a str,
+/// A listing fetch in flight, registered in the folder's change log from the moment it is
+/// decided; ends its share of the log when dropped, also when abandoned.
+struct Fetching {
+    state: Arc<Mutex<State>>,
+    owner: String,
+    /// `State::epoch_all` when it began.
+    epoch: u64,
+    /// Where the changes made since it began start in the log.
+    start: usize,
 }
 
-impl Drop for Fetching<'_> {
+impl Fetching {
+    fn begin(state: &Arc<Mutex<State>>, st: &mut State, owner: &str) -> Fetching {
+        let log = st.folder_logs.entry(owner.to_string()).or_default();
+        log.fetches += 1;
+        Fetching {
+            state: state.clone(),
+            owner: owner.to_string(),
+            epoch: st.epoch_all,
+            start: log.changes.len(),
+        }
+    }
+
+    /// Fetches the listing and caches it, with the changes seen while it was in flight
+    /// replayed onto it: the server may have listed the folder before them.
+    async fn run<R: Remote>(self, remote: &R) -> FsResult<FolderListing> {
+        let listed = remote.list_files(&self.owner).await;
+        let mut st = lock_state(&self.state);
+        let mut files: FolderListing = listed?.into_iter().map(|f| (f.name.clone(), f)).collect();
+        if let Some(log) = st.folder_logs.get(&self.owner) {
+            for (name, file) in log.changes.get(self.start..).unwrap_or_default() {
+                apply_change(&mut files, name, file.as_ref());
+            }
+        }
+        if st.epoch_all == self.epoch {
+            st.folders
+                .insert(self.owner.clone(), Listing::new(files.clone()));
+            st.lookup_misses.remove(&self.owner);
+        }
+        Ok(files)
+    }
+}
+
+impl Drop for Fetching {
     fn drop(&mut self) {
-        let mut st = lock_state(self.state);
-        if let Some(log) = st.folder_logs.get_mut(self.owner) {
+        let mut st = lock_state(&self.state);
+        if let Some(log) = st.folder_logs.get_mut(&self.owner) {
             log.fetches = log.fetches.saturating_sub(1);
             if log.fetches == 0 {
-                st.folder_logs.remove(self.owner);
+                st.folder_logs.remove(&self.owner);
             }
         }
     }
@@ -257,42 +291,6 @@ impl<R: Remote> Clone for Handle<R> {
 
 fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Fetches `owner`'s listing and caches it, with the changes seen while it was in flight
-/// replayed onto it: the server may have listed the folder before them.
-async fn fetch_listing<R: Remote>(
-    remote: &R,
-    state: &Mutex<State>,
-    owner: &str,
-) -> FsResult<FolderListing> {
-    let (epoch, start) = {
-        let mut st = lock_state(state);
-        let log = st.folder_logs.entry(owner.to_string()).or_default();
-        log.fetches += 1;
-        let start = log.changes.len();
-        (st.epoch_all, start)
-    };
-    let fetching = Fetching { state, owner };
-    let listed = remote.list_files(owner).await;
-    let mut st = lock_state(state);
-    let since: Vec<_> = st
-        .folder_logs
-        .get(owner)
-        .map(|log| log.changes.get(start..).unwrap_or_default().to_vec())
-        .unwrap_or_default();
-    let mut files: FolderListing = listed?.into_iter().map(|f| (f.name.clone(), f)).collect();
-    for (name, file) in &since {
-        apply_change(&mut files, name, file.as_ref());
-    }
-    if st.epoch_all == epoch {
-        st.folders
-            .insert(owner.to_string(), Listing::new(files.clone()));
-        st.lookup_misses.remove(owner);
-    }
-    drop(st);
-    drop(fetching);
-    Ok(files)
 }
 
 /// The filesystem. Cheap to share: wrap it in an `Arc`.
@@ -421,7 +419,8 @@ impl<R: Remote> FsCore<R> {
         if let Some(l) = self.state().folders.get(owner).filter(|l| l.fresh()) {
             return Ok(l.items.clone());
         }
-        fetch_listing(&*self.remote, &self.state, owner).await
+        let fetch = Fetching::begin(&self.state, &mut self.state(), owner);
+        fetch.run(&*self.remote).await
     }
 
     /// One file's info, from the cached listing or a `stat`.
@@ -429,23 +428,25 @@ impl<R: Remote> FsCore<R> {
         let (cached, prefetch) = {
             let mut st = self.state();
             match st.folders.get(owner).filter(|l| l.fresh()) {
-                Some(l) => (Some(l.items.get(name).cloned()), false),
+                Some(l) => (Some(l.items.get(name).cloned()), None),
                 None => {
                     let misses = st.lookup_misses.entry(owner.to_string()).or_default();
                     *misses += 1;
-                    let due = *misses >= LISTING_AFTER_MISSES;
-                    (None, due && st.prefetching.insert(owner.to_string()))
+                    // Not while a fetch of it is in flight: that one will be cached.
+                    let due =
+                        *misses >= LISTING_AFTER_MISSES && !st.folder_logs.contains_key(owner);
+                    let fetch = due.then(|| Fetching::begin(&self.state, &mut st, owner));
+                    (None, fetch)
                 }
             }
         };
-        if prefetch {
-            let (remote, state, owner) =
-                (self.remote.clone(), self.state.clone(), owner.to_string());
+        if let Some(fetch) = prefetch {
+            let remote = self.remote.clone();
             tokio::spawn(async move {
-                if let Err(e) = fetch_listing(&*remote, &state, &owner).await {
+                let owner = fetch.owner.clone();
+                if let Err(e) = fetch.run(&*remote).await {
                     tracing::debug!(%owner, error = %e, "listing prefetch failed");
                 }
-                lock_state(&state).prefetching.remove(&owner);
             });
         }
         match cached {

@@ -290,19 +290,19 @@ impl StagedWrite {
         }
     }
 
-    /// Grows in-memory content to `len` if that fits its limit and the budget.
-    fn fits_in_memory(&self, backing: &mut Backing, len: u64) -> bool {
+    /// In-memory content grown to at least `len`, if that fits its limit and the budget.
+    fn memory_grown<'a>(&self, backing: &'a mut Backing, len: u64) -> Option<&'a mut Vec<u8>> {
         let Backing::Memory { data, reserved } = backing else {
-            return false;
+            return None;
         };
-        let fits = len <= MEMORY_FILE && (len <= *reserved || self.budget.take(len - *reserved));
-        if fits {
-            *reserved = (*reserved).max(len);
-            if (data.len() as u64) < len {
-                data.resize(len as usize, 0);
-            }
+        if len > MEMORY_FILE || (len > *reserved && !self.budget.take(len - *reserved)) {
+            return None;
         }
-        fits
+        *reserved = (*reserved).max(len);
+        if (data.len() as u64) < len {
+            data.resize(len as usize, 0);
+        }
+        Some(data)
     }
 
     /// Writes into the backing store, spilling memory to a temp file when it outgrows
@@ -310,10 +310,8 @@ impl StagedWrite {
     fn put(&self, offset: u64, data: &[u8]) -> FsResult<()> {
         let end = offset + data.len() as u64;
         let mut backing = guard(&self.backing);
-        if self.fits_in_memory(&mut backing, end) {
-            if let Backing::Memory { data: mem, .. } = &mut *backing {
-                mem[offset as usize..end as usize].copy_from_slice(data);
-            }
+        if let Some(mem) = self.memory_grown(&mut backing, end) {
+            mem[offset as usize..end as usize].copy_from_slice(data);
             return Ok(());
         }
         Ok(self.spill(&mut backing)?.write_all_at(data, offset)?)
@@ -327,7 +325,7 @@ impl StagedWrite {
                 return Ok(());
             }
         }
-        if self.fits_in_memory(&mut backing, size) {
+        if self.memory_grown(&mut backing, size).is_some() {
             return Ok(());
         }
         Ok(self.spill(&mut backing)?.set_len(size)?)
