@@ -582,14 +582,15 @@ fn unmount_and_ctrl_c_leave_no_mount_behind() {
 }
 
 /// Equal contents, or a failure naming the first differing byte (not megabytes of bytes).
-fn assert_same(got: &[u8], want: &[u8], line: u32) {
+#[track_caller]
+fn assert_same(got: &[u8], want: &[u8]) {
     if got == want {
         return;
     }
     let first = got.iter().zip(want).position(|(a, b)| a != b);
     let last = got.iter().zip(want).rposition(|(a, b)| a != b);
     panic!(
-        "line {line}: {} bytes, want {}; first difference at {first:?}, last at {last:?}",
+        "{} bytes, want {}; first difference at {first:?}, last at {last:?}",
         got.len(),
         want.len()
     );
@@ -603,24 +604,17 @@ fn rewriting_in_place_keeps_the_bytes_not_written() {
     let server = TestServer::start();
     let alice = TestMount::new(&server, "alice");
     let path = alice.path("alice/db.bin");
+    let on_server = || server_content(&server, "alice", "db.bin").unwrap();
     let mut want = content(7, 24 << 20);
     fs::write(&path, &want).unwrap();
-    assert_same(
-        &server_content(&server, "alice", "db.bin").unwrap(),
-        &want,
-        line!(),
-    );
+    assert_same(&on_server(), &want);
 
     // A patch in the middle, through a descriptor opened without O_TRUNC.
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     f.write_all_at(b"patched in the middle", 13 << 20).unwrap();
     drop(f);
     want[13 << 20..(13 << 20) + 21].copy_from_slice(b"patched in the middle");
-    assert_same(
-        &server_content(&server, "alice", "db.bin").unwrap(),
-        &want,
-        line!(),
-    );
+    assert_same(&on_server(), &want);
 
     // The first half rewritten from byte 0 (`dd conv=notrunc`): the second half stays.
     let local = tempfile::tempdir().unwrap();
@@ -634,11 +628,7 @@ fn rewriting_in_place_keeps_the_bytes_not_written() {
             .args(["bs=1M", "conv=notrunc", "status=none"]),
     );
     want[..12 << 20].copy_from_slice(&new_half);
-    assert_same(
-        &server_content(&server, "alice", "db.bin").unwrap(),
-        &want,
-        line!(),
-    );
+    assert_same(&on_server(), &want);
 
     // Read back through the same descriptor before closing: written and unwritten parts.
     let mut f = OpenOptions::new()
@@ -653,10 +643,6 @@ fn rewriting_in_place_keeps_the_bytes_not_written() {
     assert_eq!(buf, want[20 << 20..(20 << 20) + 8]);
     drop(f);
     want[..4].copy_from_slice(b"head");
-    assert_same(
-        &server_content(&server, "alice", "db.bin").unwrap(),
-        &want,
-        line!(),
-    );
-    assert_same(&fs::read(&path).unwrap(), &want, line!());
+    assert_same(&on_server(), &want);
+    assert_same(&fs::read(&path).unwrap(), &want);
 }

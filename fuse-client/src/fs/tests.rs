@@ -362,6 +362,20 @@ fn upload_errors_reach_flush_with_their_kind() {
     });
 }
 
+/// The server's push that `owner`'s `name` is now `file` (`None`: gone).
+fn changed(
+    core: &FsCore<Fake>,
+    owner: &str,
+    name: &str,
+    file: Option<FileInfo>,
+) -> Vec<Invalidation> {
+    core.handle_event(&Event::FileChanged {
+        owner: owner.into(),
+        name: name.into(),
+        file,
+    })
+}
+
 /// Lets spawned tasks (a listing prefetch) run until `done` holds.
 async fn settle(done: impl Fn() -> bool) {
     for _ in 0..1000 {
@@ -396,40 +410,12 @@ fn repeated_lookups_fetch_the_listing_with_changes_in_flight_replayed_onto_it() 
         // server may have listed it before): the change is replayed onto what it brings.
         let gate = e.core.remote.list_gate.write().await;
         settle(|| lists() == 1).await;
-        let late = e.core.remote.put("alice", "late", b"y");
-        e.core.handle_event(&Event::FileChanged {
-            owner: "alice".into(),
-            name: "late".into(),
-            file: Some(late),
-        });
-        e.core.handle_event(&Event::FileChanged {
-            owner: "alice".into(),
-            name: "f0".into(),
-            file: None,
-        });
-        e.core
-            .remote
-            .files
-            .lock()
-            .unwrap()
-            .remove(&("alice".to_string(), "f0".to_string()));
-        // The server answers with a listing from before both changes.
-        e.core
-            .remote
-            .files
-            .lock()
-            .unwrap()
-            .remove(&("alice".to_string(), "late".to_string()));
-        e.core.remote.put("alice", "f0", b"x");
+        // Pushed changes; the fake server's listing stays the one from before both.
+        let late = Fake::info("alice", "late", b"y", 99);
+        changed(&e.core, "alice", "late", Some(late));
+        changed(&e.core, "alice", "f0", None);
         drop(gate);
-        settle(|| !e.core.state().prefetching.contains("alice")).await;
-        e.core
-            .remote
-            .files
-            .lock()
-            .unwrap()
-            .remove(&("alice".to_string(), "f0".to_string()));
-        e.core.remote.put("alice", "late", b"y");
+        settle(|| !e.core.state().folder_logs.contains_key("alice")).await;
         assert_eq!(lists(), 1);
         assert!(e.core.state().folder_logs.is_empty());
         let asked = stats();
@@ -449,11 +435,12 @@ fn repeated_lookups_fetch_the_listing_with_changes_in_flight_replayed_onto_it() 
         assert_eq!(stats(), asked);
         // Changes pushed by the server keep it current.
         e.core.remote.put("alice", "later", b"zz");
-        e.core.handle_event(&Event::FileChanged {
-            owner: "alice".into(),
-            name: "later".into(),
-            file: Some(Fake::info("alice", "later", b"zz", 99)),
-        });
+        changed(
+            &e.core,
+            "alice",
+            "later",
+            Some(Fake::info("alice", "later", b"zz", 99)),
+        );
         assert_eq!(e.core.lookup(alice, "later").await.unwrap().size, 2);
         assert_eq!(stats(), asked);
     });
@@ -474,11 +461,7 @@ fn pages_written_here_are_kept_for_the_version_they_became() {
         assert!(o.keep_cache, "the pages are the uploaded version's");
         e.core.release(o.fh).await.unwrap();
         let info = e.core.remote.put("alice", "f", b"theirs");
-        let inv = e.core.handle_event(&Event::FileChanged {
-            owner: "alice".into(),
-            name: "f".into(),
-            file: Some(info),
-        });
+        let inv = changed(&e.core, "alice", "f", Some(info));
         assert!(
             inv.contains(&Invalidation::Inode { ino: attr.ino }),
             "{inv:?}"
@@ -503,11 +486,7 @@ fn every_open_reaches_the_server_and_cache_is_kept_per_version() {
         assert!(o2.keep_cache, "same version: pages may stay");
         e.core.release(o2.fh).await.unwrap();
         let info = e.core.remote.put("alice", "f", b"two");
-        let inv = e.core.handle_event(&Event::FileChanged {
-            owner: "alice".into(),
-            name: "f".into(),
-            file: Some(info),
-        });
+        let inv = changed(&e.core, "alice", "f", Some(info));
         assert!(inv.contains(&Invalidation::Inode { ino: f.ino }), "{inv:?}");
         assert!(inv.contains(&Invalidation::Entry {
             parent: alice,
