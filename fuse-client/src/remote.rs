@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
     ClientMessage, ErrorCode, Event, FileInfo, Frame, FrameCodec, FrameError, Notification, Reply,
-    Request, ServerMessage, Space, DEFAULT_MAX_FRAME, MAGIC, VERSION,
+    Request, ServerMessage, Space, DEFAULT_MAX_FRAME, MAGIC, TLS_READ_BUFFER, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -139,6 +139,7 @@ impl RemoteClient {
             };
         };
         let tls = tls::connector(&opts.server, trust).map_err(ClientError::Tls)?;
+        let stream = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream);
         let handshake = tls.connector.connect(tls.server_name.clone(), stream);
         let stream = match tokio::time::timeout(opts.connect_timeout, handshake).await {
             Ok(Ok(s)) => s,
@@ -211,7 +212,7 @@ impl RemoteClient {
             other => return Err(unexpected(other)),
         }
 
-        let (sink, source) = framed.split();
+        let (sink, source) = sharefs_protocol::frame::split(framed);
         let (closed_tx, closed) = watch::channel(false);
         let inner = Arc::new(Inner {
             user: user.to_string(),
@@ -502,7 +503,7 @@ where
 }
 
 async fn read_loop<S>(
-    mut source: futures::stream::SplitStream<Framed<S, FrameCodec>>,
+    mut source: Framed<tokio::io::ReadHalf<S>, FrameCodec>,
     inner: std::sync::Weak<Inner>,
     events: mpsc::UnboundedSender<Event>,
     mut dropped: watch::Receiver<bool>,

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,11 +33,45 @@ pub struct Shared {
     pub hub: Hub,
     /// Bounds the bytes of file data buffered for reads across the whole server, in KiB.
     pub read_budget: Arc<Semaphore>,
+    /// Where reads that miss the page cache run.
+    pub misses: Arc<ReadMisses>,
     pub throttle: Arc<LoginThrottle>,
     /// Live connections per peer address.
     per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Uploads in progress per user, across connections.
     uploads: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// How long reads that missed the page cache have been taking, to decide where the next
+/// small one runs. While the disk answers them quickly (an SSD: tens of microseconds, about
+/// what handing a read to the blocking pool and back costs) it runs in place on the
+/// session thread; otherwise on the blocking pool, so a slow disk does not hold up the
+/// other connections of a session thread. A disk that turns slow costs one read's wait:
+/// the average then sends the next ones to the pool until reads are fast again.
+#[derive(Debug, Default)]
+pub struct ReadMisses {
+    /// Moving average of recent miss times in nanoseconds (each new one weighs 1/8).
+    average_ns: AtomicU64,
+}
+
+impl ReadMisses {
+    /// Reads up to this size may run in place.
+    const IN_PLACE_MAX_LEN: usize = 64 * 1024;
+    /// ...while misses have been taking less than this on average.
+    const IN_PLACE_BELOW: Duration = Duration::from_micros(200);
+
+    pub fn in_place(&self, len: usize) -> bool {
+        len <= Self::IN_PLACE_MAX_LEN
+            && self.average_ns.load(Ordering::Relaxed) < Self::IN_PLACE_BELOW.as_nanos() as u64
+    }
+
+    pub fn record(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        // Racing updates may lose one sample; the average stays an average.
+        let old = self.average_ns.load(Ordering::Relaxed);
+        let new = old - old / 8 + took / 8;
+        self.average_ns.store(new, Ordering::Relaxed);
+    }
 }
 
 /// A counted slot (a connection of an address, an upload of a user); freed on drop.
@@ -87,6 +122,7 @@ impl Shared {
             users,
             hub,
             read_budget,
+            misses: Arc::default(),
             throttle,
             per_addr: Arc::default(),
             uploads: Arc::default(),
@@ -268,5 +304,28 @@ async fn refuse(stream: TcpStream, max_frame: u32, code: ErrorCode, message: &st
     };
     if let Ok(frame) = Frame::new(&msg, bytes::Bytes::new()) {
         let _ = tokio::time::timeout(Duration::from_secs(2), framed.send(frame)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misses_run_in_place_only_while_small_reads_are_fast() {
+        let misses = ReadMisses::default();
+        assert!(misses.in_place(4096));
+        assert!(
+            !misses.in_place(1024 * 1024),
+            "large reads always go to the pool"
+        );
+        // One hard-disk seek sends the next reads to the pool...
+        misses.record(Duration::from_millis(8));
+        assert!(!misses.in_place(4096));
+        // ...until reads (timed on the pool) are fast again.
+        for _ in 0..40 {
+            misses.record(Duration::from_micros(30));
+        }
+        assert!(misses.in_place(4096));
     }
 }

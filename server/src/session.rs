@@ -11,14 +11,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
-    ClientMessage, ErrorBody, ErrorCode, Event, Frame, FrameCodec, FrameError, Reply, Request,
-    ServerMessage, CHUNK_SIZE, LIST_PAGE, MAGIC, VERSION,
+    ClientMessage, ErrorBody, ErrorCode, Event, Frame, FrameCodec, FrameError, FrameSink, Reply,
+    Request, ServerMessage, CHUNK_SIZE, LIST_PAGE, MAGIC, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -48,8 +47,8 @@ impl Outgoing {
     }
 }
 
-type Sink<S> = SplitSink<Framed<S, FrameCodec>, Frame>;
-type Source<S> = SplitStream<Framed<S, FrameCodec>>;
+type Sink<S> = FrameSink<tokio::io::WriteHalf<S>>;
+type Source<S> = Framed<tokio::io::ReadHalf<S>, FrameCodec>;
 
 /// Serves one connection until the client leaves, breaks the protocol, or `stop` fires.
 pub async fn serve<S>(stream: S, peer: SocketAddr, shared: Shared, stop: watch::Receiver<bool>)
@@ -97,7 +96,7 @@ async fn serve_inner<S>(
     };
     span.record("user", user.as_str());
 
-    let (sink, source) = framed.split();
+    let (sink, source) = sharefs_protocol::frame::split(framed);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
     let lagged = Arc::new(AtomicBool::new(false));
@@ -848,9 +847,20 @@ impl Context {
         if let Some(data) = open.read_cached(offset, len) {
             return Ok((data, permit));
         }
-        let data = tokio::task::spawn_blocking(move || open.read(offset, len))
-            .await
-            .map_err(|e| ServerError::Internal(format!("read task failed: {e}")))??;
+        let misses = self.shared.misses.clone();
+        let read = move || {
+            let started = Instant::now();
+            let data = open.read(offset, len);
+            misses.record(started.elapsed());
+            data
+        };
+        let data = if self.shared.misses.in_place(len) {
+            read()?
+        } else {
+            tokio::task::spawn_blocking(read)
+                .await
+                .map_err(|e| ServerError::Internal(format!("read task failed: {e}")))??
+        };
         Ok((data, permit))
     }
 }

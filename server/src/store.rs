@@ -573,43 +573,63 @@ impl OpenFile {
     /// Up to `len` bytes at `offset` of the content (fewer at its end). Blocking.
     pub fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         let len = len.min(self.info.size.saturating_sub(offset) as usize);
-        let mut buf = vec![0u8; len];
-        let mut filled = 0;
-        while filled < len {
-            match self
-                .file
-                .read_at(&mut buf[filled..], self.start + offset + filled as u64)
-            {
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            match self.pread_into(&mut buf, len, offset, 0) {
                 Ok(0) => break,
-                Ok(n) => filled += n,
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        buf.truncate(filled);
         Ok(Bytes::from(buf))
     }
-}
 
-impl OpenFile {
     /// Like [`OpenFile::read`], but only if the bytes are in the page cache: never waits
     /// for the disk, so it may run on an async worker. `None` means: read it the slow way.
     pub fn read_cached(&self, offset: u64, len: usize) -> Option<Bytes> {
-        use std::os::fd::AsRawFd;
         let len = len.min(self.info.size.saturating_sub(offset) as usize);
-        if len == 0 {
-            return Some(Bytes::new());
-        }
-        let mut buf = vec![0u8; len];
-        let iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: len,
-        };
-        let at = i64::try_from(self.start + offset).ok()?;
-        // SAFETY: one iovec describing `buf`, which outlives the call; the fd is owned.
-        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        let mut buf = Vec::with_capacity(len);
         // Short reads happen at a page-cache boundary as well as at the end: retry slowly.
-        (n == len as isize).then(|| Bytes::from(buf))
+        match self.pread_into(&mut buf, len, offset, libc::RWF_NOWAIT) {
+            Ok(n) if n == len => Some(Bytes::from(buf)),
+            _ => None,
+        }
+    }
+
+    /// One `preadv2` of the content from `offset + buf.len()` into `buf`'s spare capacity,
+    /// up to `len` bytes in `buf` (which must have that capacity): the buffer is not
+    /// zeroed first, the kernel writes every byte it counts.
+    fn pread_into(
+        &self,
+        buf: &mut Vec<u8>,
+        len: usize,
+        offset: u64,
+        flags: i32,
+    ) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let filled = buf.len();
+        let want = len.saturating_sub(filled).min(buf.capacity() - filled);
+        if want == 0 {
+            return Ok(0);
+        }
+        let at = i64::try_from(self.start + offset + filled as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let spare = buf.spare_capacity_mut();
+        let iov = libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: want,
+        };
+        // SAFETY: one iovec describing `want` bytes of `buf`'s spare capacity, which
+        // outlives the call; the fd is owned.
+        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, flags) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        // SAFETY: the kernel initialised the first `n <= want` spare bytes.
+        unsafe { buf.set_len(filled + n) };
+        Ok(n)
     }
 }
 
