@@ -154,6 +154,12 @@ impl RemoteClient {
             }
             Err(_) => return Err(connect_err("no answer to the TLS handshake".into())),
         };
+        let (_, session) = stream.get_ref();
+        tracing::debug!(
+            version = ?session.protocol_version(),
+            suite = ?session.negotiated_cipher_suite().map(|s| s.suite()),
+            "TLS established"
+        );
         tokio::time::timeout(
             opts.connect_timeout,
             Self::handshake(stream, &opts.user, &opts.password),

@@ -201,7 +201,7 @@ fn host_of(server: &str) -> &str {
 }
 
 pub fn connector(server: &str, trust: &TrustOptions) -> Result<Connector, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = sharefs_protocol::tls_provider();
     let webpki = |roots: RootCertStore| {
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()

@@ -99,7 +99,7 @@ pub fn load(data_dir: &Path, cert: Option<&Path>, key: Option<&Path>) -> Result<
     let fingerprint = fingerprint(leaf);
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .map_err(|e| tls_err(&key_path.display().to_string(), e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = sharefs_protocol::tls_provider();
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_err("TLS setup", e))?
