@@ -175,8 +175,12 @@ impl Connection {
             .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
     }
 
-    /// Closes a handle; handles of dead connections are already gone.
+    /// Closes a handle; handles of dead connections are already gone, and handle 0 (a
+    /// file that came whole with its `open`) was never kept.
     pub async fn close(&self, handle: RemoteHandle) {
+        if handle.id == 0 {
+            return;
+        }
         let current = self.inner.live.borrow().clone();
         if let Some((client, generation)) = current {
             if generation == handle.generation {

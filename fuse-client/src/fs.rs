@@ -79,10 +79,13 @@ pub struct OpenMode {
 }
 
 /// Result of an open: the handle and whether the kernel may keep its cached pages.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Opened {
     pub fh: u64,
     pub keep_cache: bool,
+    /// The whole content, when it came with the open and the kernel keeps its cache: the
+    /// kernel may be given it now instead of asking for it with a read.
+    pub content: Option<Bytes>,
 }
 
 /// Something the kernel must forget, as a consequence of a server event.
@@ -705,6 +708,7 @@ impl<R: Remote> FsCore<R> {
             return Ok(Opened {
                 fh,
                 keep_cache: false,
+                content: None,
             });
         }
         if let Some(staged) = self.state().staged.get(&ino).cloned() {
@@ -717,6 +721,7 @@ impl<R: Remote> FsCore<R> {
             return Ok(Opened {
                 fh,
                 keep_cache: true,
+                content: None,
             });
         }
         // Always asks the server: this open is the download the owner hears about.
@@ -728,6 +733,8 @@ impl<R: Remote> FsCore<R> {
             keep
         };
         self.remember(&info);
+        let whole = info.size > 0 && head.len() as u64 == info.size;
+        let content = (keep_cache && whole).then(|| head.clone());
         let reader = Arc::new(ReadHandle::new(
             self.remote.clone(),
             handle,
@@ -736,7 +743,11 @@ impl<R: Remote> FsCore<R> {
             self.prefetch_budget.clone(),
         ));
         let fh = self.insert_handle(Handle::Read(reader));
-        Ok(Opened { fh, keep_cache })
+        Ok(Opened {
+            fh,
+            keep_cache,
+            content,
+        })
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {

@@ -7,7 +7,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -48,13 +48,25 @@ pub struct FuseAdapter<R: Remote> {
     rt: tokio::runtime::Handle,
     uid: u32,
     gid: u32,
+    /// Puts file content into the kernel's cache; set once the session exists.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl<R: Remote> FuseAdapter<R> {
-    pub fn new(core: Arc<FsCore<R>>, rt: tokio::runtime::Handle) -> Self {
+    pub fn new(
+        core: Arc<FsCore<R>>,
+        rt: tokio::runtime::Handle,
+        notifier: Arc<OnceLock<fuser::Notifier>>,
+    ) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        FuseAdapter { core, rt, uid, gid }
+        FuseAdapter {
+            core,
+            rt,
+            uid,
+            gid,
+            notifier,
+        }
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -362,14 +374,27 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             write: flags.acc_mode() != OpenAccMode::O_RDONLY,
             truncate: flags.0 & libc::O_TRUNC != 0,
         };
+        let notifier = self.notifier.clone();
         self.run(move |core, _, _| async move {
             match core.open(ino.0, mode).await {
                 Ok(o) => {
-                    let f = if o.keep_cache {
+                    if let (Some(content), Some(n)) = (&o.content, notifier.get()) {
+                        // A small file that came whole with the open: hand it to the
+                        // kernel's cache now, so the read that follows is answered there
+                        // instead of with another request. Best effort: if the kernel
+                        // refuses, it asks with a read as usual.
+                        let _ = n.store(ino, 0, content);
+                    }
+                    let mut f = if o.keep_cache {
                         FopenFlags::FOPEN_KEEP_CACHE
                     } else {
                         FopenFlags::empty()
                     };
+                    if !mode.write && !mode.truncate {
+                        // Nothing to upload when a read-only descriptor closes: spare the
+                        // kernel the flush request it would wait for.
+                        f |= FopenFlags::FOPEN_NOFLUSH;
+                    }
                     reply.opened(FileHandle(o.fh), f)
                 }
                 Err(e) => reply.error(errno(&e)),

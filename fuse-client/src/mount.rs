@@ -185,7 +185,8 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
         .block_on(Connection::start(opts.clone(), timeout))
         .map_err(|e| anyhow!("{e}"))?;
     let core = Arc::new(FsCore::new(conn.clone(), cache_dir).map_err(|e| anyhow!("{e}"))?);
-    let adapter = FuseAdapter::new(core.clone(), runtime.handle().clone());
+    let notifier = Arc::new(std::sync::OnceLock::new());
+    let adapter = FuseAdapter::new(core.clone(), runtime.handle().clone(), notifier.clone());
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -203,6 +204,7 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
     let mut session = fuser::Session::new(adapter, &args.mountpoint, &config)
         .with_context(|| format!("cannot mount at {}", args.mountpoint.display()))?;
     raise_readahead(&args.mountpoint);
+    let _ = notifier.set(session.notifier());
     let invalidate = spawn_invalidator(session.notifier());
     runtime.spawn(event_loop(conn, core, events, invalidate));
 

@@ -559,6 +559,36 @@ async fn open_handle_keeps_reading_its_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_comes_whole_with_its_open_keeps_no_handle() {
+    let server = TestServer::start();
+    let (alice, _) = server.connect("alice").await;
+    let small = content(3, 5000);
+    upload(&alice, "small", &small).await;
+    upload(&alice, "empty", b"").await;
+    let big = content(4, 3 << 20);
+    upload(&alice, "big", &big).await;
+
+    let (handle, info, data) = alice.open_with_head("alice", "small", 8192).await.unwrap();
+    assert_eq!((handle, info.size), (0, 5000));
+    assert_eq!(&data[..], &small[..]);
+    let (handle, _, data) = alice.open_with_head("alice", "empty", 8192).await.unwrap();
+    assert_eq!((handle, data.len()), (0, 0));
+    // A head shorter than the file: a handle to read the rest with.
+    let (handle, _, data) = alice.open_with_head("alice", "small", 1000).await.unwrap();
+    assert_ne!(handle, 0);
+    assert_eq!(&data[..], &small[..1000]);
+    let rest = alice.read(handle, 1000, 8192).await.unwrap();
+    assert_eq!(&rest[..], &small[1000..]);
+    let (handle, _, data) = alice.open_with_head("alice", "big", 1 << 20).await.unwrap();
+    assert_ne!(handle, 0);
+    assert_eq!(&data[..], &big[..1 << 20]);
+    // Handle 0 is nobody's: reading through it fails, closing it is harmless.
+    assert!(alice.read(0, 0, 10).await.is_err());
+    alice.close(0).await.unwrap();
+    alice.list_users().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_keeps_committed_data() {
     let mut server = TestServer::start();
     let (alice, _) = server.connect("alice").await;
