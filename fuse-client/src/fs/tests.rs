@@ -866,3 +866,41 @@ fn small_files_are_staged_in_memory_and_large_ones_spill() {
         );
     });
 }
+
+#[test]
+fn large_staged_writes_overwrites_and_truncates_read_back_and_upload_in_order() {
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        let (attr, fh) = e.core.create(dir, "big").await.unwrap();
+        let mut model = Vec::new();
+        let mut write = |model: &mut Vec<u8>, off: usize, len: usize, fill: u8| {
+            let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
+            if model.len() < off + len {
+                model.resize(off + len, 0);
+            }
+            model[off..off + len].copy_from_slice(&data);
+            data
+        };
+        // Sequential large writes past the memory limit (spilling to the temp file), an
+        // overwrite behind them, a small write inside that, reads in between, a truncate,
+        // and a large write past a gap after it.
+        for i in 0..12 {
+            let d = write(&mut model, i * 300_000, 300_000, i as u8);
+            e.core.write(fh, (i * 300_000) as u64, &d).await.unwrap();
+        }
+        let d = write(&mut model, 100_000, 500_000, 200);
+        e.core.write(fh, 100_000, &d).await.unwrap();
+        let d = write(&mut model, 150_000, 10, 99);
+        e.core.write(fh, 150_000, &d).await.unwrap();
+        assert_eq!(read_all(&e.core, attr.ino).await, model);
+        e.core.setattr(attr.ino, Some(2_000_000), Some(fh)).await.unwrap();
+        model.truncate(2_000_000);
+        let d = write(&mut model, 2_500_000, 700_000, 50);
+        e.core.write(fh, 2_500_000, &d).await.unwrap();
+        assert_eq!(read_all(&e.core, attr.ino).await, model);
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "big").unwrap(), model);
+    });
+}
