@@ -894,7 +894,10 @@ fn large_staged_writes_overwrites_and_truncates_read_back_and_upload_in_order() 
         let d = write(&mut model, 150_000, 10, 99);
         e.core.write(fh, 150_000, &d).await.unwrap();
         assert_eq!(read_all(&e.core, attr.ino).await, model);
-        e.core.setattr(attr.ino, Some(2_000_000), Some(fh)).await.unwrap();
+        e.core
+            .setattr(attr.ino, Some(2_000_000), Some(fh))
+            .await
+            .unwrap();
         model.truncate(2_000_000);
         let d = write(&mut model, 2_500_000, 700_000, 50);
         e.core.write(fh, 2_500_000, &d).await.unwrap();
