@@ -874,7 +874,7 @@ fn large_staged_writes_overwrites_and_truncates_read_back_and_upload_in_order() 
         let dir = folder(&e.core, "alice").await;
         let (attr, fh) = e.core.create(dir, "big").await.unwrap();
         let mut model = Vec::new();
-        let mut write = |model: &mut Vec<u8>, off: usize, len: usize, fill: u8| {
+        let write = |model: &mut Vec<u8>, off: usize, len: usize, fill: u8| {
             let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
             if model.len() < off + len {
                 model.resize(off + len, 0);
