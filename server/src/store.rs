@@ -891,7 +891,7 @@ impl Store {
             }
             valid += line.len();
             match serde_json::from_slice::<Record>(line) {
-                Ok(record) => parsed.push((record, line.len())),
+                Ok(record) => parsed.push((record, valid - line.len())),
                 Err(e) => {
                     tracing::error!(owner, error = %e, "skipping an unreadable journal record")
                 }
@@ -900,10 +900,11 @@ impl Store {
         // The last record may have reached the disk while its packed content had not
         // (the two writes go out together; see `Folder::append`): it was never
         // acknowledged, so it goes if its content does not match its hash.
-        if let Some((Record::Put(meta), len)) = parsed.last() {
-            if !packed_content_intact(&dir, meta) {
+        if let Some((Record::Put(meta), start)) = parsed.last() {
+            let last_line = bytes[*start..valid].iter().filter(|b| **b == b'\n').count() == 1;
+            if last_line && !packed_content_intact(&dir, meta) {
                 tracing::warn!(owner, file = %meta.name, "dropping the last journal record: its content never reached the disk");
-                valid -= len;
+                valid = *start;
                 parsed.pop();
             }
         }
