@@ -42,10 +42,6 @@ pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;
 pub const CHUNK_SIZE: u32 = 1024 * 1024;
 /// Cap on a frame's JSON header, whatever the negotiated frame size.
 pub const MAX_HEADER: u32 = 2 * 1024 * 1024;
-/// Read buffer between a TLS stream and its socket. rustls asks its transport for at most
-/// 4 KiB at a time, one `recv` per 4 KiB without a buffer under it: 256 system calls per
-/// MiB of payload.
-pub const TLS_READ_BUFFER: usize = 64 * 1024;
 /// Most files in one listing page; with 255-byte names a page stays well under
 /// [`MAX_HEADER`].
 pub const LIST_PAGE: u32 = 4096;
