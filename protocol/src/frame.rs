@@ -168,9 +168,8 @@ pub struct FrameSink<W> {
     max_frame: usize,
     /// Headers and small frames being gathered.
     gather: BytesMut,
-    /// What is ready to be written, in order.
+    /// What is ready to be written, in order (a few pieces at most).
     queue: VecDeque<Bytes>,
-    queued: usize,
 }
 
 /// Splits a framed connection into a frame stream and a [`FrameSink`], keeping whatever the
@@ -186,49 +185,39 @@ where
     let (read, write) = tokio::io::split(parts.io);
     let mut source = FramedParts::new::<Frame>(read, parts.codec);
     source.read_buf = parts.read_buf;
-    let mut sink = FrameSink {
+    let sink = FrameSink {
         io: write,
         max_frame,
         gather: BytesMut::new(),
-        queue: VecDeque::new(),
-        queued: 0,
+        queue: VecDeque::from([parts.write_buf.freeze()]),
     };
-    if !parts.write_buf.is_empty() {
-        sink.queued = parts.write_buf.len();
-        sink.queue.push_back(parts.write_buf.freeze());
-    }
     (sink, Framed::from_parts(source))
 }
 
 impl<W: AsyncWrite + Unpin> FrameSink<W> {
     fn pending(&self) -> usize {
-        self.queued + self.gather.len()
+        self.queue.iter().map(Bytes::len).sum::<usize>() + self.gather.len()
     }
 
     /// Writes everything queued and gathered; progress is kept in `self`, so a flush that
     /// is abandoned leaves a consistent stream for the next one.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FrameError>> {
         loop {
-            if self.queue.is_empty() {
-                if self.gather.is_empty() {
-                    return Poll::Ready(Ok(()));
-                }
-                let gathered = self.gather.split().freeze();
-                self.queued += gathered.len();
-                self.queue.push_back(gathered);
+            if self.queue.is_empty() && !self.gather.is_empty() {
+                self.queue.push_back(self.gather.split().freeze());
             }
             let Some(front) = self.queue.front_mut() else {
-                continue;
+                return Poll::Ready(Ok(()));
             };
+            if front.is_empty() {
+                self.queue.pop_front();
+                continue;
+            }
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, front))?;
             if n == 0 {
                 return Poll::Ready(Err(FrameError::Io(std::io::ErrorKind::WriteZero.into())));
             }
             front.advance(n);
-            self.queued -= n;
-            if front.is_empty() {
-                self.queue.pop_front();
-            }
         }
     }
 }
@@ -253,9 +242,7 @@ impl<W: AsyncWrite + Unpin> Sink<Frame> for FrameSink<W> {
         if frame.payload.len() < WRITE_DIRECT {
             this.gather.extend_from_slice(&frame.payload);
         } else {
-            let head = this.gather.split().freeze();
-            this.queued += head.len() + frame.payload.len();
-            this.queue.push_back(head);
+            this.queue.push_back(this.gather.split().freeze());
             this.queue.push_back(frame.payload);
         }
         Ok(())
