@@ -807,29 +807,32 @@ impl Context {
         let file = open.info.clone();
         let head = (head.min(CHUNK_SIZE) as u64).min(file.size) as usize;
         let open = Arc::new(open);
-        // A file that comes whole with the reply needs no handle (handle 0): nothing to
-        // read later, no close to wait for.
+        let (data, permit) = if head == 0 {
+            (Bytes::new(), None)
+        } else {
+            let (data, permit) = self.read_budgeted(open.clone(), 0, head).await?;
+            if data.len() != head {
+                // The content ended early: a broken blob or pack, not a short file.
+                return Err(ServerError::Internal(format!(
+                    "{}/{}: read {} of {head} bytes",
+                    file.owner,
+                    file.name,
+                    data.len()
+                )));
+            }
+            (data, Some(permit))
+        };
+        // Registered only once the head is read, so a failed open leaves no handle; a file
+        // that came whole with the reply needs none (handle 0): nothing to read later, no
+        // close to wait for.
         let handle = if head as u64 == file.size {
             0
         } else {
             let handle = self.next_id.fetch_add(1, Ordering::Relaxed);
-            self.handles()?.insert(handle, open.clone());
+            self.handles()?.insert(handle, open);
             handle
         };
-        if head == 0 {
-            return Ok((Reply::Opened { handle, file }, Bytes::new(), None));
-        }
-        let (data, permit) = self.read_budgeted(open, 0, head).await?;
-        if data.len() != head {
-            // The content ended early: a broken blob or pack, not a short file.
-            return Err(ServerError::Internal(format!(
-                "{}/{}: read {} of {head} bytes",
-                file.owner,
-                file.name,
-                data.len()
-            )));
-        }
-        Ok((Reply::Opened { handle, file }, data, Some(permit)))
+        Ok((Reply::Opened { handle, file }, data, permit))
     }
 
     async fn read(self, handle: u64, offset: u64, len: u32) -> Handled {
