@@ -78,6 +78,14 @@ pub struct OpenMode {
     pub truncate: bool,
 }
 
+impl OpenMode {
+    /// Whether a descriptor opened so can change the file (and has something to upload
+    /// when it closes).
+    pub fn changes_file(self) -> bool {
+        self.write || self.truncate
+    }
+}
+
 /// Result of an open: the handle and whether the kernel may keep its cached pages.
 #[derive(Debug, Clone)]
 pub struct Opened {
@@ -691,7 +699,7 @@ impl<R: Remote> FsCore<R> {
             Node::File(owner, name) => (owner, name),
             Node::Root | Node::Folder(_) => return Err(FsError::IsDir),
         };
-        if mode.write || mode.truncate {
+        if mode.changes_file() {
             if owner != self.user {
                 return Err(FsError::PermissionDenied);
             }

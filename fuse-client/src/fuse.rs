@@ -390,7 +390,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                     } else {
                         FopenFlags::empty()
                     };
-                    if !mode.write && !mode.truncate {
+                    if !mode.changes_file() {
                         // Nothing to upload when a read-only descriptor closes: spare the
                         // kernel the flush request it would wait for.
                         f |= FopenFlags::FOPEN_NOFLUSH;
