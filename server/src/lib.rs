@@ -6,6 +6,7 @@
 //! - [`session`]: one connection: handshake, login, request dispatch, pushed events.
 //! - [`store`]: crash-safe file storage: per user, a JSON journal of file metadata with
 //!   snapshots, small files appended to a pack, large ones as blobs.
+//! - [`space`]: the disk reserve, claimed by every write so concurrent writers add up.
 //! - [`hub`]: durable download notifications and the registry of live sessions.
 //! - [`users`]: accounts with argon2id password hashes in `users.json`.
 //! - [`config`]: settings and their defaults.
@@ -19,6 +20,7 @@ pub mod fsutil;
 pub mod hub;
 pub mod server;
 pub mod session;
+pub mod space;
 pub mod store;
 pub mod threads;
 pub mod throttle;

@@ -54,6 +54,7 @@ use sharefs_protocol::{FileInfo, Space};
 
 use crate::error::{Result, ServerError};
 use crate::fsutil;
+use crate::space::{Claim, DiskSpace, RECORD_ROOM};
 
 /// Contents up to this size go into the folder's pack instead of a blob file each.
 pub const PACK_MAX: u64 = 64 * 1024;
@@ -70,6 +71,8 @@ const SNAPSHOT_MIN_RECORDS: u64 = 1024;
 const PACK_MIN_GARBAGE: u64 = 8 << 20;
 
 const SNAPSHOT: &str = "snapshot.json";
+/// Room a snapshot is assumed to need per file when claiming disk space for it.
+const SNAPSHOT_ROOM_PER_FILE: u64 = 1024;
 
 /// Metadata of one stored file, as kept in snapshots and journal records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,10 +187,10 @@ impl Pack {
     /// flush then covers both (a flush covers every write completed before it). A write
     /// that extends the file is made durable here with an fdatasync (its size and blocks
     /// are metadata), and nothing is left to wait for.
-    fn write(&mut self, data: &[u8]) -> io::Result<Option<(u64, u64)>> {
+    fn write(&mut self, data: &[u8], space: &DiskSpace) -> io::Result<Option<(u64, u64)>> {
         let at = self.len;
         let end = at + data.len() as u64;
-        preallocate(&self.file, &mut self.alloc, end, PACK_PREALLOC);
+        preallocate(&self.file, &mut self.alloc, end, PACK_PREALLOC, space);
         let written = self.file.write_all_at(data, at).and_then(|()| {
             if end <= self.durable_alloc {
                 sync_range(&self.file, at, data.len() as u64, false)?;
@@ -201,6 +204,9 @@ impl Pack {
         match written {
             Ok(pending) => {
                 self.len = end;
+                // Without zeros ahead (no room for them) the write itself grew the file.
+                self.alloc = self.alloc.max(end);
+                self.durable_alloc = self.durable_alloc.max(end.min(self.alloc));
                 Ok(pending)
             }
             Err(e) => {
@@ -240,18 +246,22 @@ const JOURNAL_PREALLOC: u64 = 1 << 20;
 /// Bytes of zeros a pack is extended by when a content would not fit.
 const PACK_PREALLOC: u64 = 4 << 20;
 
-/// Makes sure `file` extends to at least `end` by writing zeros from `*alloc` (its size)
-/// to `end + step`, unsynced: the next fdatasync makes them durable with the bytes written
-/// over them. Appends that only overwrite such zeros change no metadata, so their
-/// fdatasync is a data write and a cache flush, no inode update: 102 us against 140-152 us
-/// for a 4 KiB append + fdatasync on this project's benchmark machine. Best effort: if the
-/// zeros cannot be written (a full disk), the file is cut back and plain appends go on.
-fn preallocate(file: &File, alloc: &mut u64, end: u64, step: u64) {
+/// Makes sure `file` extends to at least `end` by writing zeros from `*alloc` (its size,
+/// which every write past it must raise) to `end + step`, unsynced: the next fdatasync
+/// makes them durable with the bytes written over them. Appends that only overwrite such
+/// zeros change no metadata, so their fdatasync is a data write and a cache flush, no
+/// inode update. Best effort: zeros are written only where the disk reserve leaves room
+/// for them, and if they cannot be written after all (a full disk), the file is cut back
+/// to `*alloc` — never below it, so no content is touched — and plain appends go on.
+fn preallocate(file: &File, alloc: &mut u64, end: u64, step: u64, space: &DiskSpace) {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     if end <= *alloc {
         return;
     }
     let target = end + step;
+    let Ok(_room) = space.claim(target - *alloc) else {
+        return;
+    };
     let mut at = *alloc;
     while at < target {
         let n = (target - at).min(ZEROS.len() as u64) as usize;
@@ -280,6 +290,9 @@ struct Folder {
     /// Records in the journal (changes since the snapshot).
     records: u64,
     pack: Option<Pack>,
+    /// The data directory's free space, which zeros ahead of the journal and the pack and
+    /// maintenance copies must leave to the reserve.
+    space: DiskSpace,
     /// Bytes of the current pack that no file uses any more.
     pack_garbage: u64,
 }
@@ -313,6 +326,7 @@ impl Folder {
             &mut self.journal_alloc,
             end,
             JOURNAL_PREALLOC,
+            &self.space,
         );
         let result = self
             .journal
@@ -327,13 +341,16 @@ impl Folder {
             .and_then(|()| self.journal.sync_data());
         match result {
             Ok(()) => {
-                self.journal_len += line.len() as u64;
+                self.journal_len = end;
+                // Without zeros ahead (no room for them) the record itself grew the file.
+                self.journal_alloc = self.journal_alloc.max(end);
                 self.records += 1;
                 Ok(())
             }
             Err(e) => {
                 let _ = self.journal.set_len(self.journal_len);
                 self.journal_alloc = self.journal_len;
+                tracing::warn!(dir = %self.dir.display(), error = %e, "journal append failed; change refused");
                 Err(e.into())
             }
         }
@@ -397,11 +414,18 @@ impl Folder {
             .pack
             .as_ref()
             .map_or(0, |p| p.len.saturating_sub(self.pack_garbage));
+        // Each copy claims its size first (a snapshot's is estimated generously), so
+        // maintenance never eats into the reserve; skipped, it is tried again later.
+        let snapshot_room = SNAPSHOT_ROOM_PER_FILE * (self.files.len() as u64 + 1);
         let result = if self.pack_garbage >= PACK_MIN_GARBAGE && self.pack_garbage > live_packed {
-            self.compact(tmp)
+            self.space
+                .claim(live_packed + snapshot_room)
+                .and_then(|_room| self.compact(tmp))
         } else if self.records >= SNAPSHOT_MIN_RECORDS && self.records > 2 * self.files.len() as u64
         {
-            self.snapshot(tmp)
+            self.space
+                .claim(snapshot_room)
+                .and_then(|_room| self.snapshot(tmp))
         } else {
             Ok(())
         };
@@ -517,8 +541,8 @@ struct StoreInner {
     /// Source of versions: starts at the clock in nanoseconds so versions stay unique
     /// across restarts, and is raised past every version found on disk.
     next_version: AtomicU64,
-    /// Bytes of free disk space uploads must leave untouched.
-    reserve: u64,
+    /// Free space above the reserve, claimed by every write before it is made.
+    space: DiskSpace,
 }
 
 /// An upload being received into a temp file. Dropping it (abort, disconnect, shutdown)
@@ -538,9 +562,15 @@ pub struct StagedUpload {
     written: u64,
     /// Where the next early writeback starts.
     writeback_from: u64,
-    /// Bytes the owner may still add (quota and disk reserve), checked per chunk.
+    /// Bytes the owner may still add under the quota, checked per chunk.
     allowance: u64,
     allowance_error: Option<ServerError>,
+    /// The owner's quota, checked again at commit against what the folder holds then
+    /// (other uploads of the owner may have committed meanwhile).
+    quota: Option<u64>,
+    /// Disk space claimed for bytes not yet written: the declared size at the start,
+    /// grown chunk by chunk where the size was not declared.
+    room: Claim,
     /// The first failure; later chunks are ignored and commit reports it.
     failed: Option<ServerError>,
 }
@@ -633,10 +663,17 @@ impl StagedUpload {
             self.failed = self.allowance_error.take();
             return;
         }
+        if let Err(e) = self.room.ensure(data.len() as u64) {
+            tracing::warn!(owner = %self.owner, name = %self.name, error = %e, "upload refused");
+            self.failed = Some(e);
+            return;
+        }
         if let Err(e) = self.store(data) {
+            tracing::warn!(owner = %self.owner, name = %self.name, error = %e, "upload failed");
             self.failed = Some(e.into());
             return;
         }
+        self.room.consume(data.len() as u64);
         self.hasher.update(data);
         self.written += data.len() as u64;
     }
@@ -787,7 +824,7 @@ impl Store {
                 tmp,
                 folders: Mutex::new(HashMap::new()),
                 next_version: AtomicU64::new(fsutil::now_ns().max(1) as u64),
-                reserve,
+                space: DiskSpace::new(root, reserve),
             }),
         })
     }
@@ -982,6 +1019,7 @@ impl Store {
             records,
             pack: None,
             pack_garbage: 0,
+            space: self.inner.space.clone(),
         };
         if let Some(id) = current_pack {
             let in_pack = || {
@@ -1093,20 +1131,15 @@ impl Store {
         })
     }
 
-    /// Bytes `owner` may still add: the smaller of quota headroom and disk space above the
-    /// reserve, with the error to report when crossed.
-    fn allowance(&self, used: u64, quota: Option<u64>) -> Result<(u64, ServerError)> {
-        let (_, avail) = fsutil::disk_space(&self.inner.root)?;
-        let disk = avail.saturating_sub(self.inner.reserve);
+    /// Bytes `owner` may still add under `quota`, with the error to report when crossed.
+    /// (Disk space is claimed separately, see [`DiskSpace`].)
+    fn allowance(used: u64, quota: Option<u64>) -> (u64, ServerError) {
         match quota {
-            Some(q) if q.saturating_sub(used) < disk => Ok((
+            Some(q) => (
                 q.saturating_sub(used),
                 ServerError::QuotaExceeded(format!("quota of {q} bytes reached")),
-            )),
-            _ => Ok((
-                disk,
-                ServerError::NoSpace("the server's disk is full".to_string()),
-            )),
+            ),
+            None => (u64::MAX, ServerError::Internal("no quota".into())),
         }
     }
 
@@ -1125,12 +1158,13 @@ impl Store {
             let f = lock(&folder)?;
             (f.used, f.files.get(name).map_or(0, |m| m.size))
         };
-        let (allowance, allowance_error) = self.allowance(used.saturating_sub(old), quota)?;
+        let (allowance, allowance_error) = Store::allowance(used.saturating_sub(old), quota);
         if let Some(size) = size {
             if size > allowance {
                 return Err(allowance_error);
             }
         }
+        let room = self.inner.space.claim(size.unwrap_or(0))?;
         let path = self.inner.tmp.join(fsutil::temp_name("upload"));
         let file = fsutil::create_new(&path)?;
         // Small uploads stay buffered: they may end up in a pack, read back from the cache.
@@ -1149,6 +1183,8 @@ impl Store {
             writeback_from: 0,
             allowance,
             allowance_error: Some(allowance_error),
+            quota,
+            room,
             failed: None,
         })
     }
@@ -1185,6 +1221,7 @@ impl Store {
             &upload.path,
             size,
             hash.as_str(),
+            upload.quota,
         );
         if result.is_err() {
             let _ = fs::remove_file(&upload.path);
@@ -1200,10 +1237,17 @@ impl Store {
         tmp_path: &Path,
         size: u64,
         hash: &str,
+        quota: Option<u64>,
     ) -> Result<FileInfo> {
         file.sync_all()?;
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
+        let old = folder.files.get(name).map_or(0, |m| m.size);
+        let (allowance, allowance_error) = Store::allowance(folder.used.saturating_sub(old), quota);
+        if size > allowance {
+            return Err(allowance_error);
+        }
+        let _room = self.inner.space.claim(RECORD_ROOM)?;
         let version = self.next_version();
         let blob = folder.dir.join(blob_name(version));
         fs::rename(tmp_path, &blob)?;
@@ -1250,17 +1294,22 @@ impl Store {
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
         let old = folder.files.get(name).map_or(0, |m| m.size);
-        let (allowance, allowance_error) =
-            self.allowance(folder.used.saturating_sub(old), quota)?;
+        let (allowance, allowance_error) = Store::allowance(folder.used.saturating_sub(old), quota);
         if size > allowance {
             return Err(allowance_error);
         }
+        let _room = self.inner.space.claim(size + RECORD_ROOM)?;
+        let space = folder.space.clone();
         let pack = folder.pack_mut()?;
         let at = PackRef {
             pack: pack.id,
             offset: pack.len,
         };
-        let pending = if size > 0 { pack.write(data)? } else { None };
+        let pending = if size > 0 {
+            pack.write(data, &space)?
+        } else {
+            None
+        };
         let meta = FileMeta {
             name: name.to_string(),
             size,
@@ -1310,6 +1359,7 @@ impl Store {
         if from == to {
             return Ok(src.info(owner));
         }
+        let _room = self.inner.space.claim(RECORD_ROOM)?;
         let meta = FileMeta {
             name: to.to_string(),
             version: self.next_version(),
@@ -1334,8 +1384,7 @@ impl Store {
             let f = lock(&folder)?;
             (f.used, f.files.len() as u64)
         };
-        let (total, avail) = fsutil::disk_space(&self.inner.root)?;
-        let disk_avail = avail.saturating_sub(self.inner.reserve);
+        let (total, disk_avail) = self.inner.space.usable()?;
         Ok(match quota {
             Some(q) => Space {
                 total: q,

@@ -13,6 +13,9 @@ use sharefs_client::{ConnectOptions, EventStream, RemoteClient};
 
 pub mod desktop;
 pub mod mount;
+pub mod smallfs;
+
+pub use smallfs::SmallFs;
 
 /// Bound on every wait in the tests: a bug fails the test instead of hanging CI.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -94,8 +97,14 @@ impl TestServer {
     }
 
     pub fn start_with(args: &[&str]) -> TestServer {
+        Self::start_in(None, args)
+    }
+
+    /// Starts a server whose data directory is `data` (for instance on a [`SmallFs`]),
+    /// or in a temp directory; logs always go to a temp directory.
+    pub fn start_in(data: Option<&Path>, args: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
+        let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let mut server = TestServer {
             child: None,
             addr: "127.0.0.1:0".into(),
