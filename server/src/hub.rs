@@ -11,11 +11,15 @@
 //! the same file by the same user within the coalescing window update the pending record's
 //! count instead of creating a new notification.
 //!
+//! A download never fails for want of disk space: a notification that cannot be written
+//! (a full disk) is pushed all the same and kept in memory, a bounded number per owner,
+//! until a later write succeeds; the history file is fsynced with each record.
+//!
 //! Pushing never blocks: each session has a bounded event queue and a session that falls
 //! behind gets a `Resync` event instead of an unbounded backlog (its pending notifications
 //! stay on disk).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -58,7 +62,14 @@ struct HubInner {
     /// (owner, downloader, file) -> latest notification and when it last grew.
     /// Held across the fsync of a record so coalescing decisions are serialised.
     recent: Mutex<HashMap<DownloadKey, (Notification, Instant)>>,
+    /// Notifications that could not be written yet (disk full), per owner, by id: shown
+    /// as pending and written out by the next record or listing that can.
+    unsaved: Mutex<HashMap<String, BTreeMap<u64, Notification>>>,
 }
+
+/// Notifications kept in memory per owner while the disk is full; past this the oldest
+/// is dropped (and logged).
+const UNSAVED_MAX_PER_OWNER: usize = 1024;
 
 impl Hub {
     pub fn open(data_dir: &Path, window: Duration) -> Result<Hub> {
@@ -73,6 +84,7 @@ impl Hub {
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 recent: Mutex::new(HashMap::new()),
+                unsaved: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -120,7 +132,8 @@ impl Hub {
     }
 
     /// Records a download of `owner`'s `file` by `downloader` durably, then pushes it to
-    /// the owner's sessions. Blocking (fsync).
+    /// the owner's sessions. Blocking (fsync). Where the record cannot be written (a full
+    /// disk) it is pushed anyway and kept in memory until it can; the download goes on.
     pub fn record_download(
         &self,
         owner: &str,
@@ -128,6 +141,7 @@ impl Hub {
         file: &str,
         size: u64,
     ) -> Result<()> {
+        self.save_unsaved();
         let now = Instant::now();
         let now_ms = fsutil::now_ms();
         let key = (owner.to_string(), downloader.to_string(), file.to_string());
@@ -137,20 +151,21 @@ impl Hub {
             .lock()
             .map_err(|_| ServerError::Internal("notification lock poisoned".into()))?;
         recent.retain(|_, (_, t)| now.duration_since(*t) < self.inner.window);
-        let pending_dir = self.pending_dir(owner);
-        fsutil::create_dir_durable(&pending_dir)?;
         if let Some((n, t)) = recent.get_mut(&key) {
             n.count += 1;
             n.last_ms = now_ms;
             n.size = size;
             *t = now;
-            let path = pending_dir.join(pending_name(n.id));
+            let n = n.clone();
+            drop(recent);
             // Still pending: update the record so a re-send carries the count. Already
             // acknowledged: the user has seen it; only the history learns the count.
-            if path.exists() {
-                write_json(&self.inner.tmp, &path, n)?;
+            let still_unsaved = self.update_unsaved(&n);
+            if !still_unsaved {
+                if let Err(e) = self.save(&n, false) {
+                    tracing::warn!(owner, downloader, file, error = %e, "cannot record a repeated download");
+                }
             }
-            self.append_history(owner, n)?;
             tracing::debug!(
                 owner,
                 downloader,
@@ -170,21 +185,92 @@ impl Hub {
             last_ms: now_ms,
             count: 1,
         };
-        write_json(&self.inner.tmp, &pending_dir.join(pending_name(n.id)), &n)?;
-        self.append_history(owner, &n)?;
         recent.insert(key, (n.clone(), now));
         drop(recent);
-        tracing::info!(
-            owner,
-            downloader,
-            file,
-            id = n.id,
-            "download notification recorded"
-        );
+        match self.save(&n, true) {
+            Ok(()) => tracing::info!(
+                owner,
+                downloader,
+                file,
+                id = n.id,
+                "download notification recorded"
+            ),
+            Err(e) => {
+                tracing::warn!(owner, downloader, file, id = n.id, error = %e,
+                    "cannot record a download notification; kept in memory until it can be written");
+                self.keep_unsaved(n.clone());
+            }
+        }
         self.push(&Event::Notification { notification: n }, |_, s| {
             s.user == owner
         });
         Ok(())
+    }
+
+    /// Writes `n` as pending (if `new`, or if its pending record still exists) and appends
+    /// it to the history.
+    fn save(&self, n: &Notification, new: bool) -> Result<()> {
+        let pending_dir = self.pending_dir(&n.owner);
+        fsutil::create_dir_durable(&pending_dir)?;
+        let path = pending_dir.join(pending_name(n.id));
+        if new || path.exists() {
+            write_json(&self.inner.tmp, &path, n)?;
+        }
+        self.append_history(&n.owner, n)
+    }
+
+    fn unsaved(
+        &self,
+    ) -> Option<std::sync::MutexGuard<'_, HashMap<String, BTreeMap<u64, Notification>>>> {
+        self.inner.unsaved.lock().ok()
+    }
+
+    fn keep_unsaved(&self, n: Notification) {
+        let Some(mut unsaved) = self.unsaved() else {
+            return;
+        };
+        let mine = unsaved.entry(n.owner.clone()).or_default();
+        mine.insert(n.id, n);
+        if mine.len() > UNSAVED_MAX_PER_OWNER {
+            if let Some((_, dropped)) = mine.pop_first() {
+                tracing::error!(owner = %dropped.owner, id = dropped.id,
+                    "too many notifications waiting for disk space; the oldest is dropped");
+            }
+        }
+    }
+
+    /// Updates `n` where it waits unsaved; whether it was there.
+    fn update_unsaved(&self, n: &Notification) -> bool {
+        let Some(mut unsaved) = self.unsaved() else {
+            return false;
+        };
+        match unsaved.get_mut(&n.owner).and_then(|m| m.get_mut(&n.id)) {
+            Some(kept) => {
+                *kept = n.clone();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes out what waits unsaved, until the first write that still fails.
+    fn save_unsaved(&self) {
+        let Some(mut unsaved) = self.unsaved() else {
+            return;
+        };
+        if unsaved.is_empty() {
+            return;
+        }
+        for mine in unsaved.values_mut() {
+            while let Some(entry) = mine.first_entry() {
+                if self.save(entry.get(), true).is_err() {
+                    return;
+                }
+                let n = entry.remove();
+                tracing::info!(owner = %n.owner, id = n.id, "download notification recorded after all");
+            }
+        }
+        unsaved.retain(|_, m| !m.is_empty());
     }
 
     fn append_history(&self, owner: &str, n: &Notification) -> Result<()> {
@@ -197,20 +283,42 @@ impl Hub {
         let mut line = serde_json::to_vec(n)
             .map_err(|e| ServerError::Internal(format!("cannot encode notification: {e}")))?;
         line.push(b'\n');
-        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
-        f.write_all(&line)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)?;
+        // A line torn by a crash would swallow the next record: start on a new line.
+        let len = f.metadata()?.len();
+        if len > 0 {
+            use std::os::unix::fs::FileExt;
+            let mut last = [0u8];
+            f.read_exact_at(&mut last, len - 1)?;
+            if last[0] != b'\n' {
+                line.insert(0, b'\n');
+            }
+        }
+        if let Err(e) = f.write_all(&line).and_then(|()| f.sync_data()) {
+            let _ = f.set_len(len);
+            return Err(e.into());
+        }
         Ok(())
     }
 
-    /// All pending notifications of `user`, oldest first.
+    /// All pending notifications of `user`, oldest first (those waiting for disk space
+    /// included).
     pub fn pending(&self, user: &str) -> Result<Vec<Notification>> {
+        self.save_unsaved();
+        let mut out: Vec<Notification> = self
+            .unsaved()
+            .and_then(|u| u.get(user).map(|m| m.values().cloned().collect()))
+            .unwrap_or_default();
         let dir = self.pending_dir(user);
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
             Err(e) => return Err(e.into()),
         };
-        let mut out = Vec::new();
         for entry in entries {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "json") {
@@ -252,6 +360,13 @@ impl Hub {
 
     /// Acknowledges `user`'s notifications; ids that are not pending are ignored.
     pub fn ack(&self, user: &str, ids: &[u64]) -> Result<()> {
+        if let Some(mut unsaved) = self.unsaved() {
+            if let Some(mine) = unsaved.get_mut(user) {
+                for id in ids {
+                    mine.remove(id);
+                }
+            }
+        }
         let dir = self.pending_dir(user);
         let mut removed = false;
         for id in ids {

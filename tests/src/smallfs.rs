@@ -41,22 +41,30 @@ impl SmallFs {
         avail
     }
 
-    /// Writes a filler file so that about `leave` bytes stay free.
+    /// Writes a filler file so that about `leave` bytes stay free (none: as much as fits).
     pub fn fill_leaving(&self, leave: u64) {
-        let free = self.free();
-        let filler = self.join("filler");
-        let f = std::fs::File::create(&filler).unwrap();
-        f.set_len(0).unwrap();
-        let mut left = free.saturating_sub(leave);
-        let block = vec![0x5au8; 1 << 20];
         use std::io::Write;
-        let mut w = std::io::BufWriter::new(f);
+        let mut left = self.free().saturating_sub(leave);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.join("filler"))
+            .unwrap();
+        let block = vec![0x5au8; 1 << 20];
         while left > 0 {
             let n = left.min(block.len() as u64) as usize;
-            w.write_all(&block[..n]).unwrap();
-            left -= n as u64;
+            match f.write(&block[..n]) {
+                Ok(0) => break,
+                Ok(w) => left -= w as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling the small filesystem: {e}"),
+            }
         }
-        w.flush().unwrap();
+    }
+
+    /// Removes the filler file: the space it took is free again.
+    pub fn unfill(&self) {
+        std::fs::remove_file(self.join("filler")).unwrap();
     }
 }
 

@@ -193,3 +193,49 @@ async fn concurrent_uploads_respect_the_reserve() {
         "only {free} bytes left free under a 128 MiB reserve"
     );
 }
+
+/// At 0 bytes free, others still download (the owner is told at once), and the
+/// notification is written out as soon as there is room again, surviving a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_go_on_when_the_disk_is_full() {
+    use sharefs_protocol::Event;
+    let fs = SmallFs::new(32);
+    let mut server = TestServer::start_in(Some(&fs.join("data")), &["--disk-reserve", "0"]);
+    let (alice, mut alice_events) = server.connect("alice").await;
+    let data = content(9, 100_000);
+    upload(&alice, "shared.bin", &data).await;
+    fs.fill_leaving(0);
+    assert!(fs.free() < 4096, "the disk did not fill up");
+
+    let (bob, _) = server.connect("bob").await;
+    let got = download(&bob, "alice", "shared.bin").await.unwrap();
+    assert_eq!(got, data, "download at a full disk");
+    let shown = loop {
+        match within("notification", alice_events.recv()).await {
+            Some(Event::Notification { notification }) => break notification,
+            Some(_) => continue,
+            None => panic!("alice's connection closed"),
+        }
+    };
+    assert_eq!(
+        (shown.downloader.as_str(), shown.file.as_str()),
+        ("bob", "shared.bin")
+    );
+    let (pending, _) = within("notifications", alice.notifications(0))
+        .await
+        .unwrap();
+    assert_eq!(pending.iter().map(|n| n.id).collect::<Vec<_>>(), [shown.id]);
+
+    // Room again: the next download writes out the waiting one too.
+    fs.unfill();
+    let (carol, _) = server.connect("carol").await;
+    download(&carol, "alice", "shared.bin").await.unwrap();
+    server.terminate();
+    server.restart();
+    let (alice, _) = server.connect("alice").await;
+    let (pending, _) = within("notifications", alice.notifications(0))
+        .await
+        .unwrap();
+    let who: Vec<&str> = pending.iter().map(|n| n.downloader.as_str()).collect();
+    assert_eq!(who, ["bob", "carol"], "notifications after a restart");
+}
