@@ -7,19 +7,31 @@
 //! deadline; then they fail, so no caller waits forever on a dead server. Each new
 //! connection has a new generation number: server-side handles from an older generation
 //! are gone and must be reopened.
+//!
+//! One operation, one deadline: every call an operation makes, retries included, carries
+//! the same deadline to the server, which refuses to run it once past. Every connection
+//! logs in as this process's client id, which fences the older connections on the server,
+//! so a retried request cannot also run from a connection that stalled. A heartbeat finds
+//! a silent connection: when nothing has arrived for a beat, a ping goes out; when nothing
+//! has arrived for two, the connection is dropped and replaced, well within one timeout.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sharefs_protocol::{Event, FileInfo, Space};
+use sharefs_protocol::{ErrorCode, Event, FileInfo, Space};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::error::{ClientError, Result};
-use crate::remote::{ConnectOptions, RemoteClient};
+use crate::remote::{with_deadline, ConnectOptions, RemoteClient};
 use crate::transfer;
+
+tokio::task_local! {
+    /// The deadline of the filesystem operation the current task works for.
+    static OPERATION: Instant;
+}
 
 /// What the connection reports besides server events.
 #[derive(Debug, Clone)]
@@ -61,18 +73,20 @@ impl Connection {
         opts: ConnectOptions,
         op_timeout: Duration,
     ) -> Result<(Connection, mpsc::UnboundedReceiver<ConnectionEvent>)> {
-        let (client, events) = RemoteClient::connect(&opts).await?;
+        let client_id = client_id();
+        let (client, events) = RemoteClient::connect_as(&opts, Some(client_id)).await?;
         let (live_tx, live) = watch::channel(Some((client.clone(), 1)));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = mpsc::channel(1);
         tokio::spawn(keep_alive(
             opts.clone(),
+            client_id,
             client,
             events,
             live_tx,
             ev_tx,
             stop_rx,
-            op_timeout / 2,
+            op_timeout,
         ));
         Ok((
             Connection {
@@ -93,6 +107,20 @@ impl Connection {
 
     pub fn op_timeout(&self) -> Duration {
         self.inner.op_timeout
+    }
+
+    /// Runs one operation: every call made inside `fut` (retries, reopens, several
+    /// requests) shares one deadline, one operation timeout from now.
+    pub async fn operation<F: std::future::Future>(&self, fut: F) -> F::Output {
+        OPERATION
+            .scope(Instant::now() + self.inner.op_timeout, fut)
+            .await
+    }
+
+    /// The deadline of a call starting now: the operation's, or one timeout away.
+    fn deadline(&self) -> Instant {
+        let own = Instant::now() + self.inner.op_timeout;
+        OPERATION.try_with(|d| (*d).min(own)).unwrap_or(own)
     }
 
     /// Waits until `deadline` for a live client.
@@ -116,10 +144,11 @@ impl Connection {
         F: FnMut(RemoteClient, u64) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let deadline = Instant::now() + self.inner.op_timeout;
+        let deadline = self.deadline();
         loop {
             let (client, generation) = self.client(deadline).await?;
-            match tokio::time::timeout_at(deadline, op(client.clone(), generation)).await {
+            let attempt = with_deadline(deadline, op(client.clone(), generation));
+            match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Err(e)) if e.is_connection_error() => {
                     tracing::debug!(error = %e, "call failed on a dropped connection; retrying");
                     // Wait for this connection to be replaced before retrying.
@@ -163,14 +192,15 @@ impl Connection {
     /// Reads through a handle. A handle of an older connection fails with `Disconnected`
     /// at once: the caller reopens.
     pub async fn read(&self, handle: RemoteHandle, offset: u64, len: u32) -> Result<Bytes> {
-        let deadline = Instant::now() + self.inner.op_timeout;
+        let deadline = self.deadline();
         let (client, generation) = self.client(deadline).await?;
         if generation != handle.generation {
             return Err(ClientError::Disconnected(
                 "handle of an earlier connection".into(),
             ));
         }
-        tokio::time::timeout_at(deadline, client.read(handle.id, offset, len))
+        let read = with_deadline(deadline, client.read(handle.id, offset, len));
+        tokio::time::timeout_at(deadline, read)
             .await
             .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
     }
@@ -225,7 +255,8 @@ impl Connection {
     /// `fut`, failing with `Timeout` after the operation timeout (no retry: for uploads,
     /// which live on one connection).
     async fn bounded<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        tokio::time::timeout(self.inner.op_timeout, fut)
+        let deadline = self.deadline();
+        tokio::time::timeout_at(deadline, with_deadline(deadline, fut))
             .await
             .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
     }
@@ -262,18 +293,43 @@ impl Connection {
         }
     }
 
+    /// Deletes one of the caller's files. A retry that finds the file gone reports
+    /// success: the first attempt ran before its connection was replaced.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let owner = self.inner.user.clone();
         let owner = owner.as_str();
-        self.retry(|c, _| async move { c.delete(owner, name).await })
-            .await
+        let mut retried = false;
+        self.retry(|c, _| {
+            let again = std::mem::replace(&mut retried, true);
+            async move {
+                match c.delete(owner, name).await {
+                    Err(e) if again && e.code() == Some(ErrorCode::NotFound) => Ok(()),
+                    r => r,
+                }
+            }
+        })
+        .await
     }
 
+    /// Renames within the caller's folder. A retry that finds the source gone and the
+    /// target present reports the target: the first attempt ran before its connection was
+    /// replaced.
     pub async fn rename(&self, from: &str, to: &str) -> Result<FileInfo> {
         let owner = self.inner.user.clone();
         let owner = owner.as_str();
-        self.retry(|c, _| async move { c.rename(owner, from, to).await })
-            .await
+        let mut retried = false;
+        self.retry(|c, _| {
+            let again = std::mem::replace(&mut retried, true);
+            async move {
+                match c.rename(owner, from, to).await {
+                    Err(e) if again && e.code() == Some(ErrorCode::NotFound) => {
+                        c.stat(owner, to).await.map_err(|_| e)
+                    }
+                    r => r,
+                }
+            }
+        })
+        .await
     }
 
     pub async fn statfs(&self) -> Result<Space> {
@@ -289,15 +345,58 @@ impl Connection {
     }
 }
 
+/// An id for this process's connections, different from every other client's.
+fn client_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 40)
+}
+
+/// Drops `client`'s connection once nothing has arrived from the server for two beats,
+/// pinging when it has been silent for one. Ends with the connection.
+async fn heartbeat(client: RemoteClient, beat: Duration) {
+    loop {
+        tokio::select! {
+            () = client.closed() => return,
+            () = tokio::time::sleep(beat / 2) => {}
+        }
+        let silent = client.silent_for();
+        if silent >= 2 * beat {
+            tracing::warn!(
+                ?silent,
+                "no sign of life from the server; dropping the connection"
+            );
+            client.abort("no heartbeat from the server");
+            return;
+        }
+        if silent >= beat {
+            let c = client.clone();
+            // Answered or failed with the connection; the reply itself is what counts.
+            tokio::spawn(async move { c.ping().await });
+        }
+    }
+}
+
+/// The heartbeat's beat for an operation timeout: a dead connection is replaced after
+/// two beats of silence (half the timeout), pings go out after one.
+fn beat_for(op_timeout: Duration) -> Duration {
+    (op_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10))
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn keep_alive(
     opts: ConnectOptions,
+    client_id: u64,
     mut client: RemoteClient,
     mut events: crate::remote::EventStream,
     live: watch::Sender<Option<(RemoteClient, u64)>>,
     out: mpsc::UnboundedSender<ConnectionEvent>,
     mut stop: mpsc::Receiver<()>,
-    floor_period: Duration,
+    op_timeout: Duration,
 ) {
+    let floor_period = op_timeout / 2;
+    let beat = beat_for(op_timeout);
     // The timer floor: a timer always due within `floor_period` (half the operation
     // timeout). Every remote call arms a deadline one operation timeout away; when a new
     // timer is the runtime's earliest, tokio wakes its parked driver thread to re-arm, one
@@ -307,6 +406,7 @@ async fn keep_alive(
     tokio::pin!(floor);
     let mut generation = 1;
     loop {
+        tokio::spawn(heartbeat(client.clone(), beat));
         // Forward events until this connection ends.
         loop {
             tokio::select! {
@@ -325,7 +425,7 @@ async fn keep_alive(
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt = tokio::select! {
-                r = RemoteClient::connect(&opts) => r,
+                r = RemoteClient::connect_as(&opts, Some(client_id)) => r,
                 _ = stop.recv() => return,
             };
             match attempt {

@@ -32,12 +32,17 @@ impl ClientError {
         }
     }
 
-    /// Whether retrying on a new connection may succeed.
+    /// Whether retrying on a new connection may succeed. A request the server refused as
+    /// expired did not run: the connection it came on was replaced (or its deadline
+    /// passed, which the retry's own deadline catches).
     pub fn is_connection_error(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Disconnected(_) | ClientError::Connect { .. } | ClientError::Timeout(_)
-        )
+        match self {
+            ClientError::Disconnected(_)
+            | ClientError::Connect { .. }
+            | ClientError::Timeout(_) => true,
+            ClientError::Remote(body) => body.code == ErrorCode::Expired,
+            ClientError::Tls(_) | ClientError::Io(_) | ClientError::Protocol(_) => false,
+        }
     }
 }
 

@@ -347,6 +347,14 @@ fn time_of(ns: i64) -> SystemTime {
 
 impl<R: Remote> FsCore<R> {
     /// `cache_dir` holds staged writes (`staging/`) and uploads that failed (`failed/`).
+    /// Runs one filesystem operation: every server call it makes shares one deadline.
+    pub fn operation<F: std::future::Future + Send>(
+        &self,
+        fut: F,
+    ) -> impl std::future::Future<Output = F::Output> + Send + use<'_, R, F> {
+        self.remote.operation(fut)
+    }
+
     pub fn new(remote: R, cache_dir: PathBuf) -> FsResult<FsCore<R>> {
         let staging_dir = cache_dir.join("staging");
         std::fs::create_dir_all(&staging_dir)?;

@@ -78,7 +78,9 @@ impl<R: Remote> FuseAdapter<R> {
     where
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        drive(&self.rt, fut);
+        // One operation, one deadline, however many calls it makes.
+        let core = self.core.clone();
+        drive(&self.rt, async move { core.operation(fut).await });
     }
 
     /// Runs `f` with the core; `f` sends the reply.

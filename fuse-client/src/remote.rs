@@ -5,6 +5,12 @@
 //! under its request id and each pushed event to the event stream. When the connection
 //! drops, every waiter fails with `Disconnected` at once; nothing waits forever on a dead
 //! socket. Reconnecting is the caller's business (see the mount's retry layer).
+//!
+//! A call made inside [`with_deadline`] carries that deadline to the server, less a
+//! margin for the server to finish what it started, in the server's terms: milliseconds
+//! since the server's `Hello`, which reached us after the server sent it, so the server
+//! counts no less time than we do. The server refuses the request once it is past, so a
+//! request we gave up on never runs later.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +26,7 @@ use sharefs_protocol::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
 /// The sending half of a connection, whatever the transport (TCP or TLS).
@@ -34,6 +41,19 @@ type Waiter = oneshot::Sender<Result<(Reply, Bytes)>>;
 /// most 4 KiB past what it holds, so without one a large download costs a `recv` per few
 /// KiB (100 per MiB measured; 24 with this buffer).
 const TLS_READ_BUFFER: usize = 64 * 1024;
+
+tokio::task_local! {
+    /// The deadline of the operation the current task works for.
+    static DEADLINE: Instant;
+}
+
+/// Runs `fut` with every call it makes carrying `deadline` to the server.
+pub async fn with_deadline<F: std::future::Future>(deadline: Instant, fut: F) -> F::Output {
+    DEADLINE.scope(deadline, fut).await
+}
+
+/// What is left of a deadline for the server to finish a request it started, at most.
+const COMMIT_MARGIN: Duration = Duration::from_secs(1);
 
 /// Pushed events of one connection. Ends when the connection does.
 pub type EventStream = mpsc::UnboundedReceiver<Event>;
@@ -65,6 +85,11 @@ struct Inner {
     /// after the last ones were failed. std `Mutex`: never held across an await.
     waiters: Mutex<Option<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
+    /// When the server's `Hello` arrived: request deadlines are sent relative to it.
+    hello_at: Instant,
+    /// When a frame last arrived, in milliseconds after `hello_at` (see
+    /// [`RemoteClient::silent_for`]).
+    heard_ms: AtomicU64,
     /// Becomes `true` when the connection is gone.
     closed: watch::Receiver<bool>,
     closed_tx: watch::Sender<bool>,
@@ -123,6 +148,15 @@ impl Inner {
 impl RemoteClient {
     /// Connects over TCP and logs in.
     pub async fn connect(opts: &ConnectOptions) -> Result<(RemoteClient, EventStream)> {
+        Self::connect_as(opts, None).await
+    }
+
+    /// [`RemoteClient::connect`] as the client process `client`: logging in fences that
+    /// client's older connections, so nothing they still carry runs after this one is up.
+    pub async fn connect_as(
+        opts: &ConnectOptions,
+        client: Option<u64>,
+    ) -> Result<(RemoteClient, EventStream)> {
         let connect_err = |reason: String| ClientError::Connect {
             addr: opts.server.clone(),
             reason,
@@ -134,7 +168,7 @@ impl RemoteClient {
         let _ = stream.set_nodelay(true);
         let Some(trust) = &opts.tls else {
             tracing::warn!(server = %opts.server, "TLS off (--plaintext): password and data travel in the clear");
-            let login = Self::handshake(stream, &opts.user, &opts.password);
+            let login = Self::handshake_as(stream, &opts.user, &opts.password, client);
             return match tokio::time::timeout(opts.connect_timeout, login).await {
                 Ok(Err(ClientError::Disconnected(_))) => Err(connect_err(
                     "the server closed the connection (it may expect TLS: drop --plaintext)".into(),
@@ -167,7 +201,7 @@ impl RemoteClient {
         );
         tokio::time::timeout(
             opts.connect_timeout,
-            Self::handshake(stream, &opts.user, &opts.password),
+            Self::handshake_as(stream, &opts.user, &opts.password, client),
         )
         .await
         .map_err(|_| connect_err("no answer to the handshake".into()))?
@@ -182,6 +216,18 @@ impl RemoteClient {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        Self::handshake_as(stream, user, password, None).await
+    }
+
+    async fn handshake_as<S>(
+        stream: S,
+        user: &str,
+        password: &str,
+        client: Option<u64>,
+    ) -> Result<(RemoteClient, EventStream)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let mut framed = Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME));
         send_now(
             &mut framed,
@@ -192,7 +238,9 @@ impl RemoteClient {
             },
         )
         .await?;
-        match recv_now(&mut framed).await? {
+        let hello = recv_now(&mut framed).await?;
+        let hello_at = Instant::now();
+        match hello {
             ServerMessage::Hello {
                 magic,
                 version,
@@ -215,6 +263,7 @@ impl RemoteClient {
             &ClientMessage::Login {
                 user: user.into(),
                 password: password.into(),
+                client,
             },
         )
         .await?;
@@ -230,6 +279,8 @@ impl RemoteClient {
             sink: tokio::sync::Mutex::new(Box::pin(sink)),
             waiters: Mutex::new(Some(HashMap::new())),
             next_id: AtomicU64::new(1),
+            hello_at,
+            heard_ms: AtomicU64::new(0),
             closed,
             closed_tx,
         });
@@ -245,6 +296,20 @@ impl RemoteClient {
 
     pub fn is_closed(&self) -> bool {
         *self.inner.closed.borrow()
+    }
+
+    /// How long nothing has arrived from the server.
+    pub fn silent_for(&self) -> Duration {
+        let heard = self.inner.hello_at
+            + Duration::from_millis(self.inner.heard_ms.load(Ordering::Relaxed));
+        Instant::now().saturating_duration_since(heard)
+    }
+
+    /// Drops the connection: every call in flight fails with `Disconnected(reason)` and
+    /// the event stream ends.
+    pub fn abort(&self, reason: &str) {
+        self.inner
+            .fail_all(ClientError::Disconnected(reason.to_string()));
     }
 
     /// Completes when the connection is gone.
@@ -268,8 +333,22 @@ impl RemoteClient {
                 None => return Err(ClientError::Disconnected("connection closed".into())),
             };
         }
-        let frame = Frame::new(&ClientMessage::Request { id, op }, payload)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let deadline_ms = DEADLINE.try_with(|d| *d).ok().map(|d| {
+            let now = Instant::now();
+            let margin = COMMIT_MARGIN.min(d.saturating_duration_since(now) / 4);
+            (d - margin)
+                .saturating_duration_since(self.inner.hello_at)
+                .as_millis() as u64
+        });
+        let frame = Frame::new(
+            &ClientMessage::Request {
+                id,
+                deadline_ms,
+                op,
+            },
+            payload,
+        )
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
         if let Err(e) = self.inner.send(frame).await {
             if let Ok(mut w) = self.inner.waiters.lock() {
                 if let Some(w) = w.as_mut() {
@@ -291,6 +370,11 @@ impl RemoteClient {
 
     async fn call_empty(&self, op: Request) -> Result<Reply> {
         Ok(self.call(op, Bytes::new()).await?.0)
+    }
+
+    /// A round trip that does nothing: proof the connection is alive.
+    pub async fn ping(&self) -> Result<()> {
+        self.call_empty(Request::Ping).await.map(|_| ())
     }
 
     pub async fn list_users(&self) -> Result<Vec<String>> {
@@ -524,9 +608,10 @@ async fn read_loop<S>(
     let reason = loop {
         let next = tokio::select! {
             next = source.next() => next,
-            // The client was dropped (its sender went with it): close the connection.
+            // The client was dropped (its sender went with it) or aborted: close the
+            // connection.
             changed = dropped.changed() => {
-                if changed.is_err() {
+                if changed.is_err() || *dropped.borrow() {
                     return;
                 }
                 continue;
@@ -547,6 +632,10 @@ async fn read_loop<S>(
         let Some(inner) = inner.upgrade() else {
             return;
         };
+        let heard = Instant::now().saturating_duration_since(inner.hello_at);
+        inner
+            .heard_ms
+            .store(heard.as_millis() as u64, Ordering::Relaxed);
         let (id, result) = match msg {
             ServerMessage::Response { id, reply } => (id, Ok((reply, frame.payload))),
             ServerMessage::Error {

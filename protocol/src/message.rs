@@ -23,17 +23,25 @@ pub enum ClientMessage {
     Login {
         user: String,
         password: String,
+        /// Identifies one client process (a mount) across its reconnections. A login with
+        /// the same user and client fences that client's older connections: nothing they
+        /// still deliver runs, so a request retried on the new connection runs at most once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<u64>,
     },
     Request {
         id: u64,
+        /// Milliseconds after the server's `Hello` (by the server's clock) past which the
+        /// request must not run: the server refuses it with `expired` instead. The client
+        /// gives up on the request no earlier, so a request it reported as failed never
+        /// runs later.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline_ms: Option<u64>,
         #[serde(flatten)]
         op: Request,
     },
     /// Upload data for `upload`, at `offset`; the bytes are the frame payload.
-    Chunk {
-        upload: u64,
-        offset: u64,
-    },
+    Chunk { upload: u64, offset: u64 },
 }
 
 /// Messages from server to client.
@@ -288,6 +296,9 @@ pub enum ErrorCode {
     ChecksumMismatch,
     /// The version a handle was opened on is gone.
     Stale,
+    /// The request arrived after its deadline, or on a connection a newer one of the same
+    /// client replaced; it did not run.
+    Expired,
     Internal,
     #[serde(other)]
     Other,

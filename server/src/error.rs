@@ -20,6 +20,8 @@ pub enum ServerError {
     ChecksumMismatch,
     #[error("the version this file was opened at is gone")]
     Stale,
+    #[error("request not run: {0}")]
+    Expired(String),
     #[error("{0}")]
     Protocol(String),
     #[error("too many {0}; try again later")]
@@ -48,6 +50,7 @@ impl ServerError {
             ServerError::NoSpace(_) => ErrorCode::NoSpace,
             ServerError::ChecksumMismatch => ErrorCode::ChecksumMismatch,
             ServerError::Stale => ErrorCode::Stale,
+            ServerError::Expired(_) => ErrorCode::Expired,
             ServerError::Protocol(_) => ErrorCode::ProtocolError,
             ServerError::Busy(_) => ErrorCode::Busy,
             ServerError::UserExists(_) => ErrorCode::InvalidName,

@@ -40,6 +40,10 @@ pub struct EventSink {
     pub tx: mpsc::Sender<Event>,
     /// Set when an event could not be queued; the session then sends `Resync`.
     pub lagged: Arc<AtomicBool>,
+    /// The client process this session belongs to, if it said (see `Login::client`).
+    pub client: Option<u64>,
+    /// Set when a newer session of the same user and client registers.
+    pub fenced: Arc<AtomicBool>,
 }
 
 /// (owner, downloader, file): what makes two downloads "the same" for coalescing.
@@ -93,10 +97,19 @@ impl Hub {
         self.inner.dir.join(user).join("pending")
     }
 
-    /// Registers a live session; returns its id for [`Hub::unregister`].
+    /// Registers a live session; returns its id for [`Hub::unregister`]. Older sessions
+    /// of the same user and client are fenced: whatever they still receive must not run.
     pub fn register(&self, sink: EventSink) -> u64 {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut s) = self.inner.sessions.lock() {
+            if sink.client.is_some() {
+                for old in s
+                    .values()
+                    .filter(|o| o.user == sink.user && o.client == sink.client)
+                {
+                    old.fenced.store(true, Ordering::SeqCst);
+                }
+            }
             s.insert(id, sink);
         }
         id
@@ -410,6 +423,8 @@ mod tests {
             user: "alice".into(),
             tx,
             lagged: Arc::default(),
+            client: None,
+            fenced: Arc::default(),
         });
         hub.record_download("alice", "bob", "f", 3).unwrap();
         hub.record_download("alice", "bob", "f", 3).unwrap();

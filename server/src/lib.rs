@@ -4,6 +4,7 @@
 //! - [`server`]: the accept loop ([`server::run`]), connection limit, graceful shutdown.
 //! - [`threads`]: the session threads connections are spread over, one per core.
 //! - [`session`]: one connection: handshake, login, request dispatch, pushed events.
+//! - [`cutoff`]: the deadline and fence past which a request must have no effect.
 //! - [`store`]: crash-safe file storage: per user, a JSON journal of file metadata with
 //!   snapshots, small files appended to a pack, large ones as blobs.
 //! - [`space`]: the disk reserve, claimed by every write so concurrent writers add up.
@@ -15,6 +16,7 @@
 //! [`server::run`]; the binary binds the configured address and passes SIGINT/SIGTERM.
 
 pub mod config;
+pub mod cutoff;
 pub mod error;
 pub mod fsutil;
 pub mod hub;

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::codec::Framed;
 use tracing::Instrument;
 
+use crate::cutoff::Cutoff;
 use crate::error::ServerError;
 use crate::hub::EventSink;
 use crate::server::{Shared, Slot};
@@ -77,8 +78,8 @@ async fn serve_inner<S>(
         handshake(&mut framed, &shared, peer),
     )
     .await;
-    let user = match login {
-        Ok(Ok(user)) => user,
+    let (user, client, started) = match login {
+        Ok(Ok(login)) => login,
         Ok(Err(err)) => {
             let msg = ServerMessage::Error {
                 id: None,
@@ -100,10 +101,13 @@ async fn serve_inner<S>(
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
     let lagged = Arc::new(AtomicBool::new(false));
+    let fenced = Arc::new(AtomicBool::new(false));
     let session_id = shared.hub.register(EventSink {
         user: user.clone(),
         tx: ev_tx,
         lagged: lagged.clone(),
+        client,
+        fenced: fenced.clone(),
     });
     let writer = tokio::spawn(write_loop(sink, out_rx, ev_rx, lagged).in_current_span());
 
@@ -117,6 +121,8 @@ async fn serve_inner<S>(
         next_id: Arc::new(AtomicU64::new(1)),
         in_flight: Arc::new(Semaphore::new(shared.config.max_in_flight)),
         tasks: JoinSet::new(),
+        started,
+        fenced,
     };
     if session.greet().await {
         session.read_loop(source, stop).await;
@@ -139,12 +145,13 @@ enum Login {
     Failed,
 }
 
-/// Hello and login. Returns the user name, or the error to send before closing.
+/// Hello and login. Returns the user name, the client's id and when the server's `Hello`
+/// was sent (request deadlines count from it), or the error to send before closing.
 async fn handshake<S>(
     framed: &mut Framed<S, FrameCodec>,
     shared: &Shared,
     peer: SocketAddr,
-) -> Result<String, ErrorBody>
+) -> Result<(String, Option<u64>, Instant), ErrorBody>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -169,6 +176,7 @@ where
         }
         _ => return Err(protocol("expected hello")),
     };
+    let started = Instant::now();
     send(
         framed,
         &ServerMessage::Hello {
@@ -180,8 +188,12 @@ where
     .await?;
     framed.codec_mut().set_max_frame(max_frame);
 
-    let (user, password) = match next_message(framed).await? {
-        ClientMessage::Login { user, password } => (user, password),
+    let (user, password, client) = match next_message(framed).await? {
+        ClientMessage::Login {
+            user,
+            password,
+            client,
+        } => (user, password, client),
         _ => return Err(protocol("expected login")),
     };
     if let Err(wait) = shared.throttle.check(peer.ip(), &user) {
@@ -232,7 +244,7 @@ where
     }
     tracing::info!(%peer, user, "logged in");
     send(framed, &ServerMessage::LoginOk { user: user.clone() }).await?;
-    Ok(user)
+    Ok((user, client, started))
 }
 
 async fn next_message<S>(framed: &mut Framed<S, FrameCodec>) -> Result<ClientMessage, ErrorBody>
@@ -358,6 +370,10 @@ struct Session {
     /// Open read handles, shared with request tasks. std `Mutex`: map operations only.
     handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     next_id: Arc<AtomicU64>,
+    /// When the server's `Hello` went out: request deadlines count from here.
+    started: Instant,
+    /// Set when a newer connection of the same client logged in (see [`Cutoff`]).
+    fenced: Arc<AtomicBool>,
     in_flight: Arc<Semaphore>,
     tasks: JoinSet<()>,
 }
@@ -433,7 +449,26 @@ impl Session {
                 }
             };
             match msg {
-                ClientMessage::Request { id, op } => self.dispatch(id, op, frame.payload).await,
+                ClientMessage::Request {
+                    id,
+                    deadline_ms,
+                    op,
+                } => {
+                    if self.fenced.load(Ordering::SeqCst) {
+                        tracing::info!(
+                            "replaced by a newer connection of the same client; closing"
+                        );
+                        return;
+                    }
+                    let deadline = deadline_ms.map(|ms| self.started + Duration::from_millis(ms));
+                    let cutoff = Cutoff::new(deadline, self.fenced.clone());
+                    if let Err(e) = cutoff.check() {
+                        tracing::info!(id, error = %e, "request arrived too late; not run");
+                        self.reply(id, Err(e)).await;
+                        continue;
+                    }
+                    self.dispatch(id, op, frame.payload, cutoff).await
+                }
                 ClientMessage::Chunk { upload, offset } => {
                     self.chunk(upload, offset, frame.payload).await
                 }
@@ -484,7 +519,7 @@ impl Session {
         let _ = self.out.send(Outgoing::new(msg)).await;
     }
 
-    async fn dispatch(&mut self, id: u64, op: Request, payload: Bytes) {
+    async fn dispatch(&mut self, id: u64, op: Request, payload: Bytes, cutoff: Cutoff) {
         match op {
             Request::UploadBegin { owner, name, size } => {
                 let result = self.begin_upload(owner, name, size).await;
@@ -506,7 +541,9 @@ impl Session {
                             .ok_or_else(|| ServerError::Internal("upload write failed".into()))?;
                         let name = up.name().to_string();
                         let info = ctx
-                            .blocking(move |shared| shared.store.commit_upload(up, size, &blake3))
+                            .blocking(move |shared| {
+                                shared.store.commit_upload(up, size, &blake3, &cutoff)
+                            })
                             .await?;
                         tracing::info!(file = %name, size, "upload committed");
                         ctx.changed(&info.name, Some(info.clone()));
@@ -519,6 +556,8 @@ impl Session {
                     self.reply(id, Err(e)).await
                 }
             },
+            // Answered at once, without an in-flight slot: a busy session is still alive.
+            Request::Ping => self.reply(id, Ok(Reply::Ok)).await,
             Request::UploadAbort { upload } => {
                 let existed = self.uploads.remove(&upload).is_some();
                 if existed {
@@ -528,7 +567,7 @@ impl Session {
             }
             op => {
                 let ctx = self.context();
-                self.spawn(id, async move { ctx.handle(op, payload).await })
+                self.spawn(id, async move { ctx.handle(op, payload, cutoff).await })
                     .await
             }
         }
@@ -662,7 +701,7 @@ impl Context {
         .await
     }
 
-    async fn handle(self, op: Request, payload: Bytes) -> Handled {
+    async fn handle(self, op: Request, payload: Bytes, cutoff: Cutoff) -> Handled {
         let reply = match op {
             Request::ListUsers => {
                 let users = self
@@ -687,7 +726,9 @@ impl Context {
                 let file = self.blocking(move |s| s.store.stat(&owner, &name)).await?;
                 Reply::File { file }
             }
-            Request::Open { owner, name, head } => return self.open(owner, name, head).await,
+            Request::Open { owner, name, head } => {
+                return self.open(owner, name, head, cutoff).await
+            }
             Request::Read {
                 handle,
                 offset,
@@ -707,7 +748,8 @@ impl Context {
                 let file = self
                     .blocking(move |s| {
                         let quota = s.users.get(&owner)?.and_then(|u| u.quota);
-                        s.store.put(&owner, &name, &payload, &blake3, quota)
+                        s.store
+                            .put(&owner, &name, &payload, &blake3, quota, &cutoff)
                     })
                     .await?;
                 tracing::info!(file = %file.name, size, "upload committed");
@@ -717,7 +759,8 @@ impl Context {
             Request::Delete { owner, name } => {
                 self.own(&owner, &name)?;
                 let n = name.clone();
-                self.blocking(move |s| s.store.delete(&owner, &n)).await?;
+                self.blocking(move |s| s.store.delete(&owner, &n, &cutoff))
+                    .await?;
                 tracing::info!(file = %name, "deleted");
                 self.changed(&name, None);
                 Reply::Ok
@@ -726,7 +769,7 @@ impl Context {
                 self.own(&owner, &from)?;
                 let f = from.clone();
                 let file = self
-                    .blocking(move |s| s.store.rename(&owner, &f, &to))
+                    .blocking(move |s| s.store.rename(&owner, &f, &to, &cutoff))
                     .await?;
                 tracing::info!(from = %from, to = %file.name, "renamed");
                 self.changed(&from, None);
@@ -770,7 +813,7 @@ impl Context {
         Ok((reply, Bytes::new(), None))
     }
 
-    async fn open(self, owner: String, name: String, head: u32) -> Handled {
+    async fn open(self, owner: String, name: String, head: u32, cutoff: Cutoff) -> Handled {
         // One's own small files open without a trip to the blocking pool (no disk access:
         // the folder is loaded and the pack is open); everything else takes the slow path.
         let quick = if owner == self.user {
@@ -780,17 +823,24 @@ impl Context {
         };
         let open = match quick {
             Some(open) => open,
-            None => self.open_slow(owner, name).await?,
+            None => self.open_slow(owner, name, cutoff).await?,
         };
         self.opened(open, head).await
     }
 
-    async fn open_slow(&self, owner: String, name: String) -> Result<OpenFile, ServerError> {
+    async fn open_slow(
+        &self,
+        owner: String,
+        name: String,
+        cutoff: Cutoff,
+    ) -> Result<OpenFile, ServerError> {
         let owner = self.require_user(owner).await?;
         let downloader = self.user.clone();
         self.blocking(move |s| {
             let open = s.store.open_read(&owner, &name)?;
             if owner != downloader {
+                // A download the client gave up on must not notify anyone.
+                cutoff.check()?;
                 // Recorded durably before the reader gets a byte.
                 s.hub
                     .record_download(&owner, &downloader, &name, open.info.size)?;

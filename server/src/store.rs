@@ -52,6 +52,7 @@ use serde::{Deserialize, Serialize};
 use sharefs_protocol::name::{check_file_name, check_user_name};
 use sharefs_protocol::{FileInfo, Space};
 
+use crate::cutoff::Cutoff;
 use crate::error::{Result, ServerError};
 use crate::fsutil;
 use crate::space::{Claim, DiskSpace, RECORD_ROOM};
@@ -1195,6 +1196,7 @@ impl Store {
         mut upload: StagedUpload,
         size: u64,
         blake3_hex: &str,
+        cutoff: &Cutoff,
     ) -> Result<FileInfo> {
         if let Some(e) = upload.failed.take() {
             return Err(e);
@@ -1222,6 +1224,7 @@ impl Store {
             size,
             hash.as_str(),
             upload.quota,
+            cutoff,
         );
         if result.is_err() {
             let _ = fs::remove_file(&upload.path);
@@ -1238,10 +1241,12 @@ impl Store {
         size: u64,
         hash: &str,
         quota: Option<u64>,
+        cutoff: &Cutoff,
     ) -> Result<FileInfo> {
         file.sync_all()?;
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
+        cutoff.check()?;
         let old = folder.files.get(name).map_or(0, |m| m.size);
         let (allowance, allowance_error) = Store::allowance(folder.used.saturating_sub(old), quota);
         if size > allowance {
@@ -1279,12 +1284,13 @@ impl Store {
         data: &[u8],
         blake3_hex: &str,
         quota: Option<u64>,
+        cutoff: &Cutoff,
     ) -> Result<FileInfo> {
         let size = data.len() as u64;
         if size > PACK_MAX {
             let mut up = self.begin_upload(owner, name, Some(size), quota)?;
             up.write_chunk(0, data);
-            return self.commit_upload(up, size, blake3_hex);
+            return self.commit_upload(up, size, blake3_hex, cutoff);
         }
         check_file_name(name).map_err(ServerError::InvalidName)?;
         let hash = blake3::hash(data).to_hex();
@@ -1293,6 +1299,7 @@ impl Store {
         }
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
+        cutoff.check()?;
         let old = folder.files.get(name).map_or(0, |m| m.size);
         let (allowance, allowance_error) = Store::allowance(folder.used.saturating_sub(old), quota);
         if size > allowance {
@@ -1330,10 +1337,11 @@ impl Store {
     }
 
     /// Deletes a file of `owner`'s.
-    pub fn delete(&self, owner: &str, name: &str) -> Result<()> {
+    pub fn delete(&self, owner: &str, name: &str, cutoff: &Cutoff) -> Result<()> {
         check_file_name(name).map_err(ServerError::InvalidName)?;
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
+        cutoff.check()?;
         let Some(meta) = folder.files.get(name).cloned() else {
             return Err(ServerError::NotFound(format!("{owner}/{name}")));
         };
@@ -1348,11 +1356,12 @@ impl Store {
 
     /// Renames within `owner`'s folder, replacing `to`, in one journal record. The file
     /// gets a new version (clients cache by version); its content stays where it is.
-    pub fn rename(&self, owner: &str, from: &str, to: &str) -> Result<FileInfo> {
+    pub fn rename(&self, owner: &str, from: &str, to: &str, cutoff: &Cutoff) -> Result<FileInfo> {
         check_file_name(from).map_err(ServerError::InvalidName)?;
         check_file_name(to).map_err(ServerError::InvalidName)?;
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
+        cutoff.check()?;
         let Some(src) = folder.files.get(from).cloned() else {
             return Err(ServerError::NotFound(format!("{owner}/{from}")));
         };
@@ -1489,7 +1498,7 @@ mod tests {
         let mut up = store.begin_upload(owner, name, Some(data.len() as u64), None)?;
         up.write_chunk(0, data);
         let hash = blake3::hash(data).to_hex();
-        store.commit_upload(up, data.len() as u64, hash.as_str())
+        store.commit_upload(up, data.len() as u64, hash.as_str(), &Cutoff::NONE)
     }
 
     fn read_all(store: &Store, owner: &str, name: &str) -> Vec<u8> {
@@ -1530,7 +1539,7 @@ mod tests {
             }
             let hash = blake3::hash(&data).to_hex();
             store
-                .commit_upload(up, data.len() as u64, hash.as_str())
+                .commit_upload(up, data.len() as u64, hash.as_str(), &Cutoff::NONE)
                 .unwrap();
             assert!(read_all(&store, "alice", name) == data, "{name}");
         }
@@ -1540,7 +1549,9 @@ mod tests {
         up.write_chunk(0, &tiny[..100]);
         up.write_chunk(100, &tiny[100..]);
         let hash = blake3::hash(tiny).to_hex();
-        store.commit_upload(up, 150, hash.as_str()).unwrap();
+        store
+            .commit_upload(up, 150, hash.as_str(), &Cutoff::NONE)
+            .unwrap();
         assert_eq!(read_all(&store, "alice", "tiny"), tiny);
         // And after a restart, read from disk rather than from what was just written.
         let store = Store::open(dir.path(), 0).unwrap();
@@ -1560,13 +1571,15 @@ mod tests {
         // The old handle still reads the old version.
         assert_eq!(&reader.read(0, 100).unwrap()[..], b"one");
         assert_eq!(read_all(&store, "alice", "a.txt"), b"two!");
-        store.rename("alice", "a.txt", "b.txt").unwrap();
+        store
+            .rename("alice", "a.txt", "b.txt", &Cutoff::NONE)
+            .unwrap();
         assert!(matches!(
             store.stat("alice", "a.txt"),
             Err(ServerError::NotFound(_))
         ));
         put(&store, "alice", "c.txt", b"c").unwrap();
-        store.delete("alice", "c.txt").unwrap();
+        store.delete("alice", "c.txt", &Cutoff::NONE).unwrap();
 
         let store = Store::open(dir.path(), 0).unwrap();
         let list = store.list("alice").unwrap();
@@ -1595,11 +1608,11 @@ mod tests {
         let mut up = store.begin_upload("alice", "f", None, None).unwrap();
         up.write_chunk(0, b"new");
         assert!(matches!(
-            store.commit_upload(up, 3, "00"),
+            store.commit_upload(up, 3, "00", &Cutoff::NONE),
             Err(ServerError::ChecksumMismatch)
         ));
         let up = store.begin_upload("alice", "f", None, None).unwrap();
-        assert!(store.commit_upload(up, 3, "00").is_err());
+        assert!(store.commit_upload(up, 3, "00", &Cutoff::NONE).is_err());
         assert_eq!(read_all(&store, "alice", "f"), b"old");
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
@@ -1616,7 +1629,7 @@ mod tests {
         up.write_chunk(0, &[0; 8]);
         up.write_chunk(8, &[0; 8]);
         assert!(matches!(
-            store.commit_upload(up, 16, "x"),
+            store.commit_upload(up, 16, "x", &Cutoff::NONE),
             Err(ServerError::QuotaExceeded(_))
         ));
     }
@@ -1660,7 +1673,9 @@ mod tests {
 
     fn put_small(store: &Store, owner: &str, name: &str, data: &[u8]) -> FileInfo {
         let hash = blake3::hash(data).to_hex();
-        store.put(owner, name, data, hash.as_str(), None).unwrap()
+        store
+            .put(owner, name, data, hash.as_str(), None, &Cutoff::NONE)
+            .unwrap()
     }
 
     fn names(dir: &Path, suffix: &str) -> Vec<String> {
@@ -1683,8 +1698,8 @@ mod tests {
         put_small(&store, "alice", "a", b"second");
         put_small(&store, "alice", "b", b"");
         put_small(&store, "alice", "c", b"doomed");
-        store.delete("alice", "c").unwrap();
-        store.rename("alice", "a", "d").unwrap();
+        store.delete("alice", "c", &Cutoff::NONE).unwrap();
+        store.rename("alice", "a", "d", &Cutoff::NONE).unwrap();
         // An old reader keeps its version; no blob and no per-file metadata was written.
         assert_eq!(&reader.read(0, 100).unwrap()[..], b"first");
         assert!(names(&folder, ".blob").is_empty());
@@ -1692,12 +1707,12 @@ mod tests {
         assert_eq!(names(&folder, ".dat"), ["pack-1.dat"]);
         // Rejected: wrong checksum, over quota; nothing changes.
         assert!(matches!(
-            store.put("alice", "d", b"x", "00", None),
+            store.put("alice", "d", b"x", "00", None, &Cutoff::NONE),
             Err(ServerError::ChecksumMismatch)
         ));
         let h = blake3::hash(b"too big").to_hex();
         assert!(matches!(
-            store.put("alice", "e", b"too big", h.as_str(), Some(8)),
+            store.put("alice", "e", b"too big", h.as_str(), Some(8), &Cutoff::NONE),
             Err(ServerError::QuotaExceeded(_))
         ));
 
@@ -1755,7 +1770,7 @@ mod tests {
         put_small(&store, "alice", "a", b"first");
         put_small(&store, "alice", "b", &[7u8; 5000]);
         put_small(&store, "alice", "c", b"dies");
-        store.delete("alice", "c").unwrap();
+        store.delete("alice", "c", &Cutoff::NONE).unwrap();
         // Both files run ahead of their content: zeros to write over.
         let journal_path = folder.join(journal_name(0));
         let journal = fs::read(&journal_path).unwrap();

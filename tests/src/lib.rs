@@ -13,8 +13,10 @@ use sharefs_client::{ConnectOptions, EventStream, RemoteClient};
 
 pub mod desktop;
 pub mod mount;
+pub mod proxy;
 pub mod smallfs;
 
+pub use proxy::StallProxy;
 pub use smallfs::SmallFs;
 
 /// Bound on every wait in the tests: a bug fails the test instead of hanging CI.

@@ -276,6 +276,7 @@ async fn requests_before_login_are_refused() {
         .unwrap();
     let req = ClientMessage::Request {
         id: 1,
+        deadline_ms: None,
         op: Request::ListUsers,
     };
     framed

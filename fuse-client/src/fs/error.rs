@@ -53,6 +53,7 @@ impl From<ClientError> for FsError {
                 | ErrorCode::TooLarge
                 | ErrorCode::Busy
                 | ErrorCode::ChecksumMismatch
+                | ErrorCode::Expired
                 | ErrorCode::Internal
                 | ErrorCode::Other => FsError::Io(e.to_string()),
             },

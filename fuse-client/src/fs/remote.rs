@@ -15,6 +15,10 @@ type R<T> = Result<T, ClientError>;
 pub trait Remote: Send + Sync + 'static {
     /// The logged-in user: the only folder that may be written.
     fn user(&self) -> &str;
+    /// Runs one filesystem operation: every call it makes shares one deadline.
+    fn operation<F: Future + Send>(&self, fut: F) -> impl Future<Output = F::Output> + Send {
+        fut
+    }
     fn list_users(&self) -> impl Future<Output = R<Vec<String>>> + Send;
     fn list_files(&self, owner: &str) -> impl Future<Output = R<Vec<FileInfo>>> + Send;
     fn stat(&self, owner: &str, name: &str) -> impl Future<Output = R<FileInfo>> + Send;
@@ -63,6 +67,9 @@ pub trait Remote: Send + Sync + 'static {
 impl Remote for Connection {
     fn user(&self) -> &str {
         Connection::user(self)
+    }
+    fn operation<F: Future + Send>(&self, fut: F) -> impl Future<Output = F::Output> + Send {
+        Connection::operation(self, fut)
     }
     async fn list_users(&self) -> R<Vec<String>> {
         Connection::list_users(self).await

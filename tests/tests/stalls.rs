@@ -1,0 +1,192 @@
+//! Stalled networks and stopped servers, through a real mount: an operation that failed
+//! never takes effect later, a silent connection is replaced within the timeout, and an
+//! operation waits at most its one deadline.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use sharefs_tests::mount::{fuse_available, TestMount};
+use sharefs_tests::*;
+
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The file as the server has it, read with the client library (not through a mount).
+fn server_content(server: &TestServer, owner: &str, name: &str) -> Option<Vec<u8>> {
+    rt().block_on(async {
+        let (c, _) = server.connect("carol").await;
+        download(&c, owner, name).await.ok()
+    })
+}
+
+fn put(server: &TestServer, name: &str, data: &[u8]) {
+    rt().block_on(async {
+        let (c, _) = server.connect("alice").await;
+        upload(&c, name, data).await;
+    });
+}
+
+/// Waits (bounded) until `cond` holds; panics naming `what` otherwise.
+fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `op`, which must fail with EIO, within `limit`.
+fn fails_with_eio<T: std::fmt::Debug>(
+    what: &str,
+    limit: Duration,
+    op: impl FnOnce() -> std::io::Result<T>,
+) {
+    let started = Instant::now();
+    let r = op();
+    let took = started.elapsed();
+    match r {
+        Ok(v) => panic!("{what}: succeeded ({v:?}) on a stalled network"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}"),
+    }
+    eprintln!("{what}: EIO after {took:?}");
+    assert!(
+        took <= limit,
+        "{what}: EIO only after {took:?} (limit {limit:?})"
+    );
+}
+
+/// Writes `data` to `path` and closes it, returning close()'s error (which `fs::write`
+/// ignores).
+fn write_and_close(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let mut f = fs::File::create(path)?;
+    f.write_all(data)?;
+    // SAFETY: closing the descriptor we own, once.
+    if unsafe { libc::close(f.into_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn mount_through(server: &TestServer, proxy: &StallProxy) -> TestMount {
+    let timeout = OP_TIMEOUT.as_secs().to_string();
+    TestMount::with(
+        server,
+        "alice",
+        &["--server", &proxy.addr, "--timeout", &timeout],
+        &[],
+    )
+}
+
+#[test]
+fn operations_that_failed_on_a_stalled_network_never_run_later() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    for name in ["x", "y", "z"] {
+        put(&server, name, format!("{name} v0").as_bytes());
+    }
+    let proxy = StallProxy::new(&server.addr);
+    let mount = mount_through(&server, &proxy);
+    let dir = mount.path("alice");
+    assert_eq!(fs::read(dir.join("y")).unwrap(), b"y v0");
+    fs::metadata(dir.join("x")).unwrap();
+    fs::metadata(dir.join("z")).unwrap();
+
+    proxy.stall_all();
+    // One FUSE operation waits at most one timeout; a command may make two (a lookup,
+    // then the change), with a second of slack each.
+    let limit = 2 * (OP_TIMEOUT + Duration::from_secs(1));
+    fails_with_eio("rm x", limit, || fs::remove_file(dir.join("x")));
+    fails_with_eio("cp v1 -> y", limit, || {
+        write_and_close(&dir.join("y"), b"y v1")
+    });
+    fails_with_eio("mv z z2", limit, || {
+        fs::rename(dir.join("z"), dir.join("z2"))
+    });
+
+    // Meanwhile another client writes newer versions.
+    put(&server, "x", b"x v2");
+    put(&server, "y", b"y v2");
+
+    // Everything the stalled path held reaches the server now.
+    proxy.resume();
+    eventually(TIMEOUT, "the server to refuse the stale requests", || {
+        let log = server.log_text();
+        log.contains("not run") || log.contains("replaced by a newer connection")
+    });
+    eventually(TIMEOUT, "the mount to work again", || {
+        fs::read(dir.join("x")).is_ok_and(|d| d == b"x v2")
+    });
+    assert_eq!(
+        server_content(&server, "alice", "x").as_deref(),
+        Some(&b"x v2"[..]),
+        "x"
+    );
+    assert_eq!(
+        server_content(&server, "alice", "y").as_deref(),
+        Some(&b"y v2"[..]),
+        "y"
+    );
+    assert_eq!(
+        server_content(&server, "alice", "z").as_deref(),
+        Some(&b"z v0"[..]),
+        "z"
+    );
+    assert_eq!(server_content(&server, "alice", "z2"), None, "z2");
+}
+
+#[test]
+fn a_silent_connection_is_replaced_within_the_timeout() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    put(&server, "a", b"a v0");
+    let proxy = StallProxy::new(&server.addr);
+    let mount = mount_through(&server, &proxy);
+    let dir = mount.path("alice");
+    assert_eq!(fs::read(dir.join("a")).unwrap(), b"a v0");
+
+    // Idle: the heartbeat alone finds the silent connection and replaces it.
+    let reconnects = |m: &TestMount| m.log_text().matches("reconnected").count();
+    let before = reconnects(&mount);
+    let started = Instant::now();
+    proxy.stall_existing();
+    eventually(
+        OP_TIMEOUT,
+        "an idle mount to replace its silent connection",
+        || reconnects(&mount) > before,
+    );
+    eprintln!("idle: replaced after {:?}", started.elapsed());
+    assert!(
+        mount.log_text().contains("no sign of life"),
+        "{}",
+        mount.log_text()
+    );
+
+    // Busy: an operation started on a connection that goes silent still succeeds, on
+    // the replacement, within its timeout.
+    let before = reconnects(&mount);
+    proxy.stall_existing();
+    let started = Instant::now();
+    write_and_close(&dir.join("b"), b"b v1").unwrap();
+    let took = started.elapsed();
+    eprintln!("write + close across a silent connection: {took:?}");
+    assert!(took < OP_TIMEOUT, "took {took:?}");
+    assert!(reconnects(&mount) > before);
+    assert_eq!(
+        server_content(&server, "alice", "b").as_deref(),
+        Some(&b"b v1"[..])
+    );
+}
