@@ -936,8 +936,10 @@ impl<R: Remote> FsCore<R> {
                 let result = self.upload_locked(ino, &staged).await;
                 if result.is_err() {
                     // Not committed: the next close of this open file tries again and
-                    // reports (a parent's close after its forked child's close failed).
+                    // reports (a parent's close after its forked child's close failed);
+                    // the last release does not.
                     self.mark_changed(fh);
+                    staged.report_failure();
                 }
                 result
             }
@@ -952,13 +954,23 @@ impl<R: Remote> FsCore<R> {
                 ino,
                 staged,
                 writable: true,
-            } => self.upload(ino, &staged).await,
+            } => {
+                let result = self.upload(ino, &staged).await;
+                if result.is_err() {
+                    staged.report_failure();
+                }
+                result
+            }
             _ => Ok(()),
         }
     }
 
-    /// Last close of a handle. A staged file with changes is uploaded a last time; if that
-    /// fails too, its data is kept locally (see [`StagedWrite::finish`]).
+    /// Last close of a handle. A staged file with changes no `close()` uploaded (one
+    /// created or truncated without writes, or written after its last `close()`) is
+    /// uploaded now, unless a `close()` or `fsync()` already reported its upload failed:
+    /// then nobody is left to tell of a later outcome, and the server's file stays as
+    /// that caller was told. Data not uploaded is kept locally (see
+    /// [`StagedWrite::finish`]).
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let Some(handle) = self.handles().remove(&fh) else {
             return Err(FsError::BadHandle);
@@ -974,7 +986,18 @@ impl<R: Remote> FsCore<R> {
                 if !staged.release() {
                     return Ok(());
                 }
-                let result = self.upload(ino, &staged).await;
+                let result = {
+                    let _serial = staged.upload_lock.lock().await;
+                    if staged.dirty() && staged.failure_reported() {
+                        tracing::warn!(
+                            file = %staged.name(),
+                            "not uploaded at the last close: its close() or fsync() reported the failure"
+                        );
+                        Ok(())
+                    } else {
+                        self.upload_locked(ino, &staged).await
+                    }
+                };
                 staged.close_base().await;
                 {
                     let mut st = self.state();

@@ -651,3 +651,73 @@ fn rewriting_in_place_keeps_the_bytes_not_written() {
     assert_same(&on_server(), &want);
     assert_same(&fs::read(&path).unwrap(), &want);
 }
+
+/// The files in a directory (none if it does not exist).
+fn files_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_close_that_failed_is_not_committed_later() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let alice = TestMount::with(&server, "alice", &["--timeout", "2"], &[]);
+    let path = alice.path("alice/big.bin");
+    fs::write(&path, b"old content").unwrap();
+    // The name and attributes are now in the kernel's cache: opening needs no server.
+    assert_eq!(fs::metadata(&path).unwrap().len(), 11);
+
+    server.pause();
+    let data = content(23, 3 << 20);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(&data).unwrap();
+    use std::os::fd::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // SAFETY: closing the descriptor we own.
+    let rc = unsafe { libc::close(fd) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    server.resume();
+    assert_eq!(
+        (rc, errno),
+        (-1, Some(libc::EIO)),
+        "close with the server stalled"
+    );
+
+    // The server keeps the old version: nothing uploads the file after its close()
+    // reported the failure (a retry at the last release came within the timeout).
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let now = server_content(&server, "alice", "big.bin").unwrap();
+        assert!(
+            now == b"old content",
+            "the failed close was committed later ({} bytes on the server)",
+            now.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The data is kept locally under the file's name, and the path is logged.
+    eventually(TIMEOUT, "failed upload kept locally", || {
+        files_in(&alice.failed_dir()).len() == 1
+    });
+    let kept = files_in(&alice.failed_dir()).remove(0);
+    assert!(
+        kept.to_string_lossy().ends_with("-big.bin"),
+        "{}",
+        kept.display()
+    );
+    assert_same(&fs::read(&kept).unwrap(), &data);
+    assert!(
+        alice.log_text().contains(&kept.display().to_string()),
+        "kept path not logged"
+    );
+}

@@ -3,9 +3,11 @@
 //! One [`StagedWrite`] per inode, shared by every handle open on it, so two descriptors
 //! of one file see each other's writes as on a local disk. `close()` (flush) uploads the
 //! whole staged content if anything changed and returns only once the server committed it,
-//! with the server's error if it did not. A staged file whose upload never succeeded is not
-//! deleted: on the last release it is written to the `failed/` directory and its path is
-//! logged.
+//! with the server's error if it did not. Once a `close()` or `fsync()` has reported a
+//! failure, only another `close()` or `fsync()` (which reports its own outcome) uploads the
+//! file again: the last release, which has no caller to tell, does not retry. A staged file
+//! whose upload never succeeded is not deleted: on the last release it is written to the
+//! `failed/` directory and its path is logged.
 //!
 //! Small content lives in memory (up to [`MEMORY_FILE`] per file, within a budget shared
 //! by all files) and goes up in one round trip; larger content spills to a temp file in
@@ -121,6 +123,9 @@ struct State {
     refs: usize,
     /// Unlinked while open: writes go nowhere, as on a local disk.
     unlinked: bool,
+    /// A `close()` or `fsync()` reported that the staged content could not be uploaded,
+    /// and no upload succeeded since: only another such caller may try again.
+    failure_reported: bool,
 }
 
 pub struct StagedWrite {
@@ -218,6 +223,7 @@ impl StagedWrite {
                 uploaded: 0,
                 refs: 0,
                 unlinked: false,
+                failure_reported: false,
             }),
             lazy: Mutex::new(None),
             base: tokio::sync::Mutex::new(None),
@@ -484,6 +490,17 @@ impl StagedWrite {
     pub fn mark_uploaded(&self, changes: u64) {
         let mut s = self.state();
         s.uploaded = s.uploaded.max(changes);
+        s.failure_reported = false;
+    }
+
+    /// A `close()` or `fsync()` is returning the failure of this file's upload.
+    pub fn report_failure(&self) {
+        self.state().failure_reported = true;
+    }
+
+    /// Whether the last upload a caller waited for failed (and none succeeded since).
+    pub fn failure_reported(&self) -> bool {
+        self.state().failure_reported
     }
 
     /// The content to upload (after [`StagedWrite::materialize`]).
