@@ -18,6 +18,7 @@
 mod error;
 mod read;
 pub mod remote;
+pub mod staging;
 mod stream;
 mod write;
 
@@ -35,6 +36,7 @@ use tokio::sync::Semaphore;
 pub use error::{FsError, FsResult};
 pub use read::ReadHandle;
 pub use remote::Remote;
+use staging::StagingArea;
 use stream::StreamState;
 use write::{Base, Content};
 pub use write::{MemoryBudget, StagedWrite};
@@ -308,7 +310,8 @@ fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
 pub struct FsCore<R: Remote> {
     remote: Arc<R>,
     user: String,
-    staging_dir: PathBuf,
+    /// This mount's own staging directory, locked while the mount runs.
+    staging: StagingArea,
     failed_dir: PathBuf,
     mounted_at: SystemTime,
     /// std `Mutex`: held for map lookups only, never across an await. Shared with
@@ -347,15 +350,26 @@ fn time_of(ns: i64) -> SystemTime {
 
 impl<R: Remote> FsCore<R> {
     /// `cache_dir` holds staged writes (`staging/`) and uploads that failed (`failed/`).
+    /// What mounts of the same cache that ended without unmounting left in `staging/` is
+    /// moved to `failed/` first (see `staging.rs`).
     pub fn new(remote: R, cache_dir: PathBuf) -> FsResult<FsCore<R>> {
-        let staging_dir = cache_dir.join("staging");
-        std::fs::create_dir_all(&staging_dir)?;
+        let staging_root = cache_dir.join("staging");
+        let failed_dir = cache_dir.join("failed");
+        let staging = StagingArea::create(&staging_root)?;
+        let recovered = staging::recover(&staging_root, &failed_dir);
+        if !recovered.is_empty() {
+            tracing::warn!(
+                files = recovered.len(),
+                failed = %failed_dir.display(),
+                "recovered the unsaved data of a mount that ended without unmounting"
+            );
+        }
         let user = remote.user().to_string();
         Ok(FsCore {
             remote: Arc::new(remote),
             user,
-            staging_dir,
-            failed_dir: cache_dir.join("failed"),
+            staging,
+            failed_dir,
             mounted_at: SystemTime::now(),
             state: Arc::default(),
             handles: Mutex::new(HashMap::new()),
@@ -629,7 +643,7 @@ impl<R: Remote> FsCore<R> {
         }
         let budget = self.staged_memory.clone();
         let staged = if truncate {
-            StagedWrite::create(&self.staging_dir, name, true, budget)
+            StagedWrite::create(self.staging.dir(), name, true, budget)
         } else {
             match self.remote.open(&self.user, name, HEAD).await {
                 Ok((handle, info, head)) => {
@@ -642,11 +656,11 @@ impl<R: Remote> FsCore<R> {
                     ));
                     if info.size == 0 {
                         reader.close().await;
-                        StagedWrite::create(&self.staging_dir, name, false, budget)
+                        StagedWrite::create(self.staging.dir(), name, false, budget)
                     } else {
                         let base = Arc::new(BaseReader(reader.clone()));
                         match StagedWrite::based_on(
-                            &self.staging_dir,
+                            self.staging.dir(),
                             name,
                             base,
                             info.size,
@@ -662,7 +676,7 @@ impl<R: Remote> FsCore<R> {
                 }
                 Err(e) if e.code() == Some(sharefs_protocol::ErrorCode::NotFound) => {
                     // Gone meanwhile: writing recreates it.
-                    let s = StagedWrite::create(&self.staging_dir, name, false, budget);
+                    let s = StagedWrite::create(self.staging.dir(), name, false, budget);
                     s.truncate(0)?;
                     s
                 }

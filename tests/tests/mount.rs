@@ -721,3 +721,30 @@ fn a_close_that_failed_is_not_committed_later() {
         "kept path not logged"
     );
 }
+
+#[test]
+fn two_mounts_of_one_cache_keep_their_own_staged_files() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let first = TestMount::new(&server, "alice");
+    let data = content(22, 3 << 20);
+    let mut f = fs::File::create(first.path("alice/big.bin")).unwrap();
+    f.write_all(&data).unwrap();
+    // A second mount of the same cache starts while the first is writing: it recovers
+    // nothing of a live mount's.
+    let second = TestMount::with_cache_dir(&server, "alice", &[], first.cache_dir());
+    assert_eq!(
+        files_in(&first.failed_dir()),
+        Vec::<std::path::PathBuf>::new()
+    );
+    f.sync_all().unwrap();
+    drop(f);
+    assert_same(&server_content(&server, "alice", "big.bin").unwrap(), &data);
+    assert_same(&fs::read(second.path("alice/big.bin")).unwrap(), &data);
+    assert_eq!(
+        files_in(&first.failed_dir()),
+        Vec::<std::path::PathBuf>::new()
+    );
+}

@@ -642,7 +642,7 @@ proptest! {
                 }
             }
             // Nothing staged is left behind.
-            assert_eq!(std::fs::read_dir(e._cache.path().join("staging")).unwrap().count(), 0);
+            assert_eq!(std::fs::read_dir(e.core.staging.dir()).unwrap().count(), 0);
         });
     }
 }
@@ -862,7 +862,7 @@ fn small_files_are_staged_in_memory_and_large_ones_spill() {
             vec![0u8; 8 << 20]
         );
         assert_eq!(e.core.staged_memory.used(), 0, "memory budget not returned");
-        let staging = e.core.staging_dir.clone();
+        let staging = e.core.staging.dir().to_path_buf();
         assert_eq!(
             std::fs::read_dir(staging).unwrap().count(),
             0,
