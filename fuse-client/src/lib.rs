@@ -14,6 +14,7 @@
 //!   directory on disk.
 //! - [`fuse`]: the thin adapter from kernel requests to the core.
 //! - [`mount`]: `sharefs mount`: connect, mount, serve until unmounted.
+//! - [`mountpoint`]: what is mounted at the mount point already; clearing a dead mount.
 //! - [`desktop`]: desktop notifications of downloads.
 //! - [`error`]: the `ClientError` type.
 
@@ -23,6 +24,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
+pub mod mountpoint;
 pub mod remote;
 pub mod settings;
 pub mod tls;

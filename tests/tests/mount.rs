@@ -748,3 +748,59 @@ fn two_mounts_of_one_cache_keep_their_own_staged_files() {
         Vec::<std::path::PathBuf>::new()
     );
 }
+
+#[test]
+fn a_killed_mount_is_mounted_again_and_its_unsaved_data_kept() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let mut alice = TestMount::new(&server, "alice");
+    // A large file is being written (staged on disk) when the mount process dies.
+    let data = content(21, 3 << 20);
+    let mut f = fs::File::create(alice.path("alice/big.bin")).unwrap();
+    f.write_all(&data).unwrap();
+    alice.kill9();
+    drop(f);
+    assert_errno(
+        fs::metadata(alice.root()),
+        libc::ENOTCONN,
+        "stat of the dead mount",
+    );
+    let left = files_in(&alice.cache_dir().join("staging"));
+    assert!(!left.is_empty(), "nothing staged on disk");
+
+    // `sharefs mount` on the same directory clears the dead mount and mounts.
+    if let Err(e) = alice.remount(&server, "alice", &[]) {
+        panic!("{e}");
+    }
+    assert!(fs::read_dir(alice.path("alice")).is_ok());
+    // What the dead mount had staged is in failed/, under the file's name, and logged.
+    let kept = files_in(&alice.failed_dir());
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        kept[0].to_string_lossy().ends_with("-big.bin"),
+        "{}",
+        kept[0].display()
+    );
+    assert_same(&fs::read(&kept[0]).unwrap(), &data);
+    assert!(
+        alice.log_text().contains(&kept[0].display().to_string()),
+        "recovered path not logged"
+    );
+    for dir in &left {
+        assert!(!dir.exists(), "{} left in staging", dir.display());
+    }
+    assert!(server_content(&server, "alice", "big.bin").is_none());
+
+    // A live mount is refused, clearly, and keeps working.
+    let out = output_within(&mut alice.command(&server, "alice", &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mounted over a live mount: {err}");
+    assert!(err.contains("already mounted"), "{err}");
+    fs::write(alice.path("alice/after.txt"), b"after").unwrap();
+    assert_eq!(
+        server_content(&server, "alice", "after.txt").unwrap(),
+        b"after"
+    );
+}
