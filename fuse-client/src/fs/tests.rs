@@ -363,6 +363,31 @@ fn upload_errors_reach_flush_with_their_kind() {
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
         assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
+        // A failed fsync is the caller's answer too: the release does not try again, and
+        // the new content is kept locally.
+        *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::Internal);
+        let fh = e
+            .core
+            .open(
+                e.core.lookup(dir, "f").await.unwrap().ino,
+                OpenMode {
+                    write: true,
+                    truncate: true,
+                },
+            )
+            .await
+            .unwrap()
+            .fh;
+        e.core.write(fh, 0, b"synced?").await.unwrap();
+        assert!(e.core.fsync(fh).await.is_err());
+        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
+        let kept = std::fs::read_dir(e._cache.path().join("failed"))
+            .unwrap()
+            .filter(|k| std::fs::read(k.as_ref().unwrap().path()).unwrap() == b"synced?")
+            .count();
+        assert_eq!(kept, 1);
     });
 }
 
