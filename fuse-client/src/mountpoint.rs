@@ -114,8 +114,13 @@ pub fn prepare(mountpoint: &Path) -> Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("mount point {}", mountpoint.display())),
         Ok(_) => {
-            let target = resolved(mountpoint)?;
-            if let Some(entry) = mounted_at(&target).filter(MountEntry::is_sharefs) {
+            // A path that cannot be resolved is no mount point we know of: the mount
+            // itself will say what is wrong with it.
+            let live = resolved(mountpoint)
+                .ok()
+                .and_then(|target| mounted_at(&target))
+                .filter(MountEntry::is_sharefs);
+            if let Some(entry) = live {
                 bail!(
                     "{} is already mounted ({}); unmount it first with fusermount3 -u {}",
                     mountpoint.display(),
