@@ -18,6 +18,7 @@
 mod error;
 mod read;
 pub mod remote;
+pub mod staging;
 mod stream;
 mod write;
 
@@ -35,6 +36,7 @@ use tokio::sync::Semaphore;
 pub use error::{FsError, FsResult};
 pub use read::ReadHandle;
 pub use remote::Remote;
+use staging::StagingArea;
 use stream::StreamState;
 use write::{Base, Content};
 pub use write::{MemoryBudget, StagedWrite};
@@ -308,7 +310,8 @@ fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
 pub struct FsCore<R: Remote> {
     remote: Arc<R>,
     user: String,
-    staging_dir: PathBuf,
+    /// This mount's own staging directory, locked while the mount runs.
+    staging: StagingArea,
     failed_dir: PathBuf,
     mounted_at: SystemTime,
     /// std `Mutex`: held for map lookups only, never across an await. Shared with
@@ -355,15 +358,26 @@ impl<R: Remote> FsCore<R> {
         self.remote.operation(fut)
     }
 
+    /// What mounts of the same cache that ended without unmounting left in `staging/` is
+    /// moved to `failed/` first (see `staging.rs`).
     pub fn new(remote: R, cache_dir: PathBuf) -> FsResult<FsCore<R>> {
-        let staging_dir = cache_dir.join("staging");
-        std::fs::create_dir_all(&staging_dir)?;
+        let staging_root = cache_dir.join("staging");
+        let failed_dir = cache_dir.join("failed");
+        let staging = StagingArea::create(&staging_root)?;
+        let recovered = staging::recover(&staging_root, &failed_dir);
+        if !recovered.is_empty() {
+            tracing::warn!(
+                files = recovered.len(),
+                failed = %failed_dir.display(),
+                "recovered the unsaved data of a mount that ended without unmounting"
+            );
+        }
         let user = remote.user().to_string();
         Ok(FsCore {
             remote: Arc::new(remote),
             user,
-            staging_dir,
-            failed_dir: cache_dir.join("failed"),
+            staging,
+            failed_dir,
             mounted_at: SystemTime::now(),
             state: Arc::default(),
             handles: Mutex::new(HashMap::new()),
@@ -637,7 +651,7 @@ impl<R: Remote> FsCore<R> {
         }
         let budget = self.staged_memory.clone();
         let staged = if truncate {
-            StagedWrite::create(&self.staging_dir, name, true, budget)
+            StagedWrite::create(self.staging.dir(), name, true, budget)
         } else {
             match self.remote.open(&self.user, name, HEAD).await {
                 Ok((handle, info, head)) => {
@@ -650,11 +664,11 @@ impl<R: Remote> FsCore<R> {
                     ));
                     if info.size == 0 {
                         reader.close().await;
-                        StagedWrite::create(&self.staging_dir, name, false, budget)
+                        StagedWrite::create(self.staging.dir(), name, false, budget)
                     } else {
                         let base = Arc::new(BaseReader(reader.clone()));
                         match StagedWrite::based_on(
-                            &self.staging_dir,
+                            self.staging.dir(),
                             name,
                             base,
                             info.size,
@@ -670,7 +684,7 @@ impl<R: Remote> FsCore<R> {
                 }
                 Err(e) if e.code() == Some(sharefs_protocol::ErrorCode::NotFound) => {
                     // Gone meanwhile: writing recreates it.
-                    let s = StagedWrite::create(&self.staging_dir, name, false, budget);
+                    let s = StagedWrite::create(self.staging.dir(), name, false, budget);
                     s.truncate(0)?;
                     s
                 }
@@ -944,8 +958,10 @@ impl<R: Remote> FsCore<R> {
                 let result = self.upload_locked(ino, &staged).await;
                 if result.is_err() {
                     // Not committed: the next close of this open file tries again and
-                    // reports (a parent's close after its forked child's close failed).
+                    // reports (a parent's close after its forked child's close failed);
+                    // the last release does not.
                     self.mark_changed(fh);
+                    staged.report_failure();
                 }
                 result
             }
@@ -960,13 +976,23 @@ impl<R: Remote> FsCore<R> {
                 ino,
                 staged,
                 writable: true,
-            } => self.upload(ino, &staged).await,
+            } => {
+                let result = self.upload(ino, &staged).await;
+                if result.is_err() {
+                    staged.report_failure();
+                }
+                result
+            }
             _ => Ok(()),
         }
     }
 
-    /// Last close of a handle. A staged file with changes is uploaded a last time; if that
-    /// fails too, its data is kept locally (see [`StagedWrite::finish`]).
+    /// Last close of a handle. A staged file with changes no `close()` uploaded (one
+    /// created or truncated without writes, or written after its last `close()`) is
+    /// uploaded now, unless a `close()` or `fsync()` already reported its upload failed:
+    /// then nobody is left to tell of a later outcome, and the server's file stays as
+    /// that caller was told. Data not uploaded is kept locally (see
+    /// [`StagedWrite::finish`]).
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let Some(handle) = self.handles().remove(&fh) else {
             return Err(FsError::BadHandle);
@@ -982,7 +1008,18 @@ impl<R: Remote> FsCore<R> {
                 if !staged.release() {
                     return Ok(());
                 }
-                let result = self.upload(ino, &staged).await;
+                let result = {
+                    let _serial = staged.upload_lock.lock().await;
+                    if staged.dirty() && staged.failure_reported() {
+                        tracing::warn!(
+                            file = %staged.name(),
+                            "not uploaded at the last close: its close() or fsync() reported the failure"
+                        );
+                        Ok(())
+                    } else {
+                        self.upload_locked(ino, &staged).await
+                    }
+                };
                 staged.close_base().await;
                 {
                     let mut st = self.state();

@@ -1,11 +1,21 @@
 //! The sharefs client: a multiplexed connection to a server ([`remote`]), streamed
-//! transfers ([`transfer`]), and the command-line front end's shared pieces ([`settings`]).
+//! transfers ([`transfer`]), the command-line front end's shared pieces ([`settings`]),
+//! and the FUSE mount ([`mount`]).
 //!
 //! # Layout
 //! - [`remote`]: `RemoteClient`, one cheap-to-clone handle per connection; request ids,
 //!   waiters, pushed events.
+//! - [`connection`]: `Connection`, a `RemoteClient` that reconnects, with one deadline
+//!   per operation.
+//! - [`tls`]: how the client trusts a server (pinned fingerprint, CA, known servers).
 //! - [`transfer`]: whole-file upload and download with bounded memory.
 //! - [`settings`]: connection settings from flags, environment, password file or prompt.
+//! - [`fs`]: the filesystem core, free of fuser and the kernel; staged writes and their
+//!   directory on disk.
+//! - [`fuse`]: the thin adapter from kernel requests to the core.
+//! - [`mount`]: `sharefs mount`: connect, mount, serve until unmounted.
+//! - [`mountpoint`]: what is mounted at the mount point already; clearing a dead mount.
+//! - [`desktop`]: desktop notifications of downloads.
 //! - [`error`]: the `ClientError` type.
 
 pub mod connection;
@@ -14,6 +24,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
+pub mod mountpoint;
 pub mod remote;
 pub mod settings;
 pub mod tls;

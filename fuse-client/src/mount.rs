@@ -3,7 +3,9 @@
 //! Foreground mode runs here until `umount`/`fusermount3 -u` or SIGINT/SIGTERM (which
 //! unmount cleanly). Background mode re-runs the binary in foreground mode as a detached
 //! child (new session, log file) and returns once the child reports the mount is up, or
-//! fails with the child's error, so `sharefs mount` behaves like `mount`.
+//! fails with the child's error, so `sharefs mount` behaves like `mount`. A mount point
+//! left dead by a sharefs mount whose process was killed is cleared first (see
+//! [`crate::mountpoint`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ use crate::connection::{Connection, ConnectionEvent};
 use crate::desktop;
 use crate::fs::{FsCore, Invalidation};
 use crate::fuse::{spawn_invalidator, FuseAdapter};
+use crate::mountpoint;
 use crate::remote::ConnectOptions;
 
 /// Environment variable that tells a background child to report readiness on stdout.
@@ -66,6 +69,7 @@ fn default_cache_dir(opts: &ConnectOptions) -> PathBuf {
 }
 
 pub fn run(opts: ConnectOptions, args: MountArgs) -> Result<()> {
+    mountpoint::prepare(&args.mountpoint)?;
     let meta = std::fs::metadata(&args.mountpoint)
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
     if !meta.is_dir() {
@@ -248,16 +252,7 @@ fn raise_readahead(mountpoint: &Path) {
     let Ok(target) = std::fs::canonicalize(mountpoint) else {
         return;
     };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    // Fields: id parent major:minor root mountpoint ...
-    let dev = info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        (f.get(4).map(Path::new) == Some(target.as_path()))
-            .then(|| f.get(2).map(|d| d.to_string()))?
-    });
-    if let Some(dev) = dev {
+    if let Some(dev) = mountpoint::mounted_at(&target).map(|e| e.dev) {
         let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
         match std::fs::write(&knob, "1024") {
             Ok(()) => tracing::debug!(knob, "readahead raised to 1 MiB"),

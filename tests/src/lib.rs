@@ -228,6 +228,27 @@ impl TestServer {
         }
     }
 
+    /// SIGSTOP: the server stalls, its connections open and nothing answered, until
+    /// [`TestServer::resume`] (or `Drop`, which kills it stopped or not).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`TestServer::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("server running");
+        // SAFETY: signalling our own child process.
+        assert_eq!(
+            unsafe { libc::kill(pid as i32, sig) },
+            0,
+            "kill({pid}, {sig})"
+        );
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("server running");
@@ -283,6 +304,43 @@ impl Drop for TestServer {
             eprintln!("--- server log ---\n{}", self.log_text());
         }
         self.kill9();
+    }
+}
+
+/// Runs `cmd` to its end, at most [`TIMEOUT`] (then kills it and fails the test).
+/// Its output goes through files, so a chatty command cannot fill a pipe and stall.
+pub fn output_within(cmd: &mut Command) -> std::process::Output {
+    let out = tempfile::tempfile().unwrap();
+    let err = tempfile::tempfile().unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |mut f: std::fs::File| {
+        use std::io::{Read, Seek};
+        let mut v = Vec::new();
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut v).unwrap();
+        v
+    };
+    std::process::Output {
+        status,
+        stdout: read(out),
+        stderr: read(err),
     }
 }
 

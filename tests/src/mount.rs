@@ -30,7 +30,10 @@ pub struct TestMount {
     child: Option<Child>,
     /// The mount point; `root()/alice` is alice's folder.
     dir: tempfile::TempDir,
+    /// Holds the log (and, unless another cache was given, the cache directory).
     pub cache: tempfile::TempDir,
+    /// The `--cache-dir` of the mount.
+    cache_dir: PathBuf,
     log: PathBuf,
 }
 
@@ -41,47 +44,118 @@ impl TestMount {
     }
 
     pub fn with(server: &TestServer, user: &str, args: &[&str], env: &[(&str, &str)]) -> TestMount {
-        let dir = tempfile::tempdir().unwrap();
         let cache = tempfile::tempdir().unwrap();
+        let cache_dir = cache.path().join("cache");
+        Self::start(server, user, args, env, cache, cache_dir)
+    }
+
+    /// Mounts `server` as `user` with `cache_dir` as its cache (shared with another mount).
+    pub fn with_cache_dir(
+        server: &TestServer,
+        user: &str,
+        args: &[&str],
+        cache_dir: &Path,
+    ) -> TestMount {
+        let cache = tempfile::tempdir().unwrap();
+        Self::start(server, user, args, &[], cache, cache_dir.to_path_buf())
+    }
+
+    fn start(
+        server: &TestServer,
+        user: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        cache: tempfile::TempDir,
+        cache_dir: PathBuf,
+    ) -> TestMount {
+        let dir = tempfile::tempdir().unwrap();
         let log = cache.path().join("mount.log");
-        let logf = std::fs::File::create(&log).unwrap();
+        let mut mount = TestMount {
+            child: None,
+            dir,
+            cache,
+            cache_dir,
+            log,
+        };
+        if let Err(e) = mount.spawn(server, user, args, env) {
+            mount.stop();
+            panic!("{e}");
+        }
+        mount
+    }
+
+    /// The `sharefs mount --foreground` command for this mount point and cache.
+    pub fn command(&self, server: &TestServer, user: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("sharefs"));
         cmd.env("SHAREFS_SERVER", &server.addr)
             .env("SHAREFS_USER", user)
             .env("SHAREFS_PASSWORD", PASSWORD)
-            .env("SHAREFS_MOUNT_READY", "1")
-            .env("SHAREFS_KNOWN_SERVERS", cache.path().join("known_servers"))
+            .env(
+                "SHAREFS_KNOWN_SERVERS",
+                self.cache.path().join("known_servers"),
+            )
             .env("RUST_LOG", "info,sharefs_client=debug")
             .env("NO_COLOR", "1")
             .arg("mount")
-            .arg(dir.path())
+            .arg(self.dir.path())
             .arg("--foreground")
             .arg("--cache-dir")
-            .arg(cache.path().join("cache"))
+            .arg(&self.cache_dir)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        server.transport_env(&mut cmd);
+        cmd
+    }
+
+    /// Starts the mount process and waits until it reports the mount is up; on failure,
+    /// returns the log. Its log is appended to this mount's.
+    fn spawn(
+        &mut self,
+        server: &TestServer,
+        user: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(), String> {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = self.command(server, user, args);
+        cmd.env("SHAREFS_MOUNT_READY", "1")
             .stdout(Stdio::piped())
             .stderr(logf);
-        server.transport_env(&mut cmd);
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let rx = crate::first_line(stdout);
-        let mut mount = TestMount {
-            child: Some(child),
-            dir,
-            cache,
-            log,
-        };
+        self.child = Some(child);
         match rx.recv_timeout(TIMEOUT) {
-            Ok(line) if line.trim() == "ready" => mount,
-            _ => {
-                mount.stop();
-                panic!("mount did not come up; log:\n{}", mount.log_text());
-            }
+            Ok(line) if line.trim() == "ready" => Ok(()),
+            _ => Err(format!("mount did not come up; log:\n{}", self.log_text())),
         }
+    }
+
+    /// `kill -9` of the mount process: the mount point stays behind, dead.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Mounts again on the same mount point and cache (after [`TestMount::kill9`]), the
+    /// way a user would: `sharefs mount` on the same directory.
+    pub fn remount(
+        &mut self,
+        server: &TestServer,
+        user: &str,
+        args: &[&str],
+    ) -> Result<(), String> {
+        assert!(self.child.is_none(), "the mount process still runs");
+        self.spawn(server, user, args, &[])
     }
 
     pub fn root(&self) -> &Path {
@@ -98,7 +172,12 @@ impl TestMount {
 
     /// Files kept because their upload failed.
     pub fn failed_dir(&self) -> PathBuf {
-        self.cache.path().join("cache").join("failed")
+        self.cache_dir.join("failed")
+    }
+
+    /// The cache directory (`--cache-dir`).
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
     }
 
     /// Unmounts the way a user does and waits for the process to exit.

@@ -651,3 +651,156 @@ fn rewriting_in_place_keeps_the_bytes_not_written() {
     assert_same(&on_server(), &want);
     assert_same(&fs::read(&path).unwrap(), &want);
 }
+
+/// The files in a directory (none if it does not exist).
+fn files_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_close_that_failed_is_not_committed_later() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let alice = TestMount::with(&server, "alice", &["--timeout", "2"], &[]);
+    let path = alice.path("alice/big.bin");
+    fs::write(&path, b"old content").unwrap();
+    // The name and attributes are now in the kernel's cache: opening needs no server.
+    assert_eq!(fs::metadata(&path).unwrap().len(), 11);
+
+    server.pause();
+    let data = content(23, 3 << 20);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(&data).unwrap();
+    use std::os::fd::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // SAFETY: closing the descriptor we own.
+    let rc = unsafe { libc::close(fd) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    server.resume();
+    assert_eq!(
+        (rc, errno),
+        (-1, Some(libc::EIO)),
+        "close with the server stalled"
+    );
+
+    // The server keeps the old version: nothing uploads the file after its close()
+    // reported the failure (a retry at the last release came within the timeout).
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let now = server_content(&server, "alice", "big.bin").unwrap();
+        assert!(
+            now == b"old content",
+            "the failed close was committed later ({} bytes on the server)",
+            now.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The data is kept locally under the file's name, and the path is logged.
+    eventually(TIMEOUT, "failed upload kept locally", || {
+        files_in(&alice.failed_dir()).len() == 1
+    });
+    let kept = files_in(&alice.failed_dir()).remove(0);
+    assert!(
+        kept.to_string_lossy().ends_with("-big.bin"),
+        "{}",
+        kept.display()
+    );
+    assert_same(&fs::read(&kept).unwrap(), &data);
+    assert!(
+        alice.log_text().contains(&kept.display().to_string()),
+        "kept path not logged"
+    );
+}
+
+#[test]
+fn two_mounts_of_one_cache_keep_their_own_staged_files() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let first = TestMount::new(&server, "alice");
+    let data = content(22, 3 << 20);
+    let mut f = fs::File::create(first.path("alice/big.bin")).unwrap();
+    f.write_all(&data).unwrap();
+    // A second mount of the same cache starts while the first is writing: it recovers
+    // nothing of a live mount's.
+    let second = TestMount::with_cache_dir(&server, "alice", &[], first.cache_dir());
+    assert_eq!(
+        files_in(&first.failed_dir()),
+        Vec::<std::path::PathBuf>::new()
+    );
+    f.sync_all().unwrap();
+    drop(f);
+    assert_same(&server_content(&server, "alice", "big.bin").unwrap(), &data);
+    assert_same(&fs::read(second.path("alice/big.bin")).unwrap(), &data);
+    assert_eq!(
+        files_in(&first.failed_dir()),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
+
+#[test]
+fn a_killed_mount_is_mounted_again_and_its_unsaved_data_kept() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    let mut alice = TestMount::new(&server, "alice");
+    // A large file is being written (staged on disk) when the mount process dies.
+    let data = content(21, 3 << 20);
+    let mut f = fs::File::create(alice.path("alice/big.bin")).unwrap();
+    f.write_all(&data).unwrap();
+    alice.kill9();
+    drop(f);
+    assert_errno(
+        fs::metadata(alice.root()),
+        libc::ENOTCONN,
+        "stat of the dead mount",
+    );
+    let left = files_in(&alice.cache_dir().join("staging"));
+    assert!(!left.is_empty(), "nothing staged on disk");
+
+    // `sharefs mount` on the same directory clears the dead mount and mounts.
+    if let Err(e) = alice.remount(&server, "alice", &[]) {
+        panic!("{e}");
+    }
+    assert!(fs::read_dir(alice.path("alice")).is_ok());
+    // What the dead mount had staged is in failed/, under the file's name, and logged.
+    let kept = files_in(&alice.failed_dir());
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        kept[0].to_string_lossy().ends_with("-big.bin"),
+        "{}",
+        kept[0].display()
+    );
+    assert_same(&fs::read(&kept[0]).unwrap(), &data);
+    assert!(
+        alice.log_text().contains(&kept[0].display().to_string()),
+        "recovered path not logged"
+    );
+    for dir in &left {
+        assert!(!dir.exists(), "{} left in staging", dir.display());
+    }
+    assert!(server_content(&server, "alice", "big.bin").is_none());
+
+    // A live mount is refused, clearly, and keeps working.
+    let out = output_within(&mut alice.command(&server, "alice", &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mounted over a live mount: {err}");
+    assert!(err.contains("already mounted"), "{err}");
+    fs::write(alice.path("alice/after.txt"), b"after").unwrap();
+    assert_eq!(
+        server_content(&server, "alice", "after.txt").unwrap(),
+        b"after"
+    );
+}

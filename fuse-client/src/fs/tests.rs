@@ -335,7 +335,10 @@ fn upload_errors_reach_flush_with_their_kind() {
             e.core.write(fh, 0, b"hello").await.unwrap();
             let err = e.core.flush(fh).await.unwrap_err();
             assert!(check(&err), "{code:?} became {err:?}");
-            assert!(e.core.release(fh).await.is_err());
+            // The last release does not try again: nobody would hear of its outcome.
+            *e.core.remote.fail_uploads.lock().unwrap() = None;
+            e.core.release(fh).await.unwrap();
+            assert_eq!(e.core.remote.content("alice", "f"), None);
         }
         // Every failed upload kept its data.
         let kept = std::fs::read_dir(e._cache.path().join("failed"))
@@ -345,6 +348,7 @@ fn upload_errors_reach_flush_with_their_kind() {
         // Two closes of one open file (a forked child's, then its parent's): the first
         // fails, and the second tries again instead of reporting success for data that
         // never went up.
+        *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::Internal);
         let (_, fh) = e.core.create(dir, "f").await.unwrap();
         e.core.write(fh, 0, b"hello").await.unwrap();
         assert!(e.core.flush(fh).await.is_err());
@@ -359,6 +363,31 @@ fn upload_errors_reach_flush_with_their_kind() {
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
         assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
+        // A failed fsync is the caller's answer too: the release does not try again, and
+        // the new content is kept locally.
+        *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::Internal);
+        let fh = e
+            .core
+            .open(
+                e.core.lookup(dir, "f").await.unwrap().ino,
+                OpenMode {
+                    write: true,
+                    truncate: true,
+                },
+            )
+            .await
+            .unwrap()
+            .fh;
+        e.core.write(fh, 0, b"synced?").await.unwrap();
+        assert!(e.core.fsync(fh).await.is_err());
+        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
+        let kept = std::fs::read_dir(e._cache.path().join("failed"))
+            .unwrap()
+            .filter(|k| std::fs::read(k.as_ref().unwrap().path()).unwrap() == b"synced?")
+            .count();
+        assert_eq!(kept, 1);
     });
 }
 
@@ -638,7 +667,7 @@ proptest! {
                 }
             }
             // Nothing staged is left behind.
-            assert_eq!(std::fs::read_dir(e._cache.path().join("staging")).unwrap().count(), 0);
+            assert_eq!(std::fs::read_dir(e.core.staging.dir()).unwrap().count(), 0);
         });
     }
 }
@@ -858,7 +887,7 @@ fn small_files_are_staged_in_memory_and_large_ones_spill() {
             vec![0u8; 8 << 20]
         );
         assert_eq!(e.core.staged_memory.used(), 0, "memory budget not returned");
-        let staging = e.core.staging_dir.clone();
+        let staging = e.core.staging.dir().to_path_buf();
         assert_eq!(
             std::fs::read_dir(staging).unwrap().count(),
             0,

@@ -3,13 +3,15 @@
 //! One [`StagedWrite`] per inode, shared by every handle open on it, so two descriptors
 //! of one file see each other's writes as on a local disk. `close()` (flush) uploads the
 //! whole staged content if anything changed and returns only once the server committed it,
-//! with the server's error if it did not. A staged file whose upload never succeeded is not
-//! deleted: on the last release it is written to the `failed/` directory and its path is
-//! logged.
+//! with the server's error if it did not. Once a `close()` or `fsync()` has reported a
+//! failure, only another `close()` or `fsync()` (which reports its own outcome) uploads the
+//! file again: the last release, which has no caller to tell, does not retry. A staged file
+//! whose upload never succeeded is not deleted: on the last release it is moved to the
+//! `failed/` directory and its path is logged.
 //!
 //! Small content lives in memory (up to [`MEMORY_FILE`] per file, within a budget shared
 //! by all files) and goes up in one round trip; larger content spills to a temp file in
-//! the staging directory.
+//! the mount's staging directory, named by a sidecar (see `staging.rs`).
 //!
 //! Opening an existing file without `O_TRUNC` does not download it. The staged file is
 //! *based* on the version current at open (a pinned server handle) and records how much
@@ -30,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use super::error::{FsError, FsResult};
+use super::staging;
 use super::stream::StreamState;
 
 /// Largest staged content kept in memory; beyond it, a temp file.
@@ -121,6 +124,9 @@ struct State {
     refs: usize,
     /// Unlinked while open: writes go nowhere, as on a local disk.
     unlinked: bool,
+    /// A `close()` or `fsync()` reported that the staged content could not be uploaded,
+    /// and no upload succeeded since: only another such caller may try again.
+    failure_reported: bool,
 }
 
 pub struct StagedWrite {
@@ -184,7 +190,7 @@ impl StagedWrite {
                 reserved: size,
             }
         } else {
-            let (file, path) = temp_file(dir)?;
+            let (file, path) = temp_file(dir, name)?;
             file.set_len(size)?;
             Backing::File { file, path }
         };
@@ -218,6 +224,7 @@ impl StagedWrite {
                 uploaded: 0,
                 refs: 0,
                 unlinked: false,
+                failure_reported: false,
             }),
             lazy: Mutex::new(None),
             base: tokio::sync::Mutex::new(None),
@@ -242,6 +249,11 @@ impl StagedWrite {
 
     pub fn set_name(&self, name: &str) {
         self.state().name = name.to_string();
+        if let Backing::File { path, .. } = &*guard(&self.backing) {
+            if let Err(e) = staging::record_name(path, name) {
+                tracing::warn!(path = %path.display(), file = name, error = %e, "cannot record a staged file's new name");
+            }
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -279,7 +291,7 @@ impl StagedWrite {
     /// Moves in-memory content to a temp file (sparse beyond what was written).
     fn spill<'a>(&self, backing: &'a mut Backing) -> FsResult<&'a File> {
         if let Backing::Memory { data, reserved } = backing {
-            let (file, path) = temp_file(&self.dir)?;
+            let (file, path) = temp_file(&self.dir, &self.name())?;
             file.write_all_at(data, 0)?;
             self.budget.give(*reserved);
             *backing = Backing::File { file, path };
@@ -484,6 +496,17 @@ impl StagedWrite {
     pub fn mark_uploaded(&self, changes: u64) {
         let mut s = self.state();
         s.uploaded = s.uploaded.max(changes);
+        s.failure_reported = false;
+    }
+
+    /// A `close()` or `fsync()` is returning the failure of this file's upload.
+    pub fn report_failure(&self) {
+        self.state().failure_reported = true;
+    }
+
+    /// Whether the last upload a caller waited for failed (and none succeeded since).
+    pub fn failure_reported(&self) -> bool {
+        self.state().failure_reported
     }
 
     /// The content to upload (after [`StagedWrite::materialize`]).
@@ -500,13 +523,17 @@ impl StagedWrite {
         let mut backing = guard(&self.backing);
         if self.dirty() {
             let name = self.name();
-            let keep = unique_path(failed_dir, &name);
-            let kept = std::fs::create_dir_all(failed_dir).and_then(|()| match &*backing {
-                Backing::Memory { data, .. } => std::fs::write(&keep, data),
-                Backing::File { path, .. } => std::fs::rename(path, &keep),
-            });
+            let kept = match &*backing {
+                Backing::Memory { data, .. } => {
+                    std::fs::create_dir_all(failed_dir).and_then(|()| {
+                        let keep = staging::failed_path(failed_dir, &name);
+                        std::fs::write(&keep, data).map(|()| keep)
+                    })
+                }
+                Backing::File { path, .. } => staging::keep(path, &name, failed_dir),
+            };
             match kept {
-                Ok(()) => tracing::error!(
+                Ok(keep) => tracing::error!(
                     file = %name,
                     kept = %keep.display(),
                     "upload never succeeded; the data is kept locally"
@@ -518,7 +545,7 @@ impl StagedWrite {
                 ),
             }
         } else if let Backing::File { path, .. } = &*backing {
-            if let Err(e) = std::fs::remove_file(path) {
+            if let Err(e) = staging::remove(path) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove staged file");
             }
         }
@@ -544,29 +571,15 @@ async fn close(base: &mut Option<Arc<dyn Base>>) {
     }
 }
 
-fn temp_file(dir: &Path) -> FsResult<(File, PathBuf)> {
+/// A new staged file in `dir`, with its sidecar naming it `name`.
+fn temp_file(dir: &Path, name: &str) -> FsResult<(File, PathBuf)> {
     let tmp = tempfile::Builder::new()
         .prefix("staged-")
         .tempfile_in(dir)?;
-    tmp.keep().map_err(|e| FsError::Io(e.to_string()))
-}
-
-/// `dir/<time>-<n>-<name>` that does not exist yet, within the 255-byte name limit.
-fn unique_path(dir: &Path, name: &str) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut short = name;
-    while short.len() > 200 {
-        let mut cut = 200;
-        while !short.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        short = &short[..cut];
+    let (file, path) = tmp.keep().map_err(|e| FsError::Io(e.to_string()))?;
+    if let Err(e) = staging::record_name(&path, name) {
+        let _ = staging::remove(&path);
+        return Err(e.into());
     }
-    (0u32..)
-        .map(|n| dir.join(format!("{secs}-{n}-{short}")))
-        .find(|p| !p.exists())
-        .unwrap_or_else(|| dir.join(short))
+    Ok((file, path))
 }
