@@ -1216,33 +1216,28 @@ impl Store {
             .file
             .take()
             .ok_or_else(|| ServerError::Internal("upload already finished".into()))?;
-        let result = self.install(
-            &upload.owner,
-            &upload.name,
-            &file,
-            &upload.path,
-            size,
-            hash.as_str(),
-            upload.quota,
-            cutoff,
-        );
+        let result = self.install(&upload, &file, size, hash.as_str(), cutoff);
         if result.is_err() {
             let _ = fs::remove_file(&upload.path);
         }
         result
     }
 
+    /// Makes the received content of `upload` (in `file`) the file's current version.
     fn install(
         &self,
-        owner: &str,
-        name: &str,
+        upload: &StagedUpload,
         file: &File,
-        tmp_path: &Path,
         size: u64,
         hash: &str,
-        quota: Option<u64>,
         cutoff: &Cutoff,
     ) -> Result<FileInfo> {
+        let (owner, name, tmp_path, quota) = (
+            upload.owner.as_str(),
+            upload.name.as_str(),
+            upload.path.as_path(),
+            upload.quota,
+        );
         file.sync_all()?;
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
