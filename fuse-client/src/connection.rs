@@ -109,6 +109,12 @@ impl Connection {
         self.inner.op_timeout
     }
 
+    /// The deadline of the operation the current task works for, if any: to hand on to
+    /// tasks it spawns (see [`in_operation`]).
+    pub fn current_operation() -> Option<Instant> {
+        OPERATION.try_with(|d| *d).ok()
+    }
+
     /// Runs one operation: every call made inside `fut` (retries, reopens, several
     /// requests) shares one deadline, one operation timeout from now.
     pub async fn operation<F: std::future::Future>(&self, fut: F) -> F::Output {
@@ -342,6 +348,14 @@ impl Connection {
             async move { c.ack(ids).await }
         })
         .await
+    }
+}
+
+/// Runs `fut` (a task an operation spawned) under that operation's deadline, if any.
+pub async fn in_operation<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> F::Output {
+    match deadline {
+        Some(d) => OPERATION.scope(d, fut).await,
+        None => fut.await,
     }
 }
 

@@ -96,14 +96,27 @@ fn operations_that_failed_on_a_stalled_network_never_run_later() {
     for name in ["x", "y", "z"] {
         put(&server, name, format!("{name} v0").as_bytes());
     }
+    let big = content(3, 8 << 20);
+    put(&server, "big", &big);
     let proxy = StallProxy::new(&server.addr);
     let mount = mount_through(&server, &proxy);
     let dir = mount.path("alice");
     assert_eq!(fs::read(dir.join("y")).unwrap(), b"y v0");
     fs::metadata(dir.join("x")).unwrap();
     fs::metadata(dir.join("z")).unwrap();
+    let opened = fs::File::open(dir.join("big")).unwrap();
 
     proxy.stall_all();
+    // A read is one operation: its retries and reopen share one deadline.
+    fails_with_eio(
+        "uncached read",
+        OP_TIMEOUT + Duration::from_millis(1500),
+        || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; 64 * 1024];
+            opened.read_exact_at(&mut buf, 6 << 20)
+        },
+    );
     // One FUSE operation waits at most one timeout; a command may make two (a lookup,
     // then the change), with a second of slack each.
     let limit = 2 * (OP_TIMEOUT + Duration::from_secs(1));
@@ -136,6 +149,59 @@ fn operations_that_failed_on_a_stalled_network_never_run_later() {
     assert_eq!(
         server_content(&server, "alice", "y").as_deref(),
         Some(&b"y v2"[..]),
+        "y"
+    );
+    assert_eq!(
+        server_content(&server, "alice", "z").as_deref(),
+        Some(&b"z v0"[..]),
+        "z"
+    );
+    assert_eq!(server_content(&server, "alice", "z2"), None, "z2");
+}
+
+#[test]
+fn operations_that_failed_on_a_stopped_server_never_run_later() {
+    if !fuse_available() {
+        return;
+    }
+    let server = TestServer::start();
+    for name in ["x", "y", "z"] {
+        put(&server, name, format!("{name} v0").as_bytes());
+    }
+    let timeout = OP_TIMEOUT.as_secs().to_string();
+    let mount = TestMount::with(&server, "alice", &["--timeout", &timeout], &[]);
+    let dir = mount.path("alice");
+    assert_eq!(fs::read(dir.join("y")).unwrap(), b"y v0");
+    fs::metadata(dir.join("x")).unwrap();
+    fs::metadata(dir.join("z")).unwrap();
+
+    // SIGSTOP: the connection stays up, the kernel takes the requests, nothing answers.
+    server.pause();
+    let limit = 2 * (OP_TIMEOUT + Duration::from_secs(1));
+    fails_with_eio("rm x", limit, || fs::remove_file(dir.join("x")));
+    fails_with_eio("cp v1 -> y", limit, || {
+        write_and_close(&dir.join("y"), b"y v1")
+    });
+    fails_with_eio("mv z z2", limit, || {
+        fs::rename(dir.join("z"), dir.join("z2"))
+    });
+    server.resume();
+
+    eventually(TIMEOUT, "the server to refuse the stale requests", || {
+        let log = server.log_text();
+        log.contains("not run") || log.contains("replaced by a newer connection")
+    });
+    eventually(TIMEOUT, "the mount to work again", || {
+        fs::read(dir.join("y")).is_ok()
+    });
+    assert_eq!(
+        server_content(&server, "alice", "x").as_deref(),
+        Some(&b"x v0"[..]),
+        "x"
+    );
+    assert_eq!(
+        server_content(&server, "alice", "y").as_deref(),
+        Some(&b"y v0"[..]),
         "y"
     );
     assert_eq!(

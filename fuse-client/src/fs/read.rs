@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::{FsError, FsResult};
 use super::remote::Remote;
-use crate::connection::RemoteHandle;
+use crate::connection::{in_operation, Connection, RemoteHandle};
 use crate::error::ClientError;
 
 pub const BLOCK: u64 = 1 << 20;
@@ -116,7 +116,11 @@ impl<R: Remote> ReadHandle<R> {
         let offset = index * BLOCK;
         let len = BLOCK.min(self.info.size.saturating_sub(offset)) as u32;
         let this = self.clone();
-        let task = tokio::spawn(async move { this.fetch(offset, len).await });
+        // The fetch works for the operation that asked for it, under its deadline.
+        let deadline = Connection::current_operation();
+        let task = tokio::spawn(in_operation(deadline, async move {
+            this.fetch(offset, len).await
+        }));
         async move {
             match task.await {
                 Ok(r) => r,
