@@ -1031,10 +1031,20 @@ impl<R: Remote> FsCore<R> {
         tracing::info!(file = %name, size = info.size, "uploaded");
         let mut st = self.state();
         st.folder_changed(&info.owner, &info.name, Some(&info));
-        // The kernel's pages of this file came from these writes (or from the version they
-        // were made on): they are this version's, and the next open may keep them instead
-        // of dropping what may be a gigabyte of cache.
-        st.cached_version.insert(ino, info.version);
+        match st.pinned.get_mut(&ino) {
+            // A descriptor here still reads an earlier version through the cache, so its
+            // pages are mixed with these writes': they go after its last close.
+            Some(p) if p.info.version != info.version => {
+                p.stale = true;
+                st.cached_version.remove(&ino);
+            }
+            // The kernel's pages of this file came from these writes (or from the version
+            // they were made on): they are this version's, and the next open may keep them
+            // instead of dropping what may be a gigabyte of cache.
+            _ => {
+                st.cached_version.insert(ino, info.version);
+            }
+        }
         Ok(())
     }
 

@@ -472,6 +472,44 @@ fn pages_written_here_are_kept_for_the_version_they_became() {
     });
 }
 
+/// Writing one's own file while a descriptor here still reads an earlier version of it:
+/// the kernel's pages are then a mix of both, and go after the reader's last close.
+#[test]
+fn pages_written_while_an_earlier_version_is_read_here_go_after_it_closes() {
+    rt().block_on(async {
+        let e = env("alice");
+        let later = Arc::new(Mutex::new(Vec::new()));
+        let sink = later.clone();
+        e.core
+            .on_invalidation(move |inv| sink.lock().unwrap().push(inv));
+        let dir = folder(&e.core, "alice").await;
+        let (attr, fh) = e.core.create(dir, "f").await.unwrap();
+        e.core.write(fh, 0, b"one").await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let reader = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
+        assert!(reader.keep_cache, "{reader:?}");
+        let write = OpenMode {
+            write: true,
+            truncate: true,
+        };
+        let w = e.core.open(attr.ino, write).await.unwrap();
+        e.core.write(w.fh, 0, b"two").await.unwrap();
+        e.core.flush(w.fh).await.unwrap();
+        e.core.release(w.fh).await.unwrap();
+        assert_eq!(e.core.read(reader.fh, 0, 10).await.unwrap(), &b"one"[..]);
+        assert!(later.lock().unwrap().is_empty());
+        e.core.release(reader.fh).await.unwrap();
+        assert_eq!(
+            *later.lock().unwrap(),
+            [Invalidation::Inode { ino: attr.ino }]
+        );
+        let o = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
+        assert!(!o.keep_cache && o.refresh_attrs, "{o:?}");
+        assert_eq!(e.core.read(o.fh, 0, 10).await.unwrap(), &b"two"[..]);
+        e.core.release(o.fh).await.unwrap();
+    });
+}
+
 #[test]
 fn every_open_reaches_the_server_and_cache_is_kept_per_version() {
     rt().block_on(async {
