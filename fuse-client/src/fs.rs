@@ -14,6 +14,9 @@
 //!   (sub-directories, in one's own).
 //! - Every open of another user's file goes to the server (it is the download event), and
 //!   tells the adapter whether the kernel may keep its cached pages (same version).
+//! - The kernel has one size and one page cache per inode, but every open pins a version:
+//!   while a version is open for reading through the cache, the kernel is shown that
+//!   version only (`State::pinned`), and an open of another version reads past the cache.
 
 mod error;
 mod read;
@@ -851,7 +854,15 @@ impl<R: Remote> FsCore<R> {
                     (true, false, false)
                 }
                 // The kernel's size and pages are the other version's while it is open.
-                Some(_) => (false, false, true),
+                Some(p) => {
+                    tracing::debug!(
+                        file = %name,
+                        cached = p.info.version,
+                        opened = info.version,
+                        "another version is open through the cache: reading past it"
+                    );
+                    (false, false, true)
+                }
                 None => {
                     let keep = st.cached_version.get(&ino) == Some(&info.version);
                     st.cached_version.insert(ino, info.version);
