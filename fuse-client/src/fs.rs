@@ -14,6 +14,9 @@
 //!   (sub-directories, in one's own).
 //! - Every open of another user's file goes to the server (it is the download event), and
 //!   tells the adapter whether the kernel may keep its cached pages (same version).
+//! - The kernel has one size and one page cache per inode, but every open pins a version:
+//!   while a version is open for reading through the cache, the kernel is shown that
+//!   version only (`State::pinned`), and an open of another version reads past the cache.
 
 mod error;
 mod read;
@@ -88,11 +91,19 @@ impl OpenMode {
     }
 }
 
-/// Result of an open: the handle and whether the kernel may keep its cached pages.
+/// Result of an open: the handle and how the kernel is to cache what it reads.
 #[derive(Debug, Clone)]
 pub struct Opened {
     pub fh: u64,
+    /// The kernel's cached pages are this version's: it may keep them.
     pub keep_cache: bool,
+    /// The kernel's attributes of the file may be another version's: they must be
+    /// dropped before the open is answered, so that the size it reads up to is this
+    /// version's (the next `stat`, or the first read past the old size, asks again).
+    pub refresh_attrs: bool,
+    /// Another version of the file is open through the kernel's cache: this descriptor
+    /// reads past it (FUSE direct I/O), straight from its own version.
+    pub direct: bool,
     /// The whole content, when it came with the open and the kernel keeps its cache: the
     /// kernel may be given it now instead of asking for it with a read.
     pub content: Option<Bytes>,
@@ -144,6 +155,10 @@ struct State {
     folders: HashMap<String, Listing<BTreeMap<String, FileInfo>>>,
     /// Version whose pages the kernel may hold for a file inode.
     cached_version: HashMap<u64, u64>,
+    /// Versions open for reading through the kernel's cache, by inode. The kernel has one
+    /// size and one set of pages per inode, so while such descriptors are open they are
+    /// their version's: attributes report it and its invalidation waits for the last close.
+    pinned: HashMap<u64, Pinned>,
     /// Files being written, by inode.
     staged: HashMap<u64, Arc<StagedWrite>>,
     /// Changes to folders with a listing fetch in flight, replayed onto what it brings
@@ -154,6 +169,17 @@ struct State {
     epoch_all: u64,
     /// Lookups that had to ask the server since the folder's listing went away.
     lookup_misses: HashMap<String, u32>,
+}
+
+/// One version of a file open for reading through the kernel's cache (`State::pinned`).
+#[derive(Debug)]
+struct Pinned {
+    info: FileInfo,
+    /// Descriptors open on it.
+    open: usize,
+    /// The file changed on the server meanwhile: the kernel's attributes and pages are to
+    /// be dropped when the last descriptor closes.
+    stale: bool,
 }
 
 /// After this many lookups in one folder answered by the server, the folder's listing is
@@ -275,7 +301,12 @@ impl State {
 }
 
 enum Handle<R: Remote> {
-    Read(Arc<ReadHandle<R>>),
+    /// A remote version; `cached` when read through the kernel's cache (`State::pinned`).
+    Read {
+        reader: Arc<ReadHandle<R>>,
+        ino: u64,
+        cached: bool,
+    },
     Staged {
         ino: u64,
         staged: Arc<StagedWrite>,
@@ -287,7 +318,15 @@ enum Handle<R: Remote> {
 impl<R: Remote> Clone for Handle<R> {
     fn clone(&self) -> Self {
         match self {
-            Handle::Read(r) => Handle::Read(r.clone()),
+            Handle::Read {
+                reader,
+                ino,
+                cached,
+            } => Handle::Read {
+                reader: reader.clone(),
+                ino: *ino,
+                cached: *cached,
+            },
             Handle::Staged {
                 ino,
                 staged,
@@ -325,7 +364,12 @@ pub struct FsCore<R: Remote> {
     next_fh: AtomicU64,
     prefetch_budget: Arc<Semaphore>,
     staged_memory: Arc<MemoryBudget>,
+    /// Where invalidations that are not the answer to an event go (the mount's
+    /// invalidation thread); none in unit tests that do not ask.
+    invalidations: std::sync::OnceLock<InvalidationSink>,
 }
+
+type InvalidationSink = Box<dyn Fn(Invalidation) + Send + Sync>;
 
 /// A pinned server version as the base of a staged write.
 struct BaseReader<R: Remote>(Arc<ReadHandle<R>>);
@@ -385,7 +429,48 @@ impl<R: Remote> FsCore<R> {
             next_fh: AtomicU64::new(1),
             prefetch_budget: Arc::new(Semaphore::new(PREFETCH_BUDGET)),
             staged_memory: Arc::new(MemoryBudget::new(STAGED_MEMORY)),
+            invalidations: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets where invalidations due later than an event's answer go (once).
+    pub fn on_invalidation(&self, sink: impl Fn(Invalidation) + Send + Sync + 'static) {
+        let _ = self.invalidations.set(Box::new(sink));
+    }
+
+    fn invalidate(&self, inv: Invalidation) {
+        if let Some(sink) = self.invalidations.get() {
+            sink(inv);
+        }
+    }
+
+    /// A descriptor reading through the kernel's cache closed. After the last one of a
+    /// version that changed meanwhile, the kernel's attributes and pages of it go.
+    fn unpin(&self, ino: u64) {
+        {
+            let mut st = self.state();
+            let Some(p) = st.pinned.get_mut(&ino) else {
+                return;
+            };
+            p.open = p.open.saturating_sub(1);
+            if p.open > 0 {
+                return;
+            }
+            let stale = p.stale;
+            st.pinned.remove(&ino);
+            if !stale {
+                return;
+            }
+            st.cached_version.remove(&ino);
+        }
+        self.invalidate(Invalidation::Inode { ino });
+    }
+
+    /// A file's attributes as the kernel is to see them: those of the version open
+    /// through its cache if there is one (`State::pinned`), else `info`'s.
+    fn reported_attr(&self, st: &State, ino: u64, owner: &str, info: &FileInfo) -> Attr {
+        let info = st.pinned.get(&ino).map_or(info, |p| &p.info);
+        self.file_attr(ino, owner, info.size, time_of(info.mtime_ns))
     }
 
     pub fn user(&self) -> &str {
@@ -521,8 +606,9 @@ impl<R: Remote> FsCore<R> {
                     return Ok(self.staged_attr(ino, &staged));
                 }
                 let info = self.file_info(&owner, name).await?;
-                let ino = self.state().file_ino(&owner, name);
-                Ok(self.file_attr(ino, &owner, info.size, time_of(info.mtime_ns)))
+                let mut st = self.state();
+                let ino = st.file_ino(&owner, name);
+                Ok(self.reported_attr(&st, ino, &owner, &info))
             }
             Node::File(..) => Err(FsError::NotDir),
         }
@@ -533,11 +619,17 @@ impl<R: Remote> FsCore<R> {
             Node::Root => Ok(self.dir_attr(ROOT, false)),
             Node::Folder(owner) => Ok(self.dir_attr(ino, owner == self.user)),
             Node::File(owner, name) => {
-                if let Some(staged) = self.state().staged.get(&ino).cloned() {
-                    return Ok(self.staged_attr(ino, &staged));
+                {
+                    let st = self.state();
+                    if let Some(staged) = st.staged.get(&ino) {
+                        return Ok(self.staged_attr(ino, staged));
+                    }
+                    if let Some(p) = st.pinned.get(&ino) {
+                        return Ok(self.reported_attr(&st, ino, &owner, &p.info));
+                    }
                 }
                 let info = self.file_info(&owner, &name).await?;
-                Ok(self.file_attr(ino, &owner, info.size, time_of(info.mtime_ns)))
+                Ok(self.reported_attr(&self.state(), ino, &owner, &info))
             }
         }
     }
@@ -565,10 +657,7 @@ impl<R: Remote> FsCore<R> {
                 let mut entries: BTreeMap<String, Attr> = BTreeMap::new();
                 for (name, info) in &files {
                     let fino = st.file_ino(&owner, name);
-                    entries.insert(
-                        name.clone(),
-                        self.file_attr(fino, &owner, info.size, time_of(info.mtime_ns)),
-                    );
+                    entries.insert(name.clone(), self.reported_attr(&st, fino, &owner, info));
                 }
                 // Files being written show with their local size, also before their
                 // first upload.
@@ -645,10 +734,51 @@ impl<R: Remote> FsCore<R> {
     /// The staged write of `ino`, created if needed: empty when `truncate`, otherwise
     /// based on the file's current version (fetched only where needed, see `write.rs`).
     async fn stage(&self, ino: u64, name: &str, truncate: bool) -> FsResult<Arc<StagedWrite>> {
-        if let Some(s) = self.state().staged.get(&ino).cloned() {
-            s.acquire();
-            return Ok(s);
+        loop {
+            if let Some(s) = self.live_staged(ino).await {
+                return Ok(s);
+            }
+            let staged = self.stage_new(name, truncate).await?;
+            let theirs = {
+                let mut st = self.state();
+                // Another open may have staged it meanwhile; use theirs.
+                match st.staged.get(&ino).cloned() {
+                    Some(s) => Some(s),
+                    None => {
+                        staged.acquire();
+                        st.staged.insert(ino, staged.clone());
+                        None
+                    }
+                }
+            };
+            let Some(theirs) = theirs else {
+                return Ok(staged);
+            };
+            staged.mark_uploaded(staged.changes());
+            staged.close_base().await;
+            staged.finish(&self.failed_dir);
+            if theirs.try_acquire() {
+                return Ok(theirs);
+            }
+            // Theirs is being released already: wait for it, as above.
         }
+    }
+
+    /// The staged write of `ino` with one more reference, if one is open. One whose last
+    /// descriptor is being released is waited for (its last upload takes the operation
+    /// timeout at most): what it uploads is complete, and what comes next starts afresh.
+    async fn live_staged(&self, ino: u64) -> Option<Arc<StagedWrite>> {
+        loop {
+            let s = self.state().staged.get(&ino).cloned()?;
+            if s.try_acquire() {
+                return Some(s);
+            }
+            s.wait_finished().await;
+        }
+    }
+
+    /// A new staged write, not registered yet: see [`FsCore::stage`].
+    async fn stage_new(&self, name: &str, truncate: bool) -> FsResult<Arc<StagedWrite>> {
         let budget = self.staged_memory.clone();
         let staged = if truncate {
             StagedWrite::create(self.staging.dir(), name, true, budget)
@@ -691,29 +821,7 @@ impl<R: Remote> FsCore<R> {
                 Err(e) => return Err(e.into()),
             }
         };
-        let staged = Arc::new(staged);
-        let theirs = {
-            let mut st = self.state();
-            // Another open may have staged it meanwhile; use theirs.
-            match st.staged.get(&ino).cloned() {
-                Some(s) => Some(s),
-                None => {
-                    staged.acquire();
-                    st.staged.insert(ino, staged.clone());
-                    None
-                }
-            }
-        };
-        match theirs {
-            Some(s) => {
-                staged.mark_uploaded(staged.changes());
-                staged.close_base().await;
-                staged.finish(&self.failed_dir);
-                s.acquire();
-                Ok(s)
-            }
-            None => Ok(staged),
-        }
+        Ok(Arc::new(staged))
     }
 
     pub async fn open(&self, ino: u64, mode: OpenMode) -> FsResult<Opened> {
@@ -738,11 +846,12 @@ impl<R: Remote> FsCore<R> {
             return Ok(Opened {
                 fh,
                 keep_cache: false,
+                refresh_attrs: false,
+                direct: false,
                 content: None,
             });
         }
-        if let Some(staged) = self.state().staged.get(&ino).cloned() {
-            staged.acquire();
+        if let Some(staged) = self.live_staged(ino).await {
             let fh = self.insert_handle(Handle::Staged {
                 ino,
                 staged,
@@ -751,16 +860,45 @@ impl<R: Remote> FsCore<R> {
             return Ok(Opened {
                 fh,
                 keep_cache: true,
+                refresh_attrs: false,
+                direct: false,
                 content: None,
             });
         }
         // Always asks the server: this open is the download the owner hears about.
         let (handle, info, head) = self.remote.open(&owner, &name, HEAD).await?;
-        let keep_cache = {
+        let (keep_cache, refresh_attrs, direct) = {
             let mut st = self.state();
-            let keep = st.cached_version.get(&ino) == Some(&info.version);
-            st.cached_version.insert(ino, info.version);
-            keep
+            match st.pinned.get_mut(&ino) {
+                // Open already, attributes and pages included.
+                Some(p) if p.info.version == info.version => {
+                    p.open += 1;
+                    (true, false, false)
+                }
+                // The kernel's size and pages are the other version's while it is open.
+                Some(p) => {
+                    tracing::debug!(
+                        file = %name,
+                        cached = p.info.version,
+                        opened = info.version,
+                        "another version is open through the cache: reading past it"
+                    );
+                    (false, false, true)
+                }
+                None => {
+                    let keep = st.cached_version.get(&ino) == Some(&info.version);
+                    st.cached_version.insert(ino, info.version);
+                    st.pinned.insert(
+                        ino,
+                        Pinned {
+                            info: info.clone(),
+                            open: 1,
+                            stale: false,
+                        },
+                    );
+                    (keep, true, false)
+                }
+            }
         };
         self.remember(&info);
         let whole = info.size > 0 && head.len() as u64 == info.size;
@@ -772,17 +910,23 @@ impl<R: Remote> FsCore<R> {
             head,
             self.prefetch_budget.clone(),
         ));
-        let fh = self.insert_handle(Handle::Read(reader));
+        let fh = self.insert_handle(Handle::Read {
+            reader,
+            ino,
+            cached: !direct,
+        });
         Ok(Opened {
             fh,
             keep_cache,
+            refresh_attrs,
+            direct,
             content,
         })
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         match self.handle(fh)? {
-            Handle::Read(r) => r.read(offset, size).await,
+            Handle::Read { reader, .. } => reader.read(offset, size).await,
             Handle::Staged { staged, .. } => Ok(Bytes::from(staged.read(offset, size).await?)),
             Handle::Dir(_) => Err(FsError::IsDir),
         }
@@ -802,7 +946,7 @@ impl<R: Remote> FsCore<R> {
                 writable: true,
                 ..
             } => staged,
-            Handle::Staged { .. } | Handle::Read(_) => return Err(FsError::BadHandle),
+            Handle::Staged { .. } | Handle::Read { .. } => return Err(FsError::BadHandle),
             Handle::Dir(_) => return Err(FsError::IsDir),
         };
         let _order = staged.stream_order.lock().await;
@@ -920,10 +1064,20 @@ impl<R: Remote> FsCore<R> {
         tracing::info!(file = %name, size = info.size, "uploaded");
         let mut st = self.state();
         st.folder_changed(&info.owner, &info.name, Some(&info));
-        // The kernel's pages of this file came from these writes (or from the version they
-        // were made on): they are this version's, and the next open may keep them instead
-        // of dropping what may be a gigabyte of cache.
-        st.cached_version.insert(ino, info.version);
+        match st.pinned.get_mut(&ino) {
+            // A descriptor here still reads an earlier version through the cache, so its
+            // pages are mixed with these writes': they go after its last close.
+            Some(p) if p.info.version != info.version => {
+                p.stale = true;
+                st.cached_version.remove(&ino);
+            }
+            // The kernel's pages of this file came from these writes (or from the version
+            // they were made on): they are this version's, and the next open may keep them
+            // instead of dropping what may be a gigabyte of cache.
+            _ => {
+                st.cached_version.insert(ino, info.version);
+            }
+        }
         Ok(())
     }
 
@@ -999,8 +1153,15 @@ impl<R: Remote> FsCore<R> {
         };
         self.take_changed(fh);
         match handle {
-            Handle::Read(r) => {
-                r.close().await;
+            Handle::Read {
+                reader,
+                ino,
+                cached,
+            } => {
+                if cached {
+                    self.unpin(ino);
+                }
+                reader.close().await;
                 Ok(())
             }
             Handle::Dir(_) => Ok(()),
@@ -1008,6 +1169,7 @@ impl<R: Remote> FsCore<R> {
                 if !staged.release() {
                     return Ok(());
                 }
+                // No open joins it from here on (see `live_staged`).
                 let result = {
                     let _serial = staged.upload_lock.lock().await;
                     if staged.dirty() && staged.failure_reported() {
@@ -1023,9 +1185,6 @@ impl<R: Remote> FsCore<R> {
                 staged.close_base().await;
                 {
                     let mut st = self.state();
-                    if staged.refs() > 0 {
-                        return result; // reopened meanwhile: it lives on
-                    }
                     if st.staged.get(&ino).is_some_and(|s| Arc::ptr_eq(s, &staged)) {
                         st.staged.remove(&ino);
                     }
@@ -1061,12 +1220,8 @@ impl<R: Remote> FsCore<R> {
             self.mark_changed(fh);
             return Ok(self.staged_attr(ino, &staged));
         }
-        let existing = self.state().staged.get(&ino).cloned();
-        if let Some(staged) = existing {
-            staged.truncate(size)?;
-            return Ok(self.staged_attr(ino, &staged));
-        }
-        // truncate(2) on a path with no open descriptor: stage, truncate, upload now.
+        // truncate(2) on a path: stage (or join the open descriptors' staged file) and
+        // truncate; with no descriptor open, the release uploads it now.
         let staged = self.stage(ino, &name, size == 0).await?;
         staged.truncate(size)?;
         let fh = self.insert_handle(Handle::Staged {
@@ -1210,8 +1365,16 @@ impl<R: Remote> FsCore<R> {
                         .as_ref()
                         .is_some_and(|f| st.cached_version.get(&ino) == Some(&f.version));
                     if !unchanged && !st.staged.contains_key(&ino) {
-                        st.cached_version.remove(&ino);
-                        out.push(Invalidation::Inode { ino });
+                        let version = file.as_ref().map(|f| f.version);
+                        match st.pinned.get_mut(&ino) {
+                            // Its readers see their version to the end; the kernel lets
+                            // it go after the last close (`unpin`).
+                            Some(p) => p.stale |= version != Some(p.info.version),
+                            None => {
+                                st.cached_version.remove(&ino);
+                                out.push(Invalidation::Inode { ino });
+                            }
+                        }
                     }
                 }
                 out

@@ -50,6 +50,8 @@ pub struct FuseAdapter<R: Remote> {
     gid: u32,
     /// Puts file content into the kernel's cache; set once the session exists.
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Makes the kernel forget attributes before an open is answered; set with `notifier`.
+    invalidator: Arc<OnceLock<Invalidator>>,
 }
 
 impl<R: Remote> FuseAdapter<R> {
@@ -57,6 +59,7 @@ impl<R: Remote> FuseAdapter<R> {
         core: Arc<FsCore<R>>,
         rt: tokio::runtime::Handle,
         notifier: Arc<OnceLock<fuser::Notifier>>,
+        invalidator: Arc<OnceLock<Invalidator>>,
     ) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -66,6 +69,7 @@ impl<R: Remote> FuseAdapter<R> {
             uid,
             gid,
             notifier,
+            invalidator,
         }
     }
 
@@ -377,9 +381,15 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             truncate: flags.0 & libc::O_TRUNC != 0,
         };
         let notifier = self.notifier.clone();
+        let invalidator = self.invalidator.clone();
         self.run(move |core, _, _| async move {
             match core.open(ino.0, mode).await {
                 Ok(o) => {
+                    if let (true, Some(inv)) = (o.refresh_attrs, invalidator.get()) {
+                        // Before the reply: reads through this descriptor stop at the
+                        // size of its version, not at one the kernel kept from another.
+                        inv.apply(Invalidation::Attr { ino: ino.0 }).await;
+                    }
                     if let (Some(content), Some(n)) = (&o.content, notifier.get()) {
                         // A small file that came whole with the open: hand it to the
                         // kernel's cache now, so the read that follows is answered there
@@ -387,7 +397,10 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                         // refuses, it asks with a read as usual.
                         let _ = n.store(ino, 0, content);
                     }
-                    let mut f = if o.keep_cache {
+                    let mut f = if o.direct {
+                        // Past the cache, which stays the other version's.
+                        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_KEEP_CACHE
+                    } else if o.keep_cache {
                         FopenFlags::FOPEN_KEEP_CACHE
                     } else {
                         FopenFlags::empty()
@@ -649,28 +662,62 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 }
 
-/// Applies invalidations to the kernel from a thread of its own: a notification can block
-/// while the kernel waits on a request the filesystem is answering.
-pub fn spawn_invalidator(notifier: fuser::Notifier) -> std::sync::mpsc::Sender<Invalidation> {
-    let (tx, rx) = std::sync::mpsc::channel::<Invalidation>();
-    let spawned = std::thread::Builder::new()
-        .name("sharefs-inval".into())
-        .spawn(move || {
-            for inv in rx {
-                // ENOENT means the kernel had nothing cached: fine.
-                let _ = match &inv {
-                    Invalidation::Entry { parent, name } => {
-                        notifier.inval_entry(INodeNo(*parent), OsStr::new(name))
+/// How long an open waits for its invalidation to be applied. The kernel applies one at
+/// once unless it has to wait for pages being read, which this mount answers meanwhile.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
+
+type InvalidationMsg = (Invalidation, Option<tokio::sync::oneshot::Sender<()>>);
+
+/// Applies invalidations to the kernel in the order they are sent, from a thread of its
+/// own: a notification can block while the kernel waits on a request the filesystem is
+/// answering.
+#[derive(Clone)]
+pub struct Invalidator {
+    tx: std::sync::mpsc::Sender<InvalidationMsg>,
+}
+
+impl Invalidator {
+    pub fn spawn(notifier: fuser::Notifier) -> Invalidator {
+        let (tx, rx) = std::sync::mpsc::channel::<InvalidationMsg>();
+        let spawned = std::thread::Builder::new()
+            .name("sharefs-inval".into())
+            .spawn(move || {
+                for (inv, done) in rx {
+                    // ENOENT means the kernel had nothing cached: fine.
+                    let _ = match &inv {
+                        Invalidation::Entry { parent, name } => {
+                            notifier.inval_entry(INodeNo(*parent), OsStr::new(name))
+                        }
+                        Invalidation::Inode { ino } => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                        Invalidation::Attr { ino } => notifier.inval_inode(INodeNo(*ino), -1, 0),
+                    };
+                    if let Some(done) = done {
+                        let _ = done.send(());
                     }
-                    Invalidation::Inode { ino } => notifier.inval_inode(INodeNo(*ino), 0, 0),
-                    Invalidation::Attr { ino } => notifier.inval_inode(INodeNo(*ino), -1, 0),
-                };
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the invalidation thread");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the invalidation thread");
+        }
+        Invalidator { tx }
     }
-    tx
+
+    /// Queues `inv`; false once the thread is gone.
+    pub fn send(&self, inv: Invalidation) -> bool {
+        self.tx.send((inv, None)).is_ok()
+    }
+
+    /// Applies `inv` after everything queued before it, and returns once the kernel has
+    /// (or after [`APPLY_WAIT`], logged).
+    pub async fn apply(&self, inv: Invalidation) {
+        let (done, applied) = tokio::sync::oneshot::channel();
+        if self.tx.send((inv.clone(), Some(done))).is_err() {
+            return;
+        }
+        if tokio::time::timeout(APPLY_WAIT, applied).await.is_err() {
+            tracing::warn!(?inv, "the kernel did not apply an invalidation in time");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 
 use crate::connection::{Connection, ConnectionEvent};
 use crate::desktop;
-use crate::fs::{FsCore, Invalidation};
-use crate::fuse::{spawn_invalidator, FuseAdapter};
+use crate::fs::FsCore;
+use crate::fuse::{FuseAdapter, Invalidator};
 use crate::mountpoint;
 use crate::remote::ConnectOptions;
 
@@ -190,7 +190,13 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
         .map_err(|e| anyhow!("{e}"))?;
     let core = Arc::new(FsCore::new(conn.clone(), cache_dir).map_err(|e| anyhow!("{e}"))?);
     let notifier = Arc::new(std::sync::OnceLock::new());
-    let adapter = FuseAdapter::new(core.clone(), runtime.handle().clone(), notifier.clone());
+    let invalidator = Arc::new(std::sync::OnceLock::new());
+    let adapter = FuseAdapter::new(
+        core.clone(),
+        runtime.handle().clone(),
+        notifier.clone(),
+        invalidator.clone(),
+    );
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -209,7 +215,12 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
         .with_context(|| format!("cannot mount at {}", args.mountpoint.display()))?;
     raise_readahead(&args.mountpoint);
     let _ = notifier.set(session.notifier());
-    let invalidate = spawn_invalidator(session.notifier());
+    let invalidate = Invalidator::spawn(session.notifier());
+    let _ = invalidator.set(invalidate.clone());
+    let sink = invalidate.clone();
+    core.on_invalidation(move |inv| {
+        sink.send(inv);
+    });
     runtime.spawn(event_loop(conn, core, events, invalidate));
 
     let mut unmounter = session.unmount_callable();
@@ -266,7 +277,7 @@ async fn event_loop(
     conn: Connection,
     core: Arc<FsCore<Connection>>,
     mut events: mpsc::UnboundedReceiver<ConnectionEvent>,
-    invalidate: std::sync::mpsc::Sender<Invalidation>,
+    invalidate: Invalidator,
 ) {
     // Notifications wait on the desktop's daemon; they get their own task so file
     // changes are never delayed behind them.
@@ -289,7 +300,7 @@ async fn event_loop(
             ConnectionEvent::Lost(_) => continue,
         };
         for inv in invalidations {
-            if invalidate.send(inv).is_err() {
+            if !invalidate.send(inv) {
                 return;
             }
         }

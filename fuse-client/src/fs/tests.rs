@@ -501,6 +501,44 @@ fn pages_written_here_are_kept_for_the_version_they_became() {
     });
 }
 
+/// Writing one's own file while a descriptor here still reads an earlier version of it:
+/// the kernel's pages are then a mix of both, and go after the reader's last close.
+#[test]
+fn pages_written_while_an_earlier_version_is_read_here_go_after_it_closes() {
+    rt().block_on(async {
+        let e = env("alice");
+        let later = Arc::new(Mutex::new(Vec::new()));
+        let sink = later.clone();
+        e.core
+            .on_invalidation(move |inv| sink.lock().unwrap().push(inv));
+        let dir = folder(&e.core, "alice").await;
+        let (attr, fh) = e.core.create(dir, "f").await.unwrap();
+        e.core.write(fh, 0, b"one").await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let reader = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
+        assert!(reader.keep_cache, "{reader:?}");
+        let write = OpenMode {
+            write: true,
+            truncate: true,
+        };
+        let w = e.core.open(attr.ino, write).await.unwrap();
+        e.core.write(w.fh, 0, b"two").await.unwrap();
+        e.core.flush(w.fh).await.unwrap();
+        e.core.release(w.fh).await.unwrap();
+        assert_eq!(e.core.read(reader.fh, 0, 10).await.unwrap(), &b"one"[..]);
+        assert!(later.lock().unwrap().is_empty());
+        e.core.release(reader.fh).await.unwrap();
+        assert_eq!(
+            *later.lock().unwrap(),
+            [Invalidation::Inode { ino: attr.ino }]
+        );
+        let o = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
+        assert!(!o.keep_cache && o.refresh_attrs, "{o:?}");
+        assert_eq!(e.core.read(o.fh, 0, 10).await.unwrap(), &b"two"[..]);
+        e.core.release(o.fh).await.unwrap();
+    });
+}
+
 #[test]
 fn every_open_reaches_the_server_and_cache_is_kept_per_version() {
     rt().block_on(async {
@@ -526,6 +564,60 @@ fn every_open_reaches_the_server_and_cache_is_kept_per_version() {
         assert_eq!(e.core.read(o3.fh, 0, 10).await.unwrap(), &b"two"[..]);
         e.core.release(o3.fh).await.unwrap();
         assert_eq!(e.core.remote.opens.lock().unwrap().len(), 3);
+    });
+}
+
+/// While a version is open for reading through the kernel's cache, the kernel keeps
+/// seeing that version: attributes report it, a change elsewhere drops its attributes and
+/// pages only after the last close, and an open of the new version meanwhile reads past
+/// the cache.
+#[test]
+fn a_version_open_through_the_cache_stays_the_kernels_until_its_last_close() {
+    rt().block_on(async {
+        let e = env("bob");
+        let later = Arc::new(Mutex::new(Vec::new()));
+        let sink = later.clone();
+        e.core
+            .on_invalidation(move |inv| sink.lock().unwrap().push(inv));
+        e.core.remote.put("alice", "f", b"long version");
+        let alice = folder(&e.core, "alice").await;
+        let f = e.core.lookup(alice, "f").await.unwrap();
+        let o1 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(o1.refresh_attrs && !o1.direct && !o1.keep_cache, "{o1:?}");
+
+        let info = e.core.remote.put("alice", "f", b"short");
+        let inv = changed(&e.core, "alice", "f", Some(info));
+        assert!(
+            !inv.contains(&Invalidation::Inode { ino: f.ino }),
+            "{inv:?}"
+        );
+        assert_eq!(e.core.getattr(f.ino).await.unwrap().size, 12);
+        assert_eq!(e.core.lookup(alice, "f").await.unwrap().size, 12);
+        let o2 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(
+            o2.direct && !o2.refresh_attrs && o2.content.is_none(),
+            "{o2:?}"
+        );
+        assert_eq!(e.core.read(o2.fh, 0, 100).await.unwrap(), &b"short"[..]);
+        assert_eq!(
+            e.core.read(o1.fh, 0, 100).await.unwrap(),
+            &b"long version"[..]
+        );
+        e.core.release(o2.fh).await.unwrap();
+        assert!(later.lock().unwrap().is_empty());
+
+        e.core.release(o1.fh).await.unwrap();
+        assert_eq!(*later.lock().unwrap(), [Invalidation::Inode { ino: f.ino }]);
+        assert_eq!(e.core.getattr(f.ino).await.unwrap().size, 5);
+        let o3 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(o3.refresh_attrs && !o3.direct && !o3.keep_cache, "{o3:?}");
+        assert_eq!(e.core.read(o3.fh, 0, 100).await.unwrap(), &b"short"[..]);
+        // A second descriptor of the same version shares the cache as it is.
+        let o4 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(o4.keep_cache && !o4.refresh_attrs && !o4.direct, "{o4:?}");
+        e.core.release(o3.fh).await.unwrap();
+        e.core.release(o4.fh).await.unwrap();
+        assert_eq!(later.lock().unwrap().len(), 1, "unchanged: nothing to drop");
     });
 }
 

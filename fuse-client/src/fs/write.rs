@@ -142,6 +142,9 @@ pub struct StagedWrite {
     /// await; `stream_order` keeps feeds in write order.
     pub stream: Mutex<StreamState>,
     pub stream_order: tokio::sync::Mutex<()>,
+    /// Becomes true once the last descriptor's release is done ([`StagedWrite::finish`]):
+    /// an open that finds this file being released waits for it instead of joining it.
+    finished: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for StagedWrite {
@@ -231,6 +234,7 @@ impl StagedWrite {
             upload_lock: tokio::sync::Mutex::new(()),
             stream: Mutex::new(StreamState::Eligible),
             stream_order: tokio::sync::Mutex::new(()),
+            finished: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -279,6 +283,25 @@ impl StagedWrite {
         let mut s = self.state();
         s.unlinked = true;
         s.uploaded = s.changes;
+    }
+
+    /// Takes one more reference unless the last one is gone: a staged file whose last
+    /// descriptor is being released uploads what it holds, and an open that joined it now
+    /// would have its truncation or first writes uploaded as a version of their own.
+    pub fn try_acquire(&self) -> bool {
+        let mut s = self.state();
+        if s.refs == 0 {
+            return false;
+        }
+        s.refs += 1;
+        true
+    }
+
+    /// Waits until [`StagedWrite::finish`] has run.
+    pub async fn wait_finished(&self) {
+        let mut rx = self.finished.subscribe();
+        // An error means the sender is gone, i.e. so is the staged file.
+        let _ = rx.wait_for(|done| *done).await;
     }
 
     /// Drops one reference; true when it was the last.
@@ -554,6 +577,7 @@ impl StagedWrite {
             *reserved = 0;
             *data = Vec::new();
         }
+        self.finished.send_replace(true);
     }
 }
 
