@@ -49,7 +49,14 @@ pub struct ReadHandle<R: Remote> {
     head: Bytes,
     prefetch: Mutex<Prefetch>,
     budget: Arc<Semaphore>,
+    /// The last fetch that failed for want of the server, and when. The kernel answers a
+    /// failed readahead by reading the same pages again at once, each a new operation that
+    /// would wait a whole timeout again; within [`FAILURE_ECHO`] it gets the same answer.
+    failed: Mutex<Option<(std::time::Instant, FsError)>>,
 }
+
+/// How long a fetch that failed for want of the server answers the fetches after it.
+const FAILURE_ECHO: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<R: Remote> ReadHandle<R> {
     pub fn new(
@@ -66,6 +73,7 @@ impl<R: Remote> ReadHandle<R> {
             handle: Mutex::new(handle),
             prefetch: Mutex::new(Prefetch::default()),
             budget,
+            failed: Mutex::new(None),
         }
     }
 
@@ -79,6 +87,25 @@ impl<R: Remote> ReadHandle<R> {
     /// Reads `len` bytes at `offset` from the server, reopening the file (at the same
     /// version) if the connection was replaced since it was opened.
     async fn fetch(self: Arc<Self>, offset: u64, len: u32) -> FsResult<Bytes> {
+        if let Ok(failed) = self.failed.lock() {
+            if let Some((at, e)) = failed
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < FAILURE_ECHO)
+            {
+                tracing::debug!(ago = ?at.elapsed(), "read fails as the one just before it did");
+                return Err(e.clone());
+            }
+        }
+        let result = self.fetch_once(offset, len).await;
+        if let Err(e @ FsError::Io(_)) = &result {
+            if let Ok(mut failed) = self.failed.lock() {
+                *failed = Some((std::time::Instant::now(), e.clone()));
+            }
+        }
+        result
+    }
+
+    async fn fetch_once(&self, offset: u64, len: u32) -> FsResult<Bytes> {
         let mut reopened = 0;
         loop {
             let handle = self.current_handle();
