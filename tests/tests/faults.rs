@@ -239,3 +239,54 @@ async fn downloads_go_on_when_the_disk_is_full() {
     let who: Vec<&str> = pending.iter().map(|n| n.downloader.as_str()).collect();
     assert_eq!(who, ["bob", "carol"], "notifications after a restart");
 }
+
+/// The notification history is made durable with each record (a power cut must not lose
+/// it): watched with strace, a download's record is followed by an fsync or fdatasync of
+/// history.jsonl before the download's data arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notification_history_is_synced_with_each_record() {
+    let server = TestServer::start();
+    let (alice, _) = server.connect("alice").await;
+    upload(&alice, "shared.txt", b"hello").await;
+    let (bob, _) = server.connect("bob").await;
+    let trace = tempfile::NamedTempFile::new().unwrap();
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(trace.path())
+        .arg("-p")
+        .arg(server.pid().unwrap().to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (the test needs it installed)");
+    // strace is attached once it has traced something: a listing costs no sync, an
+    // upload of alice's does.
+    let attached = std::time::Instant::now();
+    loop {
+        upload(&alice, "probe.txt", b"probe").await;
+        if std::fs::read_to_string(trace.path()).is_ok_and(|t| t.contains("fdatasync")) {
+            break;
+        }
+        assert!(attached.elapsed() < TIMEOUT, "strace never attached");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    download(&bob, "alice", "shared.txt").await.unwrap();
+    let synced = |t: &str| {
+        t.lines().any(|l| {
+            (l.contains("fdatasync(") || l.contains("fsync(")) && l.contains("history.jsonl")
+        })
+    };
+    let seen = std::time::Instant::now();
+    while !std::fs::read_to_string(trace.path()).is_ok_and(|t| synced(&t)) {
+        if seen.elapsed() > std::time::Duration::from_secs(10) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = strace.kill();
+    let _ = strace.wait();
+    let text = std::fs::read_to_string(trace.path()).unwrap();
+    assert!(
+        synced(&text),
+        "history.jsonl was never synced; syncs seen:\n{text}"
+    );
+}
