@@ -16,6 +16,7 @@
 //! has arrived for two, the connection is dropped and replaced, well within one timeout.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +63,10 @@ struct Inner {
     /// The live client and its generation, or `None` while reconnecting.
     live: watch::Receiver<Option<(RemoteClient, u64)>>,
     op_timeout: Duration,
+    /// Set when an operation waited its whole timeout for a connection in vain; cleared
+    /// when one is up again. Meanwhile operations fail at once instead of each waiting a
+    /// timeout more, so a command that makes several fails within one.
+    gave_up: Arc<AtomicBool>,
     /// Ends the background task when the last handle is dropped.
     _stop: mpsc::Sender<()>,
 }
@@ -78,12 +83,16 @@ impl Connection {
         let (live_tx, live) = watch::channel(Some((client.clone(), 1)));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = mpsc::channel(1);
+        let gave_up = Arc::new(AtomicBool::new(false));
         tokio::spawn(keep_alive(
             opts.clone(),
             client_id,
             client,
             events,
-            live_tx,
+            Live {
+                tx: live_tx,
+                gave_up: gave_up.clone(),
+            },
             ev_tx,
             stop_rx,
             op_timeout,
@@ -94,6 +103,7 @@ impl Connection {
                     user: opts.user,
                     live,
                     op_timeout,
+                    gave_up,
                     _stop: stop_tx,
                 }),
             },
@@ -132,14 +142,22 @@ impl Connection {
     /// Waits until `deadline` for a live client.
     async fn client(&self, deadline: Instant) -> Result<(RemoteClient, u64)> {
         let mut live = self.inner.live.clone();
-        let wait = live.wait_for(|c| c.as_ref().is_some_and(|(c, _)| !c.is_closed()));
+        let usable =
+            |c: &Option<(RemoteClient, u64)>| c.as_ref().is_some_and(|(c, _)| !c.is_closed());
+        if self.inner.gave_up.load(Ordering::SeqCst) && !usable(&live.borrow()) {
+            return Err(ClientError::Timeout(self.inner.op_timeout));
+        }
+        let wait = live.wait_for(usable);
         let result = match tokio::time::timeout_at(deadline, wait).await {
             Ok(Ok(guard)) => guard
                 .as_ref()
                 .cloned()
                 .ok_or_else(|| ClientError::Disconnected("no connection".into())),
             Ok(Err(_)) => Err(ClientError::Disconnected("connection task ended".into())),
-            Err(_) => Err(ClientError::Timeout(self.inner.op_timeout)),
+            Err(_) => {
+                self.inner.gave_up.store(true, Ordering::SeqCst);
+                Err(ClientError::Timeout(self.inner.op_timeout))
+            }
         };
         result
     }
@@ -398,13 +416,20 @@ fn beat_for(op_timeout: Duration) -> Duration {
     (op_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10))
 }
 
+/// Where the background task publishes the live client.
+struct Live {
+    tx: watch::Sender<Option<(RemoteClient, u64)>>,
+    /// Cleared when a connection is up again (see `Inner::gave_up`).
+    gave_up: Arc<AtomicBool>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn keep_alive(
     opts: ConnectOptions,
     client_id: u64,
     mut client: RemoteClient,
     mut events: crate::remote::EventStream,
-    live: watch::Sender<Option<(RemoteClient, u64)>>,
+    live: Live,
     out: mpsc::UnboundedSender<ConnectionEvent>,
     mut stop: mpsc::Receiver<()>,
     op_timeout: Duration,
@@ -433,7 +458,7 @@ async fn keep_alive(
             }
         }
         drop(client);
-        let _ = live.send(None);
+        let _ = live.tx.send(None);
         tracing::warn!(server = %opts.server, "connection lost; reconnecting");
         let _ = out.send(ConnectionEvent::Lost("connection lost".into()));
         let mut backoff = Duration::from_millis(50);
@@ -460,7 +485,8 @@ async fn keep_alive(
         }
         generation += 1;
         tracing::info!(server = %opts.server, generation, "reconnected");
-        let _ = live.send(Some((client.clone(), generation)));
+        live.gave_up.store(false, Ordering::SeqCst);
+        let _ = live.tx.send(Some((client.clone(), generation)));
         let _ = out.send(ConnectionEvent::Reconnected);
     }
 }

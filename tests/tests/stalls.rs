@@ -122,25 +122,32 @@ fn operations_that_failed_on_a_stalled_network_never_run_later() {
     let opened = fs::File::open(dir.join("big")).unwrap();
 
     proxy.stall_all();
-    // A read is one operation: its retries and reopen share one deadline.
-    fails_with_eio(
-        "uncached read",
-        OP_TIMEOUT + Duration::from_millis(1500),
-        || {
-            use std::os::unix::fs::FileExt;
-            let mut buf = vec![0u8; 64 * 1024];
-            opened.read_exact_at(&mut buf, 6 << 20)
-        },
-    );
-    // One FUSE operation waits at most one timeout; a command may make two (a lookup,
-    // then the change), with a second of slack each.
-    let limit = 2 * (OP_TIMEOUT + Duration::from_secs(1));
-    fails_with_eio("rm x", limit, || fs::remove_file(dir.join("x")));
-    fails_with_eio("cp v1 -> y", limit, || {
-        write_and_close(&dir.join("y"), b"y v1")
-    });
-    fails_with_eio("mv z z2", limit, || {
-        fs::rename(dir.join("z"), dir.join("z2"))
+    // All at once, so each request goes out on the connection that stalls. One
+    // operation waits at most one timeout (a read's retries and reopen included); the
+    // operations after it fail at once while the connection is still down, so a command
+    // that makes several (a lookup, then the change) fails within one timeout too.
+    std::thread::scope(|s| {
+        let limit = OP_TIMEOUT + Duration::from_millis(1500);
+        let dir = &dir;
+        let opened = &opened;
+        s.spawn(move || {
+            fails_with_eio("uncached read", limit, || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; 64 * 1024];
+                opened.read_exact_at(&mut buf, 6 << 20)
+            })
+        });
+        s.spawn(move || fails_with_eio("rm x", limit, || fs::remove_file(dir.join("x"))));
+        s.spawn(move || {
+            fails_with_eio("cp v1 -> y", limit, || {
+                write_and_close(&dir.join("y"), b"y v1")
+            })
+        });
+        s.spawn(move || {
+            fails_with_eio("mv z z2", limit, || {
+                fs::rename(dir.join("z"), dir.join("z2"))
+            })
+        });
     });
 
     // Meanwhile another client writes newer versions.
@@ -189,13 +196,21 @@ fn operations_that_failed_on_a_stopped_server_never_run_later() {
 
     // SIGSTOP: the connection stays up, the kernel takes the requests, nothing answers.
     server.pause();
-    let limit = 2 * (OP_TIMEOUT + Duration::from_secs(1));
-    fails_with_eio("rm x", limit, || fs::remove_file(dir.join("x")));
-    fails_with_eio("cp v1 -> y", limit, || {
-        write_and_close(&dir.join("y"), b"y v1")
-    });
-    fails_with_eio("mv z z2", limit, || {
-        fs::rename(dir.join("z"), dir.join("z2"))
+    // All at once, so each request reaches the stopped server's socket.
+    std::thread::scope(|s| {
+        let limit = OP_TIMEOUT + Duration::from_millis(1500);
+        let dir = &dir;
+        s.spawn(move || fails_with_eio("rm x", limit, || fs::remove_file(dir.join("x"))));
+        s.spawn(move || {
+            fails_with_eio("cp v1 -> y", limit, || {
+                write_and_close(&dir.join("y"), b"y v1")
+            })
+        });
+        s.spawn(move || {
+            fails_with_eio("mv z z2", limit, || {
+                fs::rename(dir.join("z"), dir.join("z2"))
+            })
+        });
     });
     server.resume();
 
