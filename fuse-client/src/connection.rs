@@ -64,9 +64,12 @@ struct Inner {
     live: watch::Receiver<Option<(RemoteClient, u64)>>,
     op_timeout: Duration,
     /// Set when an operation waited its whole timeout for a connection in vain; cleared
-    /// when one is up again. Meanwhile operations fail at once instead of each waiting a
-    /// timeout more, so a command that makes several fails within one.
+    /// when one is up again. Meanwhile an operation asks for a reconnect attempt at once
+    /// and waits for it at most [`GAVE_UP_GRACE`] instead of a whole timeout more, so a
+    /// command that makes several operations fails within about one.
     gave_up: Arc<AtomicBool>,
+    /// Wakes the background task out of its backoff for an immediate attempt.
+    retry_now: Arc<tokio::sync::Notify>,
     /// Ends the background task when the last handle is dropped.
     _stop: mpsc::Sender<()>,
 }
@@ -84,6 +87,7 @@ impl Connection {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = mpsc::channel(1);
         let gave_up = Arc::new(AtomicBool::new(false));
+        let retry_now = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(keep_alive(
             opts.clone(),
             client_id,
@@ -92,6 +96,7 @@ impl Connection {
             Live {
                 tx: live_tx,
                 gave_up: gave_up.clone(),
+                retry_now: retry_now.clone(),
             },
             ev_tx,
             stop_rx,
@@ -104,6 +109,7 @@ impl Connection {
                     live,
                     op_timeout,
                     gave_up,
+                    retry_now,
                     _stop: stop_tx,
                 }),
             },
@@ -144,11 +150,13 @@ impl Connection {
         let mut live = self.inner.live.clone();
         let usable =
             |c: &Option<(RemoteClient, u64)>| c.as_ref().is_some_and(|(c, _)| !c.is_closed());
+        let mut until = deadline;
         if self.inner.gave_up.load(Ordering::SeqCst) && !usable(&live.borrow()) {
-            return Err(ClientError::Timeout(self.inner.op_timeout));
+            self.inner.retry_now.notify_one();
+            until = deadline.min(Instant::now() + GAVE_UP_GRACE);
         }
         let wait = live.wait_for(usable);
-        let result = match tokio::time::timeout_at(deadline, wait).await {
+        let result = match tokio::time::timeout_at(until, wait).await {
             Ok(Ok(guard)) => guard
                 .as_ref()
                 .cloned()
@@ -416,11 +424,17 @@ fn beat_for(op_timeout: Duration) -> Duration {
     (op_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10))
 }
 
+/// How long an operation waits for a connection once one before it waited a whole
+/// timeout in vain (see `Inner::gave_up`).
+const GAVE_UP_GRACE: Duration = Duration::from_secs(1);
+
 /// Where the background task publishes the live client.
 struct Live {
     tx: watch::Sender<Option<(RemoteClient, u64)>>,
     /// Cleared when a connection is up again (see `Inner::gave_up`).
     gave_up: Arc<AtomicBool>,
+    /// Notified by an operation that wants an attempt now.
+    retry_now: Arc<tokio::sync::Notify>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -477,6 +491,7 @@ async fn keep_alive(
                     tracing::debug!(error = %e, ?backoff, "reconnect failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
+                        () = live.retry_now.notified() => {}
                         _ = stop.recv() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
