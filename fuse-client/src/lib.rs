@@ -5,8 +5,9 @@
 //! # Layout
 //! - [`remote`]: `RemoteClient`, one cheap-to-clone handle per connection; request ids,
 //!   waiters, pushed events.
-//! - [`connection`]: `Connection`, a `RemoteClient` that reconnects, with one deadline
-//!   per operation.
+//! - [`connection`]: `Connection`, a `RemoteClient` that reconnects: a heartbeat that
+//!   replaces a silent connection, one deadline per operation, and a client id that
+//!   fences the older connections on the server.
 //! - [`tls`]: how the client trusts a server (pinned fingerprint, CA, known servers).
 //! - [`transfer`]: whole-file upload and download with bounded memory.
 //! - [`settings`]: connection settings from flags, environment, password file or prompt.
