@@ -344,6 +344,35 @@ pub fn output_within(cmd: &mut Command) -> std::process::Output {
     }
 }
 
+/// A runtime for blocking tests that call the client library now and then.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The file as the server has it, read with the client library (not through a mount).
+pub fn server_content(server: &TestServer, owner: &str, name: &str) -> Option<Vec<u8>> {
+    rt().block_on(async {
+        let (c, _) = server.connect("carol").await;
+        download(&c, owner, name).await.ok()
+    })
+}
+
+/// Waits (bounded by `limit`) until `cond` holds; panics naming `what` otherwise.
+pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Deterministic pseudo-random content.
 pub fn content(seed: u64, len: usize) -> Vec<u8> {
     use rand::{RngCore, SeedableRng};

@@ -71,13 +71,33 @@ async fn verify(server: &TestServer, confirmed: &BTreeMap<String, u64>, size: us
     );
 }
 
+/// Every confirmed file reads back exactly while the server runs, after a clean restart
+/// and after kill -9.
+async fn verify_through_restarts(
+    server: &mut TestServer,
+    confirmed: &BTreeMap<String, u64>,
+    size: usize,
+) {
+    verify(server, confirmed, size, "while running").await;
+    server.terminate();
+    server.restart();
+    verify(server, confirmed, size, "after a clean restart").await;
+    server.restart();
+    verify(server, confirmed, size, "after kill -9").await;
+}
+
+/// A server whose data directory is on `fs`, keeping `reserve` free.
+fn server_on(fs: &SmallFs, reserve: &str) -> TestServer {
+    TestServer::start_in(Some(&fs.join("data")), &["--disk-reserve", reserve])
+}
+
 /// Small files (appended to the pack) on a disk with less free space than one step of
 /// the zeros kept ahead of the pack: each write is confirmed and intact, or refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nearly_full_disk_never_corrupts_confirmed_small_files() {
     for (count, size) in [(200u64, 60 * 1024usize), (4000, 4096)] {
         let fs = SmallFs::new(32);
-        let mut server = TestServer::start_in(Some(&fs.join("data")), &["--disk-reserve", "0"]);
+        let mut server = server_on(&fs, "0");
         let (alice, _) = server.connect("alice").await;
         // A first file makes the folder, journal and pack exist.
         upload(&alice, "first", b"first").await;
@@ -89,12 +109,7 @@ async fn a_nearly_full_disk_never_corrupts_confirmed_small_files() {
         );
         assert!(!confirmed.is_empty(), "nothing fit in 2 MiB");
         assert!(refused > 0, "the disk never filled up");
-        verify(&server, &confirmed, size, "while running").await;
-        server.terminate();
-        server.restart();
-        verify(&server, &confirmed, size, "after a clean restart").await;
-        server.restart();
-        verify(&server, &confirmed, size, "after kill -9").await;
+        verify_through_restarts(&mut server, &confirmed, size).await;
     }
 }
 
@@ -103,7 +118,7 @@ async fn a_nearly_full_disk_never_corrupts_confirmed_small_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nearly_full_disk_keeps_every_confirmed_create() {
     let fs = SmallFs::new(32);
-    let mut server = TestServer::start_in(Some(&fs.join("data")), &["--disk-reserve", "0"]);
+    let mut server = server_on(&fs, "0");
     let (alice, _) = server.connect("alice").await;
     upload(&alice, "first", b"first").await;
     fs.fill_leaving(512 << 10);
@@ -113,10 +128,7 @@ async fn a_nearly_full_disk_keeps_every_confirmed_create() {
         confirmed.len()
     );
     assert!(confirmed.len() > 100, "too few creates fit in 512 KiB");
-    verify(&server, &confirmed, 0, "while running").await;
-    server.terminate();
-    server.restart();
-    verify(&server, &confirmed, 0, "after a clean restart").await;
+    verify_through_restarts(&mut server, &confirmed, 0).await;
 }
 
 /// With free space below the reserve, creates, renames and uploads are refused with
@@ -125,7 +137,7 @@ async fn a_nearly_full_disk_keeps_every_confirmed_create() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_change_but_a_delete_respects_the_reserve() {
     let fs = SmallFs::new(32);
-    let mut server = TestServer::start_in(Some(&fs.join("data")), &["--disk-reserve", "16M"]);
+    let mut server = server_on(&fs, "16M");
     let (alice, _) = server.connect("alice").await;
     let mut confirmed = BTreeMap::new();
     for i in 0..20u64 {
@@ -150,10 +162,7 @@ async fn every_change_but_a_delete_respects_the_reserve() {
         .await
         .unwrap();
     confirmed.remove("k00019");
-    verify(&server, &confirmed, 1000, "while running").await;
-    server.terminate();
-    server.restart();
-    verify(&server, &confirmed, 1000, "after a clean restart").await;
+    verify_through_restarts(&mut server, &confirmed, 1000).await;
 }
 
 /// Parallel uploads add up against the reserve: together they never leave less free
@@ -162,7 +171,7 @@ async fn every_change_but_a_delete_respects_the_reserve() {
 async fn concurrent_uploads_respect_the_reserve() {
     const SIZE: usize = 56 << 20;
     let fs = SmallFs::new(256);
-    let server = TestServer::start_in(Some(&fs.join("data")), &["--disk-reserve", "128M"]);
+    let server = server_on(&fs, "128M");
     let data = std::sync::Arc::new(content(5, SIZE));
     let mut tasks = Vec::new();
     for i in 0..4u64 {
@@ -200,7 +209,7 @@ async fn concurrent_uploads_respect_the_reserve() {
 async fn downloads_go_on_when_the_disk_is_full() {
     use sharefs_protocol::Event;
     let fs = SmallFs::new(32);
-    let mut server = TestServer::start_in(Some(&fs.join("data")), &["--disk-reserve", "0"]);
+    let mut server = server_on(&fs, "0");
     let (alice, mut alice_events) = server.connect("alice").await;
     let data = content(9, 100_000);
     upload(&alice, "shared.bin", &data).await;

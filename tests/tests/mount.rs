@@ -10,35 +10,10 @@ use std::time::{Duration, Instant};
 use sharefs_tests::mount::{fuse_available, TestMount};
 use sharefs_tests::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// The file as the server has it, read with the client library (not through a mount).
-fn server_content(server: &TestServer, owner: &str, name: &str) -> Option<Vec<u8>> {
-    rt().block_on(async {
-        let (c, _) = server.connect("carol").await;
-        download(&c, owner, name).await.ok()
-    })
-}
-
 fn assert_errno<T: std::fmt::Debug>(r: std::io::Result<T>, errno: i32, what: &str) {
     match r {
         Ok(v) => panic!("{what}: succeeded ({v:?}), expected errno {errno}"),
         Err(e) => assert_eq!(e.raw_os_error(), Some(errno), "{what}: {e}"),
-    }
-}
-
-/// Waits (bounded by `limit`) until `cond` holds; panics naming `what` otherwise.
-fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

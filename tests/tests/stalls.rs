@@ -3,6 +3,7 @@
 //! operation waits at most its one deadline.
 
 use std::fs;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sharefs_tests::mount::{fuse_available, TestMount};
@@ -10,36 +11,11 @@ use sharefs_tests::*;
 
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// The file as the server has it, read with the client library (not through a mount).
-fn server_content(server: &TestServer, owner: &str, name: &str) -> Option<Vec<u8>> {
-    rt().block_on(async {
-        let (c, _) = server.connect("carol").await;
-        download(&c, owner, name).await.ok()
-    })
-}
-
 fn put(server: &TestServer, name: &str, data: &[u8]) {
     rt().block_on(async {
         let (c, _) = server.connect("alice").await;
         upload(&c, name, data).await;
     });
-}
-
-/// Waits (bounded) until `cond` holds; panics naming `what` otherwise.
-fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Runs `op`, which must fail with EIO, within `limit`.
@@ -92,6 +68,55 @@ fn stale_requests_handled(server: &TestServer) {
     eprintln!("the server logged no refused request");
 }
 
+/// A server where alice has x, y and z, each "<name> v0".
+fn server_with_xyz() -> TestServer {
+    let server = TestServer::start();
+    for name in ["x", "y", "z"] {
+        put(&server, name, format!("{name} v0").as_bytes());
+    }
+    server
+}
+
+/// Through the mount (so its caches hold them): x and z exist, y reads "y v0".
+fn see_xyz(dir: &Path) {
+    assert_eq!(fs::read(dir.join("y")).unwrap(), b"y v0");
+    fs::metadata(dir.join("x")).unwrap();
+    fs::metadata(dir.join("z")).unwrap();
+}
+
+/// `rm x`, `cp v1 -> y` and `mv z z2` (and `also`), all at once, so each request goes
+/// out on the connection that stalls; each must fail with EIO within about one timeout:
+/// one operation waits at most one timeout (a read's retries and reopen included), the
+/// ones after it at most a second more while the connection is still down.
+fn change_xyz_in_vain(dir: &Path, also: impl FnOnce(Duration) + Send) {
+    let limit = OP_TIMEOUT + Duration::from_millis(2500);
+    std::thread::scope(|s| {
+        s.spawn(move || also(limit));
+        s.spawn(move || fails_with_eio("rm x", limit, || fs::remove_file(dir.join("x"))));
+        s.spawn(move || {
+            fails_with_eio("cp v1 -> y", limit, || {
+                write_and_close(&dir.join("y"), b"y v1")
+            })
+        });
+        s.spawn(move || {
+            fails_with_eio("mv z z2", limit, || {
+                fs::rename(dir.join("z"), dir.join("z2"))
+            })
+        });
+    });
+}
+
+/// The server holds exactly `want`: each name with its content, or absent.
+fn server_holds(server: &TestServer, want: &[(&str, Option<&[u8]>)]) {
+    for (name, content) in want {
+        assert_eq!(
+            server_content(server, "alice", name).as_deref(),
+            *content,
+            "{name}"
+        );
+    }
+}
+
 fn mount_through(server: &TestServer, proxy: &StallProxy) -> TestMount {
     let timeout = OP_TIMEOUT.as_secs().to_string();
     TestMount::with(
@@ -107,47 +132,22 @@ fn operations_that_failed_on_a_stalled_network_never_run_later() {
     if !fuse_available() {
         return;
     }
-    let server = TestServer::start();
-    for name in ["x", "y", "z"] {
-        put(&server, name, format!("{name} v0").as_bytes());
-    }
+    let server = server_with_xyz();
     let big = content(3, 8 << 20);
     put(&server, "big", &big);
     let proxy = StallProxy::new(&server.addr);
     let mount = mount_through(&server, &proxy);
     let dir = mount.path("alice");
-    assert_eq!(fs::read(dir.join("y")).unwrap(), b"y v0");
-    fs::metadata(dir.join("x")).unwrap();
-    fs::metadata(dir.join("z")).unwrap();
+    see_xyz(&dir);
     let opened = fs::File::open(dir.join("big")).unwrap();
 
     proxy.stall_all();
-    // All at once, so each request goes out on the connection that stalls. One
-    // operation waits at most one timeout (a read's retries and reopen included); the
-    // operations after it wait at most a second more while the connection is still down,
-    // so a command that makes several (a lookup, then the change) fails within about one.
-    std::thread::scope(|s| {
-        let limit = OP_TIMEOUT + Duration::from_millis(2500);
-        let dir = &dir;
-        let opened = &opened;
-        s.spawn(move || {
-            fails_with_eio("uncached read", limit, || {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; 64 * 1024];
-                opened.read_exact_at(&mut buf, 6 << 20)
-            })
-        });
-        s.spawn(move || fails_with_eio("rm x", limit, || fs::remove_file(dir.join("x"))));
-        s.spawn(move || {
-            fails_with_eio("cp v1 -> y", limit, || {
-                write_and_close(&dir.join("y"), b"y v1")
-            })
-        });
-        s.spawn(move || {
-            fails_with_eio("mv z z2", limit, || {
-                fs::rename(dir.join("z"), dir.join("z2"))
-            })
-        });
+    change_xyz_in_vain(&dir, |limit| {
+        fails_with_eio("uncached read", limit, || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; 64 * 1024];
+            opened.read_exact_at(&mut buf, 6 << 20)
+        })
     });
 
     // Meanwhile another client writes newer versions.
@@ -160,22 +160,15 @@ fn operations_that_failed_on_a_stalled_network_never_run_later() {
     eventually(TIMEOUT, "the mount to work again", || {
         fs::read(dir.join("x")).is_ok_and(|d| d == b"x v2")
     });
-    assert_eq!(
-        server_content(&server, "alice", "x").as_deref(),
-        Some(&b"x v2"[..]),
-        "x"
+    server_holds(
+        &server,
+        &[
+            ("x", Some(b"x v2")),
+            ("y", Some(b"y v2")),
+            ("z", Some(b"z v0")),
+            ("z2", None),
+        ],
     );
-    assert_eq!(
-        server_content(&server, "alice", "y").as_deref(),
-        Some(&b"y v2"[..]),
-        "y"
-    );
-    assert_eq!(
-        server_content(&server, "alice", "z").as_deref(),
-        Some(&b"z v0"[..]),
-        "z"
-    );
-    assert_eq!(server_content(&server, "alice", "z2"), None, "z2");
 }
 
 #[test]
@@ -183,57 +176,30 @@ fn operations_that_failed_on_a_stopped_server_never_run_later() {
     if !fuse_available() {
         return;
     }
-    let server = TestServer::start();
-    for name in ["x", "y", "z"] {
-        put(&server, name, format!("{name} v0").as_bytes());
-    }
+    let server = server_with_xyz();
     let timeout = OP_TIMEOUT.as_secs().to_string();
     let mount = TestMount::with(&server, "alice", &["--timeout", &timeout], &[]);
     let dir = mount.path("alice");
-    assert_eq!(fs::read(dir.join("y")).unwrap(), b"y v0");
-    fs::metadata(dir.join("x")).unwrap();
-    fs::metadata(dir.join("z")).unwrap();
+    see_xyz(&dir);
 
     // SIGSTOP: the connection stays up, the kernel takes the requests, nothing answers.
     server.pause();
-    // All at once, so each request reaches the stopped server's socket.
-    std::thread::scope(|s| {
-        let limit = OP_TIMEOUT + Duration::from_millis(2500);
-        let dir = &dir;
-        s.spawn(move || fails_with_eio("rm x", limit, || fs::remove_file(dir.join("x"))));
-        s.spawn(move || {
-            fails_with_eio("cp v1 -> y", limit, || {
-                write_and_close(&dir.join("y"), b"y v1")
-            })
-        });
-        s.spawn(move || {
-            fails_with_eio("mv z z2", limit, || {
-                fs::rename(dir.join("z"), dir.join("z2"))
-            })
-        });
-    });
+    change_xyz_in_vain(&dir, |_| {});
     server.resume();
 
     stale_requests_handled(&server);
     eventually(TIMEOUT, "the mount to work again", || {
         fs::read(dir.join("y")).is_ok()
     });
-    assert_eq!(
-        server_content(&server, "alice", "x").as_deref(),
-        Some(&b"x v0"[..]),
-        "x"
+    server_holds(
+        &server,
+        &[
+            ("x", Some(b"x v0")),
+            ("y", Some(b"y v0")),
+            ("z", Some(b"z v0")),
+            ("z2", None),
+        ],
     );
-    assert_eq!(
-        server_content(&server, "alice", "y").as_deref(),
-        Some(&b"y v0"[..]),
-        "y"
-    );
-    assert_eq!(
-        server_content(&server, "alice", "z").as_deref(),
-        Some(&b"z v0"[..]),
-        "z"
-    );
-    assert_eq!(server_content(&server, "alice", "z2"), None, "z2");
 }
 
 #[test]
