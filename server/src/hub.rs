@@ -64,12 +64,19 @@ struct HubInner {
     sessions: Mutex<HashMap<u64, EventSink>>,
     next_session: AtomicU64,
     /// (owner, downloader, file) -> latest notification and when it last grew.
-    /// Held across the fsync of a record so coalescing decisions are serialised.
     recent: Mutex<HashMap<DownloadKey, (Notification, Instant)>>,
+    /// Held by every write of notification files (records, history, those written out
+    /// late), so appends and coalesced updates never interleave; holds when the unsaved
+    /// ones were last tried, so a full disk costs one failing write a second, not one per
+    /// download.
+    writes: Mutex<Option<Instant>>,
     /// Notifications that could not be written yet (disk full), per owner, by id: shown
     /// as pending and written out by the next record or listing that can.
     unsaved: Mutex<HashMap<String, BTreeMap<u64, Notification>>>,
 }
+
+/// How often notifications waiting for disk space are tried again, at most.
+const UNSAVED_RETRY: Duration = Duration::from_secs(1);
 
 /// Notifications kept in memory per owner while the disk is full; past this the oldest
 /// is dropped (and logged).
@@ -88,6 +95,7 @@ impl Hub {
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 recent: Mutex::new(HashMap::new()),
+                writes: Mutex::new(None),
                 unsaved: Mutex::new(HashMap::new()),
             }),
         })
@@ -154,7 +162,8 @@ impl Hub {
         file: &str,
         size: u64,
     ) -> Result<()> {
-        self.save_unsaved();
+        let mut writes = self.writes()?;
+        self.save_unsaved(&mut writes, false);
         let now = Instant::now();
         let now_ms = fsutil::now_ms();
         let key = (owner.to_string(), downloader.to_string(), file.to_string());
@@ -201,13 +210,17 @@ impl Hub {
         recent.insert(key, (n.clone(), now));
         drop(recent);
         match self.save(&n, true) {
-            Ok(()) => tracing::info!(
-                owner,
-                downloader,
-                file,
-                id = n.id,
-                "download notification recorded"
-            ),
+            Ok(()) => {
+                tracing::info!(
+                    owner,
+                    downloader,
+                    file,
+                    id = n.id,
+                    "download notification recorded"
+                );
+                // There is room again: what waited for it goes too.
+                self.save_unsaved(&mut writes, true);
+            }
             Err(e) => {
                 tracing::warn!(owner, downloader, file, id = n.id, error = %e,
                     "cannot record a download notification; kept in memory until it can be written");
@@ -230,6 +243,13 @@ impl Hub {
             write_json(&self.inner.tmp, &path, n)?;
         }
         self.append_history(&n.owner, n)
+    }
+
+    fn writes(&self) -> Result<std::sync::MutexGuard<'_, Option<Instant>>> {
+        self.inner
+            .writes
+            .lock()
+            .map_err(|_| ServerError::Internal("notification lock poisoned".into()))
     }
 
     fn unsaved(
@@ -266,14 +286,17 @@ impl Hub {
         }
     }
 
-    /// Writes out what waits unsaved, until the first write that still fails.
-    fn save_unsaved(&self) {
+    /// Writes out what waits unsaved, until the first write that still fails; tried at
+    /// most once per [`UNSAVED_RETRY`] unless `now` (a write just succeeded).
+    fn save_unsaved(&self, tried: &mut Option<Instant>, now: bool) {
         let Some(mut unsaved) = self.unsaved() else {
             return;
         };
-        if unsaved.is_empty() {
+        let recently = tried.is_some_and(|t| t.elapsed() < UNSAVED_RETRY);
+        if unsaved.is_empty() || (recently && !now) {
             return;
         }
+        *tried = Some(Instant::now());
         for mine in unsaved.values_mut() {
             while let Some(entry) = mine.first_entry() {
                 if self.save(entry.get(), true).is_err() {
@@ -321,7 +344,7 @@ impl Hub {
     /// All pending notifications of `user`, oldest first (those waiting for disk space
     /// included).
     pub fn pending(&self, user: &str) -> Result<Vec<Notification>> {
-        self.save_unsaved();
+        self.save_unsaved(&mut *self.writes()?, false);
         let mut out: Vec<Notification> = self
             .unsaved()
             .and_then(|u| u.get(user).map(|m| m.values().cloned().collect()))
@@ -336,7 +359,9 @@ impl Hub {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "json") {
                 match fs::read(&path).map(|b| serde_json::from_slice::<Notification>(&b)) {
-                    Ok(Ok(n)) => out.push(n),
+                    // One whose history line failed is also waiting unsaved.
+                    Ok(Ok(n)) if !out.iter().any(|u| u.id == n.id) => out.push(n),
+                    Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
                         tracing::error!(path = %path.display(), error = %e, "corrupt notification")
                     }

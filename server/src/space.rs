@@ -109,14 +109,6 @@ impl Claim {
         Ok(())
     }
 
-    /// Makes sure at least `bytes` are claimed, growing the claim if needed.
-    pub fn ensure(&mut self, bytes: u64) -> Result<()> {
-        match bytes.checked_sub(self.bytes) {
-            Some(more) if more > 0 => self.grow(more),
-            _ => Ok(()),
-        }
-    }
-
     /// Marks `bytes` of the claim as written: the filesystem counts them from now on.
     pub fn consume(&mut self, bytes: u64) {
         let bytes = bytes.min(self.bytes);

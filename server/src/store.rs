@@ -72,6 +72,8 @@ const SNAPSHOT_MIN_RECORDS: u64 = 1024;
 const PACK_MIN_GARBAGE: u64 = 8 << 20;
 
 const SNAPSHOT: &str = "snapshot.json";
+/// Disk space an upload of undeclared size claims at a time.
+const CLAIM_STEP: u64 = 16 << 20;
 /// Room a snapshot is assumed to need per file when claiming disk space for it.
 const SNAPSHOT_ROOM_PER_FILE: u64 = 1024;
 
@@ -207,7 +209,7 @@ impl Pack {
                 self.len = end;
                 // Without zeros ahead (no room for them) the write itself grew the file.
                 self.alloc = self.alloc.max(end);
-                self.durable_alloc = self.durable_alloc.max(end.min(self.alloc));
+                self.durable_alloc = self.durable_alloc.max(end);
                 Ok(pending)
             }
             Err(e) => {
@@ -260,7 +262,8 @@ fn preallocate(file: &File, alloc: &mut u64, end: u64, step: u64, space: &DiskSp
         return;
     }
     let target = end + step;
-    let Ok(_room) = space.claim(target - *alloc) else {
+    // The bytes up to `end` are the caller's, claimed already.
+    let Ok(_room) = space.claim(target - end.max(*alloc)) else {
         return;
     };
     let mut at = *alloc;
@@ -569,8 +572,8 @@ pub struct StagedUpload {
     /// The owner's quota, checked again at commit against what the folder holds then
     /// (other uploads of the owner may have committed meanwhile).
     quota: Option<u64>,
-    /// Disk space claimed for bytes not yet written: the declared size at the start,
-    /// grown chunk by chunk where the size was not declared.
+    /// Disk space claimed for bytes not yet written: the declared size at the start, or
+    /// [`CLAIM_STEP`] at a time where the size was not declared.
     room: Claim,
     /// The first failure; later chunks are ignored and commit reports it.
     failed: Option<ServerError>,
@@ -664,7 +667,7 @@ impl StagedUpload {
             self.failed = self.allowance_error.take();
             return;
         }
-        if let Err(e) = self.room.ensure(data.len() as u64) {
+        if let Err(e) = self.claim_room(data.len() as u64) {
             tracing::warn!(owner = %self.owner, name = %self.name, error = %e, "upload refused");
             self.failed = Some(e);
             return;
@@ -677,6 +680,19 @@ impl StagedUpload {
         self.room.consume(data.len() as u64);
         self.hasher.update(data);
         self.written += data.len() as u64;
+    }
+
+    /// Makes sure `n` bytes are claimed for the next chunk. An upload of undeclared size
+    /// claims [`CLAIM_STEP`] at a time, so its chunks do not each cost a `statvfs`.
+    fn claim_room(&mut self, n: u64) -> Result<()> {
+        match n.checked_sub(self.room.bytes()) {
+            // Near a full disk a whole step may not fit where the chunk still does.
+            Some(short) if short > 0 => self
+                .room
+                .grow(short.max(CLAIM_STEP))
+                .or_else(|_| self.room.grow(short)),
+            _ => Ok(()),
+        }
     }
 
     /// Puts a chunk's bytes on their way to disk: directly in whole blocks where possible,
