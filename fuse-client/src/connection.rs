@@ -125,12 +125,6 @@ impl Connection {
         self.inner.op_timeout
     }
 
-    /// The deadline of the operation the current task works for, if any: to hand on to
-    /// tasks it spawns (see [`in_operation`]).
-    pub fn current_operation() -> Option<Instant> {
-        OPERATION.try_with(|d| *d).ok()
-    }
-
     /// Runs one operation: every call made inside `fut` (retries, reopens, several
     /// requests) shares one deadline, one operation timeout from now.
     pub async fn operation<F: std::future::Future>(&self, fut: F) -> F::Output {
@@ -139,10 +133,17 @@ impl Connection {
             .await
     }
 
-    /// The deadline of a call starting now: the operation's, or one timeout away.
+    /// The deadline of a call starting now: the operation's (never later than one
+    /// timeout away), or one timeout away outside an operation.
     fn deadline(&self) -> Instant {
-        let own = Instant::now() + self.inner.op_timeout;
-        OPERATION.try_with(|d| (*d).min(own)).unwrap_or(own)
+        current_operation().unwrap_or_else(|| Instant::now() + self.inner.op_timeout)
+    }
+
+    /// The deadline of an upload starting now: one timeout of its own, whatever the
+    /// operation it belongs to (a `close()`) spent before it on waiting for an earlier
+    /// upload or fetching unwritten parts of the file.
+    fn upload_deadline(&self) -> Instant {
+        Instant::now() + self.inner.op_timeout
     }
 
     /// Waits until `deadline` for a live client.
@@ -171,12 +172,20 @@ impl Connection {
     }
 
     /// Runs `op` on a live client, retrying on connection loss until the deadline.
-    pub async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T>
+    pub async fn retry<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: FnMut(RemoteClient, u64) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let deadline = self.deadline();
+        self.retry_until(self.deadline(), op).await
+    }
+
+    /// [`Connection::retry`] until `deadline`.
+    async fn retry_until<T, F, Fut>(&self, deadline: Instant, mut op: F) -> Result<T>
+    where
+        F: FnMut(RemoteClient, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         loop {
             let (client, generation) = self.client(deadline).await?;
             let attempt = with_deadline(deadline, op(client.clone(), generation));
@@ -254,7 +263,7 @@ impl Connection {
     /// Uploads the content of `path` as `name` in the caller's folder, retrying from the
     /// start if the connection drops.
     pub async fn upload_file(&self, name: &str, path: &Path) -> Result<FileInfo> {
-        self.retry(|c, _| async move {
+        self.retry_until(self.upload_deadline(), |c, _| async move {
             let file = tokio::fs::File::open(path).await?;
             let size = file.metadata().await?.len();
             let reader = tokio::io::BufReader::with_capacity(1 << 20, file);
@@ -265,7 +274,7 @@ impl Connection {
 
     /// Uploads bytes held in memory (one round trip for small files).
     pub async fn upload_bytes(&self, name: &str, data: Bytes) -> Result<FileInfo> {
-        self.retry(|c, _| {
+        self.retry_until(self.upload_deadline(), |c, _| {
             let data = data.clone();
             async move {
                 let size = data.len() as u64;
@@ -287,7 +296,7 @@ impl Connection {
     /// `fut`, failing with `Timeout` after the operation timeout (no retry: for uploads,
     /// which live on one connection).
     async fn bounded<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        let deadline = self.deadline();
+        let deadline = self.upload_deadline();
         tokio::time::timeout_at(deadline, with_deadline(deadline, fut))
             .await
             .map_err(|_| ClientError::Timeout(self.inner.op_timeout))?
@@ -375,6 +384,12 @@ impl Connection {
         })
         .await
     }
+}
+
+/// The deadline of the operation the current task works for, if any: to hand on to
+/// tasks it spawns (see [`in_operation`]).
+pub fn current_operation() -> Option<Instant> {
+    OPERATION.try_with(|d| *d).ok()
 }
 
 /// Runs `fut` (a task an operation spawned) under that operation's deadline, if any.

@@ -393,7 +393,6 @@ fn time_of(ns: i64) -> SystemTime {
 }
 
 impl<R: Remote> FsCore<R> {
-    /// `cache_dir` holds staged writes (`staging/`) and uploads that failed (`failed/`).
     /// Runs one filesystem operation: every server call it makes shares one deadline.
     pub fn operation<F: std::future::Future + Send>(
         &self,
@@ -402,6 +401,7 @@ impl<R: Remote> FsCore<R> {
         self.remote.operation(fut)
     }
 
+    /// `cache_dir` holds staged writes (`staging/`) and uploads that failed (`failed/`).
     /// What mounts of the same cache that ended without unmounting left in `staging/` is
     /// moved to `failed/` first (see `staging.rs`).
     pub fn new(remote: R, cache_dir: PathBuf) -> FsResult<FsCore<R>> {

@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::{FsError, FsResult};
 use super::remote::Remote;
-use crate::connection::{in_operation, Connection, RemoteHandle};
+use crate::connection::{current_operation, in_operation, RemoteHandle};
 use crate::error::ClientError;
 
 pub const BLOCK: u64 = 1 << 20;
@@ -96,16 +96,6 @@ impl<R: Remote> ReadHandle<R> {
                 return Err(e.clone());
             }
         }
-        let result = self.fetch_once(offset, len).await;
-        if let Err(e @ FsError::Io(_)) = &result {
-            if let Ok(mut failed) = self.failed.lock() {
-                *failed = Some((std::time::Instant::now(), e.clone()));
-            }
-        }
-        result
-    }
-
-    async fn fetch_once(&self, offset: u64, len: u32) -> FsResult<Bytes> {
         let mut reopened = 0;
         loop {
             let handle = self.current_handle();
@@ -115,7 +105,16 @@ impl<R: Remote> ReadHandle<R> {
                     reopened += 1;
                     self.reopen(handle).await?;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    let no_server = e.is_connection_error();
+                    let e = FsError::from(e);
+                    if no_server {
+                        if let Ok(mut failed) = self.failed.lock() {
+                            *failed = Some((std::time::Instant::now(), e.clone()));
+                        }
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -139,12 +138,13 @@ impl<R: Remote> ReadHandle<R> {
         Ok(())
     }
 
-    fn spawn_block(self: &Arc<Self>, index: u64) -> BlockFuture {
+    /// Starts fetching block `index`. A block a read waits for works under that read's
+    /// deadline (`awaited`); one fetched ahead has a timeout of its own.
+    fn spawn_block(self: &Arc<Self>, index: u64, awaited: bool) -> BlockFuture {
         let offset = index * BLOCK;
         let len = BLOCK.min(self.info.size.saturating_sub(offset)) as u32;
         let this = self.clone();
-        // The fetch works for the operation that asked for it, under its deadline.
-        let deadline = Connection::current_operation();
+        let deadline = awaited.then(current_operation).flatten();
         let task = tokio::spawn(in_operation(deadline, async move {
             this.fetch(offset, len).await
         }));
@@ -194,7 +194,7 @@ impl<R: Remote> ReadHandle<R> {
                     let block = match p.blocks.get(&index) {
                         Some(b) => b.data.clone(),
                         None => {
-                            let data = self.spawn_block(index);
+                            let data = self.spawn_block(index, true);
                             p.blocks.insert(
                                 index,
                                 Block {
@@ -214,7 +214,7 @@ impl<R: Remote> ReadHandle<R> {
                     let Ok(permit) = self.budget.clone().try_acquire_owned() else {
                         break; // over the global budget: read on demand only
                     };
-                    let data = self.spawn_block(index);
+                    let data = self.spawn_block(index, false);
                     p.blocks.insert(
                         index,
                         Block {
