@@ -39,6 +39,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::IsDir => Errno::EISDIR,
         FsError::NotDir => Errno::ENOTDIR,
         FsError::BadHandle => Errno::EBADF,
+        FsError::TooManyOpen => Errno::EMFILE,
         FsError::Stale | FsError::Io(_) => Errno::EIO,
     }
 }

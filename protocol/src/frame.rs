@@ -7,6 +7,8 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -170,6 +172,8 @@ pub struct FrameSink<W> {
     gather: BytesMut,
     /// What is ready to be written, in order (a few pieces at most).
     queue: VecDeque<Bytes>,
+    /// Bytes handed to the transport so far, for a watchdog of a peer that stops reading.
+    written: Arc<AtomicU64>,
 }
 
 /// Splits a framed connection into a frame stream and a [`FrameSink`], keeping whatever the
@@ -190,11 +194,17 @@ where
         max_frame,
         gather: BytesMut::new(),
         queue: VecDeque::from([parts.write_buf.freeze()]),
+        written: Arc::default(),
     };
     (sink, Framed::from_parts(source))
 }
 
 impl<W: AsyncWrite + Unpin> FrameSink<W> {
+    /// A counter of the bytes written to the transport, readable while the sink is busy.
+    pub fn progress(&self) -> Arc<AtomicU64> {
+        self.written.clone()
+    }
+
     fn pending(&self) -> usize {
         self.queue.iter().map(Bytes::len).sum::<usize>() + self.gather.len()
     }
@@ -218,6 +228,7 @@ impl<W: AsyncWrite + Unpin> FrameSink<W> {
                 return Poll::Ready(Err(FrameError::Io(std::io::ErrorKind::WriteZero.into())));
             }
             front.advance(n);
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }

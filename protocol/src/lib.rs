@@ -42,9 +42,12 @@ pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;
 pub const CHUNK_SIZE: u32 = 1024 * 1024;
 /// Cap on a frame's JSON header, whatever the negotiated frame size.
 pub const MAX_HEADER: u32 = 2 * 1024 * 1024;
-/// Most files in one listing page; with 255-byte names a page stays well under
-/// [`MAX_HEADER`].
+/// Most files in one listing page.
 pub const LIST_PAGE: u32 = 4096;
+/// Most bytes of JSON the files of one listing page may take; a page ends at whichever
+/// of this and [`LIST_PAGE`] comes first (names that escape to six bytes a character
+/// would otherwise make a page of [`LIST_PAGE`] files outgrow [`MAX_HEADER`]).
+pub const LIST_PAGE_BYTES: usize = 256 * 1024;
 
 #[cfg(test)]
 mod tests {

@@ -299,6 +299,9 @@ pub enum ErrorCode {
     /// The request arrived after its deadline, or on a connection a newer one of the same
     /// client replaced; it did not run.
     Expired,
+    /// A limit on open handles (per connection, per user or server-wide) was reached:
+    /// close some and retry.
+    TooManyOpen,
     Internal,
     #[serde(other)]
     Other,

@@ -39,6 +39,16 @@ pub struct ServerConfig {
     pub disk_reserve: u64,
     /// Threads connections are spread over (each connection stays on one); 0: one per core.
     pub session_threads: usize,
+    /// Bytes of replies queued for one connection; past it, its requests are not read.
+    pub reply_buffer: usize,
+    /// Bytes of replies queued for all of one user's connections together.
+    pub user_reply_buffer: usize,
+    /// A connection whose peer takes no byte of its replies for this long is closed.
+    pub reply_timeout: Duration,
+    /// Files one connection may have open at once.
+    pub max_handles_per_connection: usize,
+    /// Files one user may have open at once, across connections.
+    pub max_handles_per_user: usize,
 }
 
 impl ServerConfig {
@@ -59,6 +69,11 @@ impl ServerConfig {
             read_buffer_budget: 32 * 1024 * 1024,
             disk_reserve: 64 * 1024 * 1024,
             session_threads: 0,
+            reply_buffer: 4 * 1024 * 1024,
+            user_reply_buffer: 16 * 1024 * 1024,
+            reply_timeout: Duration::from_secs(20),
+            max_handles_per_connection: 1024,
+            max_handles_per_user: 4096,
         }
     }
 }

@@ -26,6 +26,10 @@ pub enum ServerError {
     Protocol(String),
     #[error("too many {0}; try again later")]
     Busy(&'static str),
+    #[error("too many open files: {0}")]
+    TooManyOpen(String),
+    #[error("reply too large: {0}")]
+    TooLarge(String),
     #[error("user {0} already exists")]
     UserExists(String),
     #[error("storage error: {0}")]
@@ -53,6 +57,8 @@ impl ServerError {
             ServerError::Expired(_) => ErrorCode::Expired,
             ServerError::Protocol(_) => ErrorCode::ProtocolError,
             ServerError::Busy(_) => ErrorCode::Busy,
+            ServerError::TooManyOpen(_) => ErrorCode::TooManyOpen,
+            ServerError::TooLarge(_) => ErrorCode::TooLarge,
             ServerError::UserExists(_) => ErrorCode::InvalidName,
             ServerError::Io(e) => match e.raw_os_error() {
                 Some(libc::ENOSPC) => ErrorCode::NoSpace,

@@ -93,6 +93,21 @@ struct ServeArgs {
     /// Free disk space uploads must leave, e.g. 64M or 1G.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     disk_reserve: u64,
+    /// Bytes of replies queued for one connection before its requests wait, e.g. 4M.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    reply_buffer: u64,
+    /// Bytes of replies queued for all of one user's connections together, e.g. 16M.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    user_reply_buffer: u64,
+    /// Seconds a client may take no byte of its replies before it is disconnected.
+    #[arg(long, default_value_t = 20)]
+    reply_timeout: u64,
+    /// Files one connection may have open at once.
+    #[arg(long, default_value_t = 1024)]
+    max_open_per_connection: usize,
+    /// Files one user may have open at once, across connections.
+    #[arg(long, default_value_t = 4096)]
+    max_open_per_user: usize,
 }
 
 #[derive(Subcommand)]
@@ -265,6 +280,7 @@ fn bound_allocator_caching() {
 
 fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
     bound_allocator_caching();
+    sharefs_server::server::raise_fd_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -291,6 +307,11 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.session_threads = args.session_threads;
         config.max_uploads_per_user = args.max_uploads_per_user.max(1);
         config.disk_reserve = args.disk_reserve;
+        config.reply_buffer = usize::try_from(args.reply_buffer).unwrap_or(usize::MAX);
+        config.user_reply_buffer = usize::try_from(args.user_reply_buffer).unwrap_or(usize::MAX);
+        config.reply_timeout = Duration::from_secs(args.reply_timeout.max(1));
+        config.max_handles_per_connection = args.max_open_per_connection.max(1);
+        config.max_handles_per_user = args.max_open_per_user.max(1);
         config.open_registration = args.open_registration;
         config.login.lockout_after = args.login_lockout_after.max(1);
         config.login.lockout = Duration::from_secs(args.login_lockout);

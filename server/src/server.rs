@@ -40,6 +40,62 @@ pub struct Shared {
     per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Uploads in progress per user, across connections.
     uploads: Arc<Mutex<HashMap<String, usize>>>,
+    /// Open handles per user, across connections.
+    handles: Arc<Mutex<HashMap<String, usize>>>,
+    /// File descriptors open handles may hold, server-wide: what the process may open,
+    /// less a reserve for connections, uploads and the store's own files.
+    pub fds: Arc<Semaphore>,
+    /// Per user, the bytes of replies all their connections may have queued.
+    reply_allowances: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+/// Descriptors kept out of the handles' budget besides one per connection: uploads, the
+/// store's journals and packs, the listener, logs.
+const FD_RESERVE: usize = 256;
+
+/// How many descriptors open handles may hold: what is left of the process's limit after
+/// every connection and [`FD_RESERVE`]; at least a quarter of the limit.
+fn handle_fd_budget(max_connections: usize) -> usize {
+    let limit = fd_limit();
+    let budget = limit.saturating_sub(max_connections + FD_RESERVE);
+    if budget < limit / 4 {
+        tracing::warn!(
+            limit,
+            max_connections,
+            "the open-file limit is low for this many connections; raise it (ulimit -n) or lower --max-connections"
+        );
+        return limit / 4;
+    }
+    budget
+}
+
+/// The process's limit on open files.
+fn fd_limit() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+}
+
+/// Raises the soft limit on open files to the hard one, as servers do.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// How long reads that missed the page cache have been taking, to decide where the next
@@ -116,6 +172,7 @@ impl Shared {
         let users = UserDb::new(&config.data_dir);
         let read_budget = Arc::new(Semaphore::new((config.read_buffer_budget / 1024).max(1)));
         let throttle = Arc::new(LoginThrottle::new(config.login.clone()));
+        let config_max_connections = config.max_connections;
         Ok(Shared {
             config: Arc::new(config),
             store,
@@ -126,7 +183,44 @@ impl Shared {
             throttle,
             per_addr: Arc::default(),
             uploads: Arc::default(),
+            handles: Arc::default(),
+            fds: Arc::new(Semaphore::new(handle_fd_budget(config_max_connections))),
+            reply_allowances: Arc::default(),
         })
+    }
+
+    /// A place for one more open handle of `user`, if under the per-user limit.
+    pub fn handle_slot(&self, user: &str) -> Option<Slot<String>> {
+        Slot::take(
+            &self.handles,
+            user.to_string(),
+            self.config.max_handles_per_user,
+        )
+    }
+
+    /// Handles `user` has open, across connections.
+    pub fn handles_held(&self, user: &str) -> usize {
+        self.handles
+            .lock()
+            .map_or(0, |t| t.get(user).copied().unwrap_or(0))
+    }
+
+    /// The bytes of replies all of `user`'s connections may have queued, shared by them.
+    pub fn reply_allowance(&self, user: &str) -> Arc<Semaphore> {
+        let size = self
+            .config
+            .user_reply_buffer
+            .max(self.config.max_frame as usize);
+        let Ok(mut all) = self.reply_allowances.lock() else {
+            return Arc::new(Semaphore::new(size));
+        };
+        // Allowances nobody uses any more go; a user has few connections.
+        if all.len() > 1024 {
+            all.retain(|_, a| Arc::strong_count(a) > 1);
+        }
+        all.entry(user.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(size)))
+            .clone()
     }
 
     /// An upload slot for `user`, if under the per-user limit.
@@ -167,6 +261,7 @@ pub async fn run_with(
     on_ready();
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let threads = SessionThreads::start(shared.config.session_threads)?;
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
@@ -213,11 +308,11 @@ pub async fn run_with(
                     }
                     (Ok(_), None) => {
                         tracing::warn!(%peer, "too many connections from this address; refusing");
-                        sessions.spawn(refuse_busy(stream, shared.config.max_frame, "too many connections from your address"));
+                        sessions.spawn(refuse_busy(stream, peer, shared.clone(), "too many connections from your address", refusing.clone()));
                     }
                     (Err(_), _) => {
                         tracing::warn!(%peer, "connection limit reached; refusing");
-                        sessions.spawn(refuse_busy(stream, shared.config.max_frame, "server has too many connections"));
+                        sessions.spawn(refuse_busy(stream, peer, shared.clone(), "server has too many connections", refusing.clone()));
                     }
                 }
             }
@@ -238,24 +333,51 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Refusals (a TLS handshake and a `busy` frame) in progress at once; past it, refused
+/// connections are just closed.
+const MAX_REFUSING: usize = 64;
+
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Sets up the transport (TLS, or plaintext) and serves the session on it. A client of the
-/// wrong kind gets told so, in words it can read where possible.
+/// wrong kind gets told so, in words it can read where possible. The first byte, the TLS
+/// handshake, hello and login all have to be done within one handshake timeout.
 async fn accept(stream: TcpStream, peer: SocketAddr, shared: Shared, stop: watch::Receiver<bool>) {
-    let timeout = shared.config.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let Some(transport) = transport(stream, peer, &shared, deadline).await else {
+        return;
+    };
+    match transport {
+        Transport::Tls(tls) => session::serve(tls, peer, shared, stop, deadline).await,
+        Transport::Plain(stream) => session::serve(stream, peer, shared, stop, deadline).await,
+    }
+}
+
+enum Transport {
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Plain(TcpStream),
+}
+
+/// The transport the client asked for, if the server speaks it; `None` (after telling the
+/// client where possible) if not, or if the client took past `deadline`.
+async fn transport(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+) -> Option<Transport> {
     let mut first = [0u8; 1];
-    let peeked = match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+    let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(n)) => n,
-        Ok(Err(_)) => return,
+        Ok(Err(_)) => return None,
         Err(_) => {
             tracing::info!(%peer, "nothing received before the handshake timeout; closing");
-            return;
+            return None;
         }
     };
     if peeked == 0 {
-        return;
+        return None;
     }
     let looks_tls = first[0] == TLS_HANDSHAKE;
     match &shared.config.tls {
@@ -263,47 +385,73 @@ async fn accept(stream: TcpStream, peer: SocketAddr, shared: Shared, stop: watch
             if !looks_tls {
                 tracing::warn!(%peer, "plaintext client on a TLS server; refusing");
                 let why = "this server requires TLS: connect without --plaintext";
-                refuse(
-                    stream,
-                    shared.config.max_frame,
-                    ErrorCode::ProtocolError,
-                    why,
-                )
-                .await;
-                return;
+                let framed = Framed::new(stream, FrameCodec::new(shared.config.max_frame));
+                refuse(framed, ErrorCode::ProtocolError, why).await;
+                return None;
             }
             let acceptor = tokio_rustls::TlsAcceptor::from(identity.config.clone());
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => session::serve(tls, peer, shared, stop).await,
-                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::info!(%peer, "TLS handshake timed out; closing"),
+            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Some(Transport::Tls(Box::new(tls))),
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out; closing");
+                    None
+                }
             }
         }
         None => {
             if looks_tls {
                 // Answering in plaintext would only confuse its TLS stack: close.
                 tracing::warn!(%peer, "TLS client on a plaintext server (--plaintext); closing");
-                return;
+                return None;
             }
-            session::serve(stream, peer, shared, stop).await
+            Some(Transport::Plain(stream))
         }
     }
 }
 
-async fn refuse_busy(stream: TcpStream, max_frame: u32, why: &str) {
+/// How long a refused client gets to take its refusal (TLS handshake included).
+const REFUSAL_TIME: Duration = Duration::from_secs(2);
+
+/// Tells a client the server is too busy for it, over TLS if that is what it speaks, and
+/// closes. Refusals in progress at once are bounded (`refusing`); past that, the
+/// connection is just closed.
+async fn refuse_busy(stream: TcpStream, peer: SocketAddr, shared: Shared, why: &'static str, refusing: Arc<Semaphore>) {
+    let Ok(_permit) = refusing.try_acquire_owned() else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + REFUSAL_TIME;
     let message = format!("{why}; try again later");
-    refuse(stream, max_frame, ErrorCode::Busy, &message).await
+    let max_frame = shared.config.max_frame;
+    match transport(stream, peer, &shared, deadline).await {
+        Some(Transport::Tls(tls)) => {
+            refuse(Framed::new(tls, FrameCodec::new(max_frame)), ErrorCode::Busy, &message).await
+        }
+        Some(Transport::Plain(plain)) => {
+            refuse(Framed::new(plain, FrameCodec::new(max_frame)), ErrorCode::Busy, &message).await
+        }
+        None => {}
+    }
 }
 
-/// Sends one connection-level error frame in plaintext and closes.
-async fn refuse(stream: TcpStream, max_frame: u32, code: ErrorCode, message: &str) {
-    let mut framed = Framed::new(stream, FrameCodec::new(max_frame));
+/// Sends one connection-level error frame and closes.
+async fn refuse<S>(mut framed: Framed<S, FrameCodec>, code: ErrorCode, message: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let msg = ServerMessage::Error {
         id: None,
         error: ErrorBody::new(code, message),
     };
     if let Ok(frame) = Frame::new(&msg, bytes::Bytes::new()) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), framed.send(frame)).await;
+        let send = async {
+            framed.send(frame).await?;
+            framed.close().await
+        };
+        let _ = tokio::time::timeout(REFUSAL_TIME, send).await;
     }
 }
 

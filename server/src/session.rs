@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
-    ClientMessage, ErrorBody, ErrorCode, Event, Frame, FrameCodec, FrameError, FrameSink, Reply,
-    Request, ServerMessage, CHUNK_SIZE, LIST_PAGE, MAGIC, VERSION,
+    ClientMessage, ErrorBody, ErrorCode, Event, Frame, FrameCodec, FrameError, Reply, Request,
+    ServerMessage, CHUNK_SIZE, LIST_PAGE, LIST_PAGE_BYTES, MAGIC, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -28,36 +28,26 @@ use tracing::Instrument;
 use crate::cutoff::Cutoff;
 use crate::error::ServerError;
 use crate::hub::EventSink;
+use crate::outbox::{Outbox, Writer};
 use crate::server::{Shared, Slot};
 use crate::store::{OpenFile, StagedUpload};
 
-/// A reply on its way to the writer task, with the read-budget permit its payload holds.
-struct Outgoing {
-    msg: ServerMessage,
-    payload: Bytes,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Outgoing {
-    fn new(msg: ServerMessage) -> Outgoing {
-        Outgoing {
-            msg,
-            payload: Bytes::new(),
-            _permit: None,
-        }
-    }
-}
-
-type Sink<S> = FrameSink<tokio::io::WriteHalf<S>>;
 type Source<S> = Framed<tokio::io::ReadHalf<S>, FrameCodec>;
 
 /// Serves one connection until the client leaves, breaks the protocol, or `stop` fires.
-pub async fn serve<S>(stream: S, peer: SocketAddr, shared: Shared, stop: watch::Receiver<bool>)
-where
+/// Hello and login must be done by `deadline` (the connection's one handshake deadline,
+/// counted from its accept).
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Shared,
+    stop: watch::Receiver<bool>,
+    deadline: tokio::time::Instant,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span = tracing::info_span!("conn", %peer, user = tracing::field::Empty);
-    serve_inner(stream, peer, shared, stop, span.clone())
+    serve_inner(stream, peer, shared, stop, deadline, span.clone())
         .instrument(span)
         .await
 }
@@ -67,17 +57,14 @@ async fn serve_inner<S>(
     peer: SocketAddr,
     shared: Shared,
     stop: watch::Receiver<bool>,
+    deadline: tokio::time::Instant,
     span: tracing::Span,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tracing::debug!("connected");
     let mut framed = Framed::new(stream, FrameCodec::new(shared.config.max_frame));
-    let login = tokio::time::timeout(
-        shared.config.handshake_timeout,
-        handshake(&mut framed, &shared, peer),
-    )
-    .await;
+    let login = tokio::time::timeout_at(deadline, handshake(&mut framed, &shared, peer)).await;
     let (user, client, started) = match login {
         Ok(Ok(login)) => login,
         Ok(Err(err)) => {
@@ -97,8 +84,13 @@ async fn serve_inner<S>(
     };
     span.record("user", user.as_str());
 
+    let max_frame = framed.codec().max_frame();
     let (sink, source) = sharefs_protocol::frame::split(framed);
-    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
+    let outbox = Outbox::new(
+        shared.config.reply_buffer,
+        shared.reply_allowance(&user),
+        max_frame,
+    );
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
     let lagged = Arc::new(AtomicBool::new(false));
     let fenced = Arc::new(AtomicBool::new(false));
@@ -109,15 +101,24 @@ async fn serve_inner<S>(
         client,
         fenced: fenced.clone(),
     });
-    let writer = tokio::spawn(write_loop(sink, out_rx, ev_rx, lagged).in_current_span());
+    let writer = Writer {
+        sink,
+        outbox: outbox.clone(),
+        events: ev_rx,
+        lagged,
+        reply_timeout: shared.config.reply_timeout,
+    };
+    let mut writer = tokio::spawn(writer.run().in_current_span());
 
     let mut session = Session {
         id: session_id,
         user: user.clone(),
         shared: shared.clone(),
-        out: out_tx,
+        out: outbox.clone(),
         uploads: HashMap::new(),
         handles: Arc::default(),
+        open_handles: Arc::new(Semaphore::new(shared.config.max_handles_per_connection)),
+        max_frame,
         next_id: Arc::new(AtomicU64::new(1)),
         in_flight: Arc::new(Semaphore::new(shared.config.max_in_flight)),
         tasks: JoinSet::new(),
@@ -135,7 +136,13 @@ async fn serve_inner<S>(
     if aborted > 0 {
         tracing::info!(aborted, "discarded unfinished uploads");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    outbox.finish();
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     tracing::info!("disconnected");
 }
 
@@ -279,61 +286,6 @@ fn frame_error_body(e: &FrameError) -> ErrorBody {
     ErrorBody::new(code, e.to_string())
 }
 
-/// Sends replies and pushed events; flushes when nothing more is queued, so bursts of small
-/// replies share a write.
-async fn write_loop<S>(
-    mut sink: Sink<S>,
-    mut out: mpsc::Receiver<Outgoing>,
-    mut events: mpsc::Receiver<Event>,
-    lagged: Arc<AtomicBool>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut events_open = true;
-    loop {
-        let item = tokio::select! {
-            biased;
-            o = out.recv() => match o {
-                Some(o) => o,
-                None => break,
-            },
-            e = events.recv(), if events_open => match e {
-                Some(event) => Outgoing::new(ServerMessage::Event { event }),
-                None => { events_open = false; continue; }
-            },
-        };
-        let mut batch = vec![item];
-        if lagged.swap(false, Ordering::Relaxed) {
-            batch.push(Outgoing::new(ServerMessage::Event {
-                event: Event::Resync,
-            }));
-        }
-        while batch.len() < 32 {
-            match out.try_recv() {
-                Ok(o) => batch.push(o),
-                Err(_) => break,
-            }
-        }
-        for o in batch {
-            let frame = match Frame::new(&o.msg, o.payload) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot encode reply");
-                    continue;
-                }
-            };
-            if let Err(e) = sink.feed(frame).await {
-                tracing::debug!(error = %e, "send failed");
-                return;
-            }
-        }
-        if out.is_empty() && sink.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = sink.close().await;
-}
-
 /// An upload of this session: idle, or writing its last chunk on the blocking pool while
 /// the reader goes on decrypting the next one.
 enum Upload {
@@ -363,12 +315,16 @@ struct Session {
     id: u64,
     user: String,
     shared: Shared,
-    out: mpsc::Sender<Outgoing>,
+    out: Outbox,
     /// Uploads in progress, each with its slot of the per-user limit; owned by the reader
     /// loop, which writes their chunks in order.
     uploads: HashMap<u64, (Upload, Slot<String>)>,
     /// Open read handles, shared with request tasks. std `Mutex`: map operations only.
-    handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    handles: Handles,
+    /// This connection's share of open handles.
+    open_handles: Arc<Semaphore>,
+    /// The frame size agreed with the client.
+    max_frame: usize,
     next_id: Arc<AtomicU64>,
     /// When the server's `Hello` went out: request deadlines count from here.
     started: Instant,
@@ -393,9 +349,10 @@ impl Session {
                     let msg = ServerMessage::Event {
                         event: Event::Notification { notification },
                     };
-                    if self.out.send(Outgoing::new(msg)).await.is_err() {
+                    let Some(room) = self.out.reserve(SMALL_REPLY).await else {
                         return false;
-                    }
+                    };
+                    self.out.send(room, None, &msg, Bytes::new());
                 }
             }
             Ok(Err(e)) => tracing::error!(error = %e, "cannot read pending notifications"),
@@ -411,6 +368,9 @@ impl Session {
         let idle = self.shared.config.idle_timeout;
         loop {
             let next = tokio::select! {
+                biased;
+                // Nobody is sending this connection's replies any more.
+                _ = self.out.closed() => return,
                 next = tokio::time::timeout(idle, source.next()) => match next {
                     Ok(next) => next,
                     Err(_) if self.tasks.is_empty() && self.uploads.is_empty() => {
@@ -485,10 +445,10 @@ impl Session {
     }
 
     async fn fatal(&self, error: ErrorBody) {
-        let _ = self
-            .out
-            .send(Outgoing::new(ServerMessage::Error { id: None, error }))
-            .await;
+        if let Some(room) = self.out.reserve(SMALL_REPLY).await {
+            let msg = ServerMessage::Error { id: None, error };
+            self.out.send(room, None, &msg, Bytes::new());
+        }
     }
 
     async fn chunk(&mut self, upload: u64, offset: u64, data: Bytes) {
@@ -516,7 +476,9 @@ impl Session {
                 error: e.body(),
             },
         };
-        let _ = self.out.send(Outgoing::new(msg)).await;
+        if let Some(room) = self.out.reserve(SMALL_REPLY).await {
+            self.out.send(room, Some(id), &msg, Bytes::new());
+        }
     }
 
     async fn dispatch(&mut self, id: u64, op: Request, payload: Bytes, cutoff: Cutoff) {
@@ -532,7 +494,7 @@ impl Session {
             } => match self.uploads.remove(&upload) {
                 Some((state, slot)) => {
                     let ctx = self.context();
-                    self.spawn(id, async move {
+                    self.spawn(id, SMALL_REPLY, async move {
                         // The upload counts against the user's limit until committed.
                         let _slot = slot;
                         let up = state
@@ -547,7 +509,7 @@ impl Session {
                             .await?;
                         tracing::info!(file = %name, size, "upload committed");
                         ctx.changed(&info.name, Some(info.clone()));
-                        Ok((Reply::File { file: info }, Bytes::new(), None))
+                        Ok((Reply::File { file: info }, Bytes::new()))
                     })
                     .await
                 }
@@ -567,7 +529,8 @@ impl Session {
             }
             op => {
                 let ctx = self.context();
-                self.spawn(id, async move { ctx.handle(op, payload, cutoff).await })
+                let room = reply_room(&op);
+                self.spawn(id, room, async move { ctx.handle(op, payload, cutoff).await })
                     .await
             }
         }
@@ -603,39 +566,43 @@ impl Session {
             user: self.user.clone(),
             shared: self.shared.clone(),
             handles: self.handles.clone(),
+            open_handles: self.open_handles.clone(),
+            max_frame: self.max_frame,
             next_id: self.next_id.clone(),
         }
     }
 
-    /// Runs a request as its own task, holding an in-flight permit until its reply is queued.
-    async fn spawn<F>(&mut self, id: u64, fut: F)
+    /// Runs a request as its own task, holding an in-flight permit until its reply is
+    /// queued. Waits first for the in-flight permit and for room in the reply queue for
+    /// the largest reply `op` can have, so a client that does not read its replies is not
+    /// read either.
+    async fn spawn<F>(&mut self, id: u64, reply_room: usize, fut: F)
     where
-        F: std::future::Future<
-                Output = Result<(Reply, Bytes, Option<OwnedSemaphorePermit>), ServerError>,
-            > + Send
-            + 'static,
+        F: std::future::Future<Output = Handled> + Send + 'static,
     {
         let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(room) = self.out.reserve(reply_room).await else {
             return;
         };
         let out = self.out.clone();
         self.tasks.spawn(
             async move {
-                let outgoing = match fut.await {
-                    Ok((reply, payload, budget)) => Outgoing {
-                        msg: ServerMessage::Response { id, reply },
-                        payload,
-                        _permit: budget,
-                    },
+                match fut.await {
+                    Ok((reply, payload)) => {
+                        let msg = ServerMessage::Response { id, reply };
+                        out.send(room, Some(id), &msg, payload);
+                    }
                     Err(e) => {
                         tracing::debug!(id, error = %e, "request failed");
-                        Outgoing::new(ServerMessage::Error {
+                        let msg = ServerMessage::Error {
                             id: Some(id),
                             error: e.body(),
-                        })
+                        };
+                        out.send(room, Some(id), &msg, Bytes::new());
                     }
                 };
-                let _ = out.send(outgoing).await;
                 drop(permit);
             }
             .in_current_span(),
@@ -648,11 +615,56 @@ struct Context {
     session: u64,
     user: String,
     shared: Shared,
-    handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    handles: Handles,
+    open_handles: Arc<Semaphore>,
+    max_frame: usize,
     next_id: Arc<AtomicU64>,
 }
 
-type Handled = Result<(Reply, Bytes, Option<OwnedSemaphorePermit>), ServerError>;
+/// A reply and its payload (file data); the payload's memory is counted in the room the
+/// reply takes in the queue.
+type Handled = Result<(Reply, Bytes), ServerError>;
+
+/// Room in the reply queue for replies without file data or long lists.
+const SMALL_REPLY: usize = 8 * 1024;
+
+/// The most room `op`'s reply can take in the reply queue.
+fn reply_room(op: &Request) -> usize {
+    match op {
+        Request::Read { len, .. } => (*len).min(CHUNK_SIZE) as usize + SMALL_REPLY,
+        Request::Open { head, .. } => (*head).min(CHUNK_SIZE) as usize + SMALL_REPLY,
+        Request::ListFiles { .. } => LIST_PAGE_BYTES + SMALL_REPLY,
+        Request::Notifications { .. } => NOTIFICATIONS_BYTES + SMALL_REPLY,
+        // Waits for more room if the list of users is long.
+        Request::ListUsers => 64 * 1024,
+        Request::Stat { .. }
+        | Request::Close { .. }
+        | Request::Put { .. }
+        | Request::Delete { .. }
+        | Request::Rename { .. }
+        | Request::Ack { .. }
+        | Request::Ping
+        | Request::StatFs
+        | Request::UploadBegin { .. }
+        | Request::UploadCommit { .. }
+        | Request::UploadAbort { .. } => SMALL_REPLY,
+    }
+}
+
+/// Most bytes of JSON the notifications of one `notifications` reply may take; the
+/// oldest of the recent ones are left out past it.
+const NOTIFICATIONS_BYTES: usize = 512 * 1024;
+
+/// A connection's open handles: the file, and its place under the handle limits.
+type Handles = Arc<Mutex<HashMap<u64, (Arc<OpenFile>, HandleTicket)>>>;
+
+/// An open handle's place under the per-connection, per-user and server-wide limits;
+/// given back when the handle is closed or its connection ends.
+pub struct HandleTicket {
+    _connection: OwnedSemaphorePermit,
+    _user: Slot<String>,
+    _fd: OwnedSemaphorePermit,
+}
 
 impl Context {
     /// Runs blocking storage work off the async threads.
@@ -687,7 +699,8 @@ impl Context {
 
     fn handles(
         &self,
-    ) -> Result<std::sync::MutexGuard<'_, HashMap<u64, Arc<OpenFile>>>, ServerError> {
+    ) -> Result<std::sync::MutexGuard<'_, HashMap<u64, (Arc<OpenFile>, HandleTicket)>>, ServerError>
+    {
         self.handles
             .lock()
             .map_err(|_| ServerError::Internal("handle table poisoned".into()))
@@ -716,9 +729,15 @@ impl Context {
             } => {
                 let owner = self.require_user(owner).await?;
                 let limit = limit.unwrap_or(LIST_PAGE).clamp(1, LIST_PAGE) as usize;
-                let (files, more) = self
+                let (mut files, mut more) = self
                     .blocking(move |s| s.store.list_page(&owner, after.as_deref(), limit))
                     .await?;
+                // A page also ends where its JSON would outgrow LIST_PAGE_BYTES.
+                let fit = fitting(&files, LIST_PAGE_BYTES);
+                if fit < files.len() {
+                    files.truncate(fit);
+                    more = true;
+                }
                 Reply::Files { files, more }
             }
             Request::Stat { owner, name } => {
@@ -735,7 +754,9 @@ impl Context {
                 len,
             } => return self.read(handle, offset, len).await,
             Request::Close { handle } => {
-                self.handles()?.remove(&handle);
+                // Dropped outside the lock: closing the file is a system call.
+                let closed = self.handles()?.remove(&handle);
+                drop(closed);
                 Reply::Ok
             }
             Request::Put {
@@ -783,7 +804,7 @@ impl Context {
             }
             Request::Notifications { recent } => {
                 let user = self.user.clone();
-                let (pending, recent) = self
+                let (mut pending, mut recent) = self
                     .blocking(move |s| {
                         Ok((
                             s.hub.pending(&user)?,
@@ -791,6 +812,15 @@ impl Context {
                         ))
                     })
                     .await?;
+                // Whatever fits: the pending first (the newest of them if they cannot all),
+                // then the newest of the recent.
+                pending.reverse();
+                pending.truncate(fitting(&pending, NOTIFICATIONS_BYTES));
+                pending.reverse();
+                let left = NOTIFICATIONS_BYTES.saturating_sub(json_len(&pending));
+                recent.reverse();
+                recent.truncate(fitting(&recent, left));
+                recent.reverse();
                 Reply::Notifications { pending, recent }
             }
             Request::Ping => Reply::Ok,
@@ -810,10 +840,13 @@ impl Context {
                 return Err(ServerError::Internal("upload request misrouted".into()))
             }
         };
-        Ok((reply, Bytes::new(), None))
+        Ok((reply, Bytes::new()))
     }
 
     async fn open(self, owner: String, name: String, head: u32, cutoff: Cutoff) -> Handled {
+        // Its place under the handle limits is taken before a file is opened, so a client
+        // cannot hold more descriptors than its share even for a moment.
+        let ticket = self.ticket()?;
         // One's own small files open without a trip to the blocking pool (no disk access:
         // the folder is loaded and the pack is open); everything else takes the slow path.
         let quick = if owner == self.user {
@@ -825,7 +858,40 @@ impl Context {
             Some(open) => open,
             None => self.open_slow(owner, name, cutoff).await?,
         };
-        self.opened(open, head).await
+        self.opened(open, head, ticket).await
+    }
+
+    /// A place for one more open handle, or the limit that is reached.
+    fn ticket(&self) -> Result<HandleTicket, ServerError> {
+        let config = &self.shared.config;
+        let connection = self.open_handles.clone().try_acquire_owned().map_err(|_| {
+            ServerError::TooManyOpen(format!(
+                "{} open on this connection, the most it may have",
+                config.max_handles_per_connection
+            ))
+        })?;
+        let user = self.shared.handle_slot(&self.user).ok_or_else(|| {
+            ServerError::TooManyOpen(format!(
+                "{} open by {}, the most one user may have",
+                config.max_handles_per_user, self.user
+            ))
+        })?;
+        // The server's descriptors are shared fairly: a user may take one more only while
+        // more than they hold is free, so however many users open all they may, one who
+        // holds few still finds some.
+        let short = || {
+            tracing::debug!("the server's open-file budget is short; refusing an open");
+            ServerError::TooManyOpen("the server is short of open files; close some".into())
+        };
+        if self.shared.fds.available_permits() < self.shared.handles_held(&self.user) {
+            return Err(short());
+        }
+        let fd = self.shared.fds.clone().try_acquire_owned().map_err(|_| short())?;
+        Ok(HandleTicket {
+            _connection: connection,
+            _user: user,
+            _fd: fd,
+        })
     }
 
     async fn open_slow(
@@ -850,17 +916,17 @@ impl Context {
         .await
     }
 
-    async fn opened(self, open: OpenFile, head: u32) -> Handled {
+    async fn opened(self, open: OpenFile, head: u32, ticket: HandleTicket) -> Handled {
         if open.info.owner != self.user {
             tracing::info!(owner = %open.info.owner, file = %open.info.name, size = open.info.size, "download");
         }
         let file = open.info.clone();
-        let head = (head.min(CHUNK_SIZE) as u64).min(file.size) as usize;
+        let head = (head.min(self.chunk()) as u64).min(file.size) as usize;
         let open = Arc::new(open);
-        let (data, permit) = if head == 0 {
-            (Bytes::new(), None)
+        let data = if head == 0 {
+            Bytes::new()
         } else {
-            let (data, permit) = self.read_budgeted(open.clone(), 0, head).await?;
+            let data = self.read_budgeted(open.clone(), 0, head).await?;
             if data.len() != head {
                 // The content ended early: a broken blob or pack, not a short file.
                 return Err(ServerError::Internal(format!(
@@ -870,7 +936,7 @@ impl Context {
                     data.len()
                 )));
             }
-            (data, Some(permit))
+            data
         };
         // Registered only once the head is read, so a failed open leaves no handle; a file
         // that came whole with the reply needs none (handle 0): nothing to read later, no
@@ -879,32 +945,39 @@ impl Context {
             0
         } else {
             let handle = self.next_id.fetch_add(1, Ordering::Relaxed);
-            self.handles()?.insert(handle, open);
+            self.handles()?.insert(handle, (open, ticket));
             handle
         };
-        Ok((Reply::Opened { handle, file }, data, permit))
+        Ok((Reply::Opened { handle, file }, data))
     }
 
     async fn read(self, handle: u64, offset: u64, len: u32) -> Handled {
         let open = self
             .handles()?
             .get(&handle)
-            .cloned()
+            .map(|(open, _)| open.clone())
             .ok_or_else(|| ServerError::Protocol(format!("no open handle {handle}")))?;
-        let len = len.min(CHUNK_SIZE) as usize;
+        let len = len.min(self.chunk()) as usize;
         let len = len.min(open.info.size.saturating_sub(offset) as usize);
-        let (data, permit) = self.read_budgeted(open, offset, len).await?;
-        Ok((Reply::Data, data, Some(permit)))
+        let data = self.read_budgeted(open, offset, len).await?;
+        Ok((Reply::Data, data))
     }
 
-    /// Reads under the server-wide read-buffer budget; the permit lives until the reply
-    /// carrying the data has been written.
+    /// The most file data one reply carries: a chunk, or less if the agreed frame is
+    /// smaller.
+    fn chunk(&self) -> u32 {
+        let room = self.max_frame.saturating_sub(SMALL_REPLY);
+        CHUNK_SIZE.min(u32::try_from(room).unwrap_or(u32::MAX)).max(1)
+    }
+
+    /// Reads under the server-wide read-buffer budget, which bounds the data being read
+    /// at once; once read, the data is counted in its reply's room in the queue.
     async fn read_budgeted(
         &self,
         open: Arc<OpenFile>,
         offset: u64,
         len: usize,
-    ) -> Result<(Bytes, OwnedSemaphorePermit), ServerError> {
+    ) -> Result<Bytes, ServerError> {
         let kib = len.div_ceil(1024).max(1) as u32;
         let permit = self
             .shared
@@ -914,7 +987,8 @@ impl Context {
             .await
             .map_err(|_| ServerError::Internal("read budget closed".into()))?;
         if let Some(data) = open.read_cached(offset, len) {
-            return Ok((data, permit));
+            drop(permit);
+            return Ok(data);
         }
         let misses = self.shared.misses.clone();
         let read = move || {
@@ -930,6 +1004,24 @@ impl Context {
                 .await
                 .map_err(|e| ServerError::Internal(format!("read task failed: {e}")))??
         };
-        Ok((data, permit))
+        drop(permit);
+        Ok(data)
     }
+}
+
+/// How many of `items`, from the first, take at most `limit` bytes of JSON.
+fn fitting<T: serde::Serialize>(items: &[T], limit: usize) -> usize {
+    let mut total = 0;
+    for (i, item) in items.iter().enumerate() {
+        // The comma (or bracket) before each.
+        total += json_len(item) + 1;
+        if total > limit {
+            return i;
+        }
+    }
+    items.len()
+}
+
+fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX / 2, |v| v.len())
 }

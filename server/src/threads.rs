@@ -19,6 +19,10 @@ use tokio::sync::oneshot;
 
 use crate::error::{Result, ServerError};
 
+/// Threads each session thread's runtime may start for disk work. Blocking work beyond it
+/// waits its turn, so the server's threads do not grow with its connections.
+const BLOCKING_THREADS: usize = 32;
+
 /// How long shutdown waits for a thread's blocking tasks (disk writes) before leaving them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -57,6 +61,7 @@ impl SessionThreads {
         for i in 0..n {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(BLOCKING_THREADS)
                 .thread_name(format!("sharefs-disk-{i}"))
                 .build()?;
             let handle = runtime.handle().clone();

@@ -14,6 +14,7 @@ use sharefs_client::{ConnectOptions, EventStream, RemoteClient};
 pub mod desktop;
 pub mod mount;
 pub mod proxy;
+pub mod raw;
 pub mod smallfs;
 
 pub use proxy::StallProxy;
@@ -90,6 +91,8 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
     log: PathBuf,
     extra_args: Vec<String>,
+    /// The server's limit on open files, if the test sets one.
+    nofile: Option<u64>,
 }
 
 impl TestServer {
@@ -105,6 +108,15 @@ impl TestServer {
     /// Starts a server whose data directory is `data` (for instance on a [`SmallFs`]),
     /// or in a temp directory; logs always go to a temp directory.
     pub fn start_in(data: Option<&Path>, args: &[&str]) -> TestServer {
+        Self::start_full(data, args, None)
+    }
+
+    /// Starts a server allowed at most `nofile` open files (its `ulimit -n`).
+    pub fn start_with_nofile(args: &[&str], nofile: u64) -> TestServer {
+        Self::start_full(None, args, Some(nofile))
+    }
+
+    fn start_full(data: Option<&Path>, args: &[&str], nofile: Option<u64>) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let mut server = TestServer {
@@ -115,6 +127,7 @@ impl TestServer {
             log: dir.path().join("server.log"),
             _dir: dir,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            nofile,
         };
         for user in ["alice", "bob", "carol"] {
             server.add_user(user, PASSWORD);
@@ -147,16 +160,31 @@ impl TestServer {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut child = Command::new(bin("sharefs-server"))
-            .args(["serve", "--listen", &self.addr, "--data"])
+        let mut cmd = Command::new(bin("sharefs-server"));
+        cmd.args(["serve", "--listen", &self.addr, "--data"])
             .arg(&self.data)
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and only touches the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let rx = first_line(stdout);
         self.child = Some(child);
@@ -208,10 +236,25 @@ impl TestServer {
 
     /// Resident memory of the server process, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
+        self.status_field("VmRSS:")
+    }
+
+    /// Threads of the server process.
+    pub fn threads(&self) -> Option<u64> {
+        self.status_field("Threads:")
+    }
+
+    /// Files the server process has open.
+    pub fn open_fds(&self) -> Option<usize> {
+        let dir = std::fs::read_dir(format!("/proc/{}/fd", self.pid()?)).ok()?;
+        Some(dir.count())
+    }
+
+    fn status_field(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
         status
             .lines()
-            .find(|l| l.starts_with("VmRSS:"))
+            .find(|l| l.starts_with(field))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
     }

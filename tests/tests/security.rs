@@ -10,6 +10,7 @@ use sharefs_client::tls::TrustOptions;
 use sharefs_client::{ClientError, RemoteClient};
 use sharefs_protocol::ErrorCode;
 use sharefs_tests::mount::{fuse_available, TestMount};
+use sharefs_tests::raw::connect_from;
 use sharefs_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -238,13 +239,6 @@ async fn open_registration_creates_accounts_only_when_enabled() {
     let mut bad = open.options("Not Valid");
     bad.password = "x".into();
     assert!(connect_err(&bad).await.code().is_some());
-}
-
-/// A TCP connection from a given loopback source address.
-async fn connect_from(src: [u8; 4], addr: &str) -> std::io::Result<tokio::net::TcpStream> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(std::net::SocketAddr::from((src, 0)))?;
-    sock.connect(addr.parse().unwrap()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

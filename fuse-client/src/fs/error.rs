@@ -28,6 +28,9 @@ pub enum FsError {
     NotDir,
     #[error("bad file handle")]
     BadHandle,
+    /// The server's limit on open files (per connection, per user or its own) was reached.
+    #[error("too many open files on the server")]
+    TooManyOpen,
     /// The version an open file was reading is gone from the server.
     #[error("file changed on the server while open")]
     Stale,
@@ -46,6 +49,7 @@ impl From<ClientError> for FsError {
                 ErrorCode::QuotaExceeded => FsError::QuotaExceeded,
                 ErrorCode::NoSpace => FsError::NoSpace,
                 ErrorCode::Stale => FsError::Stale,
+                ErrorCode::TooManyOpen => FsError::TooManyOpen,
                 ErrorCode::AuthFailed
                 | ErrorCode::Throttled
                 | ErrorCode::VersionMismatch

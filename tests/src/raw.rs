@@ -1,0 +1,136 @@
+//! A client driven by hand, for attack tests: it sends what it likes when it likes, and reads
+//! replies only when told to. Plaintext servers only (`--plaintext`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use sharefs_protocol::{
+    ClientMessage, ErrorBody, Frame, FrameCodec, Reply, Request, ServerMessage, DEFAULT_MAX_FRAME,
+    MAGIC, VERSION,
+};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use crate::{PASSWORD, TIMEOUT};
+
+pub struct RawClient {
+    pub framed: Framed<TcpStream, FrameCodec>,
+    next_id: u64,
+}
+
+/// A TCP connection from a given loopback source address.
+pub async fn connect_from(src: [u8; 4], addr: &str) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::from((src, 0)))?;
+    sock.connect(addr.parse().map_err(std::io::Error::other)?)
+        .await
+}
+
+impl RawClient {
+    /// Connects from 127.0.0.1 and logs in as `user` with the test password.
+    pub async fn login(addr: &str, user: &str) -> RawClient {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Self::login_on(stream, user, PASSWORD).await.unwrap()
+    }
+
+    /// Hello and login on `stream`; the server's error if it refuses.
+    pub async fn login_on(
+        stream: TcpStream,
+        user: &str,
+        password: &str,
+    ) -> Result<RawClient, ErrorBody> {
+        let mut raw = Self::hello(stream).await?;
+        raw.send_message(&ClientMessage::Login {
+            user: user.into(),
+            password: password.into(),
+            client: None,
+        })
+        .await;
+        match raw.recv().await {
+            Some((ServerMessage::LoginOk { .. }, _)) => Ok(raw),
+            Some((ServerMessage::Error { error, .. }, _)) => Err(error),
+            other => panic!("unexpected login answer {other:?}"),
+        }
+    }
+
+    /// Connects and says hello, nothing more.
+    pub async fn hello(stream: TcpStream) -> Result<RawClient, ErrorBody> {
+        let mut raw = RawClient {
+            framed: Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME)),
+            next_id: 1,
+        };
+        raw.send_message(&ClientMessage::Hello {
+            magic: MAGIC.into(),
+            version: VERSION,
+            max_frame: DEFAULT_MAX_FRAME,
+        })
+        .await;
+        match raw.recv().await {
+            Some((ServerMessage::Hello { .. }, _)) => Ok(raw),
+            Some((ServerMessage::Error { error, .. }, _)) => Err(error),
+            other => panic!("unexpected hello answer {other:?}"),
+        }
+    }
+
+    pub async fn send_message(&mut self, msg: &ClientMessage) {
+        let frame = Frame::new(msg, Bytes::new()).unwrap();
+        within("send", self.framed.send(frame)).await.unwrap();
+    }
+
+    /// Queues a request without flushing; returns its id.
+    pub async fn feed(&mut self, op: Request, payload: Bytes) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = ClientMessage::Request {
+            id,
+            deadline_ms: None,
+            op,
+        };
+        let frame = Frame::new(&msg, payload).unwrap();
+        self.framed.feed(frame).await.unwrap();
+        id
+    }
+
+    pub async fn flush(&mut self) {
+        within("flush", self.framed.flush()).await.unwrap();
+    }
+
+    /// Flushes for at most `limit`: a server that stopped reading may never take it all.
+    pub async fn flush_for(&mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.framed.flush()).await;
+    }
+
+    /// The next message from the server; `None` when the connection is closed.
+    pub async fn recv(&mut self) -> Option<(ServerMessage, Bytes)> {
+        match within("a message", self.framed.next()).await {
+            Some(Ok(frame)) => Some((frame.message().unwrap(), frame.payload)),
+            Some(Err(_)) | None => None,
+        }
+    }
+
+    /// Sends one request and waits for its answer (skipping events and other replies).
+    pub async fn call(&mut self, op: Request, payload: Bytes) -> Result<(Reply, Bytes), ErrorBody> {
+        let id = self.feed(op, payload).await;
+        self.flush().await;
+        loop {
+            match self.recv().await {
+                Some((ServerMessage::Response { id: got, reply }, payload)) if got == id => {
+                    return Ok((reply, payload))
+                }
+                Some((ServerMessage::Error { id: Some(got), error }, _)) if got == id => {
+                    return Err(error)
+                }
+                Some(_) => {}
+                None => panic!("connection closed while waiting for reply {id}"),
+            }
+        }
+    }
+}
+
+async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(TIMEOUT.min(Duration::from_secs(60)), fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
