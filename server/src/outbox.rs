@@ -123,7 +123,13 @@ impl Outbox {
     /// Encodes `msg` with `payload` and queues it in the room taken for it. A reply that
     /// cannot be sent (larger than a frame, or than its room) is replaced by an error
     /// reply to request `id`.
-    pub fn send(&self, mut room: Reservation, id: Option<u64>, msg: &ServerMessage, payload: Bytes) {
+    pub fn send(
+        &self,
+        mut room: Reservation,
+        id: Option<u64>,
+        msg: &ServerMessage,
+        payload: Bytes,
+    ) {
         let frame = match self.encode(msg, payload, room.size()) {
             Ok(frame) => frame,
             Err(error) => {

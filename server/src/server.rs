@@ -419,7 +419,13 @@ const REFUSAL_TIME: Duration = Duration::from_secs(2);
 /// Tells a client the server is too busy for it, over TLS if that is what it speaks, and
 /// closes. Refusals in progress at once are bounded (`refusing`); past that, the
 /// connection is just closed.
-async fn refuse_busy(stream: TcpStream, peer: SocketAddr, shared: Shared, why: &'static str, refusing: Arc<Semaphore>) {
+async fn refuse_busy(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Shared,
+    why: &'static str,
+    refusing: Arc<Semaphore>,
+) {
     let Ok(_permit) = refusing.try_acquire_owned() else {
         return;
     };
@@ -428,10 +434,20 @@ async fn refuse_busy(stream: TcpStream, peer: SocketAddr, shared: Shared, why: &
     let max_frame = shared.config.max_frame;
     match transport(stream, peer, &shared, deadline).await {
         Some(Transport::Tls(tls)) => {
-            refuse(Framed::new(tls, FrameCodec::new(max_frame)), ErrorCode::Busy, &message).await
+            refuse(
+                Framed::new(tls, FrameCodec::new(max_frame)),
+                ErrorCode::Busy,
+                &message,
+            )
+            .await
         }
         Some(Transport::Plain(plain)) => {
-            refuse(Framed::new(plain, FrameCodec::new(max_frame)), ErrorCode::Busy, &message).await
+            refuse(
+                Framed::new(plain, FrameCodec::new(max_frame)),
+                ErrorCode::Busy,
+                &message,
+            )
+            .await
         }
         None => {}
     }

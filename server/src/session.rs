@@ -529,9 +529,15 @@ impl Session {
             }
             op => {
                 let ctx = self.context();
-                let room = reply_room(&op);
-                self.spawn(id, room, async move { ctx.handle(op, payload, cutoff).await })
-                    .await
+                // A put's content is held until its reply is queued: it takes room too, so
+                // the puts a connection has in flight are bounded by its allowance.
+                let room = reply_room(&op) + payload.len();
+                self.spawn(
+                    id,
+                    room,
+                    async move { ctx.handle(op, payload, cutoff).await },
+                )
+                .await
             }
         }
     }
@@ -656,7 +662,8 @@ fn reply_room(op: &Request) -> usize {
 const NOTIFICATIONS_BYTES: usize = 512 * 1024;
 
 /// A connection's open handles: the file, and its place under the handle limits.
-type Handles = Arc<Mutex<HashMap<u64, (Arc<OpenFile>, HandleTicket)>>>;
+type HandleTable = HashMap<u64, (Arc<OpenFile>, HandleTicket)>;
+type Handles = Arc<Mutex<HandleTable>>;
 
 /// An open handle's place under the per-connection, per-user and server-wide limits;
 /// given back when the handle is closed or its connection ends.
@@ -697,10 +704,7 @@ impl Context {
         }
     }
 
-    fn handles(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, HashMap<u64, (Arc<OpenFile>, HandleTicket)>>, ServerError>
-    {
+    fn handles(&self) -> Result<std::sync::MutexGuard<'_, HandleTable>, ServerError> {
         self.handles
             .lock()
             .map_err(|_| ServerError::Internal("handle table poisoned".into()))
@@ -886,7 +890,12 @@ impl Context {
         if self.shared.fds.available_permits() < self.shared.handles_held(&self.user) {
             return Err(short());
         }
-        let fd = self.shared.fds.clone().try_acquire_owned().map_err(|_| short())?;
+        let fd = self
+            .shared
+            .fds
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| short())?;
         Ok(HandleTicket {
             _connection: connection,
             _user: user,
@@ -967,7 +976,9 @@ impl Context {
     /// smaller.
     fn chunk(&self) -> u32 {
         let room = self.max_frame.saturating_sub(SMALL_REPLY);
-        CHUNK_SIZE.min(u32::try_from(room).unwrap_or(u32::MAX)).max(1)
+        CHUNK_SIZE
+            .min(u32::try_from(room).unwrap_or(u32::MAX))
+            .max(1)
     }
 
     /// Reads under the server-wide read-buffer budget, which bounds the data being read

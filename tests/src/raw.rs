@@ -109,6 +109,39 @@ impl RawClient {
         }
     }
 
+    /// Sends `ops` pipelined (500 at a time) and returns their answers in order.
+    pub async fn pipeline(&mut self, ops: Vec<(Request, Bytes)>) -> Vec<Result<Reply, ErrorBody>> {
+        let mut answers = Vec::with_capacity(ops.len());
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let mut ids = std::collections::HashMap::new();
+            for (op, payload) in ops.by_ref().take(500) {
+                let id = self.feed(op, payload).await;
+                ids.insert(id, answers.len());
+                answers.push(None);
+            }
+            self.flush().await;
+            while !ids.is_empty() {
+                let (id, answer) = match self.recv().await {
+                    Some((ServerMessage::Response { id, reply }, _)) => (id, Ok(reply)),
+                    Some((
+                        ServerMessage::Error {
+                            id: Some(id),
+                            error,
+                        },
+                        _,
+                    )) => (id, Err(error)),
+                    Some(_) => continue,
+                    None => panic!("connection closed with {} requests unanswered", ids.len()),
+                };
+                if let Some(i) = ids.remove(&id) {
+                    answers[i] = Some(answer);
+                }
+            }
+        }
+        answers.into_iter().flatten().collect()
+    }
+
     /// Sends one request and waits for its answer (skipping events and other replies).
     pub async fn call(&mut self, op: Request, payload: Bytes) -> Result<(Reply, Bytes), ErrorBody> {
         let id = self.feed(op, payload).await;
@@ -118,9 +151,13 @@ impl RawClient {
                 Some((ServerMessage::Response { id: got, reply }, payload)) if got == id => {
                     return Ok((reply, payload))
                 }
-                Some((ServerMessage::Error { id: Some(got), error }, _)) if got == id => {
-                    return Err(error)
-                }
+                Some((
+                    ServerMessage::Error {
+                        id: Some(got),
+                        error,
+                    },
+                    _,
+                )) if got == id => return Err(error),
                 Some(_) => {}
                 None => panic!("connection closed while waiting for reply {id}"),
             }

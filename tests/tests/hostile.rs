@@ -20,27 +20,18 @@ fn fat_name(i: usize) -> String {
 async fn fat_folder(server: &TestServer, user: &str, n: usize) {
     let mut raw = RawClient::login(&server.addr, user).await;
     let empty = blake3::hash(b"").to_hex().to_string();
-    for batch in (0..n).collect::<Vec<_>>().chunks(500) {
-        for &i in batch {
+    let puts = (0..n)
+        .map(|i| {
             let op = Request::Put {
                 owner: user.into(),
                 name: fat_name(i),
                 blake3: empty.clone(),
             };
-            raw.feed(op, Bytes::new()).await;
-        }
-        raw.flush().await;
-        let mut answered = 0;
-        while answered < batch.len() {
-            match raw.recv().await {
-                Some((sharefs_protocol::ServerMessage::Response { .. }, _)) => answered += 1,
-                Some((sharefs_protocol::ServerMessage::Error { id: Some(_), error }, _)) => {
-                    panic!("put failed: {error:?}")
-                }
-                Some(_) => {}
-                None => panic!("connection closed while creating files"),
-            }
-        }
+            (op, Bytes::new())
+        })
+        .collect();
+    for answer in raw.pipeline(puts).await {
+        answer.unwrap();
     }
 }
 
@@ -131,9 +122,11 @@ async fn open_handles_are_limited_per_connection_and_per_user() {
     works(&bob, 0, &big).await;
     // Handles go with their connection.
     drop(carol);
-    eventually(Duration::from_secs(10), "carol's handles are given back", || {
-        server.log_text().matches("disconnected").count() >= 1
-    });
+    eventually(
+        Duration::from_secs(10),
+        "carol's handles are given back",
+        || server.log_text().matches("disconnected").count() >= 1,
+    );
     let mut carol3 = RawClient::login(&server.addr, "carol").await;
     assert_eq!(open_many(&mut carol3, "alice", "big", 100).await, (60, 40));
 }
@@ -230,9 +223,11 @@ async fn a_client_that_stops_reading_holds_up_nobody_and_is_disconnected() {
         );
     }
     // Carol is disconnected once she has taken nothing for the reply timeout.
-    eventually(Duration::from_secs(30), "the stalled client is closed", || {
-        server.log_text().contains("stopped taking its replies")
-    });
+    eventually(
+        Duration::from_secs(30),
+        "the stalled client is closed",
+        || server.log_text().contains("stopped taking its replies"),
+    );
     assert!(started.elapsed() >= Duration::from_secs(4));
     let mut carol = stalled.await.unwrap();
     // Her socket is closed: what she reads now ends (after whatever was sent).
