@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
-    ClientMessage, ErrorBody, Frame, FrameCodec, Reply, Request, ServerMessage, DEFAULT_MAX_FRAME,
+    ClientMessage, ErrorBody, ErrorCode, Frame, FrameCodec, Reply, Request, ServerMessage, DEFAULT_MAX_FRAME,
     MAGIC, VERSION,
 };
 use tokio::net::TcpStream;
@@ -50,7 +50,8 @@ impl RawClient {
         match raw.recv().await {
             Some((ServerMessage::LoginOk { .. }, _)) => Ok(raw),
             Some((ServerMessage::Error { error, .. }, _)) => Err(error),
-            other => panic!("unexpected login answer {other:?}"),
+            Some((other, _)) => panic!("unexpected login answer {other:?}"),
+            None => Err(closed()),
         }
     }
 
@@ -69,13 +70,15 @@ impl RawClient {
         match raw.recv().await {
             Some((ServerMessage::Hello { .. }, _)) => Ok(raw),
             Some((ServerMessage::Error { error, .. }, _)) => Err(error),
-            other => panic!("unexpected hello answer {other:?}"),
+            Some((other, _)) => panic!("unexpected hello answer {other:?}"),
+            None => Err(closed()),
         }
     }
 
     pub async fn send_message(&mut self, msg: &ClientMessage) {
         let frame = Frame::new(msg, Bytes::new()).unwrap();
-        within("send", self.framed.send(frame)).await.unwrap();
+        // A connection the server closed shows at the next read.
+        let _ = within("send", self.framed.send(frame)).await;
     }
 
     /// Queues a request without flushing; returns its id.
@@ -88,12 +91,13 @@ impl RawClient {
             op,
         };
         let frame = Frame::new(&msg, payload).unwrap();
-        self.framed.feed(frame).await.unwrap();
+        // A connection the server closed shows at the next read.
+        let _ = self.framed.feed(frame).await;
         id
     }
 
     pub async fn flush(&mut self) {
-        within("flush", self.framed.flush()).await.unwrap();
+        let _ = within("flush", self.framed.flush()).await;
     }
 
     /// Flushes for at most `limit`: a server that stopped reading may never take it all.
@@ -159,10 +163,16 @@ impl RawClient {
                     _,
                 )) if got == id => return Err(error),
                 Some(_) => {}
-                None => panic!("connection closed while waiting for reply {id}"),
+                None => return Err(closed()),
             }
         }
     }
+}
+
+/// What [`RawClient::call`] and the handshake return when the server closed the
+/// connection instead of answering.
+fn closed() -> ErrorBody {
+    ErrorBody::new(ErrorCode::ProtocolError, "connection closed")
 }
 
 async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
