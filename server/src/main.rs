@@ -93,11 +93,11 @@ struct ServeArgs {
     /// Free disk space uploads must leave, e.g. 64M or 1G.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     disk_reserve: u64,
-    /// Bytes of replies queued for one connection before its requests wait, e.g. 4M.
-    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    /// Bytes of replies queued for one connection before its requests wait, e.g. 8M.
+    #[arg(long, default_value = "8M", value_parser = parse_size)]
     reply_buffer: u64,
-    /// Bytes of replies queued for all of one user's connections together, e.g. 16M.
-    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    /// Bytes of replies queued for all of one user's connections together, e.g. 32M.
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
     user_reply_buffer: u64,
     /// Seconds a client may take no byte of its replies before it is disconnected.
     #[arg(long, default_value_t = 20)]
