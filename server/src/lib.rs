@@ -8,6 +8,7 @@
 //! - [`store`]: crash-safe file storage: per user, a JSON journal of file metadata with
 //!   snapshots, small files appended to a pack, large ones as blobs.
 //! - [`space`]: the disk reserve, claimed by every write so concurrent writers add up.
+//! - [`reservations`]: the quota held by uploads in progress, so they add up too.
 //! - [`hub`]: durable download notifications and the registry of live sessions.
 //! - [`users`]: accounts with argon2id password hashes in `users.json`.
 //! - [`config`]: settings and their defaults.
@@ -20,6 +21,7 @@ pub mod cutoff;
 pub mod error;
 pub mod fsutil;
 pub mod hub;
+pub mod reservations;
 pub mod server;
 pub mod session;
 pub mod space;

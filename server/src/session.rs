@@ -334,6 +334,14 @@ async fn write_loop<S>(
     let _ = sink.close().await;
 }
 
+/// How often uploads are checked for having gone without data for `bound`.
+fn idle_upload_sweep(bound: Duration) -> tokio::time::Interval {
+    let period = (bound / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut sweep = tokio::time::interval(period);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep
+}
+
 /// An upload of this session: idle, or writing its last chunk on the blocking pool while
 /// the reader goes on decrypting the next one.
 enum Upload {
@@ -364,9 +372,9 @@ struct Session {
     user: String,
     shared: Shared,
     out: mpsc::Sender<Outgoing>,
-    /// Uploads in progress, each with its slot of the per-user limit; owned by the reader
-    /// loop, which writes their chunks in order.
-    uploads: HashMap<u64, (Upload, Slot<String>)>,
+    /// Uploads in progress, each with its slot of the per-user limit and when it last
+    /// received data; owned by the reader loop, which writes their chunks in order.
+    uploads: HashMap<u64, (Upload, Slot<String>, Instant)>,
     /// Open read handles, shared with request tasks. std `Mutex`: map operations only.
     handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     next_id: Arc<AtomicU64>,
@@ -409,6 +417,7 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let idle = self.shared.config.idle_timeout;
+        let mut idle_uploads = idle_upload_sweep(self.shared.config.upload_idle_timeout);
         loop {
             let next = tokio::select! {
                 next = tokio::time::timeout(idle, source.next()) => match next {
@@ -424,6 +433,10 @@ impl Session {
                     return;
                 }
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
+                _ = idle_uploads.tick(), if !self.uploads.is_empty() => {
+                    self.drop_idle_uploads();
+                    continue;
+                }
             };
             let frame = match next {
                 None => return,
@@ -484,6 +497,24 @@ impl Session {
         }
     }
 
+    /// Drops the uploads that received nothing for the configured bound: each holds a temp
+    /// file, a disk claim and a quota reservation, which a client must not keep by
+    /// stalling.
+    fn drop_idle_uploads(&mut self) {
+        let bound = self.shared.config.upload_idle_timeout;
+        self.uploads.retain(|upload, (_, _, last)| {
+            let keep = last.elapsed() < bound;
+            if !keep {
+                tracing::info!(
+                    upload,
+                    ?bound,
+                    "upload received no data for too long; dropped"
+                );
+            }
+            keep
+        });
+    }
+
     async fn fatal(&self, error: ErrorBody) {
         let _ = self
             .out
@@ -492,7 +523,7 @@ impl Session {
     }
 
     async fn chunk(&mut self, upload: u64, offset: u64, data: Bytes) {
-        let Some((state, slot)) = self.uploads.remove(&upload) else {
+        let Some((state, slot, _)) = self.uploads.remove(&upload) else {
             tracing::debug!(upload, "chunk for an unknown upload ignored");
             return;
         };
@@ -505,7 +536,8 @@ impl Session {
             up.write_chunk(offset, &data);
             up
         });
-        self.uploads.insert(upload, (Upload::Writing(task), slot));
+        self.uploads
+            .insert(upload, (Upload::Writing(task), slot, Instant::now()));
     }
 
     async fn reply(&self, id: u64, result: Result<Reply, ServerError>) {
@@ -530,7 +562,7 @@ impl Session {
                 size,
                 blake3,
             } => match self.uploads.remove(&upload) {
-                Some((state, slot)) => {
+                Some((state, slot, _)) => {
                     let ctx = self.context();
                     self.spawn(id, async move {
                         // The upload counts against the user's limit until committed.
@@ -552,7 +584,11 @@ impl Session {
                     .await
                 }
                 None => {
-                    let e = ServerError::Protocol(format!("no upload {upload}"));
+                    let e = ServerError::Protocol(format!(
+                        "no upload {upload} in progress (never begun, aborted, failed, or \
+                         dropped after {} s without data)",
+                        self.shared.config.upload_idle_timeout.as_secs()
+                    ));
                     self.reply(id, Err(e)).await
                 }
             },
@@ -593,7 +629,7 @@ impl Session {
             .await?;
         let upload = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.uploads
-            .insert(upload, (Upload::Idle(Box::new(up)), slot));
+            .insert(upload, (Upload::Idle(Box::new(up)), slot, Instant::now()));
         Ok(Reply::UploadStarted { upload })
     }
 
