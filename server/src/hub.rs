@@ -24,19 +24,53 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sharefs_protocol::{Event, Notification};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::error::{Result, ServerError};
 use crate::fsutil;
+
+/// Ends a live session from outside: its reader waits for this beside the socket, so it
+/// ends also when the client is silent.
+#[derive(Debug, Default)]
+pub struct EndSignal {
+    reason: OnceLock<&'static str>,
+    notify: Notify,
+}
+
+impl EndSignal {
+    /// Tells the session to end, saying why; false if it was told already.
+    pub fn end(&self, reason: &'static str) -> bool {
+        let first = self.reason.set(reason).is_ok();
+        self.notify.notify_one();
+        first
+    }
+
+    /// Completes, with the reason, once the session is told to end.
+    pub async fn ended(&self) -> &'static str {
+        loop {
+            if let Some(reason) = self.reason.get() {
+                return reason;
+            }
+            // `notify_one` leaves a permit if nobody waits yet: a signal sent between the
+            // check above and this wait is not missed.
+            self.notify.notified().await;
+        }
+    }
+}
 
 /// Where a live session receives events.
 #[derive(Debug)]
 pub struct EventSink {
     pub user: String,
+    /// The password hash the session logged in with: it ends when the account's changes
+    /// or the account goes.
+    pub password_hash: String,
+    /// Ends the session (see [`Hub::end_sessions`]).
+    pub end: Arc<EndSignal>,
     pub tx: mpsc::Sender<Event>,
     /// Set when an event could not be queued; the session then sends `Resync`.
     pub lagged: Arc<AtomicBool>,
@@ -127,6 +161,24 @@ impl Hub {
         if let Ok(mut s) = self.inner.sessions.lock() {
             s.remove(&id);
         }
+    }
+
+    /// Ends every live session for which `why` gives a reason (logged, and told to the
+    /// client). Returns how many were told now (not already ending).
+    pub fn end_sessions(&self, why: impl Fn(&EventSink) -> Option<&'static str>) -> usize {
+        let Ok(sessions) = self.inner.sessions.lock() else {
+            return 0;
+        };
+        let mut ended = 0;
+        for (id, sink) in sessions.iter() {
+            if let Some(reason) = why(sink) {
+                if sink.end.end(reason) {
+                    tracing::info!(user = %sink.user, session = id, reason, "ending session");
+                    ended += 1;
+                }
+            }
+        }
+        ended
     }
 
     /// Pushes an event to the sessions `to` selects, never blocking.
@@ -446,6 +498,8 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         hub.register(EventSink {
             user: "alice".into(),
+            password_hash: String::new(),
+            end: Arc::default(),
             tx,
             lagged: Arc::default(),
             client: None,

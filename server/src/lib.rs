@@ -11,11 +11,13 @@
 //! - [`reservations`]: the quota held by uploads in progress, so they add up too.
 //! - [`hub`]: durable download notifications and the registry of live sessions.
 //! - [`users`]: accounts with argon2id password hashes in `users.json`.
+//! - [`accounts`]: ends the sessions of accounts removed or re-passworded meanwhile.
 //! - [`config`]: settings and their defaults.
 //!
 //! Tests and embedders bind their own listener and pass their own shutdown future to
 //! [`server::run`]; the binary binds the configured address and passes SIGINT/SIGTERM.
 
+pub mod accounts;
 pub mod config;
 pub mod cutoff;
 pub mod error;

@@ -165,6 +165,11 @@ pub async fn run_with(
         None => tracing::warn!("TLS off (--plaintext): traffic and passwords travel in the clear"),
     }
     on_ready();
+    let accounts = tokio::spawn(crate::accounts::watch(
+        shared.users.clone(),
+        shared.hub.clone(),
+        crate::accounts::POLL,
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let threads = SessionThreads::start(shared.config.session_threads)?;
@@ -224,6 +229,7 @@ pub async fn run_with(
         }
     }
     tracing::info!(sessions = sessions.len(), "shutting down");
+    accounts.abort();
     let _ = stop_tx.send(true);
     let drain = async { while sessions.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(10), drain)

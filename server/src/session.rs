@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::cutoff::Cutoff;
 use crate::error::ServerError;
-use crate::hub::EventSink;
+use crate::hub::{EndSignal, EventSink};
 use crate::server::{Shared, Slot};
 use crate::store::{OpenFile, StagedUpload};
 
@@ -78,7 +78,7 @@ async fn serve_inner<S>(
         handshake(&mut framed, &shared, peer),
     )
     .await;
-    let (user, client, started) = match login {
+    let (user, password_hash, client, started) = match login {
         Ok(Ok(login)) => login,
         Ok(Err(err)) => {
             let msg = ServerMessage::Error {
@@ -102,8 +102,11 @@ async fn serve_inner<S>(
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
     let lagged = Arc::new(AtomicBool::new(false));
     let fenced = Arc::new(AtomicBool::new(false));
+    let end = Arc::new(EndSignal::default());
     let session_id = shared.hub.register(EventSink {
         user: user.clone(),
+        password_hash,
+        end: end.clone(),
         tx: ev_tx,
         lagged: lagged.clone(),
         client,
@@ -123,6 +126,7 @@ async fn serve_inner<S>(
         tasks: JoinSet::new(),
         started,
         fenced,
+        end,
     };
     if session.greet().await {
         session.read_loop(source, stop).await;
@@ -140,18 +144,20 @@ async fn serve_inner<S>(
 }
 
 enum Login {
-    Ok,
-    Registered,
+    /// Logged in with the password of this hash.
+    Ok(String),
+    Registered(String),
     Failed,
 }
 
-/// Hello and login. Returns the user name, the client's id and when the server's `Hello`
-/// was sent (request deadlines count from it), or the error to send before closing.
+/// Hello and login. Returns the user name, the password hash the login matched, the
+/// client's id and when the server's `Hello` was sent (request deadlines count from it),
+/// or the error to send before closing.
 async fn handshake<S>(
     framed: &mut Framed<S, FrameCodec>,
     shared: &Shared,
     peer: SocketAddr,
-) -> Result<(String, Option<u64>, Instant), ErrorBody>
+) -> Result<(String, String, Option<u64>, Instant), ErrorBody>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -210,8 +216,8 @@ where
     let name = user.clone();
     let register = shared.config.open_registration;
     let outcome = tokio::task::spawn_blocking(move || -> Result<Login, ServerError> {
-        if users.verify(&name, &password)? {
-            return Ok(Login::Ok);
+        if let Some(hash) = users.login(&name, &password)? {
+            return Ok(Login::Ok(hash));
         }
         if register && users.get(&name)?.is_none() {
             sharefs_protocol::name::check_user_name(&name).map_err(ServerError::InvalidName)?;
@@ -219,18 +225,25 @@ where
                 return Ok(Login::Failed);
             }
             users.add(&name, &password, None)?;
-            return Ok(Login::Registered);
+            return Ok(match users.login(&name, &password)? {
+                Some(hash) => Login::Registered(hash),
+                None => Login::Failed,
+            });
         }
         Ok(Login::Failed)
     })
     .await
     .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
     .map_err(|e| e.body())?;
-    match outcome {
-        Login::Ok => shared.throttle.succeeded(peer.ip(), &user),
-        Login::Registered => {
+    let hash = match outcome {
+        Login::Ok(hash) => {
+            shared.throttle.succeeded(peer.ip(), &user);
+            hash
+        }
+        Login::Registered(hash) => {
             tracing::info!(%peer, user, "account created by open registration");
             shared.hub.broadcast(Event::UsersChanged);
+            hash
         }
         Login::Failed => {
             let delay = shared.throttle.failed(peer.ip(), &user);
@@ -241,10 +254,10 @@ where
                 "unknown user or wrong password",
             ));
         }
-    }
+    };
     tracing::info!(%peer, user, "logged in");
     send(framed, &ServerMessage::LoginOk { user: user.clone() }).await?;
-    Ok((user, client, started))
+    Ok((user, hash, client, started))
 }
 
 async fn next_message<S>(framed: &mut Framed<S, FrameCodec>) -> Result<ClientMessage, ErrorBody>
@@ -382,6 +395,9 @@ struct Session {
     started: Instant,
     /// Set when a newer connection of the same client logged in (see [`Cutoff`]).
     fenced: Arc<AtomicBool>,
+    /// Fires when the session must end at once (its account was removed, its password
+    /// changed), however idle the client.
+    end: Arc<EndSignal>,
     in_flight: Arc<Semaphore>,
     tasks: JoinSet<()>,
 }
@@ -433,6 +449,11 @@ impl Session {
                     return;
                 }
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
+                reason = self.end.ended() => {
+                    tracing::info!(reason, "closing session");
+                    self.fatal(ErrorBody::new(ErrorCode::AuthFailed, reason)).await;
+                    return;
+                }
                 _ = idle_uploads.tick(), if !self.uploads.is_empty() => {
                     self.drop_idle_uploads();
                     continue;

@@ -266,3 +266,108 @@ async fn a_stalled_upload_gives_back_its_disk_and_quota() {
         .contains("upload received no data for too long"));
     assert_eq!(download(&alice, "bob", "small").await.unwrap(), small);
 }
+
+/// Waits (bounded) until `client`'s connection is gone; returns how long that took.
+async fn ended_within(client: &RemoteClient, limit: Duration) -> Duration {
+    let start = Instant::now();
+    tokio::time::timeout(limit, client.closed())
+        .await
+        .unwrap_or_else(|_| panic!("the session was still open after {limit:?}"));
+    start.elapsed()
+}
+
+/// Mallory and alice are both connected; mallory reads alice's file.
+async fn mallory_and_alice(server: &TestServer) -> (RemoteClient, RemoteClient) {
+    with_mallory(server, None);
+    let (alice, _) = server.connect("alice").await;
+    upload(&alice, "notes", b"alice's notes").await;
+    let (mallory, _) = server.connect("mallory").await;
+    assert_eq!(
+        download(&mallory, "alice", "notes").await.unwrap(),
+        b"alice's notes"
+    );
+    (mallory, alice)
+}
+
+/// `sharefs-server user remove` beside a running server ends the removed user's sessions
+/// within a second, idle or not; other users go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_user_ends_her_sessions() {
+    let server = TestServer::start();
+    let (mallory, alice) = mallory_and_alice(&server).await;
+    let (idle, _) = server.connect("mallory").await;
+    user_cli(&server, &["remove", "mallory"], None);
+    let took = ended_within(&mallory, Duration::from_secs(2)).await;
+    eprintln!("session ended {took:?} after the removal");
+    ended_within(&idle, Duration::from_secs(2)).await;
+    let e = within("list", mallory.list_files("alice"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), None, "{e}");
+    assert!(
+        within("put", mallory.put_small("x", Bytes::from_static(b"x")))
+            .await
+            .is_err()
+    );
+    let e = within(
+        "reconnect",
+        RemoteClient::connect(&server.options("mallory")),
+    )
+    .await
+    .err()
+    .expect("a removed user logged in");
+    assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e}");
+
+    // Alice's connection was not touched.
+    upload(&alice, "later", b"still here").await;
+    assert_eq!(
+        download(&alice, "alice", "notes").await.unwrap(),
+        b"alice's notes"
+    );
+    let log = server.log_text();
+    assert!(log.contains("your account was removed"), "{log}");
+}
+
+/// `sharefs-server user passwd` ends the user's sessions the same way; the new password
+/// logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_password_ends_the_old_sessions() {
+    let server = TestServer::start();
+    let (mallory, alice) = mallory_and_alice(&server).await;
+    user_cli(
+        &server,
+        &["passwd", "mallory", "--password-stdin"],
+        Some("another password\n"),
+    );
+    ended_within(&mallory, Duration::from_secs(2)).await;
+    assert!(within("list", mallory.list_files("alice")).await.is_err());
+    let mut opts = server.options("mallory");
+    opts.password = "another password".into();
+    let (again, _) = within("login", RemoteClient::connect(&opts)).await.unwrap();
+    assert_eq!(
+        download(&again, "alice", "notes").await.unwrap(),
+        b"alice's notes"
+    );
+    bob_is_served(&server, 8).await;
+    upload(&alice, "later", b"still here").await;
+    assert!(server.log_text().contains("your password was changed"));
+}
+
+/// A quota set or lifted beside a running server applies to the next upload of a
+/// connected user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_change_applies_to_the_next_upload() {
+    let server = TestServer::start();
+    with_mallory(&server, None);
+    let (mallory, _) = server.connect("mallory").await;
+    upload(&mallory, "a", &content(1, 2 * MIB)).await;
+    user_cli(&server, &["quota", "mallory", "3M"], None);
+    let e = within("begin", mallory.upload_begin("b", Some(2 * MIB as u64)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::QuotaExceeded), "{e}");
+    upload(&mallory, "b", &content(2, MIB)).await;
+    user_cli(&server, &["quota", "mallory", "none"], None);
+    upload(&mallory, "c", &content(3, 2 * MIB)).await;
+    assert!(!mallory.is_closed(), "a quota change ended the session");
+}
