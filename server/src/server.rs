@@ -112,7 +112,11 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
 impl Shared {
     pub fn open(config: ServerConfig) -> Result<Shared> {
         let store = Store::open(&config.data_dir, config.disk_reserve)?;
-        let hub = Hub::open(&config.data_dir, config.coalesce_window)?;
+        let hub = Hub::open(
+            &config.data_dir,
+            config.coalesce_window,
+            config.max_pending_notifications,
+        )?;
         let users = UserDb::new(&config.data_dir);
         let read_budget = Arc::new(Semaphore::new((config.read_buffer_budget / 1024).max(1)));
         let throttle = Arc::new(LoginThrottle::new(config.login.clone()));

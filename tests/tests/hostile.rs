@@ -309,13 +309,11 @@ async fn removing_a_user_ends_her_sessions() {
             .await
             .is_err()
     );
-    let e = within(
-        "reconnect",
-        RemoteClient::connect(&server.options("mallory")),
-    )
-    .await
-    .err()
-    .expect("a removed user logged in");
+    let opts = server.options("mallory");
+    let e = match within("reconnect", RemoteClient::connect(&opts)).await {
+        Ok(_) => panic!("a removed user logged in"),
+        Err(e) => e,
+    };
     assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e}");
 
     // Alice's connection was not touched.
@@ -370,4 +368,83 @@ async fn a_quota_change_applies_to_the_next_upload() {
     user_cli(&server, &["quota", "mallory", "none"], None);
     upload(&mallory, "c", &content(3, 2 * MIB)).await;
     assert!(!mallory.is_closed(), "a quota change ended the session");
+}
+
+/// Mallory opens 2,000 distinct files of alice's while alice is away: alice's pending
+/// notifications stay bounded (the default 256, plus one digest that says how many older
+/// ones it stands for), on disk as at her next login; bob is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_flood_leaves_a_bounded_digest() {
+    use futures::StreamExt;
+    const FILES: usize = 2000;
+    const CAP: usize = 256;
+    let server = TestServer::start();
+    with_mallory(&server, None);
+    let names: Vec<String> = (0..FILES).map(|i| format!("f{i:04}")).collect();
+    {
+        let (alice, _) = server.connect("alice").await;
+        within(
+            "alice's files",
+            futures::stream::iter(&names)
+                .map(|name| alice.put_small(name, Bytes::from(name.clone().into_bytes())))
+                .buffer_unordered(16)
+                .for_each(|r| async move {
+                    r.unwrap();
+                }),
+        )
+        .await;
+    }
+
+    let (mallory, _) = server.connect("mallory").await;
+    let flood = futures::stream::iter(&names)
+        .map(|name| mallory.open_with_head("alice", name, 64))
+        .buffer_unordered(16)
+        .for_each(|r| async move {
+            assert_eq!(r.unwrap().0, 0, "a whole small file needs no handle");
+        });
+    within("the flood, and bob meanwhile", async {
+        tokio::join!(flood, bob_is_served(&server, 9))
+    })
+    .await;
+
+    let pending_dir = server.data.join("notifications/alice/pending");
+    let on_disk = std::fs::read_dir(&pending_dir).unwrap().count();
+    assert!(on_disk <= CAP + 1, "{on_disk} pending records on disk");
+
+    // Alice logs in: what is replayed is what is pending, digest first.
+    let (alice, mut events) = server.connect("alice").await;
+    let (pending, _) = within("notifications", alice.notifications(0))
+        .await
+        .unwrap();
+    let mut replayed = 0;
+    while let Ok(event) = events.try_recv() {
+        if matches!(event, sharefs_protocol::Event::Notification { .. }) {
+            replayed += 1;
+        }
+    }
+    assert_eq!(replayed, pending.len());
+    assert!(pending.len() <= CAP + 1, "{} pending", pending.len());
+    let digest = &pending[0];
+    assert!(digest.folded > 0, "no digest first: {digest:?}");
+    assert!(pending[1..].iter().all(|n| n.folded == 0));
+    assert_eq!(digest.folded as usize + pending.len() - 1, FILES);
+    assert_eq!(digest.count, digest.folded);
+    assert_eq!(digest.downloader, "mallory");
+    assert_eq!(
+        digest.file,
+        format!("{} more files, not shown one by one", digest.folded)
+    );
+    // Each of the others is one of the latest files opened.
+    assert!(pending[1..]
+        .iter()
+        .all(|n| n.downloader == "mallory" && n.count == 1));
+
+    // Acknowledged like any other.
+    within("ack", alice.ack(vec![digest.id])).await.unwrap();
+    let (after, _) = within("notifications", alice.notifications(0))
+        .await
+        .unwrap();
+    assert_eq!(after.len(), pending.len() - 1);
+    assert!(after.iter().all(|n| n.folded == 0));
+    assert!(server.log_text().contains("folded into a digest"));
 }
