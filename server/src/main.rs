@@ -34,7 +34,8 @@ struct Cli {
 enum Command {
     /// Serve the data directory until SIGINT or SIGTERM.
     Serve(ServeArgs),
-    /// Manage user accounts (works while the server runs; applies from the next login).
+    /// Manage user accounts (works while the server runs: a removed user's or changed
+    /// password's sessions end within a second; quotas apply from the next upload).
     #[command(subcommand)]
     User(UserCommand),
 }
