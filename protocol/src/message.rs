@@ -245,6 +245,12 @@ pub struct Notification {
     pub last_ms: i64,
     /// Downloads coalesced into this notification.
     pub count: u32,
+    /// Non-zero for a digest: this many older notifications were folded into this one
+    /// (the server keeps a bounded number pending per user). `file` then says so in words
+    /// ("N more files, not shown one by one"), `downloader` is the one who downloaded them
+    /// all or "several users", `count` and `size` are their totals. Absent (0) otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub folded: u32,
 }
 
 /// Space as `df` should show it to the caller.

@@ -23,6 +23,11 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Uploads one user may have in progress at once, across all connections.
     pub max_uploads_per_user: usize,
+    /// An upload that receives no chunk for this long is dropped (its temp file, disk
+    /// claim and quota reservation with it); its commit then fails.
+    pub upload_idle_timeout: Duration,
+    /// Pending notifications kept per user; older ones are folded into one digest.
+    pub max_pending_notifications: usize,
     /// Login throttling.
     pub login: LoginPolicy,
     /// Unknown user names logging in create their account (trusted LANs only).
@@ -61,6 +66,8 @@ impl ServerConfig {
             max_connections_per_addr: 64,
             idle_timeout: Duration::from_secs(15 * 60),
             max_uploads_per_user: 16,
+            upload_idle_timeout: Duration::from_secs(120),
+            max_pending_notifications: 256,
             login: LoginPolicy::default(),
             open_registration: false,
             max_in_flight: 64,

@@ -15,28 +15,70 @@
 //! (a full disk) is pushed all the same and kept in memory, a bounded number per owner,
 //! until a later write succeeds; the history file is fsynced with each record.
 //!
+//! Pending notifications are bounded per owner (`--max-pending-notifications`): past the
+//! bound the oldest are folded into one digest notification that says how many it stands
+//! for, so someone who opens thousands of a user's files leaves a bounded number of records
+//! on disk and of pop-ups at the next login (the history keeps every one, rotating as
+//! usual). The digest is written (with a new id) before the records it replaces are
+//! removed: a crash in between shows a few twice, never loses them. An index of each
+//! owner's pending ids is kept in memory, read from disk at first use.
+//!
 //! Pushing never blocks: each session has a bounded event queue and a session that falls
 //! behind gets a `Resync` event instead of an unbounded backlog (its pending notifications
 //! stay on disk).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sharefs_protocol::{Event, Notification};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::error::{Result, ServerError};
 use crate::fsutil;
+
+/// Ends a live session from outside: its reader waits for this beside the socket, so it
+/// ends also when the client is silent.
+#[derive(Debug, Default)]
+pub struct EndSignal {
+    reason: OnceLock<&'static str>,
+    notify: Notify,
+}
+
+impl EndSignal {
+    /// Tells the session to end, saying why; false if it was told already.
+    pub fn end(&self, reason: &'static str) -> bool {
+        let first = self.reason.set(reason).is_ok();
+        self.notify.notify_one();
+        first
+    }
+
+    /// Completes, with the reason, once the session is told to end.
+    pub async fn ended(&self) -> &'static str {
+        loop {
+            if let Some(reason) = self.reason.get() {
+                return reason;
+            }
+            // `notify_one` leaves a permit if nobody waits yet: a signal sent between the
+            // check above and this wait is not missed.
+            self.notify.notified().await;
+        }
+    }
+}
 
 /// Where a live session receives events.
 #[derive(Debug)]
 pub struct EventSink {
     pub user: String,
+    /// The password hash the session logged in with: it ends when the account's changes
+    /// or the account goes.
+    pub password_hash: String,
+    /// Ends the session (see [`Hub::end_sessions`]).
+    pub end: Arc<EndSignal>,
     pub tx: mpsc::Sender<Event>,
     /// Set when an event could not be queued; the session then sends `Resync`.
     pub lagged: Arc<AtomicBool>,
@@ -73,6 +115,19 @@ struct HubInner {
     /// Notifications that could not be written yet (disk full), per owner, by id: shown
     /// as pending and written out by the next record or listing that can.
     unsaved: Mutex<HashMap<String, BTreeMap<u64, Notification>>>,
+    /// Pending notifications kept per owner before the oldest are folded into a digest.
+    max_pending: usize,
+    /// Per owner, what is pending on disk; loaded at the owner's first new record.
+    index: Mutex<HashMap<String, PendingIndex>>,
+}
+
+/// An owner's pending records on disk.
+#[derive(Debug, Default)]
+struct PendingIndex {
+    /// Ids of pending notifications, digest excluded.
+    ids: BTreeSet<u64>,
+    /// The pending digest of folded notifications, if any.
+    digest: Option<Notification>,
 }
 
 /// How often notifications waiting for disk space are tried again, at most.
@@ -83,7 +138,7 @@ const UNSAVED_RETRY: Duration = Duration::from_secs(1);
 const UNSAVED_MAX_PER_OWNER: usize = 1024;
 
 impl Hub {
-    pub fn open(data_dir: &Path, window: Duration) -> Result<Hub> {
+    pub fn open(data_dir: &Path, window: Duration, max_pending: usize) -> Result<Hub> {
         let dir = data_dir.join("notifications");
         fsutil::create_dir_durable(&dir)?;
         Ok(Hub {
@@ -97,6 +152,8 @@ impl Hub {
                 recent: Mutex::new(HashMap::new()),
                 writes: Mutex::new(None),
                 unsaved: Mutex::new(HashMap::new()),
+                max_pending: max_pending.max(1),
+                index: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -127,6 +184,24 @@ impl Hub {
         if let Ok(mut s) = self.inner.sessions.lock() {
             s.remove(&id);
         }
+    }
+
+    /// Ends every live session for which `why` gives a reason (logged, and told to the
+    /// client). Returns how many were told now (not already ending).
+    pub fn end_sessions(&self, why: impl Fn(&EventSink) -> Option<&'static str>) -> usize {
+        let Ok(sessions) = self.inner.sessions.lock() else {
+            return 0;
+        };
+        let mut ended = 0;
+        for (id, sink) in sessions.iter() {
+            if let Some(reason) = why(sink) {
+                if sink.end.end(reason) {
+                    tracing::info!(user = %sink.user, session = id, reason, "ending session");
+                    ended += 1;
+                }
+            }
+        }
+        ended
     }
 
     /// Pushes an event to the sessions `to` selects, never blocking.
@@ -206,6 +281,7 @@ impl Hub {
             first_ms: now_ms,
             last_ms: now_ms,
             count: 1,
+            folded: 0,
         };
         recent.insert(key, (n.clone(), now));
         drop(recent);
@@ -242,7 +318,118 @@ impl Hub {
         if new || path.exists() {
             write_json(&self.inner.tmp, &path, n)?;
         }
+        if new {
+            // Bounded before the history line: the pending record is what must not pile up.
+            if let Err(e) = self.bound_pending(n) {
+                tracing::warn!(owner = %n.owner, error = %e, "cannot fold old pending notifications");
+            }
+        }
         self.append_history(&n.owner, n)
+    }
+
+    fn index(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, PendingIndex>>> {
+        self.inner
+            .index
+            .lock()
+            .map_err(|_| ServerError::Internal("notification index poisoned".into()))
+    }
+
+    /// Notes `n` (just written) as pending and, past the bound, folds the owner's oldest
+    /// pending notifications into the digest. Called under the write lock.
+    fn bound_pending(&self, n: &Notification) -> Result<()> {
+        let owner = n.owner.as_str();
+        let mut index = self.index()?;
+        if !index.contains_key(owner) {
+            let loaded = self.load_index(owner)?;
+            index.insert(owner.to_string(), loaded);
+        }
+        let Some(mine) = index.get_mut(owner) else {
+            return Ok(());
+        };
+        mine.ids.insert(n.id);
+        let max = self.inner.max_pending;
+        if mine.ids.len() <= max {
+            return Ok(());
+        }
+        // Fold down to 7/8 of the bound, so the digest is rewritten once per many records.
+        let keep = max - max / 8;
+        let fold: Vec<u64> = mine
+            .ids
+            .iter()
+            .take(mine.ids.len() - keep)
+            .copied()
+            .collect();
+        let dir = self.pending_dir(owner);
+        let old_digest = mine.digest.as_ref().map(|d| d.id);
+        let mut digest = mine.digest.clone().unwrap_or_else(|| Notification {
+            id: 0,
+            downloader: String::new(),
+            owner: owner.to_string(),
+            file: String::new(),
+            size: 0,
+            first_ms: i64::MAX,
+            last_ms: i64::MIN,
+            count: 0,
+            folded: 0,
+        });
+        for id in &fold {
+            match read_notification(&dir.join(pending_name(*id))) {
+                Ok(Some(folded)) => fold_into(&mut digest, &folded),
+                // Acknowledged meanwhile: nothing to fold.
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(owner, id, error = %e, "unreadable notification folded unseen")
+                }
+            }
+        }
+        digest.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        digest.file = format!("{} more files, not shown one by one", digest.folded);
+        if digest.folded > 0 {
+            write_json(&self.inner.tmp, &dir.join(pending_name(digest.id)), &digest)?;
+        }
+        for id in old_digest.iter().chain(&fold) {
+            match fs::remove_file(dir.join(pending_name(*id))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            mine.ids.remove(id);
+        }
+        fsutil::sync_dir(&dir)?;
+        tracing::info!(
+            owner,
+            folded = fold.len(),
+            total = digest.folded,
+            "too many pending notifications; the oldest are folded into a digest"
+        );
+        mine.digest = (digest.folded > 0).then_some(digest);
+        Ok(())
+    }
+
+    /// What is pending on disk for `owner`.
+    fn load_index(&self, owner: &str) -> Result<PendingIndex> {
+        let mut index = PendingIndex::default();
+        let entries = match fs::read_dir(self.pending_dir(owner)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(index),
+            Err(e) => return Err(e.into()),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                match read_notification(&path) {
+                    Ok(Some(n)) if n.folded > 0 => index.digest = Some(n),
+                    Ok(Some(n)) => {
+                        index.ids.insert(n.id);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "unreadable notification")
+                    }
+                }
+            }
+        }
+        Ok(index)
     }
 
     fn writes(&self) -> Result<std::sync::MutexGuard<'_, Option<Instant>>> {
@@ -371,7 +558,8 @@ impl Hub {
                 }
             }
         }
-        out.sort_by_key(|n| n.id);
+        // The digest of the oldest comes first.
+        out.sort_by_key(|n| (n.folded == 0, n.id));
         Ok(out)
     }
 
@@ -405,6 +593,16 @@ impl Hub {
                 }
             }
         }
+        if let Ok(mut index) = self.index() {
+            if let Some(mine) = index.get_mut(user) {
+                for id in ids {
+                    mine.ids.remove(id);
+                    if mine.digest.as_ref().is_some_and(|d| d.id == *id) {
+                        mine.digest = None;
+                    }
+                }
+            }
+        }
         let dir = self.pending_dir(user);
         let mut removed = false;
         for id in ids {
@@ -427,6 +625,37 @@ fn pending_name(id: u64) -> String {
     format!("{id:016x}.json")
 }
 
+/// Adds `n` (a notification or a digest) to `digest`.
+fn fold_into(digest: &mut Notification, n: &Notification) {
+    if digest.folded == 0 {
+        digest.downloader = n.downloader.clone();
+    } else if digest.downloader != n.downloader {
+        // Not a user name (those have no spaces): nobody is named wrongly.
+        digest.downloader = "several users".into();
+    }
+    digest.folded = digest.folded.saturating_add(n.folded.max(1));
+    digest.count = digest.count.saturating_add(n.count);
+    digest.size = digest.size.saturating_add(n.size);
+    digest.first_ms = digest.first_ms.min(n.first_ms);
+    digest.last_ms = digest.last_ms.max(n.last_ms);
+}
+
+/// The notification recorded at `path`; `None` if there is none (any more).
+fn read_notification(path: &Path) -> Result<Option<Notification>> {
+    match fs::read(path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| ServerError::Corrupt {
+                    path: path.display().to_string(),
+                    source,
+                })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn write_json(tmp: &Path, path: &Path, n: &Notification) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(n)
         .map_err(|e| ServerError::Internal(format!("cannot encode notification: {e}")))?;
@@ -442,10 +671,12 @@ mod tests {
     fn record_coalesce_ack_and_reload() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("tmp")).unwrap();
-        let hub = Hub::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let hub = Hub::open(dir.path(), Duration::from_secs(60), 256).unwrap();
         let (tx, mut rx) = mpsc::channel(8);
         hub.register(EventSink {
             user: "alice".into(),
+            password_hash: String::new(),
+            end: Arc::default(),
             tx,
             lagged: Arc::default(),
             client: None,
@@ -458,7 +689,7 @@ mod tests {
         assert!(matches!(rx.try_recv(), Ok(Event::Notification { .. })));
         assert!(rx.try_recv().is_err());
 
-        let hub = Hub::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let hub = Hub::open(dir.path(), Duration::from_secs(60), 256).unwrap();
         let pending = hub.pending("alice").unwrap();
         assert_eq!(pending.len(), 2);
         assert_eq!(

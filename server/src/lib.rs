@@ -10,19 +10,23 @@
 //! - [`store`]: crash-safe file storage: per user, a JSON journal of file metadata with
 //!   snapshots, small files appended to a pack, large ones as blobs.
 //! - [`space`]: the disk reserve, claimed by every write so concurrent writers add up.
+//! - [`reservations`]: the quota held by uploads in progress, so they add up too.
 //! - [`hub`]: durable download notifications and the registry of live sessions.
 //! - [`users`]: accounts with argon2id password hashes in `users.json`.
+//! - [`accounts`]: ends the sessions of accounts removed or re-passworded meanwhile.
 //! - [`config`]: settings and their defaults.
 //!
 //! Tests and embedders bind their own listener and pass their own shutdown future to
 //! [`server::run`]; the binary binds the configured address and passes SIGINT/SIGTERM.
 
+pub mod accounts;
 pub mod config;
 pub mod cutoff;
 pub mod error;
 pub mod fsutil;
 pub mod hub;
 pub mod outbox;
+pub mod reservations;
 pub mod server;
 pub mod session;
 pub mod space;

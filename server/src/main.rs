@@ -34,7 +34,8 @@ struct Cli {
 enum Command {
     /// Serve the data directory until SIGINT or SIGTERM.
     Serve(ServeArgs),
-    /// Manage user accounts (works while the server runs; applies from the next login).
+    /// Manage user accounts (works while the server runs: a removed user's or changed
+    /// password's sessions end within a second; quotas apply from the next upload).
     #[command(subcommand)]
     User(UserCommand),
 }
@@ -77,6 +78,13 @@ struct ServeArgs {
     /// Uploads one user may have in progress at once.
     #[arg(long, default_value_t = 16)]
     max_uploads_per_user: usize,
+    /// Seconds an upload may go without receiving data before it is dropped.
+    #[arg(long, default_value_t = 120)]
+    upload_idle_timeout: u64,
+    /// Pending (unacknowledged) download notifications kept per user; older ones are
+    /// folded into one digest notification.
+    #[arg(long, default_value_t = 256)]
+    max_pending_notifications: usize,
     /// Failed logins (per address or user name) before refusing it for --login-lockout.
     #[arg(long, default_value_t = 10)]
     login_lockout_after: u32,
@@ -306,6 +314,8 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.max_in_flight = args.max_in_flight.max(1);
         config.session_threads = args.session_threads;
         config.max_uploads_per_user = args.max_uploads_per_user.max(1);
+        config.upload_idle_timeout = Duration::from_secs(args.upload_idle_timeout.max(1));
+        config.max_pending_notifications = args.max_pending_notifications.max(1);
         config.disk_reserve = args.disk_reserve;
         config.reply_buffer = usize::try_from(args.reply_buffer).unwrap_or(usize::MAX);
         config.user_reply_buffer = usize::try_from(args.user_reply_buffer).unwrap_or(usize::MAX);

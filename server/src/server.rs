@@ -168,7 +168,11 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
 impl Shared {
     pub fn open(config: ServerConfig) -> Result<Shared> {
         let store = Store::open(&config.data_dir, config.disk_reserve)?;
-        let hub = Hub::open(&config.data_dir, config.coalesce_window)?;
+        let hub = Hub::open(
+            &config.data_dir,
+            config.coalesce_window,
+            config.max_pending_notifications,
+        )?;
         let users = UserDb::new(&config.data_dir);
         let read_budget = Arc::new(Semaphore::new((config.read_buffer_budget / 1024).max(1)));
         let throttle = Arc::new(LoginThrottle::new(config.login.clone()));
@@ -259,6 +263,11 @@ pub async fn run_with(
         None => tracing::warn!("TLS off (--plaintext): traffic and passwords travel in the clear"),
     }
     on_ready();
+    let accounts = tokio::spawn(crate::accounts::watch(
+        shared.users.clone(),
+        shared.hub.clone(),
+        crate::accounts::POLL,
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
@@ -319,6 +328,7 @@ pub async fn run_with(
         }
     }
     tracing::info!(sessions = sessions.len(), "shutting down");
+    accounts.abort();
     let _ = stop_tx.send(true);
     let drain = async { while sessions.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(10), drain)

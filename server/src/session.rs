@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::cutoff::Cutoff;
 use crate::error::ServerError;
-use crate::hub::EventSink;
+use crate::hub::{EndSignal, EventSink};
 use crate::outbox::{Outbox, Writer};
 use crate::server::{Shared, Slot};
 use crate::store::{OpenFile, StagedUpload};
@@ -65,7 +65,7 @@ async fn serve_inner<S>(
     tracing::debug!("connected");
     let mut framed = Framed::new(stream, FrameCodec::new(shared.config.max_frame));
     let login = tokio::time::timeout_at(deadline, handshake(&mut framed, &shared, peer)).await;
-    let (user, client, started) = match login {
+    let (user, password_hash, client, started) = match login {
         Ok(Ok(login)) => login,
         Ok(Err(err)) => {
             let msg = ServerMessage::Error {
@@ -94,8 +94,11 @@ async fn serve_inner<S>(
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
     let lagged = Arc::new(AtomicBool::new(false));
     let fenced = Arc::new(AtomicBool::new(false));
+    let end = Arc::new(EndSignal::default());
     let session_id = shared.hub.register(EventSink {
         user: user.clone(),
+        password_hash,
+        end: end.clone(),
         tx: ev_tx,
         lagged: lagged.clone(),
         client,
@@ -124,6 +127,7 @@ async fn serve_inner<S>(
         tasks: JoinSet::new(),
         started,
         fenced,
+        end,
     };
     if session.greet().await {
         session.read_loop(source, stop).await;
@@ -147,18 +151,20 @@ async fn serve_inner<S>(
 }
 
 enum Login {
-    Ok,
-    Registered,
+    /// Logged in with the password of this hash.
+    Ok(String),
+    Registered(String),
     Failed,
 }
 
-/// Hello and login. Returns the user name, the client's id and when the server's `Hello`
-/// was sent (request deadlines count from it), or the error to send before closing.
+/// Hello and login. Returns the user name, the password hash the login matched, the
+/// client's id and when the server's `Hello` was sent (request deadlines count from it),
+/// or the error to send before closing.
 async fn handshake<S>(
     framed: &mut Framed<S, FrameCodec>,
     shared: &Shared,
     peer: SocketAddr,
-) -> Result<(String, Option<u64>, Instant), ErrorBody>
+) -> Result<(String, String, Option<u64>, Instant), ErrorBody>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -217,8 +223,8 @@ where
     let name = user.clone();
     let register = shared.config.open_registration;
     let outcome = tokio::task::spawn_blocking(move || -> Result<Login, ServerError> {
-        if users.verify(&name, &password)? {
-            return Ok(Login::Ok);
+        if let Some(hash) = users.login(&name, &password)? {
+            return Ok(Login::Ok(hash));
         }
         if register && users.get(&name)?.is_none() {
             sharefs_protocol::name::check_user_name(&name).map_err(ServerError::InvalidName)?;
@@ -226,18 +232,25 @@ where
                 return Ok(Login::Failed);
             }
             users.add(&name, &password, None)?;
-            return Ok(Login::Registered);
+            return Ok(match users.login(&name, &password)? {
+                Some(hash) => Login::Registered(hash),
+                None => Login::Failed,
+            });
         }
         Ok(Login::Failed)
     })
     .await
     .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
     .map_err(|e| e.body())?;
-    match outcome {
-        Login::Ok => shared.throttle.succeeded(peer.ip(), &user),
-        Login::Registered => {
+    let hash = match outcome {
+        Login::Ok(hash) => {
+            shared.throttle.succeeded(peer.ip(), &user);
+            hash
+        }
+        Login::Registered(hash) => {
             tracing::info!(%peer, user, "account created by open registration");
             shared.hub.broadcast(Event::UsersChanged);
+            hash
         }
         Login::Failed => {
             let delay = shared.throttle.failed(peer.ip(), &user);
@@ -248,10 +261,10 @@ where
                 "unknown user or wrong password",
             ));
         }
-    }
+    };
     tracing::info!(%peer, user, "logged in");
     send(framed, &ServerMessage::LoginOk { user: user.clone() }).await?;
-    Ok((user, client, started))
+    Ok((user, hash, client, started))
 }
 
 async fn next_message<S>(framed: &mut Framed<S, FrameCodec>) -> Result<ClientMessage, ErrorBody>
@@ -286,6 +299,14 @@ fn frame_error_body(e: &FrameError) -> ErrorBody {
     ErrorBody::new(code, e.to_string())
 }
 
+/// How often uploads are checked for having gone without data for `bound`.
+fn idle_upload_sweep(bound: Duration) -> tokio::time::Interval {
+    let period = (bound / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut sweep = tokio::time::interval(period);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep
+}
+
 /// An upload of this session: idle, or writing its last chunk on the blocking pool while
 /// the reader goes on decrypting the next one.
 enum Upload {
@@ -316,9 +337,9 @@ struct Session {
     user: String,
     shared: Shared,
     out: Outbox,
-    /// Uploads in progress, each with its slot of the per-user limit; owned by the reader
-    /// loop, which writes their chunks in order.
-    uploads: HashMap<u64, (Upload, Slot<String>)>,
+    /// Uploads in progress, each with its slot of the per-user limit and when it last
+    /// received data; owned by the reader loop, which writes their chunks in order.
+    uploads: HashMap<u64, (Upload, Slot<String>, Instant)>,
     /// Open read handles, shared with request tasks. std `Mutex`: map operations only.
     handles: Handles,
     /// This connection's share of open handles.
@@ -330,6 +351,9 @@ struct Session {
     started: Instant,
     /// Set when a newer connection of the same client logged in (see [`Cutoff`]).
     fenced: Arc<AtomicBool>,
+    /// Fires when the session must end at once (its account was removed, its password
+    /// changed), however idle the client.
+    end: Arc<EndSignal>,
     in_flight: Arc<Semaphore>,
     tasks: JoinSet<()>,
 }
@@ -366,6 +390,7 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let idle = self.shared.config.idle_timeout;
+        let mut idle_uploads = idle_upload_sweep(self.shared.config.upload_idle_timeout);
         loop {
             let next = tokio::select! {
                 biased;
@@ -384,6 +409,15 @@ impl Session {
                     return;
                 }
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
+                reason = self.end.ended() => {
+                    tracing::info!(reason, "closing session");
+                    self.fatal(ErrorBody::new(ErrorCode::AuthFailed, reason)).await;
+                    return;
+                }
+                _ = idle_uploads.tick(), if !self.uploads.is_empty() => {
+                    self.drop_idle_uploads();
+                    continue;
+                }
             };
             let frame = match next {
                 None => return,
@@ -444,6 +478,24 @@ impl Session {
         }
     }
 
+    /// Drops the uploads that received nothing for the configured bound: each holds a temp
+    /// file, a disk claim and a quota reservation, which a client must not keep by
+    /// stalling.
+    fn drop_idle_uploads(&mut self) {
+        let bound = self.shared.config.upload_idle_timeout;
+        self.uploads.retain(|upload, (_, _, last)| {
+            let keep = last.elapsed() < bound;
+            if !keep {
+                tracing::info!(
+                    upload,
+                    ?bound,
+                    "upload received no data for too long; dropped"
+                );
+            }
+            keep
+        });
+    }
+
     async fn fatal(&self, error: ErrorBody) {
         if let Some(room) = self.out.reserve(SMALL_REPLY).await {
             let msg = ServerMessage::Error { id: None, error };
@@ -452,7 +504,7 @@ impl Session {
     }
 
     async fn chunk(&mut self, upload: u64, offset: u64, data: Bytes) {
-        let Some((state, slot)) = self.uploads.remove(&upload) else {
+        let Some((state, slot, _)) = self.uploads.remove(&upload) else {
             tracing::debug!(upload, "chunk for an unknown upload ignored");
             return;
         };
@@ -465,7 +517,8 @@ impl Session {
             up.write_chunk(offset, &data);
             up
         });
-        self.uploads.insert(upload, (Upload::Writing(task), slot));
+        self.uploads
+            .insert(upload, (Upload::Writing(task), slot, Instant::now()));
     }
 
     async fn reply(&self, id: u64, result: Result<Reply, ServerError>) {
@@ -492,7 +545,7 @@ impl Session {
                 size,
                 blake3,
             } => match self.uploads.remove(&upload) {
-                Some((state, slot)) => {
+                Some((state, slot, _)) => {
                     let ctx = self.context();
                     self.spawn(id, SMALL_REPLY, async move {
                         // The upload counts against the user's limit until committed.
@@ -514,7 +567,11 @@ impl Session {
                     .await
                 }
                 None => {
-                    let e = ServerError::Protocol(format!("no upload {upload}"));
+                    let e = ServerError::Protocol(format!(
+                        "no upload {upload} in progress (never begun, aborted, failed, or \
+                         dropped after {} s without data)",
+                        self.shared.config.upload_idle_timeout.as_secs()
+                    ));
                     self.reply(id, Err(e)).await
                 }
             },
@@ -562,7 +619,7 @@ impl Session {
             .await?;
         let upload = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.uploads
-            .insert(upload, (Upload::Idle(Box::new(up)), slot));
+            .insert(upload, (Upload::Idle(Box::new(up)), slot, Instant::now()));
         Ok(Reply::UploadStarted { upload })
     }
 

@@ -55,6 +55,7 @@ use sharefs_protocol::{FileInfo, Space};
 use crate::cutoff::Cutoff;
 use crate::error::{Result, ServerError};
 use crate::fsutil;
+use crate::reservations::{Reservation, Reservations};
 use crate::space::{Claim, DiskSpace, RECORD_ROOM};
 
 /// Contents up to this size go into the folder's pack instead of a blob file each.
@@ -547,6 +548,8 @@ struct StoreInner {
     next_version: AtomicU64,
     /// Free space above the reserve, claimed by every write before it is made.
     space: DiskSpace,
+    /// Quota held by uploads in progress, per owner.
+    reservations: Reservations,
 }
 
 /// An upload being received into a temp file. Dropping it (abort, disconnect, shutdown)
@@ -566,9 +569,12 @@ pub struct StagedUpload {
     written: u64,
     /// Where the next early writeback starts.
     writeback_from: u64,
-    /// Bytes the owner may still add under the quota, checked per chunk.
+    /// Bytes the owner's quota left above what the folder held when the upload began;
+    /// the owner's uploads in progress together hold at most this much of it.
     allowance: u64,
-    allowance_error: Option<ServerError>,
+    /// The owner's quota this upload holds (`None` without a quota): its declared size
+    /// from the start, grown as chunks go past it.
+    held: Option<Reservation>,
     /// The owner's quota, checked again at commit against what the folder holds then
     /// (other uploads of the owner may have committed meanwhile).
     quota: Option<u64>,
@@ -663,9 +669,13 @@ impl StagedUpload {
             )));
             return;
         }
-        if self.written + data.len() as u64 > self.allowance {
-            self.failed = self.allowance_error.take();
-            return;
+        if let Some(held) = self.held.as_mut() {
+            let short = (self.written + data.len() as u64).saturating_sub(held.bytes());
+            if let Err(e) = held.grow(short, self.allowance) {
+                tracing::warn!(owner = %self.owner, name = %self.name, error = %e, "upload refused");
+                self.failed = Some(e);
+                return;
+            }
         }
         if let Err(e) = self.claim_room(data.len() as u64) {
             tracing::warn!(owner = %self.owner, name = %self.name, error = %e, "upload refused");
@@ -842,6 +852,7 @@ impl Store {
                 folders: Mutex::new(HashMap::new()),
                 next_version: AtomicU64::new(fsutil::now_ns().max(1) as u64),
                 space: DiskSpace::new(root, reserve),
+                reservations: Reservations::default(),
             }),
         })
     }
@@ -1170,17 +1181,23 @@ impl Store {
     ) -> Result<StagedUpload> {
         check_file_name(name).map_err(ServerError::InvalidName)?;
         let folder = self.folder(owner)?;
-        // The old version's bytes are freed by the commit, so they count as available.
-        let (used, old) = {
+        let (allowance, held) = {
+            // Reserved under the folder lock, which commits hold while they turn their
+            // reservation into used bytes: no upload is counted twice, or not at all.
             let f = lock(&folder)?;
-            (f.used, f.files.get(name).map_or(0, |m| m.size))
+            // The old version's bytes are freed by the commit, so they count as available.
+            let old = f.files.get(name).map_or(0, |m| m.size);
+            let (allowance, _) = Store::allowance(f.used.saturating_sub(old), quota);
+            let held = match quota {
+                Some(_) => Some(self.inner.reservations.reserve(
+                    owner,
+                    size.unwrap_or(0),
+                    allowance,
+                )?),
+                None => None,
+            };
+            (allowance, held)
         };
-        let (allowance, allowance_error) = Store::allowance(used.saturating_sub(old), quota);
-        if let Some(size) = size {
-            if size > allowance {
-                return Err(allowance_error);
-            }
-        }
         let room = self.inner.space.claim(size.unwrap_or(0))?;
         let path = self.inner.tmp.join(fsutil::temp_name("upload"));
         let file = fsutil::create_new(&path)?;
@@ -1199,7 +1216,7 @@ impl Store {
             written: 0,
             writeback_from: 0,
             allowance,
-            allowance_error: Some(allowance_error),
+            held,
             quota,
             room,
             failed: None,
@@ -1232,7 +1249,8 @@ impl Store {
             .file
             .take()
             .ok_or_else(|| ServerError::Internal("upload already finished".into()))?;
-        let result = self.install(&upload, &file, size, hash.as_str(), cutoff);
+        let held = upload.held.take();
+        let result = self.install(&upload, &file, size, hash.as_str(), held, cutoff);
         if result.is_err() {
             let _ = fs::remove_file(&upload.path);
         }
@@ -1246,6 +1264,7 @@ impl Store {
         file: &File,
         size: u64,
         hash: &str,
+        held: Option<Reservation>,
         cutoff: &Cutoff,
     ) -> Result<FileInfo> {
         let (owner, name, tmp_path, quota) = (
@@ -1282,6 +1301,8 @@ impl Store {
             return Err(e);
         }
         folder.insert(meta.clone());
+        // Used from now on, no longer reserved (still under the folder lock).
+        drop(held);
         folder.maintain(&self.inner.tmp);
         Ok(meta.info(owner))
     }
@@ -1312,7 +1333,13 @@ impl Store {
         let mut folder = lock(&folder)?;
         cutoff.check()?;
         let old = folder.files.get(name).map_or(0, |m| m.size);
-        let (allowance, allowance_error) = Store::allowance(folder.used.saturating_sub(old), quota);
+        // What uploads in progress hold of the quota counts as used.
+        let reserved = match quota {
+            Some(_) => self.inner.reservations.reserved(owner)?,
+            None => 0,
+        };
+        let (allowance, allowance_error) =
+            Store::allowance((folder.used + reserved).saturating_sub(old), quota);
         if size > allowance {
             return Err(allowance_error);
         }
@@ -1408,7 +1435,9 @@ impl Store {
         Ok(match quota {
             Some(q) => Space {
                 total: q,
-                available: q.saturating_sub(used).min(disk_avail),
+                available: q
+                    .saturating_sub(used + self.inner.reservations.reserved(owner)?)
+                    .min(disk_avail),
                 used,
                 files,
             },

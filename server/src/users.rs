@@ -37,6 +37,18 @@ struct UsersFile {
     users: BTreeMap<String, UserRecord>,
 }
 
+/// The accounts as one version of `users.json` has them: what a live session's login is
+/// compared with (see [`crate::accounts`]).
+#[derive(Debug, Clone)]
+pub struct Accounts(Arc<UsersFile>);
+
+impl Accounts {
+    /// The password hash of `name`, if the account exists.
+    pub fn password_hash(&self, name: &str) -> Option<&str> {
+        self.0.users.get(name).map(|u| u.password_hash.as_str())
+    }
+}
+
 /// Handle on `users.json` of one data directory. Reads are served from a parsed copy
 /// kept while the file's identity (inode, size, ctime) is unchanged, so `sharefs-server
 /// user ...` run beside a live server takes effect at once without a re-read per request.
@@ -237,14 +249,25 @@ impl UserDb {
         Ok(self.current()?.users.get(name).cloned())
     }
 
+    /// The current accounts (re-read only if the file changed). Blocking: a `stat`.
+    pub fn accounts(&self) -> Result<Accounts> {
+        Ok(Accounts(self.current()?))
+    }
+
     /// Checks a password. Blocking (argon2 takes tens of milliseconds): call it off the
     /// async runtime. Unknown users take as long as wrong passwords.
     pub fn verify(&self, name: &str, password: &str) -> Result<bool> {
+        Ok(self.login(name, password)?.is_some())
+    }
+
+    /// Like [`UserDb::verify`], returning the password hash the password matched: a
+    /// session is bound to it, and ends when it changes.
+    pub fn login(&self, name: &str, password: &str) -> Result<Option<String>> {
         match self.get(name)? {
-            Some(rec) => Ok(verify_hash(&rec.password_hash, password)),
+            Some(rec) => Ok(verify_hash(&rec.password_hash, password).then_some(rec.password_hash)),
             None => {
                 let _ = verify_hash(dummy_hash(), password);
-                Ok(false)
+                Ok(None)
             }
         }
     }
