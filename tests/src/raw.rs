@@ -6,8 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
-    ClientMessage, ErrorBody, ErrorCode, Frame, FrameCodec, Reply, Request, ServerMessage, DEFAULT_MAX_FRAME,
-    MAGIC, VERSION,
+    ClientMessage, ErrorBody, ErrorCode, Frame, FrameCodec, Reply, Request, ServerMessage,
+    DEFAULT_MAX_FRAME, MAGIC, VERSION,
 };
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;

@@ -38,16 +38,16 @@ async fn fat_folder(server: &TestServer, user: &str, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_too_large_for_one_frame_comes_in_pages_and_the_connection_lives() {
     let server = TestServer::start_with(&["--plaintext"]);
-    // 3,300 names of 255 bytes that escape to 510: one page of 4,096 would take 2.3 MB of
+    // 4,000 names of 255 bytes that escape to 510: one page of 4,096 would take 2.4 MB of
     // JSON, more than a frame's header may.
-    fat_folder(&server, "carol", 3300).await;
+    fat_folder(&server, "carol", 4000).await;
     let (alice, _) = server.connect("alice").await;
     let files = tokio::time::timeout(Duration::from_secs(30), alice.list_files("carol"))
         .await
         .expect("listing never answered")
         .unwrap();
-    assert_eq!(files.len(), 3300);
-    assert_eq!(files[3299].name, fat_name(3299));
+    assert_eq!(files.len(), 4000);
+    assert_eq!(files[3999].name, fat_name(3999));
     // The same connection goes on working.
     upload(&alice, "after", b"still here").await;
     assert_eq!(
@@ -57,7 +57,7 @@ async fn a_listing_too_large_for_one_frame_comes_in_pages_and_the_connection_liv
     // And the CLI lists it too.
     let out = output_within(server.cli("bob").args(["ls", "carol"]));
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3300);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4000);
 }
 
 /// Pipelines `n` opens of `owner/name` (no head: each keeps a handle) and counts the
@@ -247,7 +247,7 @@ async fn a_client_that_stops_reading_holds_up_nobody_and_is_disconnected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_queued_for_clients_that_do_not_read_are_bounded() {
     let server = TestServer::start_with(&["--plaintext", "--reply-timeout", "600"]);
-    fat_folder(&server, "carol", 3300).await;
+    fat_folder(&server, "carol", 4000).await;
     let (alice, _) = server.connect("alice").await;
     let big = content(5, 1 << 20);
     upload(&alice, "big", &big).await;
