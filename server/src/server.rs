@@ -111,6 +111,7 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
 
 impl Shared {
     pub fn open(config: ServerConfig) -> Result<Shared> {
+        crate::fsutil::make_data_dir_private(&config.data_dir)?;
         let store = Store::open(&config.data_dir, config.disk_reserve)?;
         let hub = Hub::open(&config.data_dir, config.coalesce_window)?;
         let users = UserDb::new(&config.data_dir);

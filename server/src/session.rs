@@ -17,7 +17,8 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
     ClientMessage, ErrorBody, ErrorCode, Event, Frame, FrameCodec, FrameError, FrameSink, Reply,
-    Request, ServerMessage, CHUNK_SIZE, LIST_PAGE, MAGIC, VERSION,
+    Request, ServerMessage, FRAME_ROOM, LIST_PAGE, MAGIC, MIN_FRAME,
+    VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -96,6 +97,7 @@ async fn serve_inner<S>(
         }
     };
     span.record("user", user.as_str());
+    let max_frame = framed.codec().max_frame() as u32;
 
     let (sink, source) = sharefs_protocol::frame::split(framed);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
@@ -123,6 +125,7 @@ async fn serve_inner<S>(
         tasks: JoinSet::new(),
         started,
         fenced,
+        max_frame,
     };
     if session.greet().await {
         session.read_loop(source, stop).await;
@@ -172,7 +175,9 @@ where
                     format!("server speaks protocol version {VERSION}, client {version}"),
                 ));
             }
-            max_frame.clamp(64 * 1024, shared.config.max_frame)
+            // Never panics, whatever the configuration: at least the smallest frame a
+            // chunk fits in, at most what the server allows.
+            max_frame.max(MIN_FRAME).min(shared.config.max_frame)
         }
         _ => return Err(protocol("expected hello")),
     };
@@ -376,6 +381,8 @@ struct Session {
     fenced: Arc<AtomicBool>,
     in_flight: Arc<Semaphore>,
     tasks: JoinSet<()>,
+    /// The frame size negotiated at the handshake: replies are sized to fit in it.
+    max_frame: u32,
 }
 
 impl Session {
@@ -604,6 +611,7 @@ impl Session {
             shared: self.shared.clone(),
             handles: self.handles.clone(),
             next_id: self.next_id.clone(),
+            max_frame: self.max_frame,
         }
     }
 
@@ -650,6 +658,7 @@ struct Context {
     shared: Shared,
     handles: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     next_id: Arc<AtomicU64>,
+    max_frame: u32,
 }
 
 type Handled = Result<(Reply, Bytes, Option<OwnedSemaphorePermit>), ServerError>;
@@ -693,6 +702,19 @@ impl Context {
             .map_err(|_| ServerError::Internal("handle table poisoned".into()))
     }
 
+    /// Most file or notification entries one reply carries: [`LIST_PAGE`], or fewer when
+    /// the negotiated frame is small (an entry with a 255-byte name stays under 2 KiB of
+    /// JSON, escapes included).
+    fn entries_per_reply(&self) -> u32 {
+        let room = self.max_frame.min(sharefs_protocol::MAX_HEADER).saturating_sub(FRAME_ROOM);
+        (room / 2048).clamp(1, LIST_PAGE)
+    }
+
+    /// Most file data one reply carries: the negotiated frame less room for the header.
+    fn chunk_size(&self) -> u32 {
+        sharefs_protocol::chunk_size(self.max_frame)
+    }
+
     async fn require_user(&self, owner: String) -> Result<String, ServerError> {
         self.blocking(move |shared| match shared.users.get(&owner)? {
             Some(_) => Ok(owner),
@@ -715,7 +737,9 @@ impl Context {
                 limit,
             } => {
                 let owner = self.require_user(owner).await?;
-                let limit = limit.unwrap_or(LIST_PAGE).clamp(1, LIST_PAGE) as usize;
+                let limit = limit
+                    .unwrap_or(LIST_PAGE)
+                    .clamp(1, self.entries_per_reply()) as usize;
                 let (files, more) = self
                     .blocking(move |s| s.store.list_page(&owner, after.as_deref(), limit))
                     .await?;
@@ -783,11 +807,12 @@ impl Context {
             }
             Request::Notifications { recent } => {
                 let user = self.user.clone();
+                let recent = recent.min(1000).min(self.entries_per_reply());
                 let (pending, recent) = self
                     .blocking(move |s| {
                         Ok((
                             s.hub.pending(&user)?,
-                            s.hub.recent(&user, recent.min(1000) as usize)?,
+                            s.hub.recent(&user, recent as usize)?,
                         ))
                     })
                     .await?;
@@ -855,7 +880,7 @@ impl Context {
             tracing::info!(owner = %open.info.owner, file = %open.info.name, size = open.info.size, "download");
         }
         let file = open.info.clone();
-        let head = (head.min(CHUNK_SIZE) as u64).min(file.size) as usize;
+        let head = (head.min(self.chunk_size()) as u64).min(file.size) as usize;
         let open = Arc::new(open);
         let (data, permit) = if head == 0 {
             (Bytes::new(), None)
@@ -891,7 +916,7 @@ impl Context {
             .get(&handle)
             .cloned()
             .ok_or_else(|| ServerError::Protocol(format!("no open handle {handle}")))?;
-        let len = len.min(CHUNK_SIZE) as usize;
+        let len = len.min(self.chunk_size()) as usize;
         let len = len.min(open.info.size.saturating_sub(offset) as usize);
         let (data, permit) = self.read_budgeted(open, offset, len).await?;
         Ok((Reply::Data, data, Some(permit)))

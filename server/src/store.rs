@@ -1453,6 +1453,7 @@ fn open_rw(path: &Path, truncate: bool) -> io::Result<File> {
         .write(true)
         .create(true)
         .truncate(truncate)
+        .mode(fsutil::FILE_MODE)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -77,6 +78,7 @@ impl WriteLock {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(fsutil::FILE_MODE)
             .open(dir.join("users.lock"))?;
         // SAFETY: flock on a valid, owned file descriptor.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
