@@ -47,6 +47,9 @@ pub const FRAME_ROOM: u32 = 4 * 1024;
 /// Smallest frame size a server serves with and a handshake settles on: a 64 KiB chunk and
 /// its header.
 pub const MIN_FRAME: u32 = 64 * 1024 + FRAME_ROOM;
+/// Longest password, in bytes: a longer one is refused at login (`too_large`) before any
+/// password check, and when an account is created or its password changed.
+pub const MAX_PASSWORD: usize = 1024;
 /// Largest frame size a server may be configured with (each connection may buffer one).
 pub const MAX_FRAME_LIMIT: u32 = 64 * 1024 * 1024;
 

@@ -26,6 +26,8 @@ pub enum ServerError {
     Protocol(String),
     #[error("too many {0}; try again later")]
     Busy(&'static str),
+    #[error("password longer than {} bytes", sharefs_protocol::MAX_PASSWORD)]
+    PasswordTooLong,
     #[error("user {0} already exists")]
     UserExists(String),
     #[error("storage error: {0}")]
@@ -54,6 +56,7 @@ impl ServerError {
             ServerError::Protocol(_) => ErrorCode::ProtocolError,
             ServerError::Busy(_) => ErrorCode::Busy,
             ServerError::UserExists(_) => ErrorCode::InvalidName,
+            ServerError::PasswordTooLong => ErrorCode::TooLarge,
             ServerError::Io(e) => match e.raw_os_error() {
                 Some(libc::ENOSPC) => ErrorCode::NoSpace,
                 Some(libc::EDQUOT) => ErrorCode::QuotaExceeded,

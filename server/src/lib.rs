@@ -3,7 +3,9 @@
 //! # Layout
 //! - [`server`]: the accept loop ([`server::run`]), connection limit, graceful shutdown.
 //! - [`threads`]: the session threads connections are spread over, one per core.
-//! - [`session`]: one connection: handshake, login, request dispatch, pushed events.
+//! - [`session`]: one connection: handshake, request dispatch, pushed events.
+//! - [`login`]: login checks: bounded names and passwords, throttling ([`throttle`]),
+//!   password checks one per core at a time, a rate-limited log ([`ratelog`]).
 //! - [`cutoff`]: the deadline and fence past which a request must have no effect.
 //! - [`store`]: crash-safe file storage: per user, a JSON journal of file metadata with
 //!   snapshots, small files appended to a pack, large ones as blobs.
@@ -20,6 +22,8 @@ pub mod cutoff;
 pub mod error;
 pub mod fsutil;
 pub mod hub;
+pub mod login;
+pub mod ratelog;
 pub mod server;
 pub mod session;
 pub mod space;

@@ -18,10 +18,10 @@ use tokio_util::codec::Framed;
 use crate::config::ServerConfig;
 use crate::error::Result;
 use crate::hub::Hub;
+use crate::login::Logins;
 use crate::session;
 use crate::store::Store;
 use crate::threads::SessionThreads;
-use crate::throttle::LoginThrottle;
 use crate::users::UserDb;
 
 /// State shared by all connections; cheap to clone.
@@ -35,7 +35,8 @@ pub struct Shared {
     pub read_budget: Arc<Semaphore>,
     /// Where reads that miss the page cache run.
     pub misses: Arc<ReadMisses>,
-    pub throttle: Arc<LoginThrottle>,
+    /// Login throttling, password checks and their log.
+    pub logins: Arc<Logins>,
     /// Live connections per peer address.
     per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Uploads in progress per user, across connections.
@@ -116,7 +117,7 @@ impl Shared {
         let hub = Hub::open(&config.data_dir, config.coalesce_window)?;
         let users = UserDb::new(&config.data_dir);
         let read_budget = Arc::new(Semaphore::new((config.read_buffer_budget / 1024).max(1)));
-        let throttle = Arc::new(LoginThrottle::new(config.login.clone()));
+        let logins = Arc::new(Logins::new(config.login.clone()));
         Ok(Shared {
             config: Arc::new(config),
             store,
@@ -124,7 +125,7 @@ impl Shared {
             hub,
             read_budget,
             misses: Arc::default(),
-            throttle,
+            logins,
             per_addr: Arc::default(),
             uploads: Arc::default(),
         })

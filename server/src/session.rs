@@ -142,12 +142,6 @@ async fn serve_inner<S>(
     tracing::info!("disconnected");
 }
 
-enum Login {
-    Ok,
-    Registered,
-    Failed,
-}
-
 /// Hello and login. Returns the user name, the client's id and when the server's `Hello`
 /// was sent (request deadlines count from it), or the error to send before closing.
 async fn handshake<S>(
@@ -201,53 +195,7 @@ where
         } => (user, password, client),
         _ => return Err(protocol("expected login")),
     };
-    if let Err(wait) = shared.throttle.check(peer.ip(), &user) {
-        tracing::warn!(%peer, user, "login refused: too many failures");
-        return Err(ErrorBody::new(
-            ErrorCode::Throttled,
-            format!(
-                "too many failed logins; try again in {} s",
-                wait.as_secs().max(1)
-            ),
-        ));
-    }
-    let users = shared.users.clone();
-    let name = user.clone();
-    let register = shared.config.open_registration;
-    let outcome = tokio::task::spawn_blocking(move || -> Result<Login, ServerError> {
-        if users.verify(&name, &password)? {
-            return Ok(Login::Ok);
-        }
-        if register && users.get(&name)?.is_none() {
-            sharefs_protocol::name::check_user_name(&name).map_err(ServerError::InvalidName)?;
-            if password.is_empty() {
-                return Ok(Login::Failed);
-            }
-            users.add(&name, &password, None)?;
-            return Ok(Login::Registered);
-        }
-        Ok(Login::Failed)
-    })
-    .await
-    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
-    .map_err(|e| e.body())?;
-    match outcome {
-        Login::Ok => shared.throttle.succeeded(peer.ip(), &user),
-        Login::Registered => {
-            tracing::info!(%peer, user, "account created by open registration");
-            shared.hub.broadcast(Event::UsersChanged);
-        }
-        Login::Failed => {
-            let delay = shared.throttle.failed(peer.ip(), &user);
-            tracing::warn!(%peer, user, ?delay, "login failed");
-            tokio::time::sleep(delay).await;
-            return Err(ErrorBody::new(
-                ErrorCode::AuthFailed,
-                "unknown user or wrong password",
-            ));
-        }
-    }
-    tracing::info!(%peer, user, "logged in");
+    let user = crate::login::login(shared, peer, user, password).await?;
     send(framed, &ServerMessage::LoginOk { user: user.clone() }).await?;
     Ok((user, client, started))
 }

@@ -103,6 +103,9 @@ fn dummy_hash() -> &'static str {
 }
 
 pub fn hash_password(password: &str) -> Result<String> {
+    if password.len() > sharefs_protocol::MAX_PASSWORD {
+        return Err(ServerError::PasswordTooLong);
+    }
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)

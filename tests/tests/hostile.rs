@@ -4,9 +4,96 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use sharefs_protocol::MIN_FRAME;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use sharefs_protocol::{
+    ClientMessage, ErrorCode, Frame, FrameCodec, ServerMessage, DEFAULT_MAX_FRAME, MAGIC,
+    MIN_FRAME, VERSION,
+};
 use sharefs_tests::*;
+use tokio_util::codec::Framed;
+
+/// A TCP connection from a given loopback source address.
+async fn connect_from(src: [u8; 4], addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::from((src, 0)))?;
+    sock.connect(addr.parse().unwrap()).await
+}
+
+/// A login by hand, from `src`, to a plaintext server: `Ok(())` for `login_ok`, or the
+/// error code and message it was refused with.
+async fn raw_login(
+    addr: &str,
+    src: [u8; 4],
+    user: &str,
+    password: &str,
+) -> Result<(), (ErrorCode, String)> {
+    let stream = connect_from(src, addr).await.unwrap();
+    let mut framed = Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME));
+    let hello = ClientMessage::Hello {
+        magic: MAGIC.into(),
+        version: VERSION,
+        max_frame: DEFAULT_MAX_FRAME,
+    };
+    let login = ClientMessage::Login {
+        user: user.into(),
+        password: password.into(),
+        client: None,
+    };
+    framed
+        .send(Frame::new(&hello, Bytes::new()).unwrap())
+        .await
+        .unwrap();
+    let reply = framed.next().await.unwrap().unwrap();
+    assert!(matches!(
+        reply.message().unwrap(),
+        ServerMessage::Hello { .. }
+    ));
+    framed
+        .send(Frame::new(&login, Bytes::new()).unwrap())
+        .await
+        .unwrap();
+    let reply = framed.next().await.unwrap().unwrap();
+    match reply.message().unwrap() {
+        ServerMessage::LoginOk { .. } => Ok(()),
+        ServerMessage::Error { error, .. } => Err((error.code, error.message)),
+        other => panic!("unexpected answer to a login: {other:?}"),
+    }
+}
+
+/// The code of a refused login; panics if it was accepted.
+fn refused(result: Result<(), (ErrorCode, String)>) -> ErrorCode {
+    match result {
+        Ok(()) => panic!("login accepted"),
+        Err((code, _)) => code,
+    }
+}
+
+/// Keeps a logged-in client downloading a file while `attack` runs, and returns what the
+/// attack returned and the server's peak memory meanwhile (KiB).
+async fn serve_during<T: Send + 'static>(
+    server: &TestServer,
+    attack: impl std::future::Future<Output = T> + Send + 'static,
+) -> (T, u64) {
+    let (alice, _) = server.connect("alice").await;
+    let data = content(5, 300 << 10);
+    upload(&alice, "f", &data).await;
+    let (bob, _) = server.connect("bob").await;
+    let attack = tokio::spawn(attack);
+    let mut peak = 0;
+    let mut served = 0;
+    while !attack.is_finished() {
+        peak = peak.max(server.rss_kib().unwrap_or(0));
+        let got = download(&bob, "alice", "f").await.unwrap();
+        assert_eq!(got, data);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(served > 0);
+    (within("attack", attack).await.unwrap(), peak)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_smallest_frames_carry_large_files_in_small_chunks() {
@@ -123,4 +210,165 @@ async fn the_data_directory_is_private_whatever_the_umask() {
         download(&carol, "alice", "small").await.unwrap(),
         b"small file, in the pack"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_user_names_and_passwords_are_refused_at_once_and_kept_nowhere() {
+    let server = TestServer::start_with(&["--plaintext"]);
+    let before = server.rss_kib().unwrap();
+    let addr = server.addr.clone();
+    let attack = async move {
+        let mut tasks = Vec::new();
+        for i in 0..100u32 {
+            let addr = addr.clone();
+            tasks.push(tokio::spawn(async move {
+                // Each from its own address and with its own name, as a spray would be.
+                let src = [127, 0, 10 + (i / 200) as u8, (i % 200) as u8 + 1];
+                let name = format!("{i}{}", "n".repeat(2_000_000));
+                raw_login(&addr, src, &name, "password").await
+            }));
+            if tasks.len() == 8 {
+                for t in tasks.drain(..) {
+                    let (code, message) = t.await.unwrap().unwrap_err();
+                    assert_eq!(code, ErrorCode::InvalidName, "{message}");
+                    assert!(message.contains("longer than 32 bytes"), "{message}");
+                }
+            }
+        }
+        let e = raw_login(&addr, [127, 0, 9, 1], "alice", &"p".repeat(1 << 20)).await;
+        let (code, message) = e.unwrap_err();
+        assert_eq!(code, ErrorCode::TooLarge, "{message}");
+        assert!(message.contains("password longer than 1024 bytes"), "{message}");
+    };
+    let ((), _) = serve_during(&server, attack).await;
+    let after = server.rss_kib().unwrap();
+    eprintln!("RSS {before} -> {after} KiB");
+    assert!(
+        after < before + 64 * 1024,
+        "server RSS grew from {before} to {after} KiB"
+    );
+    let log = server.log_text();
+    assert!(log.len() < 1 << 20, "{} bytes of log", log.len());
+    assert!(log.contains("invalid user name"), "{log}");
+    assert!(!log.contains(&"n".repeat(100)), "a name was logged in full");
+    // The real users are still welcome, with the right password only.
+    server.connect("carol").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_logins_are_logged_at_a_bounded_rate() {
+    let server = TestServer::start_with(&["--plaintext", "--login-delay-ms", "0"]);
+    let addr = server.addr.clone();
+    let started = Instant::now();
+    let summary = "more login failures suppressed";
+    // Wrong passwords from one address: ten failures, then refusals that cost the server
+    // nothing but a log line, in bursts until the log has summed some up.
+    let log = server.log_path().to_path_buf();
+    let attack = async move {
+        let mut refusals = 0u32;
+        while !std::fs::read_to_string(&log).unwrap().contains(summary) {
+            assert!(started.elapsed() < TIMEOUT, "no summary line");
+            let burst = (0..50).map(|_| raw_login(&addr, [127, 0, 20, 1], "alice", "guess"));
+            for r in futures::future::join_all(burst).await {
+                match refused(r) {
+                    ErrorCode::AuthFailed => {}
+                    ErrorCode::Throttled => refusals += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        refusals
+    };
+    let (refusals, _) = serve_during(&server, attack).await;
+    let elapsed = started.elapsed().as_secs() + 1;
+    let text = server.log_text();
+    let lines = text
+        .lines()
+        .filter(|l| l.contains("login failed") || l.contains("login refused"))
+        .count() as u64;
+    assert!(refusals > 100, "{refusals} refusals");
+    assert!(
+        lines <= 10 * elapsed,
+        "{lines} lines for {refusals} refusals in {elapsed} s"
+    );
+    // alice herself, from her own address, is not locked out by it.
+    server.connect("alice").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guesses_lock_out_the_guessing_address_not_the_user() {
+    let server = TestServer::start_with(&["--plaintext", "--login-delay-ms", "1"]);
+    let addr = server.addr.clone();
+    let attack = async move {
+        // 60 guesses at once from one address: each is counted before its password is
+        // checked, so no more than the lockout allows get a check.
+        let guesses = (0..60).map(|_| raw_login(&addr, [127, 0, 30, 1], "alice", "guess"));
+        let codes: Vec<ErrorCode> = futures::future::join_all(guesses)
+            .await
+            .into_iter()
+            .map(refused)
+            .collect();
+        let failed = codes.iter().filter(|c| **c == ErrorCode::AuthFailed).count();
+        let throttled = codes.iter().filter(|c| **c == ErrorCode::Throttled).count();
+        assert_eq!((failed, throttled), (10, 50), "{codes:?}");
+        // The address is refused for every user now, even with the right password.
+        let e = raw_login(&addr, [127, 0, 30, 1], "carol", PASSWORD).await;
+        assert_eq!(refused(e), ErrorCode::Throttled);
+        // Elsewhere alice logs in at once with her password.
+        raw_login(&addr, [127, 0, 31, 1], "alice", PASSWORD)
+            .await
+            .unwrap();
+    };
+    serve_during(&server, attack).await;
+    server.connect("alice").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logging_into_ones_own_account_does_not_reset_the_count_of_guesses() {
+    let server = TestServer::start_with(&["--plaintext", "--login-delay-ms", "1"]);
+    let addr = server.addr.clone();
+    let attack = async move {
+        // carol guesses other users' passwords, three at a time, logging in as herself in
+        // between: the address's failures add up all the same.
+        let src = [127, 0, 40, 1];
+        let mut failed = 0;
+        for round in 0..10 {
+            for user in ["alice", "bob", &format!("nobody{round}")] {
+                match refused(raw_login(&addr, src, user, "guess").await) {
+                    ErrorCode::AuthFailed => failed += 1,
+                    ErrorCode::Throttled => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            let own = raw_login(&addr, src, "carol", PASSWORD).await;
+            if round < 3 {
+                own.unwrap();
+            }
+        }
+        assert_eq!(failed, 10, "guesses answered");
+    };
+    serve_during(&server, attack).await;
+    // Nobody else is locked out by it.
+    server.connect("carol").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn password_checks_run_one_per_core_at_a_time() {
+    let server = TestServer::start_with(&["--plaintext", "--login-delay-ms", "1"]);
+    let addr = server.addr.clone();
+    // 60 guesses at once, each from its own address: none is throttled, all are checked,
+    // but only as many at a time as there are cores (each argon2 check takes 19 MiB).
+    let attack = async move {
+        let guesses = (0..60u8).map(|i| raw_login(&addr, [127, 0, 50, i + 1], "alice", "guess"));
+        for r in futures::future::join_all(guesses).await {
+            assert_eq!(refused(r), ErrorCode::AuthFailed);
+        }
+    };
+    let ((), peak) = serve_during(&server, attack).await;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert!(
+        peak < 100 * 1024 + cores * 20 * 1024,
+        "server RSS peaked at {peak} KiB"
+    );
+    server.connect("alice").await;
 }
