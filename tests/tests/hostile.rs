@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
-    ClientMessage, ErrorCode, Frame, FrameCodec, ServerMessage, DEFAULT_MAX_FRAME, MAGIC,
-    MIN_FRAME, VERSION,
+    ClientMessage, ErrorCode, Frame, FrameCodec, Reply, Request, ServerMessage,
+    DEFAULT_MAX_FRAME, MAGIC, MIN_FRAME, VERSION,
 };
 use sharefs_tests::*;
 use tokio_util::codec::Framed;
@@ -123,6 +123,21 @@ async fn the_smallest_frames_carry_large_files_in_small_chunks() {
         .unwrap();
     assert_eq!(&tail[..], &big[(3 << 20) - 10..]);
     assert_eq!(bob.list_files("alice").await.unwrap().len(), 2);
+    // A client asking for more than fits gets what fits, from the open and from a read.
+    let chunk = alice.chunk_size() as usize;
+    let (handle, _, head) = within("open", bob.open_with_head("alice", "big", 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(&head[..], &big[..chunk]);
+    let read = Request::Read {
+        handle,
+        offset: 7,
+        len: 1 << 20,
+    };
+    match within("read", bob.call(read, Bytes::new())).await.unwrap() {
+        (Reply::Data, data) => assert_eq!(&data[..], &big[7..7 + chunk]),
+        (other, _) => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -371,4 +386,76 @@ async fn password_checks_run_one_per_core_at_a_time() {
         "server RSS peaked at {peak} KiB"
     );
     server.connect("alice").await;
+}
+
+/// Replaces `from` by `to` (of the same length) in every file under `dir`; how many held it.
+fn replace_in_files(dir: &Path, from: &str, to: &str) -> usize {
+    assert_eq!(from.len(), to.len());
+    let mut changed = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let Some(at) = bytes.windows(from.len()).position(|w| w == from.as_bytes()) else {
+            continue;
+        };
+        let mut bytes = bytes;
+        bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        changed += 1;
+    }
+    changed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_are_refused_in_new_names_and_never_printed() {
+    let mut server = TestServer::start_with(&["--plaintext"]);
+    let (alice, _) = server.connect("alice").await;
+    upload(&alice, "clean", b"clean").await;
+    // Retitles the terminal, erases the line and returns to its start.
+    let evil = "evil\x1b]0;pwned\x07\x1b[2K\rname";
+    for name in [evil, "a\nb", "tab\t", "del\x7f", "c1\u{9b}", "nul\0"] {
+        let put = Request::Put {
+            owner: "alice".into(),
+            name: name.into(),
+            blake3: blake3::hash(b"data").to_hex().to_string(),
+        };
+        let e = alice.call(put, Bytes::from_static(b"data")).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::InvalidName), "{name:?}: {e}");
+        let e = alice.upload_begin(name, None).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::InvalidName), "{name:?}: {e}");
+        let e = alice.rename("alice", "clean", name).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::InvalidName), "{name:?}: {e}");
+    }
+    assert_eq!(alice.list_files("alice").await.unwrap().len(), 1);
+
+    // A name stored before they were refused: written into alice's metadata by hand, in
+    // place of a name of the same length.
+    let stored = r"evil\u001b]0;pwned\u0007\u001b[2K\rname";
+    let placeholder = format!("evil{}name", "p".repeat(stored.len() - 8));
+    upload(&alice, &placeholder, b"legacy").await;
+    drop(alice);
+    server.kill9();
+    let folder = server.data.join("files").join("alice");
+    let quoted = |s: &str| format!("\"{s}\"");
+    assert!(replace_in_files(&folder, &quoted(&placeholder), &quoted(stored)) > 0);
+    server.restart();
+
+    // `sharefs ls` shows it quoted, on one line, with no control character.
+    let mut ls = server.cli("alice");
+    ls.args(["ls", "alice"]);
+    let out = output_within(&mut ls);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{stdout}");
+    assert!(!stdout.chars().any(|c| c.is_control() && c != '\n'), "{stdout:?}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(
+        stdout.contains(r"  'evil'$'\033'']0;pwned'$'\a\033''[2K'$'\r''name'"),
+        "{stdout}"
+    );
+    // The file can still be read, renamed to a clean name and deleted.
+    let (alice, _) = server.connect("alice").await;
+    assert_eq!(download(&alice, "alice", evil).await.unwrap(), b"legacy");
+    alice.rename("alice", evil, "tamed").await.unwrap();
+    alice.delete("alice", "tamed").await.unwrap();
+    assert_eq!(alice.list_files("alice").await.unwrap().len(), 1);
 }
