@@ -17,8 +17,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
     ClientMessage, ErrorBody, ErrorCode, Event, Frame, FrameCodec, FrameError, FrameSink, Reply,
-    Request, ServerMessage, FRAME_ROOM, LIST_PAGE, MAGIC, MIN_FRAME,
-    VERSION,
+    Request, ServerMessage, FRAME_ROOM, LIST_PAGE, MAGIC, MIN_FRAME, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -654,7 +653,10 @@ impl Context {
     /// the negotiated frame is small (an entry with a 255-byte name stays under 2 KiB of
     /// JSON, escapes included).
     fn entries_per_reply(&self) -> u32 {
-        let room = self.max_frame.min(sharefs_protocol::MAX_HEADER).saturating_sub(FRAME_ROOM);
+        let room = self
+            .max_frame
+            .min(sharefs_protocol::MAX_HEADER)
+            .saturating_sub(FRAME_ROOM);
         (room / 2048).clamp(1, LIST_PAGE)
     }
 
@@ -758,10 +760,7 @@ impl Context {
                 let recent = recent.min(1000).min(self.entries_per_reply());
                 let (pending, recent) = self
                     .blocking(move |s| {
-                        Ok((
-                            s.hub.pending(&user)?,
-                            s.hub.recent(&user, recent as usize)?,
-                        ))
+                        Ok((s.hub.pending(&user)?, s.hub.recent(&user, recent as usize)?))
                     })
                     .await?;
                 Reply::Notifications { pending, recent }

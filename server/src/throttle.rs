@@ -167,7 +167,10 @@ impl LoginThrottle {
         for key in &keys {
             if let Some(r) = table.records.get(key) {
                 if r.failures >= self.policy.lockout_after && self.live(r, now) {
-                    return Err(self.policy.lockout.saturating_sub(now.duration_since(r.last)));
+                    return Err(self
+                        .policy
+                        .lockout
+                        .saturating_sub(now.duration_since(r.last)));
                 }
             }
         }
@@ -270,7 +273,10 @@ mod tests {
         assert_eq!(delays[4], Duration::from_millis(500));
         assert_eq!(delays[8], Duration::from_secs(4));
         assert!(fail(&t, a, "alice").is_some());
-        assert!(t.attempt(a, "alice").is_err(), "not locked after 10 failures");
+        assert!(
+            t.attempt(a, "alice").is_err(),
+            "not locked after 10 failures"
+        );
         // The address is locked out for every user...
         assert!(t.attempt(a, "bob").is_err());
         // ...but alice is not, from an address that has not failed.
@@ -324,7 +330,10 @@ mod tests {
 
     #[test]
     fn ipv6_addresses_count_per_64() {
-        assert_eq!(Addr::of(ip("2001:db8::1")), Addr::of(ip("2001:db8::ffff:2")));
+        assert_eq!(
+            Addr::of(ip("2001:db8::1")),
+            Addr::of(ip("2001:db8::ffff:2"))
+        );
         assert_ne!(Addr::of(ip("2001:db8::1")), Addr::of(ip("2001:db8:0:1::1")));
         assert_eq!(Addr::of(ip("::ffff:10.0.0.1")), Addr::of(ip("10.0.0.1")));
         assert_ne!(Addr::of(ip("::a00:1")), Addr::of(ip("10.0.0.1")));

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
-    ClientMessage, ErrorCode, Frame, FrameCodec, Reply, Request, ServerMessage,
-    DEFAULT_MAX_FRAME, MAGIC, MIN_FRAME, VERSION,
+    ClientMessage, ErrorCode, Frame, FrameCodec, Reply, Request, ServerMessage, DEFAULT_MAX_FRAME,
+    MAGIC, MIN_FRAME, VERSION,
 };
 use sharefs_tests::*;
 use tokio_util::codec::Framed;
@@ -115,7 +115,9 @@ async fn the_smallest_frames_carry_large_files_in_small_chunks() {
     assert_eq!(download(&bob, "alice", "small").await.unwrap(), small);
     // A read larger than a frame (as the mount makes) is split into several requests.
     let (handle, _) = within("open", bob.open("alice", "big")).await.unwrap();
-    let got = within("read", bob.read(handle, 100, 1 << 20)).await.unwrap();
+    let got = within("read", bob.read(handle, 100, 1 << 20))
+        .await
+        .unwrap();
     assert_eq!(&got[..], &big[100..100 + (1 << 20)]);
     // And so is one past the end of the file: it comes back short.
     let tail = within("read", bob.read(handle, (3 << 20) - 10, 1 << 20))
@@ -253,7 +255,10 @@ async fn huge_user_names_and_passwords_are_refused_at_once_and_kept_nowhere() {
         let e = raw_login(&addr, [127, 0, 9, 1], "alice", &"p".repeat(1 << 20)).await;
         let (code, message) = e.unwrap_err();
         assert_eq!(code, ErrorCode::TooLarge, "{message}");
-        assert!(message.contains("password longer than 1024 bytes"), "{message}");
+        assert!(
+            message.contains("password longer than 1024 bytes"),
+            "{message}"
+        );
     };
     let ((), _) = serve_during(&server, attack).await;
     let after = server.rss_kib().unwrap();
@@ -323,7 +328,10 @@ async fn guesses_lock_out_the_guessing_address_not_the_user() {
             .into_iter()
             .map(refused)
             .collect();
-        let failed = codes.iter().filter(|c| **c == ErrorCode::AuthFailed).count();
+        let failed = codes
+            .iter()
+            .filter(|c| **c == ErrorCode::AuthFailed)
+            .count();
         let throttled = codes.iter().filter(|c| **c == ErrorCode::Throttled).count();
         assert_eq!((failed, throttled), (10, 50), "{codes:?}");
         // The address is refused for every user now, even with the right password.
@@ -419,7 +427,10 @@ async fn control_characters_are_refused_in_new_names_and_never_printed() {
             name: name.into(),
             blake3: blake3::hash(b"data").to_hex().to_string(),
         };
-        let e = alice.call(put, Bytes::from_static(b"data")).await.unwrap_err();
+        let e = alice
+            .call(put, Bytes::from_static(b"data"))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::InvalidName), "{name:?}: {e}");
         let e = alice.upload_begin(name, None).await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::InvalidName), "{name:?}: {e}");
@@ -446,7 +457,10 @@ async fn control_characters_are_refused_in_new_names_and_never_printed() {
     let out = output_within(&mut ls);
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "{stdout}");
-    assert!(!stdout.chars().any(|c| c.is_control() && c != '\n'), "{stdout:?}");
+    assert!(
+        !stdout.chars().any(|c| c.is_control() && c != '\n'),
+        "{stdout:?}"
+    );
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
     assert!(
         stdout.contains(r"  'evil'$'\033'']0;pwned'$'\a\033''[2K'$'\r''name'"),
