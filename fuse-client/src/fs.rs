@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use sharefs_protocol::name::check_file_name;
+use sharefs_protocol::name::{check_file_lookup, check_file_name};
 use sharefs_protocol::{Event, FileInfo, Space, CHUNK_SIZE};
 use tokio::sync::Semaphore;
 
@@ -593,7 +593,9 @@ impl<R: Remote> FsCore<R> {
                 Ok(self.dir_attr(ino, name == self.user))
             }
             Node::Folder(owner) => {
-                if check_file_name(name).is_err() {
+                // Lookup rules: files stored before control characters were refused
+                // stay reachable.
+                if check_file_lookup(name).is_err() {
                     return Err(FsError::NotFound);
                 }
                 let staged = {

@@ -17,6 +17,7 @@
 //! - [`mount`]: `sharefs mount`: connect, mount, serve until unmounted.
 //! - [`mountpoint`]: what is mounted at the mount point already; clearing a dead mount.
 //! - [`desktop`]: desktop notifications of downloads.
+//! - [`quoting`]: text from the network made safe to print (GNU `ls` shell-escape).
 //! - [`error`]: the `ClientError` type.
 
 pub mod connection;
@@ -26,6 +27,7 @@ pub mod fs;
 pub mod fuse;
 pub mod mount;
 pub mod mountpoint;
+pub mod quoting;
 pub mod remote;
 pub mod settings;
 pub mod tls;

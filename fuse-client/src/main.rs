@@ -9,6 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use sharefs_client::quoting::shell_escape;
 use sharefs_client::settings::ConnectArgs;
 use sharefs_client::{transfer, RemoteClient};
 use sharefs_protocol::{Event, Notification};
@@ -70,7 +71,7 @@ fn main() -> ExitCode {
         return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("sharefs: {e:#}");
+                eprintln!("sharefs: {}", shell_escape(&format!("{e:#}")));
                 ExitCode::FAILURE
             }
         };
@@ -85,7 +86,8 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sharefs: {e:#}");
+            // Error messages may quote what the server sent.
+            eprintln!("sharefs: {}", shell_escape(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -112,13 +114,18 @@ async fn ls(args: &ConnectArgs, owner: Option<String>) -> Result<()> {
     match owner {
         None => {
             for user in client.list_users().await? {
-                println!("{user}");
+                println!("{}", shell_escape(&user));
             }
         }
         Some(owner) => {
             let owner = owner.trim_end_matches('/');
             for f in client.list_files(owner).await? {
-                println!("{:>12}  {}  {}", f.size, format_time_ns(f.mtime_ns), f.name);
+                println!(
+                    "{:>12}  {}  {}",
+                    f.size,
+                    format_time_ns(f.mtime_ns),
+                    shell_escape(&f.name)
+                );
             }
         }
     }
@@ -171,7 +178,9 @@ async fn put(args: &ConnectArgs, file: &Path, name: Option<String>) -> Result<()
     }
     eprintln!(
         "uploaded {}/{} ({} bytes)",
-        info.owner, info.name, info.size
+        shell_escape(&info.owner),
+        shell_escape(&info.name),
+        info.size
     );
     Ok(())
 }
@@ -246,8 +255,8 @@ fn format_notification(n: &Notification) -> String {
     format!(
         "{}  {} downloaded {} ({} bytes){}",
         humantime::format_rfc3339_seconds(t),
-        n.downloader,
-        n.file,
+        shell_escape(&n.downloader),
+        shell_escape(&n.file),
         n.size,
         times
     )

@@ -76,6 +76,9 @@ pub struct RemoteClient {
 
 struct Inner {
     user: String,
+    /// Largest data chunk a frame of this connection carries (from the negotiated frame
+    /// size): larger reads and upload chunks are split.
+    chunk_size: u32,
     /// Callers write their frames themselves, one at a time (no writer task to wake: a
     /// request leaves from the thread that makes it). A frame, once queued, is complete
     /// in the codec's buffer, so a caller cancelled mid-flush leaves the next one to push
@@ -240,7 +243,7 @@ impl RemoteClient {
         .await?;
         let hello = recv_now(&mut framed).await?;
         let hello_at = Instant::now();
-        match hello {
+        let max_frame = match hello {
             ServerMessage::Hello {
                 magic,
                 version,
@@ -255,9 +258,10 @@ impl RemoteClient {
                     )));
                 }
                 framed.codec_mut().set_max_frame(max_frame);
+                max_frame
             }
             other => return Err(unexpected(other)),
-        }
+        };
         send_now(
             &mut framed,
             &ClientMessage::Login {
@@ -276,6 +280,7 @@ impl RemoteClient {
         let (closed_tx, closed) = watch::channel(false);
         let inner = Arc::new(Inner {
             user: user.to_string(),
+            chunk_size: sharefs_protocol::chunk_size(max_frame),
             sink: tokio::sync::Mutex::new(Box::pin(sink)),
             waiters: Mutex::new(Some(HashMap::new())),
             next_id: AtomicU64::new(1),
@@ -292,6 +297,13 @@ impl RemoteClient {
 
     pub fn user(&self) -> &str {
         &self.inner.user
+    }
+
+    /// Largest data chunk one frame of this connection carries: 1 MiB, or less when the
+    /// server negotiated smaller frames. [`RemoteClient::read`] and
+    /// [`RemoteClient::send_chunk`] split larger ones.
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.chunk_size
     }
 
     pub fn is_closed(&self) -> bool {
@@ -361,11 +373,21 @@ impl RemoteClient {
             .map_err(|_| ClientError::Disconnected("connection closed".into()))?
     }
 
-    /// Sends an upload chunk (no reply; a failure surfaces at commit).
-    pub async fn send_chunk(&self, upload: u64, offset: u64, data: Bytes) -> Result<()> {
-        let frame = Frame::new(&ClientMessage::Chunk { upload, offset }, data)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.inner.send(frame).await
+    /// Sends upload data (no reply; a failure surfaces at commit), in as many chunk
+    /// frames as the negotiated frame size needs.
+    pub async fn send_chunk(&self, upload: u64, mut offset: u64, mut data: Bytes) -> Result<()> {
+        let chunk = self.inner.chunk_size as usize;
+        loop {
+            let piece = data.split_to(chunk.min(data.len()));
+            let len = piece.len() as u64;
+            let frame = Frame::new(&ClientMessage::Chunk { upload, offset }, piece)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            self.inner.send(frame).await?;
+            offset += len;
+            if data.is_empty() {
+                return Ok(());
+            }
+        }
     }
 
     async fn call_empty(&self, op: Request) -> Result<Reply> {
@@ -441,7 +463,29 @@ impl RemoteClient {
         }
     }
 
+    /// Reads up to `len` bytes at `offset` (short only at the end of the file). A read
+    /// larger than [`RemoteClient::chunk_size`] goes out as several requests at once.
     pub async fn read(&self, handle: u64, offset: u64, len: u32) -> Result<Bytes> {
+        let chunk = self.inner.chunk_size;
+        if len <= chunk {
+            return self.read_one(handle, offset, len).await;
+        }
+        let pieces = (0..len.div_ceil(chunk)).map(|i| {
+            let start = i * chunk;
+            self.read_one(handle, offset + u64::from(start), chunk.min(len - start))
+        });
+        let mut out = bytes::BytesMut::with_capacity(len as usize);
+        for piece in futures::future::try_join_all(pieces).await? {
+            let short = piece.len() < chunk as usize;
+            out.extend_from_slice(&piece);
+            if short {
+                break;
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_one(&self, handle: u64, offset: u64, len: u32) -> Result<Bytes> {
         match self
             .call(
                 Request::Read {

@@ -1,16 +1,17 @@
 //! Streamed whole-file transfers on top of [`RemoteClient`]: uploads send fixed-size chunks
 //! as fast as the connection takes them; downloads keep a window of ranged reads in flight.
-//! Neither ever holds more than a few chunks in memory.
+//! Neither ever holds more than a few chunks in memory. Chunks are the connection's
+//! [`RemoteClient::chunk_size`]: 1 MiB, or what fits in the frames the server allows.
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
-use sharefs_protocol::{FileInfo, CHUNK_SIZE};
+use sharefs_protocol::FileInfo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{ClientError, Result};
 use crate::remote::RemoteClient;
 
-/// Files up to this size go up in one `put` round trip.
+/// Files up to this size (and one chunk) go up in one `put` round trip.
 pub const SMALL_FILE: u64 = 256 * 1024;
 /// Reads in flight during a download.
 const READ_WINDOW: usize = 8;
@@ -28,13 +29,11 @@ pub async fn upload<R>(
 where
     R: AsyncRead + Unpin,
 {
-    if let Some(size) = size.filter(|s| *s <= SMALL_FILE) {
+    let small = SMALL_FILE.min(u64::from(client.chunk_size()));
+    if let Some(size) = size.filter(|s| *s <= small) {
         let mut buf = Vec::with_capacity(size as usize);
-        (&mut reader)
-            .take(SMALL_FILE + 1)
-            .read_to_end(&mut buf)
-            .await?;
-        if buf.len() as u64 <= SMALL_FILE {
+        (&mut reader).take(small + 1).read_to_end(&mut buf).await?;
+        if buf.len() as u64 <= small {
             let len = buf.len() as u64;
             let info = client.put_small(name, Bytes::from(buf)).await?;
             progress(len);
@@ -58,11 +57,12 @@ where
     R: AsyncRead + Unpin,
 {
     let upload = client.upload_begin(name, size).await?;
+    let chunk = client.chunk_size() as usize;
     let mut hasher = blake3::Hasher::new();
     let mut offset = 0u64;
     let result: Result<()> = async {
         if let Some(head) = head {
-            for piece in head.chunks(CHUNK_SIZE as usize) {
+            for piece in head.chunks(chunk) {
                 hasher.update(piece);
                 let piece = Bytes::copy_from_slice(piece);
                 let len = piece.len() as u64;
@@ -71,8 +71,8 @@ where
             }
         }
         loop {
-            let mut buf = BytesMut::with_capacity(CHUNK_SIZE as usize);
-            while buf.len() < CHUNK_SIZE as usize {
+            let mut buf = BytesMut::with_capacity(chunk);
+            while buf.len() < chunk {
                 if reader.read_buf(&mut buf).await? == 0 {
                     break;
                 }
@@ -114,9 +114,10 @@ where
         let mut next = 0u64;
         let mut done = 0u64;
         let mut in_flight = FuturesOrdered::new();
+        let chunk = client.chunk_size();
         loop {
             while in_flight.len() < READ_WINDOW && next < info.size {
-                let len = CHUNK_SIZE.min((info.size - next) as u32);
+                let len = (info.size - next).min(u64::from(chunk)) as u32;
                 let c = client.clone();
                 let off = next;
                 in_flight.push_back(async move { (off, c.read(handle, off, len).await) });

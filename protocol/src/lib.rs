@@ -38,8 +38,26 @@ pub const VERSION: u32 = 1;
 /// Default cap on a whole frame (header and payload).
 pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;
 /// Largest data chunk a client asks for or sends in one frame; leaves room for the header
-/// inside [`DEFAULT_MAX_FRAME`].
+/// inside [`DEFAULT_MAX_FRAME`]. On a connection whose negotiated frame is smaller, chunks
+/// are [`chunk_size`] of it.
 pub const CHUNK_SIZE: u32 = 1024 * 1024;
+/// Room a frame carrying data keeps for its length prefixes and JSON header (a `chunk`, a
+/// `data` reply, an `opened` reply with its `FileInfo`).
+pub const FRAME_ROOM: u32 = 4 * 1024;
+/// Smallest frame size a server serves with and a handshake settles on: a 64 KiB chunk and
+/// its header.
+pub const MIN_FRAME: u32 = 64 * 1024 + FRAME_ROOM;
+/// Longest password, in bytes: a longer one is refused at login (`too_large`) before any
+/// password check, and when an account is created or its password changed.
+pub const MAX_PASSWORD: usize = 1024;
+/// Largest frame size a server may be configured with (each connection may buffer one).
+pub const MAX_FRAME_LIMIT: u32 = 64 * 1024 * 1024;
+
+/// The largest data chunk that fits in a frame of `max_frame` bytes with its header:
+/// [`CHUNK_SIZE`], or less on a connection that negotiated small frames.
+pub fn chunk_size(max_frame: u32) -> u32 {
+    CHUNK_SIZE.min(max_frame.saturating_sub(FRAME_ROOM)).max(1)
+}
 /// Cap on a frame's JSON header, whatever the negotiated frame size.
 pub const MAX_HEADER: u32 = 2 * 1024 * 1024;
 /// Most files in one listing page.

@@ -5,8 +5,25 @@ pub const MAX_FILE_NAME: usize = 255;
 /// Longest user name, in bytes.
 pub const MAX_USER_NAME: usize = 32;
 
-/// Checks a file name: not empty, no `/`, no NUL, not `.` or `..`, at most 255 bytes.
+/// Checks the name of a file being created (uploaded, put, renamed to): the rules of
+/// [`check_file_lookup`], and no control character (C0, DEL or C1: a name is shown in
+/// terminals, where these move the cursor, erase lines or retitle the window).
 pub fn check_file_name(name: &str) -> Result<(), String> {
+    check_file_lookup(name)?;
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "file name contains the control character U+{:04X}",
+            u32::from(c)
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a name that refers to an existing file (stat, open, delete, rename from): not
+/// empty, no `/`, no NUL, not `.` or `..`, at most 255 bytes. Control characters are let
+/// through so that files stored before they were refused can still be read, renamed to a
+/// clean name or deleted.
+pub fn check_file_lookup(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty file name".into());
     }
@@ -49,6 +66,12 @@ mod tests {
     fn file_names() {
         for bad in ["", ".", "..", "a/b", "../x", "a\0b", &"x".repeat(256)] {
             assert!(check_file_name(bad).is_err(), "{bad:?} accepted");
+            assert!(check_file_lookup(bad).is_err(), "{bad:?} accepted");
+        }
+        for control in ["a\x1bb", "\n", "tab\t", "del\x7f", "csi\u{9b}", "\x07"] {
+            let e = check_file_name(control).unwrap_err();
+            assert!(e.contains("control character U+"), "{control:?}: {e}");
+            assert!(check_file_lookup(control).is_ok(), "{control:?} refused");
         }
         for good in ["a", "report.txt", "...", ".hidden", "é", &"x".repeat(255)] {
             assert!(check_file_name(good).is_ok(), "{good:?} refused");

@@ -30,6 +30,8 @@ pub enum ServerError {
     TooManyOpen(String),
     #[error("reply too large: {0}")]
     TooLarge(String),
+    #[error("password longer than {} bytes", sharefs_protocol::MAX_PASSWORD)]
+    PasswordTooLong,
     #[error("user {0} already exists")]
     UserExists(String),
     #[error("storage error: {0}")]
@@ -60,6 +62,7 @@ impl ServerError {
             ServerError::TooManyOpen(_) => ErrorCode::TooManyOpen,
             ServerError::TooLarge(_) => ErrorCode::TooLarge,
             ServerError::UserExists(_) => ErrorCode::InvalidName,
+            ServerError::PasswordTooLong => ErrorCode::TooLarge,
             ServerError::Io(e) => match e.raw_os_error() {
                 Some(libc::ENOSPC) => ErrorCode::NoSpace,
                 Some(libc::EDQUOT) => ErrorCode::QuotaExceeded,

@@ -1,12 +1,21 @@
 //! Durable file operations: every metadata write is temp file + fsync + rename + fsync of
 //! the directory, so a `kill -9` or power cut leaves the old or the new version, never a mix.
+//!
+//! Everything is created private, whatever the umask: files [`FILE_MODE`], directories
+//! [`DIR_MODE`]. The data directory holds password hashes and every user's files; the
+//! server enforces who reads what, so nothing in it is for other local accounts.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Mode of every file the server creates.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory the server creates, the data directory included.
+pub const DIR_MODE: u32 = 0o700;
 
 /// Creates a file that did not exist, without following a symlink at `path`.
 pub fn create_new(path: &Path) -> io::Result<File> {
@@ -14,6 +23,7 @@ pub fn create_new(path: &Path) -> io::Result<File> {
         .write(true)
         .read(true)
         .create_new(true)
+        .mode(FILE_MODE)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
 }
@@ -67,14 +77,34 @@ pub fn write_atomic(tmp_dir: &Path, target: &Path, bytes: &[u8]) -> io::Result<(
     }
 }
 
-/// Creates a directory and its parents, making the new entries durable.
+/// Creates a directory and its parents (mode [`DIR_MODE`]), making the new entries durable.
 pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    fs::create_dir_all(dir)?;
+    create_dir_private(dir)?;
     if let Some(parent) = dir.parent() {
         sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Creates a directory and its missing parents with mode [`DIR_MODE`] (not durable).
+pub fn create_dir_private(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
+/// Creates the data directory if needed and makes it private: one written by an earlier
+/// version, or by hand under a permissive umask, may be readable by other accounts; with
+/// the directory 0700 nothing beneath it is reachable by them, whatever the files' modes.
+pub fn make_data_dir_private(dir: &Path) -> io::Result<()> {
+    create_dir_private(dir)?;
+    let mode = fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode != DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
     }
     Ok(())
 }

@@ -30,6 +30,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -510,6 +511,7 @@ impl Hub {
             .create(true)
             .read(true)
             .append(true)
+            .mode(fsutil::FILE_MODE)
             .open(&path)?;
         // A line torn by a crash would swallow the next record: start on a new line.
         let len = f.metadata()?.len();

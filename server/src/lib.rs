@@ -3,9 +3,11 @@
 //! # Layout
 //! - [`server`]: the accept loop ([`server::run`]), connection limit, graceful shutdown.
 //! - [`threads`]: the session threads connections are spread over, one per core.
-//! - [`session`]: one connection: handshake, login, request dispatch, open-handle limits.
+//! - [`session`]: one connection: handshake, request dispatch, open-handle limits.
 //! - [`outbox`]: a connection's replies, queued within its and its user's byte allowance,
 //!   and the writer that sends them and pushed events (closing a peer that stops reading).
+//! - [`login`]: login checks: bounded names and passwords, throttling ([`throttle`]),
+//!   password checks one per core at a time, a rate-limited log ([`ratelog`]).
 //! - [`cutoff`]: the deadline and fence past which a request must have no effect.
 //! - [`store`]: crash-safe file storage: per user, a JSON journal of file metadata with
 //!   snapshots, small files appended to a pack, large ones as blobs.
@@ -25,7 +27,9 @@ pub mod cutoff;
 pub mod error;
 pub mod fsutil;
 pub mod hub;
+pub mod login;
 pub mod outbox;
+pub mod ratelog;
 pub mod reservations;
 pub mod server;
 pub mod session;

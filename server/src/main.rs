@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use sharefs_protocol::{MAX_FRAME_LIMIT, MIN_FRAME};
 use sharefs_server::users::UserDb;
 use sharefs_server::ServerConfig;
 
@@ -45,8 +46,9 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Largest frame accepted, in bytes.
-    #[arg(long, default_value_t = sharefs_protocol::DEFAULT_MAX_FRAME)]
+    /// Largest frame accepted, in bytes (at least a 64 KiB chunk and its header).
+    #[arg(long, default_value_t = sharefs_protocol::DEFAULT_MAX_FRAME,
+          value_parser = in_range::<u32>(MIN_FRAME.into(), MAX_FRAME_LIMIT.into()))]
     max_frame: u32,
     /// Serve without TLS (trusted networks and benchmarks only: passwords travel in the clear).
     #[arg(long)]
@@ -58,41 +60,41 @@ struct ServeArgs {
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Connections served at once.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = in_range::<usize>(1, 1_000_000))]
     max_connections: usize,
     /// Connections served at once from one IP address.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = in_range::<usize>(1, 1_000_000))]
     max_connections_per_addr: usize,
     /// Seconds a new connection has to finish its TLS handshake and login.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = in_range::<u64>(1, 3600))]
     handshake_timeout: u64,
     /// Seconds of silence after which a logged-in connection is closed.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = 900, value_parser = in_range::<u64>(1, 31_536_000))]
     idle_timeout: u64,
     /// Requests one connection may have in flight.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = in_range::<usize>(1, 65_536))]
     max_in_flight: usize,
     /// Threads connections are spread over (a connection stays on one); 0: one per core.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = in_range::<usize>(0, 1024))]
     session_threads: usize,
     /// Uploads one user may have in progress at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = in_range::<usize>(1, 65_536))]
     max_uploads_per_user: usize,
     /// Seconds an upload may go without receiving data before it is dropped.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = in_range::<u64>(1, 86_400))]
     upload_idle_timeout: u64,
     /// Pending (unacknowledged) download notifications kept per user; older ones are
     /// folded into one digest notification.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = in_range::<usize>(1, 1_000_000))]
     max_pending_notifications: usize,
     /// Failed logins (per address or user name) before refusing it for --login-lockout.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = in_range::<u32>(1, 1_000_000))]
     login_lockout_after: u32,
     /// Seconds a locked-out address or user name is refused.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = in_range::<u64>(1, 86_400))]
     login_lockout: u64,
     /// Delay after the 4th failed login, in ms; doubles with each further failure (max 4 s).
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 250, value_parser = in_range::<u64>(0, 60_000))]
     login_delay_ms: u64,
     /// Let unknown user names log in, creating their account with the password given.
     /// Only for trusted networks.
@@ -108,13 +110,13 @@ struct ServeArgs {
     #[arg(long, default_value = "32M", value_parser = parse_size)]
     user_reply_buffer: u64,
     /// Seconds a client may take no byte of its replies before it is disconnected.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = in_range::<u64>(1, 3600))]
     reply_timeout: u64,
     /// Files one connection may have open at once.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = in_range::<usize>(1, 1_000_000))]
     max_open_per_connection: usize,
     /// Files one user may have open at once, across connections.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = in_range::<usize>(1, 10_000_000))]
     max_open_per_user: usize,
 }
 
@@ -146,6 +148,25 @@ enum UserCommand {
     },
     /// Set a user's quota ("none" removes it).
     Quota { name: String, size: String },
+}
+
+/// A parser for an integer option that must lie in `min..=max`; clap names the option in
+/// the error and exits with status 2.
+fn in_range<T>(min: u64, max: u64) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: TryFrom<u64>,
+{
+    move |s: &str| {
+        let valid = format!("valid values: {min} to {max}");
+        let n: u64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{s}' is not a whole number ({valid})"))?;
+        if !(min..=max).contains(&n) {
+            return Err(format!("{n} is out of range ({valid})"));
+        }
+        T::try_from(n).map_err(|_| format!("{n} is out of range ({valid})"))
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -309,11 +330,11 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.max_frame = args.max_frame;
         config.max_connections = args.max_connections;
         config.max_connections_per_addr = args.max_connections_per_addr;
-        config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
-        config.idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
-        config.max_in_flight = args.max_in_flight.max(1);
+        config.handshake_timeout = Duration::from_secs(args.handshake_timeout);
+        config.idle_timeout = Duration::from_secs(args.idle_timeout);
+        config.max_in_flight = args.max_in_flight;
         config.session_threads = args.session_threads;
-        config.max_uploads_per_user = args.max_uploads_per_user.max(1);
+        config.max_uploads_per_user = args.max_uploads_per_user;
         config.upload_idle_timeout = Duration::from_secs(args.upload_idle_timeout.max(1));
         config.max_pending_notifications = args.max_pending_notifications.max(1);
         config.disk_reserve = args.disk_reserve;
@@ -323,14 +344,14 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.max_handles_per_connection = args.max_open_per_connection.max(1);
         config.max_handles_per_user = args.max_open_per_user.max(1);
         config.open_registration = args.open_registration;
-        config.login.lockout_after = args.login_lockout_after.max(1);
+        config.login.lockout_after = args.login_lockout_after;
         config.login.lockout = Duration::from_secs(args.login_lockout);
         config.login.delay_base = Duration::from_millis(args.login_delay_ms);
         if args.open_registration {
             tracing::warn!("open registration: any unknown user name can create an account");
         }
         if !args.plaintext {
-            std::fs::create_dir_all(&data)
+            sharefs_server::fsutil::create_dir_private(&data)
                 .with_context(|| format!("data directory {}", data.display()))?;
             let identity = sharefs_server::tls::load(
                 &data,

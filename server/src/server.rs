@@ -18,10 +18,10 @@ use tokio_util::codec::Framed;
 use crate::config::ServerConfig;
 use crate::error::Result;
 use crate::hub::Hub;
+use crate::login::Logins;
 use crate::session;
 use crate::store::Store;
 use crate::threads::SessionThreads;
-use crate::throttle::LoginThrottle;
 use crate::users::UserDb;
 
 /// State shared by all connections; cheap to clone.
@@ -35,7 +35,8 @@ pub struct Shared {
     pub read_budget: Arc<Semaphore>,
     /// Where reads that miss the page cache run.
     pub misses: Arc<ReadMisses>,
-    pub throttle: Arc<LoginThrottle>,
+    /// Login throttling, password checks and their log.
+    pub logins: Arc<Logins>,
     /// Live connections per peer address.
     per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Uploads in progress per user, across connections.
@@ -167,6 +168,7 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
 
 impl Shared {
     pub fn open(config: ServerConfig) -> Result<Shared> {
+        crate::fsutil::make_data_dir_private(&config.data_dir)?;
         let store = Store::open(&config.data_dir, config.disk_reserve)?;
         let hub = Hub::open(
             &config.data_dir,
@@ -175,7 +177,7 @@ impl Shared {
         )?;
         let users = UserDb::new(&config.data_dir);
         let read_budget = Arc::new(Semaphore::new((config.read_buffer_budget / 1024).max(1)));
-        let throttle = Arc::new(LoginThrottle::new(config.login.clone()));
+        let logins = Arc::new(Logins::new(config.login.clone()));
         let config_max_connections = config.max_connections;
         Ok(Shared {
             config: Arc::new(config),
@@ -184,7 +186,7 @@ impl Shared {
             hub,
             read_budget,
             misses: Arc::default(),
-            throttle,
+            logins,
             per_addr: Arc::default(),
             uploads: Arc::default(),
             handles: Arc::default(),

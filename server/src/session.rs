@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
     ClientMessage, ErrorBody, ErrorCode, Event, Frame, FrameCodec, FrameError, Reply, Request,
-    ServerMessage, CHUNK_SIZE, LIST_PAGE, LIST_PAGE_BYTES, MAGIC, VERSION,
+    ServerMessage, CHUNK_SIZE, FRAME_ROOM, LIST_PAGE, LIST_PAGE_BYTES, MAGIC, MIN_FRAME, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -83,7 +83,6 @@ async fn serve_inner<S>(
         }
     };
     span.record("user", user.as_str());
-
     let max_frame = framed.codec().max_frame();
     let (sink, source) = sharefs_protocol::frame::split(framed);
     let outbox = Outbox::new(
@@ -150,16 +149,8 @@ async fn serve_inner<S>(
     tracing::info!("disconnected");
 }
 
-enum Login {
-    /// Logged in with the password of this hash.
-    Ok(String),
-    Registered(String),
-    Failed,
-}
-
 /// Hello and login. Returns the user name, the password hash the login matched, the
-/// client's id and when the server's `Hello` was sent (request deadlines count from it),
-/// or the error to send before closing.
+/// client's id and when the server's `Hello` was sent (request deadlines count from it), or the error to send before closing.
 async fn handshake<S>(
     framed: &mut Framed<S, FrameCodec>,
     shared: &Shared,
@@ -185,7 +176,9 @@ where
                     format!("server speaks protocol version {VERSION}, client {version}"),
                 ));
             }
-            max_frame.clamp(64 * 1024, shared.config.max_frame)
+            // Never panics, whatever the configuration: at least the smallest frame a
+            // chunk fits in, at most what the server allows.
+            max_frame.max(MIN_FRAME).min(shared.config.max_frame)
         }
         _ => return Err(protocol("expected hello")),
     };
@@ -209,60 +202,7 @@ where
         } => (user, password, client),
         _ => return Err(protocol("expected login")),
     };
-    if let Err(wait) = shared.throttle.check(peer.ip(), &user) {
-        tracing::warn!(%peer, user, "login refused: too many failures");
-        return Err(ErrorBody::new(
-            ErrorCode::Throttled,
-            format!(
-                "too many failed logins; try again in {} s",
-                wait.as_secs().max(1)
-            ),
-        ));
-    }
-    let users = shared.users.clone();
-    let name = user.clone();
-    let register = shared.config.open_registration;
-    let outcome = tokio::task::spawn_blocking(move || -> Result<Login, ServerError> {
-        if let Some(hash) = users.login(&name, &password)? {
-            return Ok(Login::Ok(hash));
-        }
-        if register && users.get(&name)?.is_none() {
-            sharefs_protocol::name::check_user_name(&name).map_err(ServerError::InvalidName)?;
-            if password.is_empty() {
-                return Ok(Login::Failed);
-            }
-            users.add(&name, &password, None)?;
-            return Ok(match users.login(&name, &password)? {
-                Some(hash) => Login::Registered(hash),
-                None => Login::Failed,
-            });
-        }
-        Ok(Login::Failed)
-    })
-    .await
-    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
-    .map_err(|e| e.body())?;
-    let hash = match outcome {
-        Login::Ok(hash) => {
-            shared.throttle.succeeded(peer.ip(), &user);
-            hash
-        }
-        Login::Registered(hash) => {
-            tracing::info!(%peer, user, "account created by open registration");
-            shared.hub.broadcast(Event::UsersChanged);
-            hash
-        }
-        Login::Failed => {
-            let delay = shared.throttle.failed(peer.ip(), &user);
-            tracing::warn!(%peer, user, ?delay, "login failed");
-            tokio::time::sleep(delay).await;
-            return Err(ErrorBody::new(
-                ErrorCode::AuthFailed,
-                "unknown user or wrong password",
-            ));
-        }
-    };
-    tracing::info!(%peer, user, "logged in");
+    let (user, hash) = crate::login::login(shared, peer, user, password).await?;
     send(framed, &ServerMessage::LoginOk { user: user.clone() }).await?;
     Ok((user, hash, client, started))
 }
@@ -767,6 +707,21 @@ impl Context {
             .map_err(|_| ServerError::Internal("handle table poisoned".into()))
     }
 
+    /// Most file or notification entries one reply carries: [`LIST_PAGE`], or fewer when
+    /// the negotiated frame is small (an entry with a 255-byte name stays under 2 KiB of
+    /// JSON, escapes included).
+    /// Most bytes of JSON a list in one reply may take: `bytes`, or less if the agreed
+    /// frame is smaller.
+    fn list_bytes(&self, bytes: usize) -> usize {
+        let room = self.max_frame.saturating_sub(FRAME_ROOM as usize);
+        bytes.min(room)
+    }
+
+    /// Most file data one reply carries: the negotiated frame less room for the header.
+    fn chunk_size(&self) -> u32 {
+        sharefs_protocol::chunk_size(u32::try_from(self.max_frame).unwrap_or(u32::MAX))
+    }
+
     async fn require_user(&self, owner: String) -> Result<String, ServerError> {
         self.blocking(move |shared| match shared.users.get(&owner)? {
             Some(_) => Ok(owner),
@@ -794,7 +749,7 @@ impl Context {
                     .blocking(move |s| s.store.list_page(&owner, after.as_deref(), limit))
                     .await?;
                 // A page also ends where its JSON would outgrow LIST_PAGE_BYTES.
-                let fit = fitting(&files, LIST_PAGE_BYTES);
+                let fit = fitting(&files, self.list_bytes(LIST_PAGE_BYTES));
                 if fit < files.len() {
                     files.truncate(fit);
                     more = true;
@@ -867,18 +822,16 @@ impl Context {
                 let user = self.user.clone();
                 let (mut pending, mut recent) = self
                     .blocking(move |s| {
-                        Ok((
-                            s.hub.pending(&user)?,
-                            s.hub.recent(&user, recent.min(1000) as usize)?,
-                        ))
+                        Ok((s.hub.pending(&user)?, s.hub.recent(&user, recent as usize)?))
                     })
                     .await?;
                 // Whatever fits: the pending first (the newest of them if they cannot all),
                 // then the newest of the recent.
                 pending.reverse();
-                pending.truncate(fitting(&pending, NOTIFICATIONS_BYTES));
+                let budget = self.list_bytes(NOTIFICATIONS_BYTES);
+                pending.truncate(fitting(&pending, budget));
                 pending.reverse();
-                let left = NOTIFICATIONS_BYTES.saturating_sub(json_len(&pending));
+                let left = budget.saturating_sub(json_len(&pending));
                 recent.reverse();
                 recent.truncate(fitting(&recent, left));
                 recent.reverse();
@@ -987,7 +940,7 @@ impl Context {
             tracing::info!(owner = %open.info.owner, file = %open.info.name, size = open.info.size, "download");
         }
         let file = open.info.clone();
-        let head = (head.min(self.chunk()) as u64).min(file.size) as usize;
+        let head = (head.min(self.chunk_size()) as u64).min(file.size) as usize;
         let open = Arc::new(open);
         let data = if head == 0 {
             Bytes::new()
@@ -1023,19 +976,10 @@ impl Context {
             .get(&handle)
             .map(|(open, _)| open.clone())
             .ok_or_else(|| ServerError::Protocol(format!("no open handle {handle}")))?;
-        let len = len.min(self.chunk()) as usize;
+        let len = len.min(self.chunk_size()) as usize;
         let len = len.min(open.info.size.saturating_sub(offset) as usize);
         let data = self.read_budgeted(open, offset, len).await?;
         Ok((Reply::Data, data))
-    }
-
-    /// The most file data one reply carries: a chunk, or less if the agreed frame is
-    /// smaller.
-    fn chunk(&self) -> u32 {
-        let room = self.max_frame.saturating_sub(SMALL_REPLY);
-        CHUNK_SIZE
-            .min(u32::try_from(room).unwrap_or(u32::MAX))
-            .max(1)
     }
 
     /// Reads under the server-wide read-buffer budget, which bounds the data being read

@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sharefs_protocol::name::{check_file_name, check_user_name};
+use sharefs_protocol::name::{check_file_lookup, check_file_name, check_user_name};
 use sharefs_protocol::{FileInfo, Space};
 
 use crate::cutoff::Cutoff;
@@ -1112,7 +1112,7 @@ impl Store {
     }
 
     pub fn stat(&self, owner: &str, name: &str) -> Result<FileInfo> {
-        check_file_name(name).map_err(ServerError::InvalidName)?;
+        check_file_lookup(name).map_err(ServerError::InvalidName)?;
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
         folder
@@ -1124,7 +1124,7 @@ impl Store {
 
     /// Opens the current version of a file for reading.
     pub fn open_read(&self, owner: &str, name: &str) -> Result<OpenFile> {
-        check_file_name(name).map_err(ServerError::InvalidName)?;
+        check_file_lookup(name).map_err(ServerError::InvalidName)?;
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
         let meta = folder
@@ -1376,7 +1376,7 @@ impl Store {
 
     /// Deletes a file of `owner`'s.
     pub fn delete(&self, owner: &str, name: &str, cutoff: &Cutoff) -> Result<()> {
-        check_file_name(name).map_err(ServerError::InvalidName)?;
+        check_file_lookup(name).map_err(ServerError::InvalidName)?;
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
         cutoff.check()?;
@@ -1395,7 +1395,7 @@ impl Store {
     /// Renames within `owner`'s folder, replacing `to`, in one journal record. The file
     /// gets a new version (clients cache by version); its content stays where it is.
     pub fn rename(&self, owner: &str, from: &str, to: &str, cutoff: &Cutoff) -> Result<FileInfo> {
-        check_file_name(from).map_err(ServerError::InvalidName)?;
+        check_file_lookup(from).map_err(ServerError::InvalidName)?;
         check_file_name(to).map_err(ServerError::InvalidName)?;
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
@@ -1482,6 +1482,7 @@ fn open_rw(path: &Path, truncate: bool) -> io::Result<File> {
         .write(true)
         .create(true)
         .truncate(truncate)
+        .mode(fsutil::FILE_MODE)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
 }

@@ -52,7 +52,7 @@ fn ensure_self_signed(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     if cert_path.exists() && key_path.exists() {
         return Ok((cert_path, key_path));
     }
-    std::fs::create_dir_all(dir)?;
+    crate::fsutil::create_dir_private(dir)?;
     let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -89,6 +90,7 @@ impl WriteLock {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(fsutil::FILE_MODE)
             .open(dir.join("users.lock"))?;
         // SAFETY: flock on a valid, owned file descriptor.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
@@ -113,6 +115,9 @@ fn dummy_hash() -> &'static str {
 }
 
 pub fn hash_password(password: &str) -> Result<String> {
+    if password.len() > sharefs_protocol::MAX_PASSWORD {
+        return Err(ServerError::PasswordTooLong);
+    }
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)

@@ -259,6 +259,11 @@ impl TestServer {
             .and_then(|v| v.parse().ok())
     }
 
+    /// Where the server's log goes.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
