@@ -133,7 +133,9 @@ impl Outbox {
         let frame = match self.encode(msg, payload, room.size()) {
             Ok(frame) => frame,
             Err(error) => {
-                tracing::warn!(?id, message = %error.message, "reply cannot be sent; answering with an error");
+                if crate::ratelog::CONNECTIONS.allow() {
+                    tracing::warn!(?id, message = %error.message, "reply cannot be sent; answering with an error");
+                }
                 let msg = ServerMessage::Error { id, error };
                 match Frame::new(&msg, Bytes::new()) {
                     Ok(frame) => frame,
@@ -225,7 +227,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
                 let _ = tokio::time::timeout(Duration::from_secs(2), self.sink.close()).await;
             }
             Err(WriteError::Stalled(t)) => {
-                tracing::warn!(timeout = ?t, "client stopped taking its replies; closing the connection");
+                if crate::ratelog::CONNECTIONS.allow() {
+                    tracing::warn!(timeout = ?t, "client stopped taking its replies; closing the connection");
+                }
             }
             Err(e) => tracing::debug!(error = %e, "connection's writer ended"),
         }

@@ -3,8 +3,13 @@
 //! written. Whatever a client provokes (failed logins, bad frames), the log grows by a
 //! bounded number of lines per second, and the count of what was left out is not lost.
 
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
+
+/// The budget of the lines about connections that clients provoke: refused, timed out,
+/// broken frames, stalled readers.
+pub static CONNECTIONS: LazyLock<RateLog> =
+    LazyLock::new(|| RateLog::new("lines about refused or broken connections", 20));
 
 /// The log-line budget of one kind of event.
 #[derive(Debug)]

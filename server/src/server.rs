@@ -286,7 +286,9 @@ pub async fn run_with(
                     Ok(a) => { backoff = Duration::from_millis(10); a }
                     Err(e) => {
                         // Out of file descriptors and the like: wait and retry, never exit.
-                        tracing::warn!(error = %e, "accept failed; retrying");
+                        if crate::ratelog::CONNECTIONS.allow() {
+                            tracing::warn!(error = %e, "accept failed; retrying");
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
@@ -303,7 +305,9 @@ pub async fn run_with(
                         let stream = match stream.into_std() {
                             Ok(s) => s,
                             Err(e) => {
-                                tracing::warn!(%peer, error = %e, "cannot hand the connection over; closing");
+                                if crate::ratelog::CONNECTIONS.allow() {
+                                    tracing::warn!(%peer, error = %e, "cannot hand the connection over; closing");
+                                }
                                 continue;
                             }
                         };
@@ -318,11 +322,15 @@ pub async fn run_with(
                         }, &thread);
                     }
                     (Ok(_), None) => {
-                        tracing::warn!(%peer, "too many connections from this address; refusing");
+                        if crate::ratelog::CONNECTIONS.allow() {
+                            tracing::warn!(%peer, "too many connections from this address; refusing");
+                        }
                         sessions.spawn(refuse_busy(stream, peer, shared.clone(), "too many connections from your address", refusing.clone()));
                     }
                     (Err(_), _) => {
-                        tracing::warn!(%peer, "connection limit reached; refusing");
+                        if crate::ratelog::CONNECTIONS.allow() {
+                            tracing::warn!(%peer, "connection limit reached; refusing");
+                        }
                         sessions.spawn(refuse_busy(stream, peer, shared.clone(), "server has too many connections", refusing.clone()));
                     }
                 }
@@ -384,7 +392,9 @@ async fn transport(
         Ok(Ok(n)) => n,
         Ok(Err(_)) => return None,
         Err(_) => {
-            tracing::info!(%peer, "nothing received before the handshake timeout; closing");
+            if crate::ratelog::CONNECTIONS.allow() {
+                tracing::info!(%peer, "nothing received before the handshake timeout; closing");
+            }
             return None;
         }
     };
@@ -395,7 +405,9 @@ async fn transport(
     match &shared.config.tls {
         Some(identity) => {
             if !looks_tls {
-                tracing::warn!(%peer, "plaintext client on a TLS server; refusing");
+                if crate::ratelog::CONNECTIONS.allow() {
+                    tracing::warn!(%peer, "plaintext client on a TLS server; refusing");
+                }
                 let why = "this server requires TLS: connect without --plaintext";
                 let framed = Framed::new(stream, FrameCodec::new(shared.config.max_frame));
                 refuse(framed, ErrorCode::ProtocolError, why).await;
@@ -405,11 +417,15 @@ async fn transport(
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => Some(Transport::Tls(Box::new(tls))),
                 Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                    if crate::ratelog::CONNECTIONS.allow() {
+                        tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                    }
                     None
                 }
                 Err(_) => {
-                    tracing::info!(%peer, "TLS handshake timed out; closing");
+                    if crate::ratelog::CONNECTIONS.allow() {
+                        tracing::info!(%peer, "TLS handshake timed out; closing");
+                    }
                     None
                 }
             }
@@ -417,7 +433,9 @@ async fn transport(
         None => {
             if looks_tls {
                 // Answering in plaintext would only confuse its TLS stack: close.
-                tracing::warn!(%peer, "TLS client on a plaintext server (--plaintext); closing");
+                if crate::ratelog::CONNECTIONS.allow() {
+                    tracing::warn!(%peer, "TLS client on a plaintext server (--plaintext); closing");
+                }
                 return None;
             }
             Some(Transport::Plain(stream))

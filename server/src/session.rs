@@ -78,7 +78,9 @@ async fn serve_inner<S>(
             return;
         }
         Err(_) => {
-            tracing::info!("handshake timed out; closing");
+            if crate::ratelog::CONNECTIONS.allow() {
+                tracing::info!("handshake timed out; closing");
+            }
             return;
         }
     };
@@ -170,7 +172,9 @@ where
                 return Err(protocol("not a sharefs client"));
             }
             if version != VERSION {
-                tracing::info!(version, "client speaks another protocol version");
+                if crate::ratelog::CONNECTIONS.allow() {
+                    tracing::info!(version, "client speaks another protocol version");
+                }
                 return Err(ErrorBody::new(
                     ErrorCode::VersionMismatch,
                     format!("server speaks protocol version {VERSION}, client {version}"),
@@ -368,7 +372,9 @@ impl Session {
                     return;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "bad frame; closing connection");
+                    if crate::ratelog::CONNECTIONS.allow() {
+                        tracing::warn!(error = %e, "bad frame; closing connection");
+                    }
                     self.fatal(frame_error_body(&e)).await;
                     return;
                 }
@@ -376,7 +382,9 @@ impl Session {
             let msg = match frame.message::<ClientMessage>() {
                 Ok(msg) => msg,
                 Err(e) => {
-                    tracing::warn!(error = %e, "malformed message; closing connection");
+                    if crate::ratelog::CONNECTIONS.allow() {
+                        tracing::warn!(error = %e, "malformed message; closing connection");
+                    }
                     self.fatal(ErrorBody::new(ErrorCode::ProtocolError, e.to_string()))
                         .await;
                     return;
