@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use crate::error::ServerError;
 use crate::ratelog::RateLog;
 use crate::server::Shared;
-use crate::throttle::{LoginPolicy, LoginThrottle};
+use crate::throttle::{LoginPolicy, LoginThrottle, Refusal};
 
 /// Log lines for failed and refused logins, per second, all clients together.
 pub const LOG_PER_SECOND: u32 = 10;
@@ -84,17 +84,28 @@ pub async fn login(
             format!("password longer than {MAX_PASSWORD} bytes"),
         ));
     }
-    if let Err(wait) = logins.throttle.attempt(peer.ip(), &user) {
-        if logins.log.allow() {
-            tracing::warn!(%peer, user, "login refused: too many failures");
+    loop {
+        // Enabled before the attempt, so a decision in between is not missed.
+        let turn = logins.throttle.turn();
+        tokio::pin!(turn);
+        turn.as_mut().enable();
+        match logins.throttle.attempt(peer.ip(), &user) {
+            Ok(()) => break,
+            // Within the handshake's deadline, which bounds the whole login.
+            Err(Refusal::Wait) => turn.await,
+            Err(Refusal::Locked(wait)) => {
+                if logins.log.allow() {
+                    tracing::warn!(%peer, user, "login refused: too many failures");
+                }
+                return Err(ErrorBody::new(
+                    ErrorCode::Throttled,
+                    format!(
+                        "too many failed logins; try again in {} s",
+                        wait.as_secs().max(1)
+                    ),
+                ));
+            }
         }
-        return Err(ErrorBody::new(
-            ErrorCode::Throttled,
-            format!(
-                "too many failed logins; try again in {} s",
-                wait.as_secs().max(1)
-            ),
-        ));
     }
     let outcome = match check(shared, user.clone(), password).await {
         Ok(outcome) => outcome,

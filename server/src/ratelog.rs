@@ -6,10 +6,14 @@
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-/// The budget of the lines about connections that clients provoke: refused, timed out,
-/// broken frames, stalled readers.
+/// The budget of the lines about connections that clients provoke: timed out, broken
+/// frames, stalled readers.
 pub static CONNECTIONS: LazyLock<RateLog> =
-    LazyLock::new(|| RateLog::new("lines about refused or broken connections", 20));
+    LazyLock::new(|| RateLog::new("lines about broken connections", 20));
+
+/// The budget of the lines about connections refused for a connection limit.
+pub static REFUSALS: LazyLock<RateLog> =
+    LazyLock::new(|| RateLog::new("lines about refused connections", 10));
 
 /// The log-line budget of one kind of event.
 #[derive(Debug)]

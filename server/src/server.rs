@@ -322,13 +322,13 @@ pub async fn run_with(
                         }, &thread);
                     }
                     (Ok(_), None) => {
-                        if crate::ratelog::CONNECTIONS.allow() {
+                        if crate::ratelog::REFUSALS.allow() {
                             tracing::warn!(%peer, "too many connections from this address; refusing");
                         }
                         sessions.spawn(refuse_busy(stream, peer, shared.clone(), "too many connections from your address", refusing.clone()));
                     }
                     (Err(_), _) => {
-                        if crate::ratelog::CONNECTIONS.allow() {
+                        if crate::ratelog::REFUSALS.allow() {
                             tracing::warn!(%peer, "connection limit reached; refusing");
                         }
                         sessions.spawn(refuse_busy(stream, peer, shared.clone(), "server has too many connections", refusing.clone()));

@@ -2,11 +2,13 @@
 //! nothing, then each answer is delayed more (doubling up to a cap), and after enough
 //! failures the key is refused outright for a while.
 //!
-//! An attempt counts as a failure from the moment it starts ([`LoginThrottle::attempt`]),
-//! before its password is checked, so guesses sent in parallel are throttled like guesses
-//! sent one after another. A success takes its own attempt back and clears only the
-//! (address, user) record: logging into one's own account does not reset what an address
-//! has failed on others. No record is kept per user name alone, so failures from other
+//! An attempt counts from the moment it starts ([`LoginThrottle::attempt`]), before its
+//! password is checked: while the failures and the attempts still being checked would
+//! reach the lockout, a new attempt waits for its turn ([`Refusal::Wait`]) instead of
+//! being checked, so guesses sent in parallel are throttled like guesses sent one after
+//! another, while parallel logins with the right password (a client opening several
+//! connections) just take turns. A success clears only the (address, user) record:
+//! logging into one's own account does not reset what an address has failed on others. No record is kept per user name alone, so failures from other
 //! addresses never lock a user out of an address that has not failed.
 //!
 //! The table holds a fixed number of records (user names are validated, at most 32 bytes,
@@ -17,6 +19,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 #[derive(Debug, Clone)]
 pub struct LoginPolicy {
@@ -75,6 +79,8 @@ fn keys(ip: IpAddr, user: &str) -> [Key; 2] {
 #[derive(Debug, Clone, Copy)]
 struct Record {
     failures: u32,
+    /// Attempts started and not yet decided.
+    pending: u32,
     last: Instant,
     /// Which entry of `Table::order` is this record's.
     seq: u64,
@@ -125,6 +131,7 @@ impl Table {
             order.push_back((key.clone(), seq));
             Record {
                 failures: 0,
+                pending: 0,
                 last: now,
                 seq,
             }
@@ -141,6 +148,18 @@ pub struct LoginThrottle {
     policy: LoginPolicy,
     /// std `Mutex`: map updates only, never held across an await.
     table: Mutex<Table>,
+    /// Woken whenever an attempt is decided, for attempts waiting for their turn.
+    turn: Notify,
+}
+
+/// Why an attempt may not start now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Locked out for this long.
+    Locked(Duration),
+    /// Attempts being checked might reach the lockout: wait for one to be decided
+    /// ([`LoginThrottle::turn`]) and try again.
+    Wait,
 }
 
 impl LoginThrottle {
@@ -148,31 +167,46 @@ impl LoginThrottle {
         LoginThrottle {
             policy,
             table: Mutex::new(Table::default()),
+            turn: Notify::new(),
         }
+    }
+
+    /// Completes when an attempt has been decided since it was enabled: create and
+    /// enable it before [`LoginThrottle::attempt`], await it after a [`Refusal::Wait`].
+    pub fn turn(&self) -> tokio::sync::futures::Notified<'_> {
+        self.turn.notified()
     }
 
     fn live(&self, r: &Record, now: Instant) -> bool {
         now.duration_since(r.last) < self.policy.lockout
     }
 
-    /// Starts a login attempt: `Err(remaining)` if the address, or this user from this
-    /// address, is locked out now; otherwise the attempt is counted as a failure until
-    /// [`LoginThrottle::succeeded`] takes it back.
-    pub fn attempt(&self, ip: IpAddr, user: &str) -> Result<(), Duration> {
+    /// Starts a login attempt: refused if the address, or this user from this address, is
+    /// locked out now, or must wait while the attempts being checked might lock it out;
+    /// otherwise counted until it is decided ([`LoginThrottle::failed`],
+    /// [`LoginThrottle::succeeded`], [`LoginThrottle::withdraw`]).
+    pub fn attempt(&self, ip: IpAddr, user: &str) -> Result<(), Refusal> {
         let now = Instant::now();
         let Ok(mut table) = self.table.lock() else {
-            return Err(self.policy.lockout);
+            return Err(Refusal::Locked(self.policy.lockout));
         };
         let keys = keys(ip, user);
+        let mut wait = false;
         for key in &keys {
             if let Some(r) = table.records.get(key) {
-                if r.failures >= self.policy.lockout_after && self.live(r, now) {
-                    return Err(self
-                        .policy
-                        .lockout
-                        .saturating_sub(now.duration_since(r.last)));
+                let failures = if self.live(r, now) { r.failures } else { 0 };
+                if failures >= self.policy.lockout_after {
+                    return Err(Refusal::Locked(
+                        self.policy
+                            .lockout
+                            .saturating_sub(now.duration_since(r.last)),
+                    ));
                 }
+                wait |= failures + r.pending >= self.policy.lockout_after;
             }
+        }
+        if wait {
+            return Err(Refusal::Wait);
         }
         table.make_room(
             self.policy.capacity.saturating_sub(1),
@@ -185,24 +219,30 @@ impl LoginThrottle {
             if now.duration_since(r.last) >= lockout {
                 r.failures = 0;
             }
-            r.failures += 1;
+            r.pending += 1;
             r.last = now;
         }
         Ok(())
     }
 
-    /// The attempt failed (it was counted when it started): how long to wait before
-    /// answering it.
+    /// The attempt failed: how long to wait before answering it.
     pub fn failed(&self, ip: IpAddr, user: &str) -> Duration {
-        let Ok(table) = self.table.lock() else {
-            return self.policy.delay_max;
+        let now = Instant::now();
+        let worst = {
+            let Ok(mut table) = self.table.lock() else {
+                return self.policy.delay_max;
+            };
+            let mut worst = 0;
+            for key in keys(ip, user) {
+                let r = table.entry(key, now);
+                r.pending = r.pending.saturating_sub(1);
+                r.failures += 1;
+                r.last = now;
+                worst = worst.max(r.failures);
+            }
+            worst
         };
-        let worst = keys(ip, user)
-            .iter()
-            .filter_map(|k| table.records.get(k))
-            .map(|r| r.failures)
-            .max()
-            .unwrap_or(0);
+        self.turn.notify_waiters();
         if worst <= self.policy.free_failures {
             return Duration::ZERO;
         }
@@ -210,30 +250,30 @@ impl LoginThrottle {
         (self.policy.delay_base * 2u32.pow(doublings)).min(self.policy.delay_max)
     }
 
-    /// The attempt succeeded: it is taken back from the address's record, and this user's
-    /// record from this address is cleared.
+    /// The attempt succeeded: this user's record from this address is cleared, and the
+    /// attempt is no longer pending on the address's.
     pub fn succeeded(&self, ip: IpAddr, user: &str) {
-        let Ok(mut table) = self.table.lock() else {
-            return;
-        };
-        let [addr, addr_user] = keys(ip, user);
-        table.records.remove(&addr_user);
-        if let Some(r) = table.records.get_mut(&addr) {
-            r.failures = r.failures.saturating_sub(1);
+        if let Ok(mut table) = self.table.lock() {
+            let [addr, addr_user] = keys(ip, user);
+            table.records.remove(&addr_user);
+            if let Some(r) = table.records.get_mut(&addr) {
+                r.pending = r.pending.saturating_sub(1);
+            }
+            table.compact_order();
         }
-        table.compact_order();
+        self.turn.notify_waiters();
     }
 
     /// The attempt was not decided (the server failed): it is taken back.
     pub fn withdraw(&self, ip: IpAddr, user: &str) {
-        let Ok(mut table) = self.table.lock() else {
-            return;
-        };
-        for key in keys(ip, user) {
-            if let Some(r) = table.records.get_mut(&key) {
-                r.failures = r.failures.saturating_sub(1);
+        if let Ok(mut table) = self.table.lock() {
+            for key in keys(ip, user) {
+                if let Some(r) = table.records.get_mut(&key) {
+                    r.pending = r.pending.saturating_sub(1);
+                }
             }
         }
+        self.turn.notify_waiters();
     }
 
     /// Records held now.
@@ -306,6 +346,15 @@ mod tests {
         let a = ip("10.0.0.1");
         let started = (0..64).filter(|_| t.attempt(a, "alice").is_ok()).count();
         assert_eq!(started, 10);
+        assert_eq!(t.attempt(a, "alice"), Err(Refusal::Wait));
+        // Right passwords take turns: each success lets one more start.
+        t.succeeded(a, "alice");
+        assert!(t.attempt(a, "bob").is_ok());
+        // Failures lock the address out once they reach the limit.
+        for _ in 0..10 {
+            t.failed(a, "alice");
+        }
+        assert!(matches!(t.attempt(a, "carol"), Err(Refusal::Locked(_))));
     }
 
     #[test]
