@@ -944,8 +944,10 @@ impl Context {
     }
 
     async fn opened(self, open: OpenFile, head: u32, ticket: HandleTicket) -> Handled {
+        // Each download is logged once by the hub when it records its notification
+        // (repeats within the coalescing window are counted there, not logged again).
         if open.info.owner != self.user {
-            tracing::info!(owner = %open.info.owner, file = %open.info.name, size = open.info.size, "download");
+            tracing::debug!(owner = %open.info.owner, file = %open.info.name, size = open.info.size, "download");
         }
         let file = open.info.clone();
         let head = (head.min(self.chunk_size()) as u64).min(file.size) as usize;
