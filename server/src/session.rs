@@ -753,15 +753,13 @@ impl Context {
             } => {
                 let owner = self.require_user(owner).await?;
                 let limit = limit.unwrap_or(LIST_PAGE).clamp(1, LIST_PAGE) as usize;
-                let (mut files, mut more) = self
-                    .blocking(move |s| s.store.list_page(&owner, after.as_deref(), limit))
+                let max_bytes = self.list_bytes(LIST_PAGE_BYTES);
+                let (files, more) = self
+                    .blocking(move |s| {
+                        s.store
+                            .list_page(&owner, after.as_deref(), limit, max_bytes)
+                    })
                     .await?;
-                // A page also ends where its JSON would outgrow LIST_PAGE_BYTES.
-                let fit = fitting(&files, self.list_bytes(LIST_PAGE_BYTES));
-                if fit < files.len() {
-                    files.truncate(fit);
-                    more = true;
-                }
                 Reply::Files { files, more }
             }
             Request::Stat { owner, name } => {

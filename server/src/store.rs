@@ -1085,15 +1085,18 @@ impl Store {
 
     /// Lists a user's files, sorted by name.
     pub fn list(&self, owner: &str) -> Result<Vec<FileInfo>> {
-        Ok(self.list_page(owner, None, usize::MAX)?.0)
+        Ok(self.list_page(owner, None, usize::MAX, usize::MAX)?.0)
     }
 
     /// Up to `limit` files after `after`, sorted by name, and whether more follow.
+    /// One page of `owner`'s files after `after`: at most `limit` of them, taking at most
+    /// `max_bytes` as JSON (at least one). True if more follow.
     pub fn list_page(
         &self,
         owner: &str,
         after: Option<&str>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<(Vec<FileInfo>, bool)> {
         use std::ops::Bound;
         let folder = self.folder(owner)?;
@@ -1106,8 +1109,21 @@ impl Store {
             .files
             .range::<str, _>((start, Bound::Unbounded))
             .map(|(_, m)| m.info(owner));
-        let page: Vec<FileInfo> = iter.by_ref().take(limit).collect();
-        let more = iter.next().is_some();
+        let mut page: Vec<FileInfo> = Vec::new();
+        let mut bytes = 0;
+        let more = loop {
+            let Some(info) = iter.next() else {
+                break false;
+            };
+            if max_bytes < usize::MAX {
+                // The comma (or bracket) before each entry counts too.
+                bytes += serde_json::to_vec(&info).map_or(usize::MAX / 2, |v| v.len()) + 1;
+            }
+            if page.len() == limit || (bytes > max_bytes && !page.is_empty()) {
+                break true;
+            }
+            page.push(info);
+        };
         Ok((page, more))
     }
 
@@ -1682,10 +1698,14 @@ mod tests {
         for i in 0..7 {
             put(&store, "alice", &format!("f{i}"), b"x").unwrap();
         }
-        let (p1, more) = store.list_page("alice", None, 3).unwrap();
+        let (p1, more) = store.list_page("alice", None, 3, usize::MAX).unwrap();
         assert!(more);
-        let (p2, _) = store.list_page("alice", Some(&p1[2].name), 3).unwrap();
-        let (p3, more) = store.list_page("alice", Some(&p2[2].name), 3).unwrap();
+        let (p2, _) = store
+            .list_page("alice", Some(&p1[2].name), 3, usize::MAX)
+            .unwrap();
+        let (p3, more) = store
+            .list_page("alice", Some(&p2[2].name), 3, usize::MAX)
+            .unwrap();
         assert!(!more);
         let names: Vec<_> = p1
             .iter()
