@@ -137,21 +137,36 @@ impl TestServer {
     }
 
     pub fn add_user(&self, name: &str, password: &str) {
+        self.user(
+            &["add", name, "--password-stdin"],
+            Some(&format!("{password}\n")),
+        );
+    }
+
+    /// Runs `sharefs-server user ARGS --data DATA` (also beside the running server) with
+    /// `stdin` as its input; it must succeed.
+    pub fn user(&self, args: &[&str], stdin: Option<&str>) {
         let mut child = Command::new(bin("sharefs-server"))
-            .args(["user", "add", name, "--password-stdin", "--data"])
+            .arg("user")
+            .args(args)
+            .arg("--data")
             .arg(&self.data)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{password}\n").as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "user add {name} failed");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "user {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn spawn(&mut self) {

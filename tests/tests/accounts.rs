@@ -3,7 +3,6 @@
 //! or re-passworded while connected loses its sessions, and a normal user is served all
 //! along.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,42 +12,11 @@ use sharefs_tests::*;
 
 const MIB: usize = 1 << 20;
 
-/// Runs `sharefs-server user ARGS --data DATA` (beside the running server), which must
-/// succeed.
-fn user_cli(server: &TestServer, args: &[&str], stdin: Option<&str>) {
-    let mut cmd = Command::new(bin("sharefs-server"));
-    cmd.arg("user").args(args).arg("--data").arg(&server.data);
-    let out = match stdin {
-        None => output_within(&mut cmd),
-        Some(text) => {
-            use std::io::Write;
-            let mut child = cmd
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            child.wait_with_output().unwrap()
-        }
-    };
-    assert!(
-        out.status.success(),
-        "user {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A server with `mallory` added (and given `quota`, if any) besides alice, bob and carol.
 fn with_mallory(server: &TestServer, quota: Option<&str>) {
     server.add_user("mallory", PASSWORD);
     if let Some(q) = quota {
-        user_cli(server, &["quota", "mallory", q], None);
+        server.user(&["quota", "mallory", q], None);
     }
 }
 
@@ -296,7 +264,7 @@ async fn removing_a_user_ends_her_sessions() {
     let server = TestServer::start();
     let (mallory, alice) = mallory_and_alice(&server).await;
     let (idle, _) = server.connect("mallory").await;
-    user_cli(&server, &["remove", "mallory"], None);
+    server.user(&["remove", "mallory"], None);
     let took = ended_within(&mallory, Duration::from_secs(2)).await;
     eprintln!("session ended {took:?} after the removal");
     ended_within(&idle, Duration::from_secs(2)).await;
@@ -332,8 +300,7 @@ async fn removing_a_user_ends_her_sessions() {
 async fn a_new_password_ends_the_old_sessions() {
     let server = TestServer::start();
     let (mallory, alice) = mallory_and_alice(&server).await;
-    user_cli(
-        &server,
+    server.user(
         &["passwd", "mallory", "--password-stdin"],
         Some("another password\n"),
     );
@@ -359,13 +326,13 @@ async fn a_quota_change_applies_to_the_next_upload() {
     with_mallory(&server, None);
     let (mallory, _) = server.connect("mallory").await;
     upload(&mallory, "a", &content(1, 2 * MIB)).await;
-    user_cli(&server, &["quota", "mallory", "3M"], None);
+    server.user(&["quota", "mallory", "3M"], None);
     let e = within("begin", mallory.upload_begin("b", Some(2 * MIB as u64)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::QuotaExceeded), "{e}");
     upload(&mallory, "b", &content(2, MIB)).await;
-    user_cli(&server, &["quota", "mallory", "none"], None);
+    server.user(&["quota", "mallory", "none"], None);
     upload(&mallory, "c", &content(3, 2 * MIB)).await;
     assert!(!mallory.is_closed(), "a quota change ended the session");
 }

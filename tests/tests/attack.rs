@@ -213,12 +213,7 @@ async fn bad_writes(src: [u8; 4], addr: String) {
 async fn a_mixed_attack_from_three_addresses_leaves_the_server_serving() {
     let server = TestServer::start_with(&["--plaintext", "--reply-timeout", "10"]);
     server.add_user(ATTACKER, PASSWORD);
-    let run = output_within(
-        std::process::Command::new(bin("sharefs-server"))
-            .args(["user", "quota", ATTACKER, "1M", "--data"])
-            .arg(&server.data),
-    );
-    assert!(run.status.success(), "{run:?}");
+    server.user(&["quota", ATTACKER, "1M"], None);
     let (alice, _) = server.connect("alice").await;
     let big = content(1, 2 << 20);
     upload(&alice, "big", &big).await;
