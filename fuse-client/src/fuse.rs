@@ -638,13 +638,16 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                 Ok(s) => {
                     let bsize = 4096u64;
                     let blocks = s.total / bsize;
-                    let avail = s.available / bsize;
+                    let avail = (s.available / bsize).min(blocks);
+                    // There is no inode table: each new file takes at least a block, so
+                    // the free blocks bound the free inodes, and free never exceeds total.
+                    let free_files = avail;
                     reply.statfs(
                         blocks,
                         avail,
                         avail,
-                        s.files,
-                        u64::MAX / 2,
+                        s.files.saturating_add(free_files),
+                        free_files,
                         bsize as u32,
                         255,
                         bsize as u32,

@@ -481,19 +481,31 @@ fn upload_failures_are_reported_by_close_and_fsync() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // df shows the quota.
+    // df shows the quota, and `stat -f` adds up: nothing free beyond the total.
     let st = nix_statvfs(alice.root());
-    assert_eq!(st.0 * st.1, 1 << 20, "df total is not the quota");
+    assert_eq!(
+        st.f_blocks * st.f_frsize,
+        1 << 20,
+        "df total is not the quota"
+    );
+    assert!(st.f_bfree <= st.f_blocks && st.f_bavail <= st.f_blocks);
+    assert!(
+        st.f_ffree <= st.f_files && st.f_favail <= st.f_files,
+        "{} inodes free of {}",
+        st.f_ffree,
+        st.f_files
+    );
+    assert!(st.f_files > 0);
 }
 
-/// (f_blocks, f_frsize) of a path.
-fn nix_statvfs(p: &Path) -> (u64, u64) {
+/// statvfs(2) of a path.
+fn nix_statvfs(p: &Path) -> libc::statvfs {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and out-pointer.
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-    (st.f_blocks as u64, st.f_frsize as u64)
+    st
 }
 
 #[test]
