@@ -230,6 +230,28 @@ pub struct FileInfo {
     pub version: u64,
 }
 
+impl FileInfo {
+    /// An upper bound on the bytes of this entry's JSON, found without encoding it:
+    /// listing pages are budgeted with it.
+    pub fn json_size_bound(&self) -> usize {
+        // Keys, quotes and punctuation, and three numbers of at most 20 characters each.
+        const FIXED: usize = 128;
+        FIXED + json_string_bound(&self.owner) + json_string_bound(&self.name)
+    }
+}
+
+/// The most bytes `s` takes inside a JSON string: escapes take two bytes, or six for
+/// other control characters.
+fn json_string_bound(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
 /// A download of one of the recipient's files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notification {
@@ -311,4 +333,33 @@ pub enum ErrorCode {
     Internal,
     #[serde(other)]
     Other,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileInfo;
+
+    #[test]
+    fn the_json_size_bound_is_never_below_the_encoding() {
+        for name in [
+            "plain.txt",
+            &"\\".repeat(255),
+            "a\"b\u{1}\u{1f}c",
+            &"é".repeat(127),
+        ] {
+            let info = FileInfo {
+                owner: "some-user".into(),
+                name: name.to_string(),
+                size: u64::MAX,
+                mtime_ns: i64::MIN,
+                version: u64::MAX,
+            };
+            let real = serde_json::to_vec(&info).unwrap().len();
+            assert!(info.json_size_bound() >= real, "{name:?}: {real}");
+            assert!(
+                info.json_size_bound() <= real + 128,
+                "{name:?}: far above {real}"
+            );
+        }
+    }
 }

@@ -409,8 +409,13 @@ async fn transport(
                     tracing::warn!(%peer, "plaintext client on a TLS server; refusing");
                 }
                 let why = "this server requires TLS: connect without --plaintext";
-                let framed = Framed::new(stream, FrameCodec::new(shared.config.max_frame));
-                refuse(framed, ErrorCode::ProtocolError, why).await;
+                refuse(
+                    stream,
+                    shared.config.max_frame,
+                    ErrorCode::ProtocolError,
+                    why,
+                )
+                .await;
                 return None;
             }
             let acceptor = tokio_rustls::TlsAcceptor::from(identity.config.clone());
@@ -463,31 +468,18 @@ async fn refuse_busy(
     let message = format!("{why}; try again later");
     let max_frame = shared.config.max_frame;
     match transport(stream, peer, &shared, deadline).await {
-        Some(Transport::Tls(tls)) => {
-            refuse(
-                Framed::new(tls, FrameCodec::new(max_frame)),
-                ErrorCode::Busy,
-                &message,
-            )
-            .await
-        }
-        Some(Transport::Plain(plain)) => {
-            refuse(
-                Framed::new(plain, FrameCodec::new(max_frame)),
-                ErrorCode::Busy,
-                &message,
-            )
-            .await
-        }
+        Some(Transport::Tls(tls)) => refuse(tls, max_frame, ErrorCode::Busy, &message).await,
+        Some(Transport::Plain(plain)) => refuse(plain, max_frame, ErrorCode::Busy, &message).await,
         None => {}
     }
 }
 
-/// Sends one connection-level error frame and closes.
-async fn refuse<S>(mut framed: Framed<S, FrameCodec>, code: ErrorCode, message: &str)
+/// Sends one connection-level error frame on `stream` and closes it.
+async fn refuse<S>(stream: S, max_frame: u32, code: ErrorCode, message: &str)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let mut framed = Framed::new(stream, FrameCodec::new(max_frame));
     let msg = ServerMessage::Error {
         id: None,
         error: ErrorBody::new(code, message),

@@ -1115,10 +1115,8 @@ impl Store {
             let Some(info) = iter.next() else {
                 break false;
             };
-            if max_bytes < usize::MAX {
-                // The comma (or bracket) before each entry counts too.
-                bytes += serde_json::to_vec(&info).map_or(usize::MAX / 2, |v| v.len()) + 1;
-            }
+            // The comma (or bracket) before each entry counts too.
+            bytes += info.json_size_bound() + 1;
             if page.len() == limit || (bytes > max_bytes && !page.is_empty()) {
                 break true;
             }
