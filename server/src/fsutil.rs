@@ -83,10 +83,12 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
         return Ok(());
     }
     create_dir_private(dir)?;
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
+    match dir.parent() {
+        // A relative path of one component ("data") has the empty path as its parent.
+        Some(parent) if parent.as_os_str().is_empty() => sync_dir(Path::new(".")),
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Creates a directory and its missing parents with mode [`DIR_MODE`] (not durable).

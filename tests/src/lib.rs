@@ -108,15 +108,26 @@ impl TestServer {
     /// Starts a server whose data directory is `data` (for instance on a [`SmallFs`]),
     /// or in a temp directory; logs always go to a temp directory.
     pub fn start_in(data: Option<&Path>, args: &[&str]) -> TestServer {
-        Self::start_full(data, args, None)
+        Self::start_full(data, args, None, true)
+    }
+
+    /// Starts a server on an existing data directory `data` (its users as they are: none
+    /// is added), for instance one an earlier version wrote.
+    pub fn start_existing(data: &Path, args: &[&str]) -> TestServer {
+        Self::start_full(Some(data), args, None, false)
     }
 
     /// Starts a server allowed at most `nofile` open files (its `ulimit -n`).
     pub fn start_with_nofile(args: &[&str], nofile: u64) -> TestServer {
-        Self::start_full(None, args, Some(nofile))
+        Self::start_full(None, args, Some(nofile), true)
     }
 
-    fn start_full(data: Option<&Path>, args: &[&str], nofile: Option<u64>) -> TestServer {
+    fn start_full(
+        data: Option<&Path>,
+        args: &[&str],
+        nofile: Option<u64>,
+        add_users: bool,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let mut server = TestServer {
@@ -129,8 +140,10 @@ impl TestServer {
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             nofile,
         };
-        for user in ["alice", "bob", "carol"] {
-            server.add_user(user, PASSWORD);
+        if add_users {
+            for user in ["alice", "bob", "carol"] {
+                server.add_user(user, PASSWORD);
+            }
         }
         server.spawn();
         server
