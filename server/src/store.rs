@@ -78,6 +78,9 @@ pub mod read;
 pub mod tree;
 pub mod upload;
 
+#[cfg(test)]
+mod tests;
+
 use folder::Folder;
 pub use read::OpenFile;
 use tree::{Content, Node, Op, PackRef, Tree, OTHER_READ};

@@ -569,8 +569,10 @@ mod tests {
             E::NotADirectory
         );
         assert_eq!(code(tree.plan_remove(ROOT_ID, "d", true, 1)), E::NotEmpty);
-        run(&mut tree, tree.plan_remove(d, "inside", false, 1).unwrap());
-        run(&mut tree, tree.plan_remove(ROOT_ID, "d", true, 1).unwrap());
+        let ops = tree.plan_remove(d, "inside", false, 1).unwrap();
+        run(&mut tree, ops);
+        let ops = tree.plan_remove(ROOT_ID, "d", true, 1).unwrap();
+        run(&mut tree, ops);
         assert!(tree.lookup(ROOT_ID, "d").is_none());
         assert_eq!(tree.used(), 1);
     }
