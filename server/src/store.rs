@@ -687,6 +687,8 @@ impl Store {
                 };
                 if let Some(link) = other {
                     ops.push(Op::Remove { id: link.id });
+                } else {
+                    tree.check_path_room(*parent, name)?;
                 }
                 let id = tree.allocate_id();
                 let mut node =

@@ -253,13 +253,11 @@ impl Folder {
     /// before that leaves an orphan the next load removes).
     fn forget(&mut self, old: &Node) {
         match old.content {
-            Some(Content::Pack(p)) => {
-                if self.pack.as_ref().is_some_and(|cur| cur.id == p.pack) {
-                    self.pack_garbage += old.size;
-                }
+            Some(Content::Pack(p)) if self.pack.as_ref().is_some_and(|cur| cur.id == p.pack) => {
+                self.pack_garbage += old.size;
             }
             Some(Content::Blob(b)) => remove_quietly(&self.dir.join(blob_name(b))),
-            None => {}
+            Some(Content::Pack(_)) | None => {}
         }
     }
 

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
+use sharefs_protocol::name::MAX_PATH;
 use sharefs_protocol::{EntryKind, FileInfo, Place, ROOT_ID};
 
 use crate::error::{Result, ServerError};
@@ -124,6 +125,12 @@ pub enum Op {
     /// The entry is gone.
     Remove { id: u64 },
 }
+
+/// The most directories above an entry that others' permission checks walk: a path of
+/// [`MAX_PATH`] bytes has at most this many. Entries created or moved into place have
+/// paths within [`MAX_PATH`], but a directory moved under a deep one takes a subtree that
+/// may be deeper; what lies below this depth is the owner's alone.
+pub const MAX_DEPTH: usize = MAX_PATH / 2 + 1;
 
 /// The "other" read bit.
 pub const OTHER_READ: u32 = 0o004;
@@ -275,7 +282,7 @@ impl Tree {
     }
 
     pub fn is_empty_dir(&self, id: u64) -> bool {
-        self.children.get(&id).map_or(true, BTreeMap::is_empty)
+        self.children.get(&id).is_none_or(BTreeMap::is_empty)
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
@@ -316,28 +323,75 @@ impl Tree {
         id == dir || self.ancestors(id).any(|n| n.id == dir)
     }
 
-    /// The path of `id` from the root ("a/b/c.pdf"; "" for the root).
+    /// The path of `id` from the root ("a/b/c.pdf"; "" for the root). One longer than
+    /// [`MAX_PATH`] (possible below a moved directory) keeps its last names after "…/".
     pub fn path_of(&self, id: u64) -> String {
         let Some(node) = self.nodes.get(&id) else {
             return String::new();
         };
-        let mut names: Vec<&str> = self
-            .ancestors(id)
-            .filter(|n| n.id != ROOT_ID)
-            .map(|n| n.name.as_str())
-            .collect();
-        names.reverse();
-        if id != ROOT_ID {
-            names.push(&node.name);
+        if id == ROOT_ID {
+            return String::new();
         }
+        // Leaf first; the walk stops once past the limit.
+        let mut names = vec![node.name.as_str()];
+        let mut len = node.name.len();
+        for a in self.ancestors(id).filter(|n| n.id != ROOT_ID) {
+            if len > MAX_PATH {
+                break;
+            }
+            len += 1 + a.name.len();
+            names.push(&a.name);
+        }
+        if len > MAX_PATH {
+            const MORE: &str = "…";
+            while names.len() > 1 && len + MORE.len() + 1 > MAX_PATH {
+                if let Some(n) = names.pop() {
+                    len -= n.len() + 1;
+                }
+            }
+            names.push(MORE);
+        }
+        names.reverse();
         names.join("/")
+    }
+
+    /// Bytes of the path a new entry `name` in `parent` would have; O(depth).
+    fn path_len_in(&self, parent: u64, name: &str) -> usize {
+        let mut len = name.len();
+        if parent != ROOT_ID {
+            if let Some(p) = self.nodes.get(&parent) {
+                len += 1 + p.name.len();
+            }
+            for a in self.ancestors(parent).filter(|n| n.id != ROOT_ID) {
+                len += 1 + a.name.len();
+                if len > MAX_PATH {
+                    break;
+                }
+            }
+        }
+        len
+    }
+
+    /// Refuses a new place whose path would be longer than [`MAX_PATH`].
+    pub fn check_path_room(&self, parent: u64, name: &str) -> Result<()> {
+        if self.path_len_in(parent, name) > MAX_PATH {
+            return Err(ServerError::NameTooLong(format!(
+                "{name}: its path would be longer than {MAX_PATH} bytes"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether others (not the owner) may pass through `dir` and every directory above it.
     pub fn others_may_search(&self, dir: u64) -> bool {
         match self.nodes.get(&dir) {
             Some(d) => {
-                d.mode & OTHER_EXEC != 0 && self.ancestors(dir).all(|a| a.mode & OTHER_EXEC != 0)
+                let mut depth = 0;
+                d.mode & OTHER_EXEC != 0
+                    && self.ancestors(dir).all(|a| {
+                        depth += 1;
+                        depth <= MAX_DEPTH && a.mode & OTHER_EXEC != 0
+                    })
             }
             None => false,
         }
@@ -393,6 +447,7 @@ impl Tree {
                 "cannot move directory {name} into itself"
             )));
         }
+        self.check_path_room(new_parent, new_name)?;
         let mut ops = Vec::new();
         if let Some(dst) = self.lookup(new_parent, new_name) {
             if noreplace {
@@ -446,6 +501,7 @@ impl Tree {
         if self.lookup(node.parent, &node.name).is_some() {
             return Err(ServerError::Exists(node.name));
         }
+        self.check_path_room(node.parent, &node.name)?;
         let parent = node.parent;
         let mut ops = vec![Op::Put(node)];
         ops.extend(self.touched_dir(parent, now).map(Op::Put));
@@ -601,5 +657,42 @@ mod tests {
         assert_eq!(dropped.len(), 1);
         assert!(tree.lookup(ROOT_ID, "kept").is_some());
         assert_eq!(tree.next_id(), 10, "ids are never reused");
+    }
+
+    #[test]
+    fn paths_stay_within_the_limit() {
+        let mut tree = Tree::empty(0);
+        let long = "x".repeat(255);
+        let mut parent = ROOT_ID;
+        for _ in 0..15 {
+            parent = dir(&mut tree, parent, &long);
+        }
+        // 15 names of 255 bytes and their slashes: one more makes exactly 4095 bytes...
+        let full = dir(&mut tree, parent, &long);
+        assert_eq!(tree.path_of(full).len(), MAX_PATH);
+        // ...and nothing fits below it.
+        let id = tree.allocate_id();
+        let node = Node::new(id, full, "f", EntryKind::File, 0o644, 1);
+        assert!(matches!(
+            tree.plan_create(node, 1),
+            Err(ServerError::NameTooLong(_))
+        ));
+        let f = file(&mut tree, parent, "f", 1);
+        assert_eq!(tree.path_of(f).len(), 15 * 256 + 1);
+        // Moved under another deep chain, the subtree's paths are shortened in display.
+        let mut other = ROOT_ID;
+        for i in 0..15 {
+            other = dir(&mut tree, other, &format!("{i}{}", "y".repeat(250)));
+        }
+        let first = tree.lookup(ROOT_ID, &long).unwrap().id;
+        let ops = tree
+            .plan_rename(ROOT_ID, &long, other, "z", false, 1)
+            .unwrap()
+            .unwrap();
+        run(&mut tree, ops);
+        let shown = tree.path_of(f);
+        assert!(shown.starts_with("…/") && shown.ends_with("/f"), "{shown}");
+        assert!(shown.len() <= MAX_PATH);
+        assert!(tree.is_within(f, first));
     }
 }
