@@ -28,6 +28,19 @@ pub fn create_new(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens a file for reading and writing, creating it (private) if needed, refusing
+/// symlinks.
+pub fn open_rw(path: &Path, truncate: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Opens an existing file for reading, refusing symlinks.
 pub fn open_read(path: &Path) -> io::Result<File> {
     OpenOptions::new()

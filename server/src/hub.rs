@@ -41,6 +41,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::error::{Result, ServerError};
 use crate::fsutil;
+use crate::store::Published;
 
 /// Ends a live session from outside: its reader waits for this beside the socket, so it
 /// ends also when the client is silent.
@@ -226,6 +227,34 @@ impl Hub {
     /// changed.
     pub fn broadcast_except(&self, event: Event, origin: u64) {
         self.push(&event, |id, _| id != origin);
+    }
+
+    /// Pushes the events of a change of `owner`'s tree to every session but `origin`
+    /// (which made the change and knows it): the owner's sessions get each event as it
+    /// is, other users' sessions only the form they may see (none for a change in a part
+    /// of the tree closed to them).
+    pub fn publish(&self, owner: &str, origin: u64, events: &[Published]) {
+        let Ok(sessions) = self.inner.sessions.lock() else {
+            return;
+        };
+        for (id, sink) in sessions.iter() {
+            if *id == origin {
+                continue;
+            }
+            for p in events {
+                let event = if sink.user == owner {
+                    &p.owner
+                } else {
+                    match &p.others {
+                        Some(e) => e,
+                        None => continue,
+                    }
+                };
+                if sink.tx.try_send(event.clone()).is_err() {
+                    sink.lagged.store(true, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Records a download of `owner`'s `file` by `downloader` durably, then pushes it to

@@ -9,9 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+#[cfg(feature = "client")]
 use sharefs_client::{ConnectOptions, EventStream, RemoteClient};
 
 pub mod desktop;
+#[cfg(feature = "client")]
 pub mod mount;
 pub mod proxy;
 pub mod raw;
@@ -45,15 +47,11 @@ pub fn bin(name: &str) -> PathBuf {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "sharefs-server",
-            "-p",
-            "sharefs-client",
-        ]);
+        cmd.args(["build", "--quiet", "--bins", "-p", "sharefs-server"]);
+        // The client's binary only for the tests that run it.
+        if cfg!(feature = "client") {
+            cmd.args(["-p", "sharefs-client"]);
+        }
         if release {
             cmd.arg("--release");
         }
@@ -247,6 +245,7 @@ impl TestServer {
         self.extra_args.get(i + 1).cloned()
     }
 
+    #[cfg(feature = "client")]
     /// Trust settings that accept exactly this server (pinned fingerprint), or plaintext.
     pub fn trust(&self) -> Option<sharefs_client::tls::TrustOptions> {
         self.fingerprint
@@ -339,6 +338,7 @@ impl TestServer {
         self.spawn();
     }
 
+    #[cfg(feature = "client")]
     pub fn options(&self, user: &str) -> ConnectOptions {
         ConnectOptions {
             server: self.addr.clone(),
@@ -349,6 +349,7 @@ impl TestServer {
         }
     }
 
+    #[cfg(feature = "client")]
     pub async fn connect(&self, user: &str) -> (RemoteClient, EventStream) {
         within("connect", RemoteClient::connect(&self.options(user)))
             .await
@@ -430,6 +431,7 @@ pub fn rt() -> tokio::runtime::Runtime {
 }
 
 /// The file as the server has it, read with the client library (not through a mount).
+#[cfg(feature = "client")]
 pub fn server_content(server: &TestServer, owner: &str, name: &str) -> Option<Vec<u8>> {
     rt().block_on(async {
         let (c, _) = server.connect("carol").await;
@@ -464,6 +466,7 @@ pub fn sha256(data: &[u8]) -> String {
 }
 
 /// Uploads `data` as `name` through the streaming path or the small-file path.
+#[cfg(feature = "client")]
 pub async fn upload(client: &RemoteClient, name: &str, data: &[u8]) -> sharefs_protocol::FileInfo {
     within(
         "upload",
@@ -474,6 +477,7 @@ pub async fn upload(client: &RemoteClient, name: &str, data: &[u8]) -> sharefs_p
 }
 
 /// Downloads `owner/name` into memory.
+#[cfg(feature = "client")]
 pub async fn download(
     client: &RemoteClient,
     owner: &str,
