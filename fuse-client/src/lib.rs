@@ -34,4 +34,4 @@ pub mod tls;
 pub mod transfer;
 
 pub use error::ClientError;
-pub use remote::{ConnectOptions, EventStream, RemoteClient};
+pub use remote::{AttrChange, ConnectOptions, EventStream, Move, RemoteClient, UploadTarget};
