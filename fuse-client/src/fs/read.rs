@@ -125,7 +125,7 @@ impl<R: Remote> ReadHandle<R> {
         }
         let (handle, info, _) = self
             .remote
-            .open(&self.info.owner, &self.info.name, 0)
+            .open(&self.info.owner, self.info.id, 0)
             .await?;
         if info.version != self.info.version {
             self.remote.close(handle).await;

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use super::error::{FsError, FsResult};
+use super::remote::AttrChange;
 use super::staging;
 use super::stream::StreamState;
 
@@ -142,6 +143,9 @@ pub struct StagedWrite {
     /// await; `stream_order` keeps feeds in write order.
     pub stream: Mutex<StreamState>,
     pub stream_order: tokio::sync::Mutex<()>,
+    /// Mode and times set on the file while its content is not uploaded: the upload
+    /// carries them (`cp -p` sets them before it closes).
+    attrs: Mutex<AttrChange>,
     /// Becomes true once the last descriptor's release is done ([`StagedWrite::finish`]):
     /// an open that finds this file being released waits for it instead of joining it.
     finished: tokio::sync::watch::Sender<bool>,
@@ -234,6 +238,7 @@ impl StagedWrite {
             upload_lock: tokio::sync::Mutex::new(()),
             stream: Mutex::new(StreamState::Eligible),
             stream_order: tokio::sync::Mutex::new(()),
+            attrs: Mutex::new(AttrChange::default()),
             finished: tokio::sync::watch::Sender::new(false),
         }
     }
@@ -262,6 +267,33 @@ impl StagedWrite {
 
     pub fn size(&self) -> u64 {
         self.state().size
+    }
+
+    /// Mode and times to be set with the next upload.
+    pub fn pending_attrs(&self) -> AttrChange {
+        *guard(&self.attrs)
+    }
+
+    /// Keeps `change` for the next upload (over what was kept before).
+    pub fn set_pending_attrs(&self, change: AttrChange) {
+        let mut a = guard(&self.attrs);
+        a.mode = change.mode.or(a.mode);
+        a.atime_ns = change.atime_ns.or(a.atime_ns);
+        a.mtime_ns = change.mtime_ns.or(a.mtime_ns);
+    }
+
+    /// An upload set `sent`: what was not changed since is done.
+    pub fn clear_pending_attrs(&self, sent: &AttrChange) {
+        let mut a = guard(&self.attrs);
+        if a.mode == sent.mode {
+            a.mode = None;
+        }
+        if a.atime_ns == sent.atime_ns {
+            a.atime_ns = None;
+        }
+        if a.mtime_ns == sent.mtime_ns {
+            a.mtime_ns = None;
+        }
     }
 
     pub fn acquire(&self) {
@@ -442,6 +474,7 @@ impl StagedWrite {
             self.materialize().await?;
         }
         self.put(offset, data)?;
+        guard(&self.attrs).mtime_ns = None;
         let mut s = self.state();
         s.size = s.size.max(offset + len);
         s.changes += 1;
@@ -499,6 +532,7 @@ impl StagedWrite {
             }
         }
         self.set_len(size)?;
+        guard(&self.attrs).mtime_ns = None;
         let mut s = self.state();
         s.size = size;
         s.changes += 1;
