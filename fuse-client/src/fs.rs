@@ -216,7 +216,6 @@ pub fn ns_of(t: SystemTime) -> i64 {
 /// A directory of a user's tree, as the core addresses it.
 #[derive(Debug, Clone)]
 struct Dir {
-    ino: u64,
     owner: String,
     id: u64,
 }
@@ -301,7 +300,6 @@ impl<R: Remote> FsCore<R> {
         let node = self.node(ino)?;
         match (node.kind, node.owner) {
             (EntryKind::Dir, Some(owner)) => Ok(Dir {
-                ino,
                 owner,
                 id: node.id,
             }),
