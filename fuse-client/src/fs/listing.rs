@@ -22,7 +22,7 @@ use super::remote::Remote;
 pub const LISTING_MAX_AGE: Duration = Duration::from_secs(60);
 /// After this many lookups in one directory answered by the server, its listing is
 /// fetched in the background. A single `stat` in a huge directory stays one request.
-const LISTING_AFTER_MISSES: u32 = 8;
+pub const LISTING_AFTER_MISSES: u32 = 8;
 
 /// A directory of a user's tree: (owner, directory id).
 pub type DirKey = (String, u64);
@@ -133,6 +133,11 @@ impl Listings {
     pub fn forget(&mut self, dir: &DirKey) {
         self.dirs.remove(dir);
         self.misses.remove(dir);
+    }
+
+    /// Directories with a listing fetch in flight.
+    pub fn in_flight(&self) -> usize {
+        self.logs.len()
     }
 
     /// Drops every listing: all may be stale.

@@ -8,34 +8,44 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use sharefs_protocol::{ErrorBody, ErrorCode, FileInfo, Space};
+use sharefs_protocol::{EntryKind, ErrorBody, ErrorCode, Event, FileInfo, Place, Space, ROOT_ID};
 
+use super::remote::{AttrChange, Move, UploadTarget};
+use super::listing::LISTING_AFTER_MISSES;
 use super::*;
 use crate::connection::RemoteHandle;
 use crate::error::ClientError;
 
-/// (owner, name) -> (content, version)
-type Files = BTreeMap<(String, String), (Vec<u8>, u64)>;
+/// One entry of the fake server's trees.
+#[derive(Debug, Clone)]
+struct Entry {
+    info: FileInfo,
+    data: Vec<u8>,
+}
 
 #[derive(Default)]
 struct Fake {
     user: String,
     users: Vec<String>,
-    files: Mutex<Files>,
+    /// (owner, id) -> entry.
+    entries: Mutex<BTreeMap<(String, u64), Entry>>,
     handles: Mutex<HashMap<u64, (Vec<u8>, FileInfo)>>,
     next: AtomicU64,
+    /// (owner, file name) of every open.
     opens: Mutex<Vec<(String, String)>>,
     fail_uploads: Mutex<Option<ErrorCode>>,
-    /// Streamed uploads in progress: id -> (name, data so far).
-    uploads: Mutex<HashMap<u64, (String, Vec<u8>)>>,
+    /// Streamed uploads in progress: id -> (target, data so far).
+    uploads: Mutex<HashMap<u64, (UploadTarget, Vec<u8>)>>,
     /// Streamed uploads committed.
     streamed: Mutex<usize>,
     /// Bytes served by `read` (not counting the head that comes with an open).
     read_bytes: AtomicU64,
-    /// `stat` and `list_files` calls (started).
+    /// `lookup` and `list` calls (started).
     stats: AtomicU64,
     lists: AtomicU64,
-    /// While held, `list_files` waits (a listing in flight).
+    /// `setattr` calls.
+    setattrs: AtomicU64,
+    /// While held, `list` waits (a listing in flight).
     list_gate: tokio::sync::RwLock<()>,
 }
 
@@ -45,39 +55,158 @@ fn remote_err(code: ErrorCode) -> ClientError {
 
 impl Fake {
     fn new(user: &str) -> Fake {
-        Fake {
+        let fake = Fake {
             user: user.into(),
             users: vec!["alice".into(), "bob".into()],
-            next: AtomicU64::new(1),
+            next: AtomicU64::new(100),
             ..Fake::default()
+        };
+        for u in ["alice", "bob"] {
+            let info = fake.new_info(u, ROOT_ID, 0, "", EntryKind::Dir, 0o755);
+            fake.entries
+                .lock()
+                .unwrap()
+                .insert((u.into(), ROOT_ID), Entry { info, data: vec![] });
         }
+        fake
     }
 
-    fn info(owner: &str, name: &str, data: &[u8], version: u64) -> FileInfo {
+    fn tick(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn new_info(
+        &self,
+        owner: &str,
+        id: u64,
+        parent: u64,
+        name: &str,
+        kind: EntryKind,
+        mode: u32,
+    ) -> FileInfo {
+        let now = self.tick() as i64 * 1000;
         FileInfo {
             owner: owner.into(),
+            id,
+            parent,
             name: name.into(),
-            size: data.len() as u64,
-            mtime_ns: 0,
-            version,
+            kind,
+            mode,
+            size: 0,
+            mtime_ns: now,
+            atime_ns: now,
+            ctime_ns: now,
+            version: self.tick(),
+            target: None,
         }
     }
 
-    fn put(&self, owner: &str, name: &str, data: &[u8]) -> FileInfo {
-        let v = self.next.fetch_add(1, Ordering::Relaxed);
-        self.files
+    fn find(&self, owner: &str, parent: u64, name: &str) -> Option<Entry> {
+        self.entries
             .lock()
             .unwrap()
-            .insert((owner.into(), name.into()), (data.to_vec(), v));
-        Self::info(owner, name, data, v)
+            .values()
+            .find(|e| e.info.owner == owner && e.info.parent == parent && e.info.name == name && e.info.id != ROOT_ID)
+            .cloned()
     }
 
-    fn content(&self, owner: &str, name: &str) -> Option<Vec<u8>> {
-        self.files
-            .lock()
-            .unwrap()
-            .get(&(owner.to_string(), name.to_string()))
-            .map(|(d, _)| d.clone())
+    /// The entry at `path` ("a/b"), if any.
+    fn at(&self, owner: &str, path: &str) -> Option<Entry> {
+        let mut id = ROOT_ID;
+        let mut found = self.entries.lock().unwrap().get(&(owner.to_string(), ROOT_ID)).cloned();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            let e = self.find(owner, id, part)?;
+            id = e.info.id;
+            found = Some(e);
+        }
+        found
+    }
+
+    /// Writes `data` at `path` as another mount would, creating directories on the way.
+    fn put(&self, owner: &str, path: &str, data: &[u8]) -> FileInfo {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let mut parent = ROOT_ID;
+        for part in dir.split('/').filter(|p| !p.is_empty()) {
+            parent = match self.find(owner, parent, part) {
+                Some(e) => e.info.id,
+                None => self.make(owner, parent, part, EntryKind::Dir, 0o755, None).id,
+            };
+        }
+        let target = UploadTarget::at(parent, name);
+        self.commit(owner, &target, data).unwrap()
+    }
+
+    fn make(
+        &self,
+        owner: &str,
+        parent: u64,
+        name: &str,
+        kind: EntryKind,
+        mode: u32,
+        target: Option<&str>,
+    ) -> FileInfo {
+        let id = self.tick();
+        let mut info = self.new_info(owner, id, parent, name, kind, mode);
+        info.target = target.map(str::to_string);
+        info.size = target.map_or(0, |t| t.len() as u64);
+        self.entries.lock().unwrap().insert(
+            (owner.to_string(), id),
+            Entry {
+                info: info.clone(),
+                data: vec![],
+            },
+        );
+        info
+    }
+
+    fn commit(&self, owner: &str, t: &UploadTarget, data: &[u8]) -> Result<FileInfo, ClientError> {
+        let existing = match t.replace {
+            Some(id) => Some(
+                self.entries
+                    .lock()
+                    .unwrap()
+                    .get(&(owner.to_string(), id))
+                    .cloned()
+                    .ok_or_else(|| remote_err(ErrorCode::NotFound))?,
+            ),
+            None => self.find(owner, t.parent, &t.name),
+        };
+        let mut info = match existing {
+            Some(e) if e.info.kind != EntryKind::File => return Err(remote_err(ErrorCode::IsADirectory)),
+            Some(e) => e.info,
+            None => self.make(owner, t.parent, &t.name, EntryKind::File, t.mode.unwrap_or(0o644), None),
+        };
+        let now = self.tick() as i64 * 1000;
+        info.version = self.tick();
+        info.size = data.len() as u64;
+        info.mtime_ns = t.mtime_ns.unwrap_or(now);
+        info.ctime_ns = now;
+        if let Some(m) = t.mode {
+            info.mode = m;
+        }
+        self.entries.lock().unwrap().insert(
+            (owner.to_string(), info.id),
+            Entry {
+                info: info.clone(),
+                data: data.to_vec(),
+            },
+        );
+        Ok(info)
+    }
+
+    fn content(&self, owner: &str, path: &str) -> Option<Vec<u8>> {
+        self.at(owner, path).map(|e| e.data)
+    }
+
+    fn info(&self, owner: &str, path: &str) -> FileInfo {
+        self.at(owner, path).unwrap().info
+    }
+
+    fn check_upload(&self) -> Result<(), ClientError> {
+        match *self.fail_uploads.lock().unwrap() {
+            Some(code) => Err(remote_err(code)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -88,45 +217,57 @@ impl Remote for Fake {
     async fn list_users(&self) -> Result<Vec<String>, ClientError> {
         Ok(self.users.clone())
     }
-    async fn list_files(&self, owner: &str) -> Result<Vec<FileInfo>, ClientError> {
+    async fn list(&self, owner: &str, dir: u64) -> Result<Vec<FileInfo>, ClientError> {
         self.lists.fetch_add(1, Ordering::Relaxed);
         let _gate = self.list_gate.read().await;
-        Ok(self
-            .files
+        let mut out: Vec<FileInfo> = self
+            .entries
             .lock()
             .unwrap()
-            .iter()
-            .filter(|((o, _), _)| o == owner)
-            .map(|((o, n), (d, v))| Fake::info(o, n, d, *v))
-            .collect())
+            .values()
+            .filter(|e| e.info.owner == owner && e.info.parent == dir && e.info.id != ROOT_ID)
+            .map(|e| e.info.clone())
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
-    async fn stat(&self, owner: &str, name: &str) -> Result<FileInfo, ClientError> {
+    async fn lookup(&self, owner: &str, parent: u64, name: &str) -> Result<FileInfo, ClientError> {
         self.stats.fetch_add(1, Ordering::Relaxed);
-        let files = self.files.lock().unwrap();
-        let (d, v) = files
-            .get(&(owner.to_string(), name.to_string()))
-            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
-        Ok(Fake::info(owner, name, d, *v))
+        self.find(owner, parent, name)
+            .map(|e| e.info)
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))
+    }
+    async fn stat(&self, owner: &str, id: u64) -> Result<FileInfo, ClientError> {
+        self.stats.fetch_add(1, Ordering::Relaxed);
+        self.entries
+            .lock()
+            .unwrap()
+            .get(&(owner.to_string(), id))
+            .map(|e| e.info.clone())
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))
     }
     async fn open(
         &self,
         owner: &str,
-        name: &str,
+        id: u64,
         head: u32,
     ) -> Result<(RemoteHandle, FileInfo, Bytes), ClientError> {
-        self.opens.lock().unwrap().push((owner.into(), name.into()));
-        let (d, v) = self
-            .files
+        let e = self
+            .entries
             .lock()
             .unwrap()
-            .get(&(owner.to_string(), name.to_string()))
+            .get(&(owner.to_string(), id))
             .cloned()
             .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let info = Fake::info(owner, name, &d, v);
+        if e.info.kind != EntryKind::File {
+            return Err(remote_err(ErrorCode::IsADirectory));
+        }
+        self.opens.lock().unwrap().push((owner.into(), e.info.name.clone()));
+        let h = self.tick();
+        let d = e.data;
         let head = Bytes::copy_from_slice(&d[..d.len().min(head as usize)]);
-        self.handles.lock().unwrap().insert(id, (d, info.clone()));
-        Ok((RemoteHandle { id, generation: 1 }, info, head))
+        self.handles.lock().unwrap().insert(h, (d, e.info.clone()));
+        Ok((RemoteHandle { id: h, generation: 1 }, e.info, head))
     }
     async fn read(&self, h: RemoteHandle, offset: u64, len: u32) -> Result<Bytes, ClientError> {
         let handles = self.handles.lock().unwrap();
@@ -142,28 +283,22 @@ impl Remote for Fake {
     async fn close(&self, h: RemoteHandle) {
         self.handles.lock().unwrap().remove(&h.id);
     }
-    async fn upload_file(&self, name: &str, path: &Path) -> Result<FileInfo, ClientError> {
-        if let Some(code) = *self.fail_uploads.lock().unwrap() {
-            return Err(remote_err(code));
-        }
+    async fn upload_file(&self, target: &UploadTarget, path: &Path) -> Result<FileInfo, ClientError> {
+        self.check_upload()?;
         let data = std::fs::read(path).map_err(ClientError::from)?;
-        Ok(self.put(&self.user.clone(), name, &data))
+        self.commit(&self.user.clone(), target, &data)
     }
-    async fn upload_bytes(&self, name: &str, data: Bytes) -> Result<FileInfo, ClientError> {
-        if let Some(code) = *self.fail_uploads.lock().unwrap() {
-            return Err(remote_err(code));
-        }
-        Ok(self.put(&self.user.clone(), name, &data))
+    async fn upload_bytes(&self, target: &UploadTarget, data: Bytes) -> Result<FileInfo, ClientError> {
+        self.check_upload()?;
+        self.commit(&self.user.clone(), target, &data)
     }
-    async fn upload_begin(&self, name: &str) -> Result<RemoteHandle, ClientError> {
-        if let Some(code) = *self.fail_uploads.lock().unwrap() {
-            return Err(remote_err(code));
-        }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+    async fn upload_begin(&self, target: &UploadTarget) -> Result<RemoteHandle, ClientError> {
+        self.check_upload()?;
+        let id = self.tick();
         self.uploads
             .lock()
             .unwrap()
-            .insert(id, (name.to_string(), Vec::new()));
+            .insert(id, (target.clone(), Vec::new()));
         Ok(RemoteHandle { id, generation: 1 })
     }
     async fn upload_chunk(
@@ -185,8 +320,9 @@ impl Remote for Fake {
         h: RemoteHandle,
         size: u64,
         blake3_hex: &str,
+        mtime_ns: Option<i64>,
     ) -> Result<FileInfo, ClientError> {
-        let (name, data) = self
+        let (mut target, data) = self
             .uploads
             .lock()
             .unwrap()
@@ -195,28 +331,95 @@ impl Remote for Fake {
         assert_eq!(data.len() as u64, size);
         assert_eq!(blake3::hash(&data).to_hex().as_str(), blake3_hex);
         *self.streamed.lock().unwrap() += 1;
-        Ok(self.put(&self.user.clone(), &name, &data))
+        target.mtime_ns = mtime_ns;
+        self.commit(&self.user.clone(), &target, &data)
     }
     async fn upload_abort(&self, h: RemoteHandle) {
         self.uploads.lock().unwrap().remove(&h.id);
     }
-    async fn delete(&self, name: &str) -> Result<(), ClientError> {
-        self.files
-            .lock()
-            .unwrap()
-            .remove(&(self.user.clone(), name.to_string()))
-            .map(|_| ())
-            .ok_or_else(|| remote_err(ErrorCode::NotFound))
+    async fn mkdir(&self, parent: u64, name: &str, mode: u32) -> Result<FileInfo, ClientError> {
+        if self.find(&self.user, parent, name).is_some() {
+            return Err(remote_err(ErrorCode::Exists));
+        }
+        Ok(self.make(&self.user.clone(), parent, name, EntryKind::Dir, mode, None))
     }
-    async fn rename(&self, from: &str, to: &str) -> Result<FileInfo, ClientError> {
-        let mut files = self.files.lock().unwrap();
-        let (d, _) = files
-            .remove(&(self.user.clone(), from.to_string()))
+    async fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<FileInfo, ClientError> {
+        if self.find(&self.user, parent, name).is_some() {
+            return Err(remote_err(ErrorCode::Exists));
+        }
+        Ok(self.make(&self.user.clone(), parent, name, EntryKind::Symlink, 0o777, Some(target)))
+    }
+    async fn remove(&self, parent: u64, name: &str, dir: bool) -> Result<(), ClientError> {
+        let e = self
+            .find(&self.user, parent, name)
             .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
-        let v = self.next.fetch_add(1, Ordering::Relaxed);
-        let info = Fake::info(&self.user, to, &d, v);
-        files.insert((self.user.clone(), to.to_string()), (d, v));
-        Ok(info)
+        match (e.info.kind == EntryKind::Dir, dir) {
+            (true, false) => return Err(remote_err(ErrorCode::IsADirectory)),
+            (false, true) => return Err(remote_err(ErrorCode::NotADirectory)),
+            _ => {}
+        }
+        let mut entries = self.entries.lock().unwrap();
+        if dir && entries.values().any(|c| c.info.owner == self.user && c.info.parent == e.info.id) {
+            return Err(remote_err(ErrorCode::NotEmpty));
+        }
+        entries.remove(&(self.user.clone(), e.info.id));
+        Ok(())
+    }
+    async fn rename(&self, mv: &Move) -> Result<FileInfo, ClientError> {
+        let src = self
+            .find(&self.user, mv.parent, &mv.name)
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        // Not into its own subtree.
+        let mut up = mv.new_parent;
+        while up != 0 {
+            if up == src.info.id {
+                return Err(remote_err(ErrorCode::InvalidArgument));
+            }
+            up = self.entries.lock().unwrap().get(&(self.user.clone(), up)).map_or(0, |e| e.info.parent);
+        }
+        if let Some(dst) = self.find(&self.user, mv.new_parent, &mv.new_name) {
+            if dst.info.id == src.info.id {
+                return Ok(src.info);
+            }
+            if mv.noreplace {
+                return Err(remote_err(ErrorCode::Exists));
+            }
+            let dst_dir = dst.info.kind == EntryKind::Dir;
+            let src_dir = src.info.kind == EntryKind::Dir;
+            if dst_dir && !src_dir {
+                return Err(remote_err(ErrorCode::IsADirectory));
+            }
+            if !dst_dir && src_dir {
+                return Err(remote_err(ErrorCode::NotADirectory));
+            }
+            let mut entries = self.entries.lock().unwrap();
+            if dst_dir && entries.values().any(|c| c.info.owner == self.user && c.info.parent == dst.info.id) {
+                return Err(remote_err(ErrorCode::NotEmpty));
+            }
+            entries.remove(&(self.user.clone(), dst.info.id));
+        }
+        let mut entries = self.entries.lock().unwrap();
+        let e = entries.get_mut(&(self.user.clone(), src.info.id)).unwrap();
+        e.info.parent = mv.new_parent;
+        e.info.name = mv.new_name.clone();
+        Ok(e.info.clone())
+    }
+    async fn setattr(&self, id: u64, change: AttrChange) -> Result<FileInfo, ClientError> {
+        self.setattrs.fetch_add(1, Ordering::Relaxed);
+        let mut entries = self.entries.lock().unwrap();
+        let e = entries
+            .get_mut(&(self.user.clone(), id))
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        if let Some(m) = change.mode {
+            e.info.mode = m;
+        }
+        if let Some(t) = change.atime_ns {
+            e.info.atime_ns = t;
+        }
+        if let Some(t) = change.mtime_ns {
+            e.info.mtime_ns = t;
+        }
+        Ok(e.info.clone())
     }
     async fn statfs(&self) -> Result<Space, ClientError> {
         Ok(Space {
@@ -284,11 +487,11 @@ fn others_folders_and_root_refuse_writes() {
             Err(FsError::PermissionDenied)
         ));
         assert!(matches!(
-            e.core.create(alice, "g").await,
+            e.core.create(alice, "g", 0o644).await,
             Err(FsError::PermissionDenied)
         ));
         assert!(matches!(
-            e.core.create(ROOT, "g").await,
+            e.core.create(ROOT, "g", 0o644).await,
             Err(FsError::PermissionDenied)
         ));
         assert!(matches!(
@@ -297,22 +500,35 @@ fn others_folders_and_root_refuse_writes() {
         ));
         let bob = folder(&e.core, "bob").await;
         assert!(matches!(
-            e.core.rename(alice, "f", bob, "f").await,
+            e.core.rename(alice, "f", bob, "f", false).await,
             Err(FsError::PermissionDenied)
         ));
         assert!(matches!(
-            e.core.setattr(f.ino, Some(0), None).await,
+            e.core.setattr(f.ino, size(0), None).await,
             Err(FsError::PermissionDenied)
         ));
         assert!(matches!(
-            e.core.refuse_create_other(alice),
-            FsError::PermissionDenied
+            e.core.mkdir(alice, "d", 0o755).await,
+            Err(FsError::PermissionDenied)
         ));
         assert!(matches!(
-            e.core.refuse_create_other(bob),
-            FsError::NotPermitted
+            e.core.symlink(alice, "l", "f").await,
+            Err(FsError::PermissionDenied)
         ));
-        assert!(e.core.access(f.ino, true).is_err() && e.core.access(f.ino, false).is_ok());
+        assert!(matches!(
+            e.core.mkdir(ROOT, "d", 0o755).await,
+            Err(FsError::PermissionDenied)
+        ));
+        let chmod = SetAttr {
+            mode: Some(0o777),
+            ..SetAttr::default()
+        };
+        assert!(matches!(
+            e.core.setattr(f.ino, chmod, None).await,
+            Err(FsError::PermissionDenied)
+        ));
+        assert!(e.core.access(f.ino, false, true, false).await.is_err());
+        assert!(e.core.access(f.ino, true, false, false).await.is_ok());
         assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"data");
     });
 }
@@ -330,15 +546,15 @@ fn upload_errors_reach_flush_with_their_kind() {
             (ErrorCode::NoSpace, |e| matches!(e, FsError::NoSpace)),
             (ErrorCode::Internal, |e| matches!(e, FsError::Io(_))),
         ] {
+            let (_, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
             *e.core.remote.fail_uploads.lock().unwrap() = Some(code);
-            let (_, fh) = e.core.create(dir, "f").await.unwrap();
             e.core.write(fh, 0, b"hello").await.unwrap();
             let err = e.core.flush(fh).await.unwrap_err();
             assert!(check(&err), "{code:?} became {err:?}");
             // The last release does not try again: nobody would hear of its outcome.
             *e.core.remote.fail_uploads.lock().unwrap() = None;
             e.core.release(fh).await.unwrap();
-            assert_eq!(e.core.remote.content("alice", "f"), None);
+            assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"");
         }
         // Every failed upload kept its data.
         let kept = std::fs::read_dir(e._cache.path().join("failed"))
@@ -348,8 +564,8 @@ fn upload_errors_reach_flush_with_their_kind() {
         // Two closes of one open file (a forked child's, then its parent's): the first
         // fails, and the second tries again instead of reporting success for data that
         // never went up.
+        let (_, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
         *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::Internal);
-        let (_, fh) = e.core.create(dir, "f").await.unwrap();
         e.core.write(fh, 0, b"hello").await.unwrap();
         assert!(e.core.flush(fh).await.is_err());
         assert!(e.core.flush(fh).await.is_err());
@@ -357,7 +573,7 @@ fn upload_errors_reach_flush_with_their_kind() {
         e.core.flush(fh).await.unwrap();
         assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"hello");
         e.core.release(fh).await.unwrap();
-        let (_, fh) = e.core.create(dir, "f").await.unwrap();
+        let (_, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
         e.core.write(fh, 0, b"hello").await.unwrap();
         e.core.flush(fh).await.unwrap();
         e.core.flush(fh).await.unwrap();
@@ -391,18 +607,31 @@ fn upload_errors_reach_flush_with_their_kind() {
     });
 }
 
-/// The server's push that `owner`'s `name` is now `file` (`None`: gone).
-fn changed(
-    core: &FsCore<Fake>,
-    owner: &str,
-    name: &str,
-    file: Option<FileInfo>,
-) -> Vec<Invalidation> {
-    core.handle_event(&Event::FileChanged {
-        owner: owner.into(),
-        name: name.into(),
+/// The server's push that an entry is now `file`.
+fn changed(core: &FsCore<Fake>, file: FileInfo) -> Vec<Invalidation> {
+    core.handle_event(&Event::Changed {
+        owner: file.owner.clone(),
         file,
+        from: None,
     })
+}
+
+/// The server's push that the entry `file` was removed.
+fn removed(core: &FsCore<Fake>, file: &FileInfo) -> Vec<Invalidation> {
+    core.handle_event(&Event::Removed {
+        owner: file.owner.clone(),
+        id: file.id,
+        parent: file.parent,
+        name: file.name.clone(),
+    })
+}
+
+/// A truncation to `n` bytes.
+fn size(n: u64) -> SetAttr {
+    SetAttr {
+        size: Some(n),
+        ..SetAttr::default()
+    }
 }
 
 /// Lets spawned tasks (a listing prefetch) run until `done` holds.
@@ -424,7 +653,8 @@ fn repeated_lookups_fetch_the_listing_with_changes_in_flight_replayed_onto_it() 
             e.core.remote.put("alice", &format!("f{i}"), b"x");
         }
         let alice = folder(&e.core, "alice").await;
-        let stats = || e.core.remote.stats.load(Ordering::Relaxed);
+        let base = e.core.remote.stats.load(Ordering::Relaxed);
+        let stats = || e.core.remote.stats.load(Ordering::Relaxed) - base;
         let lists = || e.core.remote.lists.load(Ordering::Relaxed);
         // A few lookups (one of a name that does not exist) each ask the server.
         for i in 0..LISTING_AFTER_MISSES - 1 {
@@ -439,14 +669,20 @@ fn repeated_lookups_fetch_the_listing_with_changes_in_flight_replayed_onto_it() 
         // server may have listed it before): the change is replayed onto what it brings.
         let gate = e.core.remote.list_gate.write().await;
         settle(|| lists() == 1).await;
-        // Pushed changes; the fake server's listing stays the one from before both.
-        let late = Fake::info("alice", "late", b"y", 99);
-        changed(&e.core, "alice", "late", Some(late));
-        changed(&e.core, "alice", "f0", None);
+        let late = e.core.remote.put("alice", "late", b"y");
+        let f0 = e.core.remote.info("alice", "f0");
+        changed(&e.core, late.clone());
+        // The fake server's listing is to be the one from before both.
+        e.core
+            .remote
+            .entries
+            .lock()
+            .unwrap()
+            .remove(&("alice".to_string(), late.id));
+        removed(&e.core, &f0);
         drop(gate);
-        settle(|| !e.core.state().folder_logs.contains_key("alice")).await;
+        settle(|| e.core.listings().in_flight() == 0).await;
         assert_eq!(lists(), 1);
-        assert!(e.core.state().folder_logs.is_empty());
         let asked = stats();
         // From here lookups, of names that exist or not, are answered from the listing.
         assert!(matches!(
@@ -463,13 +699,8 @@ fn repeated_lookups_fetch_the_listing_with_changes_in_flight_replayed_onto_it() 
         assert_eq!(e.core.lookup(alice, "late").await.unwrap().size, 1);
         assert_eq!(stats(), asked);
         // Changes pushed by the server keep it current.
-        e.core.remote.put("alice", "later", b"zz");
-        changed(
-            &e.core,
-            "alice",
-            "later",
-            Some(Fake::info("alice", "later", b"zz", 99)),
-        );
+        let later = e.core.remote.put("alice", "later", b"zz");
+        changed(&e.core, later);
         assert_eq!(e.core.lookup(alice, "later").await.unwrap().size, 2);
         assert_eq!(stats(), asked);
     });
@@ -482,7 +713,7 @@ fn pages_written_here_are_kept_for_the_version_they_became() {
     rt().block_on(async {
         let e = env("alice");
         let dir = folder(&e.core, "alice").await;
-        let (attr, fh) = e.core.create(dir, "f").await.unwrap();
+        let (attr, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
         e.core.write(fh, 0, b"mine").await.unwrap();
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
@@ -490,7 +721,7 @@ fn pages_written_here_are_kept_for_the_version_they_became() {
         assert!(o.keep_cache, "the pages are the uploaded version's");
         e.core.release(o.fh).await.unwrap();
         let info = e.core.remote.put("alice", "f", b"theirs");
-        let inv = changed(&e.core, "alice", "f", Some(info));
+        let inv = changed(&e.core, info);
         assert!(
             inv.contains(&Invalidation::Inode { ino: attr.ino }),
             "{inv:?}"
@@ -512,7 +743,7 @@ fn pages_written_while_an_earlier_version_is_read_here_go_after_it_closes() {
         e.core
             .on_invalidation(move |inv| sink.lock().unwrap().push(inv));
         let dir = folder(&e.core, "alice").await;
-        let (attr, fh) = e.core.create(dir, "f").await.unwrap();
+        let (attr, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
         e.core.write(fh, 0, b"one").await.unwrap();
         e.core.release(fh).await.unwrap();
         let reader = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
@@ -553,9 +784,10 @@ fn every_open_reaches_the_server_and_cache_is_kept_per_version() {
         assert!(o2.keep_cache, "same version: pages may stay");
         e.core.release(o2.fh).await.unwrap();
         let info = e.core.remote.put("alice", "f", b"two");
-        let inv = changed(&e.core, "alice", "f", Some(info));
+        let inv = changed(&e.core, info);
         assert!(inv.contains(&Invalidation::Inode { ino: f.ino }), "{inv:?}");
-        assert!(inv.contains(&Invalidation::Entry {
+        // The name still leads to the same entry: the kernel's dentry stays.
+        assert!(!inv.contains(&Invalidation::Entry {
             parent: alice,
             name: "f".into()
         }));
@@ -586,7 +818,7 @@ fn a_version_open_through_the_cache_stays_the_kernels_until_its_last_close() {
         assert!(o1.refresh_attrs && !o1.direct && !o1.keep_cache, "{o1:?}");
 
         let info = e.core.remote.put("alice", "f", b"short");
-        let inv = changed(&e.core, "alice", "f", Some(info));
+        let inv = changed(&e.core, info);
         assert!(
             !inv.contains(&Invalidation::Inode { ino: f.ino }),
             "{inv:?}"
@@ -674,7 +906,7 @@ async fn apply(core: &FsCore<Fake>, dir: u64, model: &mut BTreeMap<String, Vec<u
     };
     match op {
         Op::Create(i, d) => {
-            let (_, fh) = core.create(dir, NAMES[*i]).await.unwrap();
+            let (_, fh) = core.create(dir, NAMES[*i], 0o644).await.unwrap();
             core.write(fh, 0, d).await.unwrap();
             core.flush(fh).await.unwrap();
             core.release(fh).await.unwrap();
@@ -710,13 +942,13 @@ async fn apply(core: &FsCore<Fake>, dir: u64, model: &mut BTreeMap<String, Vec<u
                 assert!(matches!(found, Err(FsError::NotFound)));
                 return;
             };
-            core.setattr(found.unwrap().ino, Some(*len as u64), None)
+            core.setattr(found.unwrap().ino, size(*len as u64), None)
                 .await
                 .unwrap();
             m.resize(*len as usize, 0);
         }
         Op::Rename(a, b) => {
-            let r = core.rename(dir, NAMES[*a], dir, NAMES[*b]).await;
+            let r = core.rename(dir, NAMES[*a], dir, NAMES[*b], false).await;
             match model.remove(NAMES[*a]) {
                 Some(d) => {
                     r.unwrap();
@@ -770,7 +1002,7 @@ fn sequential_writes_stream_and_anything_else_falls_back_to_the_staged_file() {
         let e = env("alice");
         let dir = folder(&e.core, "alice").await;
         let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 253) as u8).collect();
-        let (_, fh) = e.core.create(dir, "seq").await.unwrap();
+        let (_, fh) = e.core.create(dir, "seq", 0o644).await.unwrap();
         for (i, chunk) in data.chunks(128 * 1024).enumerate() {
             e.core
                 .write(fh, (i * 128 * 1024) as u64, chunk)
@@ -787,7 +1019,7 @@ fn sequential_writes_stream_and_anything_else_falls_back_to_the_staged_file() {
         assert_eq!(e.core.remote.content("alice", "seq").unwrap(), data);
 
         // A write out of order ends the stream; the content is still right.
-        let (_, fh) = e.core.create(dir, "jumpy").await.unwrap();
+        let (_, fh) = e.core.create(dir, "jumpy", 0o644).await.unwrap();
         e.core.write(fh, 0, &data[..2_000_000]).await.unwrap();
         e.core.write(fh, 100, b"patched").await.unwrap();
         e.core
@@ -807,9 +1039,9 @@ fn sequential_writes_stream_and_anything_else_falls_back_to_the_staged_file() {
 
         // Setting the final size first (fio, some copiers) keeps the stream, and so does
         // opening an existing empty file without O_TRUNC.
-        let (attr, fh) = e.core.create(dir, "sized").await.unwrap();
+        let (attr, fh) = e.core.create(dir, "sized", 0o644).await.unwrap();
         e.core
-            .setattr(attr.ino, Some(data.len() as u64), Some(fh))
+            .setattr(attr.ino, size(data.len() as u64), Some(fh))
             .await
             .unwrap();
         for (i, chunk) in data.chunks(1 << 20).enumerate() {
@@ -849,8 +1081,8 @@ fn sequential_writes_stream_and_anything_else_falls_back_to_the_staged_file() {
         );
 
         // A failing stream falls back and reports the server's error if that fails too.
+        let (_, fh) = e.core.create(dir, "over", 0o644).await.unwrap();
         *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::QuotaExceeded);
-        let (_, fh) = e.core.create(dir, "over").await.unwrap();
         e.core.write(fh, 0, &data).await.unwrap();
         assert!(matches!(
             e.core.flush(fh).await,
@@ -919,7 +1151,7 @@ fn opening_without_truncate_fetches_only_what_is_not_overwritten() {
         expect[10..14].copy_from_slice(b"head");
         assert_eq!(&got[..], &expect[..]);
         e.core
-            .setattr(ino, Some(2_500_002), Some(o.fh))
+            .setattr(ino, size(2_500_002), Some(o.fh))
             .await
             .unwrap();
         e.core.flush(o.fh).await.unwrap();
@@ -934,7 +1166,7 @@ fn opening_without_truncate_fetches_only_what_is_not_overwritten() {
         let before = reads();
         let o = e.core.open(ino, write).await.unwrap();
         e.core.write(o.fh, 0, b"short").await.unwrap();
-        e.core.setattr(ino, Some(5), Some(o.fh)).await.unwrap();
+        e.core.setattr(ino, size(5), Some(o.fh)).await.unwrap();
         e.core.flush(o.fh).await.unwrap();
         e.core.release(o.fh).await.unwrap();
         assert_eq!(reads(), before);
@@ -951,7 +1183,7 @@ fn small_files_are_staged_in_memory_and_large_ones_spill() {
     rt().block_on(async {
         let e = env("alice");
         let dir = folder(&e.core, "alice").await;
-        let (attr, fh) = e.core.create(dir, "small").await.unwrap();
+        let (attr, fh) = e.core.create(dir, "small", 0o644).await.unwrap();
         e.core.write(fh, 0, &[7u8; 4096]).await.unwrap();
         let staged = e.core.state().staged.get(&attr.ino).cloned().unwrap();
         assert!(staged.in_memory());
@@ -965,9 +1197,9 @@ fn small_files_are_staged_in_memory_and_large_ones_spill() {
         assert_eq!(e.core.staged_memory.used(), 0, "memory budget not returned");
 
         // Growing by truncate past the memory limit spills without writing the zeros.
-        let (attr, fh) = e.core.create(dir, "sparse").await.unwrap();
+        let (attr, fh) = e.core.create(dir, "sparse", 0o644).await.unwrap();
         e.core
-            .setattr(attr.ino, Some(8 << 20), Some(fh))
+            .setattr(attr.ino, size(8 << 20), Some(fh))
             .await
             .unwrap();
         let staged = e.core.state().staged.get(&attr.ino).cloned().unwrap();
@@ -993,7 +1225,7 @@ fn large_staged_writes_overwrites_and_truncates_read_back_and_upload_in_order() 
     rt().block_on(async {
         let e = env("alice");
         let dir = folder(&e.core, "alice").await;
-        let (attr, fh) = e.core.create(dir, "big").await.unwrap();
+        let (attr, fh) = e.core.create(dir, "big", 0o644).await.unwrap();
         let mut model = Vec::new();
         let write = |model: &mut Vec<u8>, off: usize, len: usize, fill: u8| {
             let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
@@ -1016,7 +1248,7 @@ fn large_staged_writes_overwrites_and_truncates_read_back_and_upload_in_order() 
         e.core.write(fh, 150_000, &d).await.unwrap();
         assert_eq!(read_all(&e.core, attr.ino).await, model);
         e.core
-            .setattr(attr.ino, Some(2_000_000), Some(fh))
+            .setattr(attr.ino, size(2_000_000), Some(fh))
             .await
             .unwrap();
         model.truncate(2_000_000);
