@@ -41,8 +41,8 @@ use listing::{Cached, DirKey, Listings};
 pub use read::ReadHandle;
 pub use remote::Remote;
 use staging::StagingArea;
-pub use tree::ROOT;
 use tree::Tree;
+pub use tree::ROOT;
 pub use write::{MemoryBudget, StagedWrite};
 
 /// Bytes of a file's start that come back with its open: small files need no more trips.
@@ -299,10 +299,7 @@ impl<R: Remote> FsCore<R> {
     fn dir(&self, ino: u64) -> FsResult<Dir> {
         let node = self.node(ino)?;
         match (node.kind, node.owner) {
-            (EntryKind::Dir, Some(owner)) => Ok(Dir {
-                owner,
-                id: node.id,
-            }),
+            (EntryKind::Dir, Some(owner)) => Ok(Dir { owner, id: node.id }),
             (EntryKind::Dir, None) => Err(FsError::PermissionDenied),
             _ => Err(FsError::NotDir),
         }
@@ -381,7 +378,13 @@ impl<R: Remote> FsCore<R> {
         let mut attr = self.info_attr(ino, info);
         attr.size = staged.size();
         attr.mtime = pending.mtime_ns.map_or_else(
-            || if staged.dirty() { SystemTime::now() } else { attr.mtime },
+            || {
+                if staged.dirty() {
+                    SystemTime::now()
+                } else {
+                    attr.mtime
+                }
+            },
             time_of,
         );
         if let Some(a) = pending.atime_ns {
@@ -445,11 +448,16 @@ impl<R: Remote> FsCore<R> {
     }
 
     pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
-        if name == "." {
-            return self.getattr(parent).await;
-        }
-        if name == ".." {
-            return self.getattr(self.parent_of(parent)).await;
+        if name == "." || name == ".." {
+            if self.node(parent)?.kind != EntryKind::Dir {
+                return Err(FsError::NotDir);
+            }
+            let ino = if name == "." {
+                parent
+            } else {
+                self.parent_of(parent)
+            };
+            return self.getattr(ino).await;
         }
         if parent == ROOT {
             if !self.users().await?.iter().any(|u| u == name) {

@@ -589,7 +589,11 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.run_empty("flush", reply, move |core| async move { core.flush(fh.0).await });
+        self.run_empty(
+            "flush",
+            reply,
+            move |core| async move { core.flush(fh.0).await },
+        );
     }
 
     fn release(
@@ -615,7 +619,11 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.run_empty("fsync", reply, move |core| async move { core.fsync(fh.0).await });
+        self.run_empty(
+            "fsync",
+            reply,
+            move |core| async move { core.fsync(fh.0).await },
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -842,6 +850,12 @@ mod tests {
             (FsError::Io("x".into()), libc::EIO),
             (FsError::Stale, libc::EIO),
             (FsError::NameTooLong, libc::ENAMETOOLONG),
+            (FsError::Exists, libc::EEXIST),
+            (FsError::NotEmpty, libc::ENOTEMPTY),
+            (FsError::NotDir, libc::ENOTDIR),
+            (FsError::IsDir, libc::EISDIR),
+            (FsError::InvalidArgument("x".into()), libc::EINVAL),
+            (FsError::InvalidName("x".into()), libc::EINVAL),
         ];
         for (e, want) in cases {
             assert_eq!(i32::from(errno(&e)), want, "{e:?}");
@@ -857,6 +871,19 @@ mod tests {
         assert_eq!(i32::from(errno(&remote(C::PermissionDenied))), libc::EACCES);
         assert_eq!(i32::from(errno(&remote(C::NotFound))), libc::ENOENT);
         assert_eq!(i32::from(errno(&remote(C::Internal))), libc::EIO);
+        for (code, want) in [
+            (C::Exists, libc::EEXIST),
+            (C::NotEmpty, libc::ENOTEMPTY),
+            (C::NotADirectory, libc::ENOTDIR),
+            (C::IsADirectory, libc::EISDIR),
+            (C::InvalidArgument, libc::EINVAL),
+            (C::NotPermitted, libc::EPERM),
+            (C::NameTooLong, libc::ENAMETOOLONG),
+            (C::Stale, libc::EIO),
+            (C::TooManyOpen, libc::EMFILE),
+        ] {
+            assert_eq!(i32::from(errno(&remote(code))), want, "{code:?}");
+        }
         let timeout = FsError::from(crate::ClientError::Timeout(Duration::from_secs(1)));
         assert_eq!(i32::from(errno(&timeout)), libc::EIO);
     }

@@ -40,8 +40,15 @@ where
             return Ok(info);
         }
         // The file grew past the small limit while we read it: stream it instead.
-        return stream_upload(client, target, Some(Bytes::from(buf)), reader, None, progress)
-            .await;
+        return stream_upload(
+            client,
+            target,
+            Some(Bytes::from(buf)),
+            reader,
+            None,
+            progress,
+        )
+        .await;
     }
     stream_upload(client, target, None, reader, size, progress).await
 }

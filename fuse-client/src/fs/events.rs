@@ -32,7 +32,12 @@ impl<R: Remote> FsCore<R> {
         }
     }
 
-    fn entry_changed(&self, owner: &str, file: &FileInfo, from: Option<&Place>) -> Vec<Invalidation> {
+    fn entry_changed(
+        &self,
+        owner: &str,
+        file: &FileInfo,
+        from: Option<&Place>,
+    ) -> Vec<Invalidation> {
         if file.owner != owner {
             tracing::warn!(%owner, file = %file.owner, "event about an entry of another tree; ignored");
             return Vec::new();
@@ -62,6 +67,10 @@ impl<R: Remote> FsCore<R> {
         let parent = st.tree.ino_of(owner, file.parent);
         let before = parent.and_then(|p| st.tree.child(p, &file.name));
         let known = st.tree.ino_of(owner, file.id);
+        let before_version = known
+            .and_then(|k| st.tree.get(k))
+            .and_then(|n| n.info.as_ref())
+            .map(|i| i.version);
         let ino = st.tree.place(file);
         if let Some(p) = parent.filter(|_| file.id != sharefs_protocol::ROOT_ID) {
             // The name now leads elsewhere (a new entry, one moved or replaced here):
@@ -81,21 +90,30 @@ impl<R: Remote> FsCore<R> {
         }
         if let Some(ino) = ino.or(known) {
             match file.kind {
-                EntryKind::File => Self::file_changed(&mut st, ino, Some(file.version), &mut out),
+                EntryKind::File => {
+                    Self::file_changed(&mut st, ino, before_version, Some(file.version), &mut out)
+                }
                 EntryKind::Dir | EntryKind::Symlink => out.push(Invalidation::Attr { ino }),
             }
         }
         out
     }
 
-    /// The file `ino` is now `version` (`None`: gone): unless the kernel's pages are that
-    /// version's or this mount's own writes, they go with its attributes; a version open
-    /// for reading keeps them until its last close.
-    fn file_changed(st: &mut State, ino: u64, version: Option<u64>, out: &mut Vec<Invalidation>) {
+    /// The file `ino`, last seen as version `before`, is now `version` (`None`: gone):
+    /// unless the kernel's pages are that version's or this mount's own writes, they go
+    /// with its attributes; a version open for reading keeps them until its last close.
+    fn file_changed(
+        st: &mut State,
+        ino: u64,
+        before: Option<u64>,
+        version: Option<u64>,
+        out: &mut Vec<Invalidation>,
+    ) {
         if st.staged.contains_key(&ino) {
             return;
         }
-        let unchanged = version.is_some() && st.cached_version.get(&ino) == version.as_ref();
+        let cached = st.cached_version.get(&ino).copied().or(before);
+        let unchanged = version.is_some() && cached == version;
         if unchanged {
             out.push(Invalidation::Attr { ino });
             return;
@@ -128,7 +146,7 @@ impl<R: Remote> FsCore<R> {
         }
         if let Some(ino) = ino {
             st.tree.detach(ino);
-            Self::file_changed(&mut st, ino, None, &mut out);
+            Self::file_changed(&mut st, ino, None, None, &mut out);
         }
         out
     }
@@ -142,6 +160,9 @@ impl<R: Remote> FsCore<R> {
         self.listings().clear();
         let mut st = self.state();
         st.tree.forget_attrs();
-        st.tree.inos().map(|ino| Invalidation::Attr { ino }).collect()
+        st.tree
+            .inos()
+            .map(|ino| Invalidation::Attr { ino })
+            .collect()
     }
 }

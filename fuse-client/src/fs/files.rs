@@ -18,7 +18,7 @@ use super::read::ReadHandle;
 use super::remote::{AttrChange, Remote, UploadTarget};
 use super::stream::{self, StreamState};
 use super::write::{Base, Content, StagedWrite};
-use super::{Attr, DirEntry, FsCore, Opened, OpenMode, Pinned, HEAD};
+use super::{Attr, DirEntry, FsCore, OpenMode, Opened, Pinned, HEAD};
 
 pub enum Handle<R: Remote> {
     /// A remote version; `cached` when read through the kernel's cache (`State::pinned`).

@@ -77,12 +77,8 @@ pub trait Remote: Send + Sync + 'static {
         mtime_ns: Option<i64>,
     ) -> impl Future<Output = R<FileInfo>> + Send;
     fn upload_abort(&self, h: RemoteHandle) -> impl Future<Output = ()> + Send;
-    fn mkdir(
-        &self,
-        parent: u64,
-        name: &str,
-        mode: u32,
-    ) -> impl Future<Output = R<FileInfo>> + Send;
+    fn mkdir(&self, parent: u64, name: &str, mode: u32)
+        -> impl Future<Output = R<FileInfo>> + Send;
     fn symlink(
         &self,
         parent: u64,

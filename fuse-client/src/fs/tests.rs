@@ -10,8 +10,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use sharefs_protocol::{EntryKind, ErrorBody, ErrorCode, Event, FileInfo, Place, Space, ROOT_ID};
 
-use super::remote::{AttrChange, Move, UploadTarget};
 use super::listing::LISTING_AFTER_MISSES;
+use super::remote::{AttrChange, Move, UploadTarget};
 use super::*;
 use crate::connection::RemoteHandle;
 use crate::error::ClientError;
@@ -106,14 +106,24 @@ impl Fake {
             .lock()
             .unwrap()
             .values()
-            .find(|e| e.info.owner == owner && e.info.parent == parent && e.info.name == name && e.info.id != ROOT_ID)
+            .find(|e| {
+                e.info.owner == owner
+                    && e.info.parent == parent
+                    && e.info.name == name
+                    && e.info.id != ROOT_ID
+            })
             .cloned()
     }
 
     /// The entry at `path` ("a/b"), if any.
     fn at(&self, owner: &str, path: &str) -> Option<Entry> {
         let mut id = ROOT_ID;
-        let mut found = self.entries.lock().unwrap().get(&(owner.to_string(), ROOT_ID)).cloned();
+        let mut found = self
+            .entries
+            .lock()
+            .unwrap()
+            .get(&(owner.to_string(), ROOT_ID))
+            .cloned();
         for part in path.split('/').filter(|p| !p.is_empty()) {
             let e = self.find(owner, id, part)?;
             id = e.info.id;
@@ -129,7 +139,10 @@ impl Fake {
         for part in dir.split('/').filter(|p| !p.is_empty()) {
             parent = match self.find(owner, parent, part) {
                 Some(e) => e.info.id,
-                None => self.make(owner, parent, part, EntryKind::Dir, 0o755, None).id,
+                None => {
+                    self.make(owner, parent, part, EntryKind::Dir, 0o755, None)
+                        .id
+                }
             };
         }
         let target = UploadTarget::at(parent, name);
@@ -172,9 +185,18 @@ impl Fake {
             None => self.find(owner, t.parent, &t.name),
         };
         let mut info = match existing {
-            Some(e) if e.info.kind != EntryKind::File => return Err(remote_err(ErrorCode::IsADirectory)),
+            Some(e) if e.info.kind != EntryKind::File => {
+                return Err(remote_err(ErrorCode::IsADirectory))
+            }
             Some(e) => e.info,
-            None => self.make(owner, t.parent, &t.name, EntryKind::File, t.mode.unwrap_or(0o644), None),
+            None => self.make(
+                owner,
+                t.parent,
+                &t.name,
+                EntryKind::File,
+                t.mode.unwrap_or(0o644),
+                None,
+            ),
         };
         let now = self.tick() as i64 * 1000;
         info.version = self.tick();
@@ -262,12 +284,22 @@ impl Remote for Fake {
         if e.info.kind != EntryKind::File {
             return Err(remote_err(ErrorCode::IsADirectory));
         }
-        self.opens.lock().unwrap().push((owner.into(), e.info.name.clone()));
+        self.opens
+            .lock()
+            .unwrap()
+            .push((owner.into(), e.info.name.clone()));
         let h = self.tick();
         let d = e.data;
         let head = Bytes::copy_from_slice(&d[..d.len().min(head as usize)]);
         self.handles.lock().unwrap().insert(h, (d, e.info.clone()));
-        Ok((RemoteHandle { id: h, generation: 1 }, e.info, head))
+        Ok((
+            RemoteHandle {
+                id: h,
+                generation: 1,
+            },
+            e.info,
+            head,
+        ))
     }
     async fn read(&self, h: RemoteHandle, offset: u64, len: u32) -> Result<Bytes, ClientError> {
         let handles = self.handles.lock().unwrap();
@@ -283,12 +315,20 @@ impl Remote for Fake {
     async fn close(&self, h: RemoteHandle) {
         self.handles.lock().unwrap().remove(&h.id);
     }
-    async fn upload_file(&self, target: &UploadTarget, path: &Path) -> Result<FileInfo, ClientError> {
+    async fn upload_file(
+        &self,
+        target: &UploadTarget,
+        path: &Path,
+    ) -> Result<FileInfo, ClientError> {
         self.check_upload()?;
         let data = std::fs::read(path).map_err(ClientError::from)?;
         self.commit(&self.user.clone(), target, &data)
     }
-    async fn upload_bytes(&self, target: &UploadTarget, data: Bytes) -> Result<FileInfo, ClientError> {
+    async fn upload_bytes(
+        &self,
+        target: &UploadTarget,
+        data: Bytes,
+    ) -> Result<FileInfo, ClientError> {
         self.check_upload()?;
         self.commit(&self.user.clone(), target, &data)
     }
@@ -343,11 +383,23 @@ impl Remote for Fake {
         }
         Ok(self.make(&self.user.clone(), parent, name, EntryKind::Dir, mode, None))
     }
-    async fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<FileInfo, ClientError> {
+    async fn symlink(
+        &self,
+        parent: u64,
+        name: &str,
+        target: &str,
+    ) -> Result<FileInfo, ClientError> {
         if self.find(&self.user, parent, name).is_some() {
             return Err(remote_err(ErrorCode::Exists));
         }
-        Ok(self.make(&self.user.clone(), parent, name, EntryKind::Symlink, 0o777, Some(target)))
+        Ok(self.make(
+            &self.user.clone(),
+            parent,
+            name,
+            EntryKind::Symlink,
+            0o777,
+            Some(target),
+        ))
     }
     async fn remove(&self, parent: u64, name: &str, dir: bool) -> Result<(), ClientError> {
         let e = self
@@ -359,7 +411,11 @@ impl Remote for Fake {
             _ => {}
         }
         let mut entries = self.entries.lock().unwrap();
-        if dir && entries.values().any(|c| c.info.owner == self.user && c.info.parent == e.info.id) {
+        if dir
+            && entries
+                .values()
+                .any(|c| c.info.owner == self.user && c.info.parent == e.info.id)
+        {
             return Err(remote_err(ErrorCode::NotEmpty));
         }
         entries.remove(&(self.user.clone(), e.info.id));
@@ -375,7 +431,12 @@ impl Remote for Fake {
             if up == src.info.id {
                 return Err(remote_err(ErrorCode::InvalidArgument));
             }
-            up = self.entries.lock().unwrap().get(&(self.user.clone(), up)).map_or(0, |e| e.info.parent);
+            up = self
+                .entries
+                .lock()
+                .unwrap()
+                .get(&(self.user.clone(), up))
+                .map_or(0, |e| e.info.parent);
         }
         if let Some(dst) = self.find(&self.user, mv.new_parent, &mv.new_name) {
             if dst.info.id == src.info.id {
@@ -393,7 +454,11 @@ impl Remote for Fake {
                 return Err(remote_err(ErrorCode::NotADirectory));
             }
             let mut entries = self.entries.lock().unwrap();
-            if dst_dir && entries.values().any(|c| c.info.owner == self.user && c.info.parent == dst.info.id) {
+            if dst_dir
+                && entries
+                    .values()
+                    .any(|c| c.info.owner == self.user && c.info.parent == dst.info.id)
+            {
                 return Err(remote_err(ErrorCode::NotEmpty));
             }
             entries.remove(&(self.user.clone(), dst.info.id));
@@ -1258,5 +1323,428 @@ fn large_staged_writes_overwrites_and_truncates_read_back_and_upload_in_order() 
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
         assert_eq!(e.core.remote.content("alice", "big").unwrap(), model);
+    });
+}
+
+const RW: OpenMode = OpenMode {
+    write: true,
+    truncate: false,
+};
+
+/// open(O_RDWR) of an existing large file, fsync, close, open(O_RDWR) again and a read in
+/// the middle: the data, not EIO.
+#[test]
+fn reopened_for_writing_after_an_fsync_reads_the_old_content() {
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+        e.core.remote.put("alice", "big", &data);
+        let ino = e.core.lookup(dir, "big").await.unwrap().ino;
+        let o = e.core.open(ino, RW).await.unwrap();
+        e.core.fsync(o.fh).await.unwrap();
+        e.core.flush(o.fh).await.unwrap();
+        e.core.release(o.fh).await.unwrap();
+        let o = e.core.open(ino, RW).await.unwrap();
+        let got = e.core.read(o.fh, 2023424, 10240).await.unwrap();
+        assert_eq!(&got[..], &data[2023424..2023424 + 10240]);
+        e.core.flush(o.fh).await.unwrap();
+        e.core.release(o.fh).await.unwrap();
+        assert!(e.core.remote.handles.lock().unwrap().is_empty());
+    });
+}
+
+/// The attributes an entry is reported with.
+async fn attr_of(core: &FsCore<Fake>, ino: u64) -> Attr {
+    core.getattr(ino).await.unwrap()
+}
+
+#[test]
+fn nested_directories_are_made_listed_and_their_dotdot_is_the_parent() {
+    rt().block_on(async {
+        let e = env("alice");
+        let home = folder(&e.core, "alice").await;
+        let a = e.core.mkdir(home, "a", 0o750).await.unwrap();
+        assert_eq!((a.kind, a.perm), (Kind::Dir, 0o750));
+        let b = e.core.mkdir(a.ino, "b", 0o755).await.unwrap();
+        let (f, fh) = e.core.create(b.ino, "f", 0o600).await.unwrap();
+        assert_eq!((f.kind, f.perm), (Kind::File, 0o600));
+        e.core.write(fh, 0, b"deep").await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "a/b/f").unwrap(), b"deep");
+        assert_eq!(e.core.remote.info("alice", "a/b/f").mode, 0o600);
+        // `..` is the real parent, all the way up to the mount's root.
+        assert_eq!(
+            e.core.lookup(f.ino, "..").await.unwrap_err().to_string(),
+            FsError::NotDir.to_string()
+        );
+        assert_eq!(e.core.lookup(b.ino, "..").await.unwrap().ino, a.ino);
+        assert_eq!(e.core.lookup(a.ino, "..").await.unwrap().ino, home);
+        assert_eq!(e.core.lookup(home, "..").await.unwrap().ino, ROOT);
+        assert_eq!(e.core.lookup(ROOT, "..").await.unwrap().ino, ROOT);
+        assert_eq!(e.core.parent_of(b.ino), a.ino);
+        let names: Vec<String> = e
+            .core
+            .list(a.ino)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        assert_eq!(names, ["b"]);
+        // Taken names, removal of a directory with entries, of a file as a directory.
+        assert!(matches!(
+            e.core.mkdir(a.ino, "b", 0o755).await,
+            Err(FsError::Exists)
+        ));
+        assert!(matches!(
+            e.core.rmdir(a.ino, "b").await,
+            Err(FsError::NotEmpty)
+        ));
+        assert!(matches!(
+            e.core.rmdir(b.ino, "f").await,
+            Err(FsError::NotDir)
+        ));
+        assert!(matches!(
+            e.core.unlink(a.ino, "b").await,
+            Err(FsError::IsDir)
+        ));
+        assert!(matches!(
+            e.core.mkdir(f.ino, "x", 0o755).await,
+            Err(FsError::NotDir)
+        ));
+        e.core.unlink(b.ino, "f").await.unwrap();
+        e.core.rmdir(a.ino, "b").await.unwrap();
+        assert!(matches!(
+            e.core.lookup(a.ino, "b").await,
+            Err(FsError::NotFound)
+        ));
+        assert!(e.core.remote.at("alice", "a/b").is_none());
+        // A user's folder is not the mount's to remove.
+        assert!(matches!(
+            e.core.rmdir(ROOT, "alice").await,
+            Err(FsError::PermissionDenied)
+        ));
+        // Inode numbers are never reused: a new entry of the same name is a new inode.
+        let b2 = e.core.mkdir(a.ino, "b", 0o755).await.unwrap();
+        assert_ne!(b2.ino, b.ino);
+    });
+}
+
+#[test]
+fn an_open_file_follows_renames_of_itself_and_its_directories() {
+    rt().block_on(async {
+        let e = env("alice");
+        let home = folder(&e.core, "alice").await;
+        let d = e.core.mkdir(home, "d", 0o755).await.unwrap();
+        let sub = e.core.mkdir(d.ino, "sub", 0o755).await.unwrap();
+        let other = e.core.mkdir(home, "other", 0o755).await.unwrap();
+        let (f, fh) = e.core.create(sub.ino, "f", 0o644).await.unwrap();
+        e.core.write(fh, 0, b"first").await.unwrap();
+        // The directory holding it moves, then the file moves to another directory.
+        e.core
+            .rename(home, "d", other.ino, "moved", false)
+            .await
+            .unwrap();
+        assert!(e.core.remote.at("alice", "d").is_none());
+        e.core.write(fh, 5, b" second").await.unwrap();
+        e.core
+            .rename(sub.ino, "f", other.ino, "g", false)
+            .await
+            .unwrap();
+        e.core.write(fh, 12, b" third").await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(
+            e.core.remote.content("alice", "other/g").unwrap(),
+            b"first second third"
+        );
+        assert!(e.core.remote.at("alice", "other/moved/sub/f").is_none());
+        // The inode moved with it; its old name is gone.
+        assert_eq!(e.core.lookup(other.ino, "g").await.unwrap().ino, f.ino);
+        assert!(matches!(
+            e.core.lookup(sub.ino, "f").await,
+            Err(FsError::NotFound)
+        ));
+        assert_eq!(e.core.lookup(other.ino, "moved").await.unwrap().ino, d.ino);
+        assert_eq!(e.core.lookup(d.ino, "sub").await.unwrap().ino, sub.ino);
+        // Not into its own subtree; not over an existing name with RENAME_NOREPLACE.
+        assert!(matches!(
+            e.core
+                .rename(other.ino, "moved", sub.ino, "loop", false)
+                .await,
+            Err(FsError::InvalidArgument(_))
+        ));
+        let (_, fh) = e.core.create(other.ino, "h", 0o644).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert!(matches!(
+            e.core.rename(other.ino, "h", other.ino, "g", true).await,
+            Err(FsError::Exists)
+        ));
+        // Replacing a file by rename: the replaced one is gone, the moved one takes its name.
+        e.core
+            .rename(other.ino, "h", other.ino, "g", false)
+            .await
+            .unwrap();
+        assert_eq!(e.core.remote.content("alice", "other/g").unwrap(), b"");
+        assert_ne!(e.core.lookup(other.ino, "g").await.unwrap().ino, f.ino);
+        // Across users' trees: refused.
+        let bob = folder(&e.core, "bob").await;
+        assert!(matches!(
+            e.core.rename(other.ino, "g", bob, "g", false).await,
+            Err(FsError::PermissionDenied)
+        ));
+    });
+}
+
+#[test]
+fn events_anywhere_in_a_tree_update_it_and_tell_the_kernel_what_to_forget() {
+    rt().block_on(async {
+        let e = env("bob");
+        e.core.remote.put("alice", "d/e/f", b"one");
+        e.core.remote.put("alice", "d/keep", b"same");
+        let alice = folder(&e.core, "alice").await;
+        let d = e.core.lookup(alice, "d").await.unwrap();
+        let dir_e = e.core.lookup(d.ino, "e").await.unwrap();
+        let f = e.core.lookup(dir_e.ino, "f").await.unwrap();
+        assert_eq!(f.perm, 0o444, "others' files without write bits");
+        assert_eq!(dir_e.perm, 0o555, "others' directories without write bits");
+        let keep = e.core.lookup(d.ino, "keep").await.unwrap();
+        let o = e.core.open(keep.ino, OpenMode::default()).await.unwrap();
+        e.core.release(o.fh).await.unwrap();
+        assert_eq!(e.core.list(d.ino).await.unwrap().len(), 2);
+
+        // New content of f: its pages and attributes go, its name still leads to it.
+        let info = e.core.remote.put("alice", "d/e/f", b"two!");
+        let inv = changed(&e.core, info);
+        assert_eq!(inv, [Invalidation::Inode { ino: f.ino }]);
+        assert_eq!(e.core.getattr(f.ino).await.unwrap().size, 4);
+
+        // A chmod of an unchanged file keeps its pages.
+        let mut info = e.core.remote.info("alice", "d/keep");
+        info.mode = 0o600;
+        let inv = changed(&e.core, info);
+        assert_eq!(inv, [Invalidation::Attr { ino: keep.ino }]);
+        assert_eq!(attr_of(&e.core, keep.ino).await.perm, 0o400);
+
+        // A new file: the (negative) dentry goes, and the listing has it.
+        let new = e.core.remote.put("alice", "d/e/new", b"n");
+        let inv = changed(&e.core, new);
+        assert!(
+            inv.contains(&Invalidation::Entry {
+                parent: dir_e.ino,
+                name: "new".into()
+            }),
+            "{inv:?}"
+        );
+        assert!(e
+            .core
+            .list(dir_e.ino)
+            .await
+            .unwrap()
+            .iter()
+            .any(|x| x.name == "new"));
+
+        // A move from d/e/f to d/g: both names go; the inode is the same.
+        let mut moved = e.core.remote.info("alice", "d/e/f");
+        moved.parent = d.ino_id(&e.core);
+        moved.name = "g".into();
+        let inv = e.core.handle_event(&Event::Changed {
+            owner: "alice".into(),
+            file: moved.clone(),
+            from: Some(Place {
+                parent: moved_parent(&e.core, dir_e.ino),
+                name: "f".into(),
+            }),
+        });
+        assert!(
+            inv.contains(&Invalidation::Entry {
+                parent: dir_e.ino,
+                name: "f".into()
+            }),
+            "{inv:?}"
+        );
+        assert!(
+            inv.contains(&Invalidation::Entry {
+                parent: d.ino,
+                name: "g".into()
+            }),
+            "{inv:?}"
+        );
+        assert!(
+            !inv.iter().any(|i| matches!(i, Invalidation::Inode { .. })),
+            "{inv:?}"
+        );
+        assert!(!e
+            .core
+            .list(dir_e.ino)
+            .await
+            .unwrap()
+            .iter()
+            .any(|x| x.name == "f"));
+        assert_eq!(e.core.lookup(d.ino, "g").await.unwrap().ino, f.ino);
+        assert_eq!(e.core.parent_of(f.ino), d.ino);
+
+        // Removed: the dentry and the file's pages go; the listing forgets it.
+        let inv = removed(&e.core, &moved);
+        assert!(
+            inv.contains(&Invalidation::Entry {
+                parent: d.ino,
+                name: "g".into()
+            }),
+            "{inv:?}"
+        );
+        assert!(inv.contains(&Invalidation::Inode { ino: f.ino }), "{inv:?}");
+        assert!(matches!(
+            e.core.lookup(d.ino, "g").await,
+            Err(FsError::NotFound)
+        ));
+    });
+}
+
+trait IdOf {
+    fn ino_id(&self, core: &FsCore<Fake>) -> u64;
+}
+
+impl IdOf for Attr {
+    /// The entry id behind an inode.
+    fn ino_id(&self, core: &FsCore<Fake>) -> u64 {
+        core.node(self.ino).unwrap().id
+    }
+}
+
+fn moved_parent(core: &FsCore<Fake>, ino: u64) -> u64 {
+    core.node(ino).unwrap().id
+}
+
+/// `cp -p` sets mode and times on the descriptor it wrote before closing it: both reach
+/// the server with the upload, also when the upload was streamed.
+#[test]
+fn mode_and_times_set_before_close_are_carried_by_the_upload() {
+    rt().block_on(async {
+        let e = env("alice");
+        let home = folder(&e.core, "alice").await;
+        let t = UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let preserve = SetAttr {
+            mode: Some(0o751),
+            atime: Some(t),
+            mtime: Some(t),
+            ..SetAttr::default()
+        };
+        for (name, len) in [("small", 1000usize), ("streamed", 3 << 20)] {
+            let data = vec![5u8; len];
+            let (f, fh) = e.core.create(home, name, 0o600).await.unwrap();
+            for (i, chunk) in data.chunks(1 << 20).enumerate() {
+                e.core.write(fh, (i << 20) as u64, chunk).await.unwrap();
+            }
+            let before = e.core.remote.setattrs.load(Ordering::Relaxed);
+            let a = e.core.setattr(f.ino, preserve, Some(fh)).await.unwrap();
+            assert_eq!((a.perm, a.mtime, a.size), (0o751, t, len as u64), "{name}");
+            assert_eq!(
+                e.core.remote.setattrs.load(Ordering::Relaxed),
+                before,
+                "{name}: set on the server before the content"
+            );
+            e.core.flush(fh).await.unwrap();
+            e.core.release(fh).await.unwrap();
+            let info = e.core.remote.info("alice", name);
+            assert_eq!(e.core.remote.content("alice", name).unwrap(), data);
+            assert_eq!(
+                (info.mode, info.mtime_ns, info.atime_ns),
+                (0o751, ns_of(t), ns_of(t)),
+                "{name}"
+            );
+            let a = attr_of(&e.core, f.ino).await;
+            assert_eq!((a.perm, a.mtime), (0o751, t), "{name}");
+        }
+        assert_eq!(*e.core.remote.streamed.lock().unwrap(), 1);
+    });
+}
+
+#[test]
+fn chmod_and_utimes_of_committed_entries_go_to_the_server() {
+    rt().block_on(async {
+        let e = env("alice");
+        e.core.remote.put("alice", "run.sh", b"#!/bin/sh\n");
+        let home = folder(&e.core, "alice").await;
+        let f = e.core.lookup(home, "run.sh").await.unwrap();
+        assert_eq!(f.perm, 0o644);
+        assert!(
+            e.core.access(f.ino, false, false, true).await.is_err(),
+            "not executable yet"
+        );
+        let chmod = SetAttr {
+            mode: Some(0o755),
+            ..SetAttr::default()
+        };
+        let a = e.core.setattr(f.ino, chmod, None).await.unwrap();
+        assert_eq!(a.perm, 0o755);
+        assert_eq!(e.core.remote.info("alice", "run.sh").mode, 0o755);
+        assert!(e.core.access(f.ino, false, false, true).await.is_ok());
+        let t = UNIX_EPOCH + Duration::from_secs(12345);
+        let touch = SetAttr {
+            mtime: Some(t),
+            ..SetAttr::default()
+        };
+        assert_eq!(e.core.setattr(f.ino, touch, None).await.unwrap().mtime, t);
+        assert_eq!(e.core.remote.info("alice", "run.sh").mtime_ns, ns_of(t));
+        // chmod 600 is kept, content untouched.
+        let private = SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        e.core.setattr(f.ino, private, None).await.unwrap();
+        assert_eq!(attr_of(&e.core, f.ino).await.perm, 0o600);
+        assert_eq!(
+            e.core.remote.content("alice", "run.sh").unwrap(),
+            b"#!/bin/sh\n"
+        );
+        // Directories too.
+        let d = e.core.mkdir(home, "d", 0o755).await.unwrap();
+        let a = e.core.setattr(d.ino, private, None).await.unwrap();
+        assert_eq!((a.kind, a.perm), (Kind::Dir, 0o600));
+        // A file open for writing without changes yet: straight to the server.
+        let o = e.core.open(f.ino, RW).await.unwrap();
+        e.core.setattr(f.ino, chmod, Some(o.fh)).await.unwrap();
+        assert_eq!(e.core.remote.info("alice", "run.sh").mode, 0o755);
+        e.core.release(o.fh).await.unwrap();
+    });
+}
+
+#[test]
+fn symbolic_links_are_made_read_and_reported() {
+    rt().block_on(async {
+        let e = env("alice");
+        let home = folder(&e.core, "alice").await;
+        let l = e.core.symlink(home, "link", "../some/where").await.unwrap();
+        assert_eq!((l.kind, l.size), (Kind::Symlink, 13));
+        assert_eq!(e.core.readlink(l.ino).await.unwrap(), "../some/where");
+        let info = e.core.remote.info("alice", "link");
+        assert_eq!(info.target.as_deref(), Some("../some/where"));
+        let looked = e.core.lookup(home, "link").await.unwrap();
+        assert_eq!(looked.ino, l.ino);
+        assert!(matches!(
+            e.core.symlink(home, "link", "x").await,
+            Err(FsError::Exists)
+        ));
+        assert!(matches!(
+            e.core.symlink(home, "empty", "").await,
+            Err(FsError::NotFound)
+        ));
+        assert!(matches!(
+            e.core.symlink(home, "long", &"x".repeat(5000)).await,
+            Err(FsError::NameTooLong)
+        ));
+        assert!(matches!(
+            e.core.readlink(home).await,
+            Err(FsError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            e.core.open(l.ino, OpenMode::default()).await,
+            Err(FsError::InvalidArgument(_))
+        ));
+        e.core.unlink(home, "link").await.unwrap();
+        assert!(e.core.remote.at("alice", "link").is_none());
     });
 }

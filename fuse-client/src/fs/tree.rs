@@ -257,23 +257,32 @@ mod tests {
         let mut t = Tree::default();
         let folder = t.user_folder("alice");
         assert_eq!(t.child(ROOT, "alice"), Some(folder));
-        let dir = t.place(&info("alice", 5, ROOT_ID, "d", EntryKind::Dir)).unwrap();
+        let dir = t
+            .place(&info("alice", 5, ROOT_ID, "d", EntryKind::Dir))
+            .unwrap();
         let file = t.place(&info("alice", 6, 5, "f", EntryKind::File)).unwrap();
         assert_eq!(t.child(dir, "f"), Some(file));
         assert_eq!(t.get(file).unwrap().parent, dir);
         // Moved: same inode, new place, old place empty.
-        assert_eq!(t.place(&info("alice", 6, ROOT_ID, "g", EntryKind::File)), Some(file));
+        assert_eq!(
+            t.place(&info("alice", 6, ROOT_ID, "g", EntryKind::File)),
+            Some(file)
+        );
         assert_eq!(t.child(dir, "f"), None);
         assert_eq!(t.child(folder, "g"), Some(file));
         // Another entry at the same name is another inode; the first one is detached.
-        let other = t.place(&info("alice", 7, ROOT_ID, "g", EntryKind::File)).unwrap();
+        let other = t
+            .place(&info("alice", 7, ROOT_ID, "g", EntryKind::File))
+            .unwrap();
         assert_ne!(other, file);
         assert!(t.get(file).unwrap().gone);
         // An entry of a directory never seen is not placed.
         assert_eq!(t.place(&info("alice", 9, 8, "x", EntryKind::File)), None);
         // Same id in another user's tree: another inode.
         t.user_folder("bob");
-        let bobs = t.place(&info("bob", 6, ROOT_ID, "f", EntryKind::File)).unwrap();
+        let bobs = t
+            .place(&info("bob", 6, ROOT_ID, "f", EntryKind::File))
+            .unwrap();
         assert_ne!(bobs, file);
     }
 }
