@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sharefs_client::quoting::shell_escape;
 use sharefs_client::settings::ConnectArgs;
-use sharefs_client::{transfer, RemoteClient};
-use sharefs_protocol::{Event, Notification};
+use sharefs_client::{transfer, RemoteClient, UploadTarget};
+use sharefs_protocol::{EntryKind, Event, FileInfo, Notification};
 
 #[derive(Parser)]
 #[command(
@@ -29,14 +29,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// List users, or one user's files.
-    Ls { owner: Option<String> },
-    /// Upload FILE into my folder (as NAME, default its file name).
-    Put { file: PathBuf, name: Option<String> },
-    /// Download OWNER/NAME to DEST (default ./NAME; "-" writes to stdout).
+    /// List users, or a directory of a user's tree (OWNER or OWNER/PATH).
+    Ls { path: Option<String> },
+    /// Upload FILE into my tree as PATH (default its file name in my folder; a PATH that
+    /// is a directory, or ends with '/', receives it under its own name).
+    Put { file: PathBuf, path: Option<String> },
+    /// Download OWNER/PATH to DEST (default ./NAME; "-" writes to stdout).
     Get { path: String, dest: Option<PathBuf> },
-    /// Delete one of my files.
-    Rm { name: String },
+    /// Delete a file, link or empty directory of my tree (PATH inside my folder).
+    Rm { path: String },
     /// Mount the share: one folder per user; yours is writable.
     Mount(sharefs_client::mount::MountArgs),
     /// Show pending and recent notifications (and acknowledge the pending ones).
@@ -100,34 +101,80 @@ async fn connect(args: &ConnectArgs) -> Result<(RemoteClient, sharefs_client::Ev
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Ls { owner } => ls(&cli.connect, owner).await,
-        Command::Put { file, name } => put(&cli.connect, &file, name).await,
+        Command::Ls { path } => ls(&cli.connect, path).await,
+        Command::Put { file, path } => put(&cli.connect, &file, path).await,
         Command::Get { path, dest } => get(&cli.connect, &path, dest).await,
-        Command::Rm { name } => rm(&cli.connect, &name).await,
+        Command::Rm { path } => rm(&cli.connect, &path).await,
         Command::Notifications { follow } => notifications(&cli.connect, follow).await,
         Command::Mount(_) => bail!("mount runs outside the async runtime"),
     }
 }
 
-async fn ls(args: &ConnectArgs, owner: Option<String>) -> Result<()> {
+/// Splits "OWNER/PATH" (or "OWNER") into its owner and the path inside their tree.
+fn owner_path(path: &str) -> (&str, &str) {
+    let path = path.trim_start_matches('/');
+    match path.split_once('/') {
+        Some((owner, rest)) => (owner, rest),
+        None => (path, ""),
+    }
+}
+
+/// `ls -l`-like permission bits of an entry.
+fn mode_string(f: &FileInfo) -> String {
+    let kind = match f.kind {
+        EntryKind::Dir => 'd',
+        EntryKind::File => '-',
+        EntryKind::Symlink => 'l',
+    };
+    let mut s = String::from(kind);
+    for shift in [6, 3, 0] {
+        let bits = (f.mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+fn print_entry(f: &FileInfo) {
+    let suffix = match (&f.kind, &f.target) {
+        (EntryKind::Dir, _) => "/".to_string(),
+        (EntryKind::Symlink, Some(t)) => format!(" -> {}", shell_escape(t)),
+        _ => String::new(),
+    };
+    println!(
+        "{}  {:>12}  {}  {}{}",
+        mode_string(f),
+        f.size,
+        format_time_ns(f.mtime_ns),
+        shell_escape(&f.name),
+        suffix
+    );
+}
+
+async fn ls(args: &ConnectArgs, path: Option<String>) -> Result<()> {
     let (client, _events) = connect(args).await?;
-    match owner {
-        None => {
-            for user in client.list_users().await? {
-                println!("{}", shell_escape(&user));
-            }
+    let Some(path) = path else {
+        for user in client.list_users().await? {
+            println!("{}", shell_escape(&user));
         }
-        Some(owner) => {
-            let owner = owner.trim_end_matches('/');
-            for f in client.list_files(owner).await? {
-                println!(
-                    "{:>12}  {}  {}",
-                    f.size,
-                    format_time_ns(f.mtime_ns),
-                    shell_escape(&f.name)
-                );
-            }
-        }
+        return Ok(());
+    };
+    let (owner, inside) = owner_path(&path);
+    let entry = client
+        .resolve(owner, inside)
+        .await
+        .map_err(|e| anyhow!("{path}: {e}"))?;
+    if entry.kind != EntryKind::Dir {
+        print_entry(&entry);
+        return Ok(());
+    }
+    for f in client
+        .list(owner, entry.id)
+        .await
+        .map_err(|e| anyhow!("{path}: {e}"))?
+    {
+        print_entry(&f);
     }
     Ok(())
 }
@@ -149,24 +196,57 @@ fn progress_bar(len: Option<u64>, what: &str) -> Option<ProgressBar> {
     Some(bar)
 }
 
-async fn put(args: &ConnectArgs, file: &Path, name: Option<String>) -> Result<()> {
-    let name = match name {
-        Some(n) => n,
-        None => file
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| anyhow!("{}: cannot derive a file name; give NAME", file.display()))?
-            .to_string(),
-    };
-    sharefs_protocol::name::check_file_name(&name).map_err(|e| anyhow!("{name}: {e}"))?;
+async fn put(args: &ConnectArgs, file: &Path, path: Option<String>) -> Result<()> {
+    let file_name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string);
     let f = tokio::fs::File::open(file)
         .await
         .with_context(|| file.display().to_string())?;
-    let size = f.metadata().await.ok().map(|m| m.len());
+    let meta = f.metadata().await.ok();
+    let size = meta.as_ref().map(|m| m.len());
+    let mode = meta.as_ref().map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o7777
+    });
     let (client, _events) = connect(args).await?;
+    let me = client.user().to_string();
+    let path = path.unwrap_or_default();
+    // Where it goes: into PATH if that is a directory (or ends with '/'), else as PATH.
+    let into_dir = path.is_empty() || path.ends_with('/');
+    let existing = if into_dir {
+        None
+    } else {
+        client.resolve(&me, &path).await.ok()
+    };
+    let (parent_path, name) = match existing {
+        Some(e) if e.kind == EntryKind::Dir => (path.as_str(), None),
+        _ if into_dir => (path.as_str(), None),
+        _ => match path.trim_end_matches('/').rsplit_once('/') {
+            Some((dir, name)) => (dir, Some(name.to_string())),
+            None => ("", Some(path.clone())),
+        },
+    };
+    let name = match name.or(file_name) {
+        Some(n) => n,
+        None => bail!("{}: cannot derive a file name; give PATH", file.display()),
+    };
+    sharefs_protocol::name::check_file_name(&name).map_err(|e| anyhow!("{name}: {e}"))?;
+    let parent = client
+        .resolve(&me, parent_path)
+        .await
+        .map_err(|e| anyhow!("{parent_path}: {e}"))?;
+    if parent.kind != EntryKind::Dir {
+        bail!("{parent_path}: not a directory");
+    }
+    let target = UploadTarget {
+        mode,
+        ..UploadTarget::at(parent.id, &name)
+    };
     let bar = progress_bar(size, &name);
     let reader = tokio::io::BufReader::with_capacity(1 << 20, f);
-    let info = transfer::upload(&client, &name, reader, size, |n| {
+    let info = transfer::upload(&client, &target, reader, size, |n| {
         if let Some(b) = &bar {
             b.set_position(n)
         }
@@ -176,23 +256,37 @@ async fn put(args: &ConnectArgs, file: &Path, name: Option<String>) -> Result<()
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    let shown = if parent_path.trim_matches('/').is_empty() {
+        info.name.clone()
+    } else {
+        format!("{}/{}", parent_path.trim_matches('/'), info.name)
+    };
     eprintln!(
         "uploaded {}/{} ({} bytes)",
         shell_escape(&info.owner),
-        shell_escape(&info.name),
+        shell_escape(&shown),
         info.size
     );
     Ok(())
 }
 
 async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>) -> Result<()> {
-    let Some((owner, name)) = path.split_once('/') else {
-        bail!("{path}: expected OWNER/NAME");
-    };
+    let (owner, inside) = owner_path(path);
+    if inside.is_empty() {
+        bail!("{path}: expected OWNER/PATH");
+    }
     let (client, _events) = connect(args).await?;
+    let entry = client
+        .resolve(owner, inside)
+        .await
+        .map_err(|e| anyhow!("{path}: {e}"))?;
+    if entry.kind != EntryKind::File {
+        bail!("{path}: not a regular file");
+    }
+    let name = entry.name.as_str();
     if dest.as_deref() == Some(Path::new("-")) {
         let mut out = tokio::io::stdout();
-        transfer::download(&client, owner, name, &mut out, |_, _| {}).await?;
+        transfer::download(&client, owner, entry.id, &mut out, |_, _| {}).await?;
         return Ok(());
     }
     let dest = match dest {
@@ -213,7 +307,7 @@ async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>) -> Result<()
     let (std_file, tmp_path) = tmp.into_parts();
     let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
     let bar = progress_bar(None, name);
-    transfer::download(&client, owner, name, &mut out, |done, total| {
+    transfer::download(&client, owner, entry.id, &mut out, |done, total| {
         if let Some(b) = &bar {
             b.set_length(total);
             b.set_position(done);
@@ -230,13 +324,22 @@ async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>) -> Result<()
     Ok(())
 }
 
-async fn rm(args: &ConnectArgs, name: &str) -> Result<()> {
+async fn rm(args: &ConnectArgs, path: &str) -> Result<()> {
     let (client, _events) = connect(args).await?;
-    let (owner, name) = match name.split_once('/') {
-        Some((o, n)) => (o.to_string(), n),
-        None => (client.user().to_string(), name),
-    };
-    client.delete(&owner, name).await?;
+    let me = client.user().to_string();
+    let trimmed = path.trim_matches('/');
+    let name = trimmed.rsplit_once('/').map_or(trimmed, |(_, n)| n);
+    if name.is_empty() {
+        bail!("{path}: expected a PATH inside my folder");
+    }
+    let entry = client
+        .resolve(&me, trimmed)
+        .await
+        .map_err(|e| anyhow!("{path}: {e}"))?;
+    client
+        .remove(&me, entry.parent, name, entry.kind == EntryKind::Dir)
+        .await
+        .map_err(|e| anyhow!("{path}: {e}"))?;
     Ok(())
 }
 
