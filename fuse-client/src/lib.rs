@@ -10,6 +10,8 @@
 //!   fences the older connections on the server.
 //! - [`tls`]: how the client trusts a server (pinned fingerprint, CA, known servers).
 //! - [`transfer`]: whole-file upload and download with bounded memory.
+//! - [`paths`]: command-line paths (`OWNER/a/b`) and whole-tree operations (`mkdir -p`,
+//!   `put -r`, `get -r`, `rm -r`, `mv`) made of one-entry requests.
 //! - [`settings`]: connection settings from flags, environment, password file or prompt.
 //! - [`fs`]: the filesystem core, free of fuser and the kernel:
 //!   - `fs/tree.rs`: the inode table, one inode per (owner, entry id), indexed by
@@ -38,6 +40,7 @@ pub mod fs;
 pub mod fuse;
 pub mod mount;
 pub mod mountpoint;
+pub mod paths;
 pub mod quoting;
 pub mod remote;
 pub mod settings;

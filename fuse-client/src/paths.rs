@@ -103,7 +103,9 @@ pub async fn remove(
         ));
     }
     if entry.kind != EntryKind::Dir {
-        client.remove(&user, entry.parent, &entry.name, false).await?;
+        client
+            .remove(&user, entry.parent, &entry.name, false)
+            .await?;
         done.files += 1;
         return Ok(done);
     }

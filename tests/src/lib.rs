@@ -465,29 +465,50 @@ pub fn sha256(data: &[u8]) -> String {
     format!("{:x}", sha2::Sha256::digest(data))
 }
 
-/// Uploads `data` as `name` through the streaming path or the small-file path.
+/// Uploads `data` to `path` of the client's own tree (its directory must exist) through the streaming path or the small-file path.
 #[cfg(feature = "client")]
-pub async fn upload(client: &RemoteClient, name: &str, data: &[u8]) -> sharefs_protocol::FileInfo {
-    within(
-        "upload",
-        sharefs_client::transfer::upload(client, name, data, Some(data.len() as u64), |_| {}),
-    )
+pub async fn upload(client: &RemoteClient, path: &str, data: &[u8]) -> sharefs_protocol::FileInfo {
+    within("upload", async {
+        let (dir, name) = sharefs_client::paths::split_last(path)?;
+        let parent = client.resolve(client.user(), &dir).await?;
+        let target = sharefs_client::remote::UploadTarget::at(parent.id, &name);
+        sharefs_client::transfer::upload(client, &target, data, Some(data.len() as u64), |_| {})
+            .await
+    })
     .await
-    .unwrap_or_else(|e| panic!("upload {name}: {e}"))
+    .unwrap_or_else(|e| panic!("upload {path}: {e}"))
 }
-
-/// Downloads `owner/name` into memory.
+/// Downloads `owner`'s file at `path` into memory.
 #[cfg(feature = "client")]
 pub async fn download(
     client: &RemoteClient,
     owner: &str,
-    name: &str,
+    path: &str,
 ) -> Result<Vec<u8>, sharefs_client::ClientError> {
     let mut out = Vec::new();
-    within(
-        "download",
-        sharefs_client::transfer::download(client, owner, name, &mut out, |_, _| {}),
-    )
+    within("download", async {
+        let file = client.resolve(owner, path).await?;
+        sharefs_client::transfer::download(client, owner, file.id, &mut out, |_, _| {}).await
+    })
     .await?;
     Ok(out)
 }
+
+/// Where an upload of `name` into the root of the client's own folder goes.
+#[cfg(feature = "client")]
+pub fn at(name: &str) -> sharefs_client::remote::UploadTarget {
+    sharefs_client::remote::UploadTarget::at(sharefs_protocol::ROOT_ID, name)
+}
+
+/// A rename of `from` to `to` within the root of the client's own folder.
+#[cfg(feature = "client")]
+pub fn mv(from: &str, to: &str) -> sharefs_client::remote::Move {
+    sharefs_client::remote::Move {
+        parent: sharefs_protocol::ROOT_ID,
+        name: from.into(),
+        new_parent: sharefs_protocol::ROOT_ID,
+        new_name: to.into(),
+        noreplace: false,
+    }
+}
+pub use sharefs_protocol::ROOT_ID;

@@ -175,6 +175,19 @@ impl RawClient {
 }
 
 impl RawClient {
+    /// The id of `owner`'s entry at `path`, or 0 (which names no entry) if it cannot be
+    /// resolved.
+    pub async fn id_of(&mut self, owner: &str, path: &str) -> u64 {
+        let op = Request::Resolve {
+            owner: owner.into(),
+            path: path.into(),
+        };
+        match self.call(op, Bytes::new()).await {
+            Ok((sharefs_protocol::Reply::File { file }, _)) => file.id,
+            _ => 0,
+        }
+    }
+
     /// The next pushed event within `limit`, skipping other messages; `None` if none came.
     pub async fn event_within(&mut self, limit: Duration) -> Option<sharefs_protocol::Event> {
         let deadline = tokio::time::Instant::now() + limit;

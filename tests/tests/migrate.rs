@@ -27,7 +27,11 @@ fn unpack_fixture() -> (tempfile::TempDir, PathBuf) {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let data = dir.path().join("data");
     (dir, data)
 }
@@ -86,7 +90,10 @@ fn check_migrated(server: &TestServer) {
         assert_eq!(sha256(&data), sha, "{owner}/{name}");
     }
     for gone in ["gone.txt", "old-name.txt"] {
-        assert!(server_content(server, "alice", gone).is_none(), "{gone} is back");
+        assert!(
+            server_content(server, "alice", gone).is_none(),
+            "{gone} is back"
+        );
     }
     assert!(server_content(server, "bob", "n1090.txt").is_none());
 
@@ -117,7 +124,9 @@ fn a_flat_data_directory_of_the_previous_release_migrates() {
     // The migrated tree takes directories, and all of it survives a restart.
     rt().block_on(async {
         let (alice, _) = server.connect("alice").await;
-        alice.mkdir_p("alice", "later/deeper").await.unwrap();
+        sharefs_client::paths::mkdir_p(&alice, "later/deeper")
+            .await
+            .unwrap();
     });
     server.restart();
     check_migrated(&server);

@@ -390,5 +390,5 @@ async fn the_disk_reserve_is_never_crossed() {
     assert_eq!(f.sync_all().unwrap_err().raw_os_error(), Some(libc::ENOSPC));
     drop(f);
     let (c, _) = server.connect("alice").await;
-    assert!(c.list_files("alice").await.unwrap().is_empty());
+    assert!(c.list("alice", ROOT_ID).await.unwrap().is_empty());
 }

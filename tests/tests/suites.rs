@@ -163,7 +163,10 @@ fn fsx_random_seeds_with_and_without_mmap() {
                 let config = fsx_config(work.path(), mmap);
                 let artifacts = work.path().join(format!("art-{seed}-{mmap}"));
                 std::fs::create_dir_all(&artifacts).unwrap();
-                let file = dir.join(format!("file-{seed}-{}", if mmap { "mmap" } else { "plain" }));
+                let file = dir.join(format!(
+                    "file-{seed}-{}",
+                    if mmap { "mmap" } else { "plain" }
+                ));
                 let fsx = fsx.clone();
                 std::thread::spawn(move || {
                     let (ok, out) = run_bounded(
@@ -186,7 +189,10 @@ fn fsx_random_seeds_with_and_without_mmap() {
             .collect();
         for child in children {
             let (seed, mmap, ok, out) = child.join().unwrap();
-            eprintln!("fsx seed {seed} mmap {mmap}: {}", if ok { "ok" } else { "FAILED" });
+            eprintln!(
+                "fsx seed {seed} mmap {mmap}: {}",
+                if ok { "ok" } else { "FAILED" }
+            );
             if !ok {
                 let tail: Vec<&str> = out.lines().rev().take(40).collect();
                 failures.push(format!(

@@ -40,7 +40,11 @@ fn describe(root: &Path) -> BTreeMap<String, String> {
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let path = e.path();
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             let meta = fs::symlink_metadata(&path).unwrap();
             let mode = meta.mode() & 0o7777;
             let what = if meta.file_type().is_symlink() {
@@ -73,7 +77,11 @@ fn sample_tree(root: &Path, dirs: usize, files_per_dir: usize) {
         fs::create_dir_all(&dir).unwrap();
         for f in 0..files_per_dir {
             let len = (d * 131 + f * 977) % 9000;
-            fs::write(dir.join(format!("f{f}.txt")), content((d * 1000 + f) as u64, len)).unwrap();
+            fs::write(
+                dir.join(format!("f{f}.txt")),
+                content((d * 1000 + f) as u64, len),
+            )
+            .unwrap();
         }
     }
     fs::create_dir_all(root.join("bin")).unwrap();
@@ -88,11 +96,17 @@ fn sample_tree(root: &Path, dirs: usize, files_per_dir: usize) {
             .args(["-h", "-d", "2001-02-03 04:05:06"])
             .arg(root.join("run")),
     );
-    run_ok(
-        Command::new("find")
-            .arg(root)
-            .args(["-not", "-type", "l", "-exec", "touch", "-d", "2020-01-02 03:04:05", "{}", "+"]),
-    );
+    run_ok(Command::new("find").arg(root).args([
+        "-not",
+        "-type",
+        "l",
+        "-exec",
+        "touch",
+        "-d",
+        "2020-01-02 03:04:05",
+        "{}",
+        "+",
+    ]));
 }
 
 #[test]
@@ -109,12 +123,21 @@ fn mkdir_p_cp_r_and_diff_r_of_a_tree_of_thousands_of_files() {
     assert!(fs::metadata(&deep).unwrap().is_dir());
     fs::write(deep.join("leaf.txt"), b"deep").unwrap();
     assert_eq!(fs::read(deep.join("leaf.txt")).unwrap(), b"deep");
-    assert_errno(fs::create_dir(alice.path("alice/projects")), libc::EEXIST, "mkdir again");
+    assert_errno(
+        fs::create_dir(alice.path("alice/projects")),
+        libc::EEXIST,
+        "mkdir again",
+    );
 
     let local = tempfile::tempdir().unwrap();
     let photos = local.path().join("photos");
     sample_tree(&photos, 40, 50);
-    run_ok(Command::new("cp").arg("-r").arg(&photos).arg(alice.path("alice/")));
+    run_ok(
+        Command::new("cp")
+            .arg("-r")
+            .arg(&photos)
+            .arg(alice.path("alice/")),
+    );
     run_ok(
         Command::new("diff")
             .arg("-r")
@@ -183,7 +206,11 @@ fn tar_x_and_cp_a_keep_directories_symlinks_modes_and_mtimes() {
 
     // Kept on the server, not only in this mount's memory.
     let other = TestMount::new(&server, "alice");
-    assert_eq!(describe(&other.path("alice/copy")), expected, "seen by a new mount");
+    assert_eq!(
+        describe(&other.path("alice/copy")),
+        expected,
+        "seen by a new mount"
+    );
 }
 
 #[test]
@@ -208,7 +235,11 @@ fn git_clone_gives_a_clean_status_and_fsck() {
     git(&repo, &["init", "-q", "-b", "main"]);
     sample_tree(&repo.join("tree"), 8, 6);
     for round in 0..5 {
-        fs::write(repo.join("log.txt"), format!("round {round}\n").repeat(round + 1)).unwrap();
+        fs::write(
+            repo.join("log.txt"),
+            format!("round {round}\n").repeat(round + 1),
+        )
+        .unwrap();
         git(&repo, &["add", "-A"]);
         git(&repo, &["commit", "-q", "-m", &format!("round {round}")]);
     }
@@ -220,7 +251,11 @@ fn git_clone_gives_a_clean_status_and_fsck() {
             .arg(&repo)
             .arg(&clone),
     );
-    assert_eq!(git(&clone, &["status", "--porcelain"]), "", "status not clean");
+    assert_eq!(
+        git(&clone, &["status", "--porcelain"]),
+        "",
+        "status not clean"
+    );
     git(&clone, &["fsck", "--full", "--strict"]);
     assert_eq!(
         git(&clone, &["log", "--format=%s"]).lines().count(),
@@ -292,7 +327,11 @@ fn chmod_is_kept_and_an_executable_runs() {
 
     run_ok(Command::new("chmod").arg("600").arg(&script));
     fs::create_dir(alice.path("alice/dir")).unwrap();
-    run_ok(Command::new("chmod").arg("700").arg(alice.path("alice/dir")));
+    run_ok(
+        Command::new("chmod")
+            .arg("700")
+            .arg(alice.path("alice/dir")),
+    );
     // touch -d and touch -m with UTIME_OMIT of the other time.
     run_ok(
         Command::new("touch")
@@ -355,7 +394,8 @@ fn a_subtree_moves_atomically_and_rm_r_removes_it() {
 
     // Another mount sees the move within a second.
     eventually(Duration::from_secs(1), "bob sees the moved tree", || {
-        fs::metadata(bob.path("alice/archive/2026/d001/sub1/f0.txt")).is_ok_and(|m| m.len() == after.len() as u64)
+        fs::metadata(bob.path("alice/archive/2026/d001/sub1/f0.txt"))
+            .is_ok_and(|m| m.len() == after.len() as u64)
             && fs::metadata(bob.path("alice/projects")).is_err()
     });
 
@@ -390,8 +430,16 @@ fn a_subtree_moves_atomically_and_rm_r_removes_it() {
         "file over dir",
     );
 
-    run_ok(Command::new("rm").arg("-r").arg(alice.path("alice/archive")));
-    assert_errno(fs::metadata(alice.path("alice/archive")), libc::ENOENT, "rm -r");
+    run_ok(
+        Command::new("rm")
+            .arg("-r")
+            .arg(alice.path("alice/archive")),
+    );
+    assert_errno(
+        fs::metadata(alice.path("alice/archive")),
+        libc::ENOENT,
+        "rm -r",
+    );
     eventually(Duration::from_secs(1), "bob sees it gone", || {
         fs::metadata(bob.path("alice/archive")).is_err()
     });
@@ -419,7 +467,10 @@ fn others_trees_are_read_only_and_modes_decide_what_others_see() {
     fs::write(bob.path("bob/dropbox/known.txt"), b"known").unwrap();
 
     let listing = run_ok(Command::new("ls").arg("-lR").arg(alice.path("bob")));
-    assert!(listing.contains("c.pdf") && listing.contains("plans.txt"), "{listing}");
+    assert!(
+        listing.contains("c.pdf") && listing.contains("plans.txt"),
+        "{listing}"
+    );
     let local = tempfile::tempdir().unwrap();
     run_ok(
         Command::new("cp")
@@ -465,12 +516,17 @@ fn others_trees_are_read_only_and_modes_decide_what_others_see() {
         "unlink in bob's tree",
     );
     assert_errno(
-        fs::set_permissions(alice.path("bob/a/b/c.pdf"), fs::Permissions::from_mode(0o777)),
+        fs::set_permissions(
+            alice.path("bob/a/b/c.pdf"),
+            fs::Permissions::from_mode(0o777),
+        ),
         libc::EACCES,
         "chmod in bob's tree",
     );
     assert_errno(
-        OpenOptions::new().write(true).open(alice.path("bob/a/b/c.pdf")),
+        OpenOptions::new()
+            .write(true)
+            .open(alice.path("bob/a/b/c.pdf")),
         libc::EACCES,
         "open for writing in bob's tree",
     );
@@ -482,13 +538,21 @@ fn others_trees_are_read_only_and_modes_decide_what_others_see() {
     eventually(Duration::from_secs(1), "alice sees bob's new modes", || {
         fs::read(alice.path("bob/diary.txt")).is_err()
     });
-    assert_errno(fs::read(alice.path("bob/diary.txt")), libc::EACCES, "0600 file");
+    assert_errno(
+        fs::read(alice.path("bob/diary.txt")),
+        libc::EACCES,
+        "0600 file",
+    );
     assert_errno(
         fs::metadata(alice.path("bob/secret/plans.txt")),
         libc::EACCES,
         "inside a 0700 dir",
     );
-    assert_errno(fs::read_dir(alice.path("bob/dropbox")), libc::EACCES, "list 0711 dir");
+    assert_errno(
+        fs::read_dir(alice.path("bob/dropbox")),
+        libc::EACCES,
+        "list 0711 dir",
+    );
     assert_eq!(
         fs::read(alice.path("bob/dropbox/known.txt")).unwrap(),
         b"known",
@@ -496,7 +560,10 @@ fn others_trees_are_read_only_and_modes_decide_what_others_see() {
     );
     // Bob still reads everything of his own.
     assert_eq!(fs::read(bob.path("bob/diary.txt")).unwrap(), b"dear diary");
-    assert_eq!(fs::read(bob.path("bob/secret/plans.txt")).unwrap(), b"plans");
+    assert_eq!(
+        fs::read(bob.path("bob/secret/plans.txt")).unwrap(),
+        b"plans"
+    );
 }
 
 #[test]
@@ -534,7 +601,11 @@ fn changes_anywhere_in_a_tree_reach_other_mounts_within_a_second() {
         names(&alice.path("bob/x")).is_empty()
             && fs::read(alice.path("bob/moved/z/new.txt")).is_ok_and(|d| d == b"new")
     });
-    run_ok(Command::new("chmod").arg("0640").arg(bob.path("bob/moved/z/new.txt")));
+    run_ok(
+        Command::new("chmod")
+            .arg("0640")
+            .arg(bob.path("bob/moved/z/new.txt")),
+    );
     eventually(Duration::from_secs(1), "a mode", || {
         fs::metadata(alice.path("bob/moved/z/new.txt")).is_ok_and(|m| m.mode() & 0o7 == 0)
     });
@@ -557,7 +628,11 @@ fn symlinks_hard_links_and_special_files() {
         fs::read_link(alice.path("alice/abs")).unwrap(),
         Path::new("/etc/hostname")
     );
-    assert_errno(fs::read(alice.path("alice/dangling")), libc::ENOENT, "dangling");
+    assert_errno(
+        fs::read(alice.path("alice/dangling")),
+        libc::ENOENT,
+        "dangling",
+    );
     assert!(fs::symlink_metadata(alice.path("alice/dangling"))
         .unwrap()
         .file_type()
@@ -571,7 +646,10 @@ fn symlinks_hard_links_and_special_files() {
     // SAFETY: a valid NUL-terminated path.
     let rc = unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) };
     assert_eq!(rc, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EPERM)
+    );
 
     let other = TestMount::new(&server, "alice");
     assert_eq!(
@@ -595,10 +673,18 @@ fn reopening_a_large_file_read_write_after_fsync_reads_it_back() {
     let data = content(32, 32 << 20);
     fs::write(&path, &data).unwrap();
     for round in 0..3 {
-        let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         f.sync_all().unwrap();
         drop(f);
-        let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let mut buf = vec![0u8; 10 * 1024];
         f.read_exact_at(&mut buf, 2023424)
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
