@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sharefs_client::quoting::shell_escape;
 use sharefs_client::settings::ConnectArgs;
-use sharefs_client::{transfer, RemoteClient, UploadTarget};
-use sharefs_protocol::{EntryKind, Event, FileInfo, Notification};
+use sharefs_client::{paths, transfer, ClientError, RemoteClient};
+use sharefs_protocol::{EntryKind, ErrorCode, Event, FileInfo, Notification};
 
 #[derive(Parser)]
 #[command(
@@ -30,14 +30,45 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// List users, or a directory of a user's tree (OWNER or OWNER/PATH).
-    Ls { path: Option<String> },
-    /// Upload FILE into my tree as PATH (default its file name in my folder; a PATH that
-    /// is a directory, or ends with '/', receives it under its own name).
-    Put { file: PathBuf, path: Option<String> },
-    /// Download OWNER/PATH to DEST (default ./NAME; "-" writes to stdout).
-    Get { path: String, dest: Option<PathBuf> },
+    Ls {
+        /// Long format: kind and mode, size, modification time, link target.
+        #[arg(short = 'l')]
+        long: bool,
+        path: Option<String>,
+    },
+    /// Upload SRC into my tree as PATH (default its name in my folder; a PATH that is a
+    /// directory, or ends with '/', receives it under its own name).
+    Put {
+        /// Upload a directory and everything in it (modes, times and links kept).
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        src: PathBuf,
+        path: Option<String>,
+    },
+    /// Download OWNER/PATH to DEST (default ./NAME; "-" writes a file to stdout).
+    Get {
+        /// Download a directory and everything in it (modes, times and links kept).
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        path: String,
+        dest: Option<PathBuf>,
+    },
     /// Delete a file, link or empty directory of my tree (PATH inside my folder).
-    Rm { path: String },
+    Rm {
+        /// Delete a directory and everything in it.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        path: String,
+    },
+    /// Make a directory in my tree.
+    Mkdir {
+        /// Make missing parents too, and succeed if the directory exists.
+        #[arg(short = 'p', long)]
+        parents: bool,
+        path: String,
+    },
+    /// Move or rename FROM to TO within my tree (into TO if it is a directory).
+    Mv { from: String, to: String },
     /// Mount the share: one folder per user; yours is writable.
     Mount(sharefs_client::mount::MountArgs),
     /// Show pending and recent notifications (and acknowledge the pending ones).
@@ -101,21 +132,22 @@ async fn connect(args: &ConnectArgs) -> Result<(RemoteClient, sharefs_client::Ev
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Ls { path } => ls(&cli.connect, path).await,
-        Command::Put { file, path } => put(&cli.connect, &file, path).await,
-        Command::Get { path, dest } => get(&cli.connect, &path, dest).await,
-        Command::Rm { path } => rm(&cli.connect, &path).await,
+        Command::Ls { long, path } => ls(&cli.connect, long, path).await,
+        Command::Put {
+            recursive,
+            src,
+            path,
+        } => put(&cli.connect, &src, path, recursive).await,
+        Command::Get {
+            recursive,
+            path,
+            dest,
+        } => get(&cli.connect, &path, dest, recursive).await,
+        Command::Rm { recursive, path } => rm(&cli.connect, &path, recursive).await,
+        Command::Mkdir { parents, path } => mkdir(&cli.connect, &path, parents).await,
+        Command::Mv { from, to } => mv(&cli.connect, &from, &to).await,
         Command::Notifications { follow } => notifications(&cli.connect, follow).await,
         Command::Mount(_) => bail!("mount runs outside the async runtime"),
-    }
-}
-
-/// Splits "OWNER/PATH" (or "OWNER") into its owner and the path inside their tree.
-fn owner_path(path: &str) -> (&str, &str) {
-    let path = path.trim_start_matches('/');
-    match path.split_once('/') {
-        Some((owner, rest)) => (owner, rest),
-        None => (path, ""),
     }
 }
 
@@ -152,7 +184,7 @@ fn print_entry(f: &FileInfo) {
     );
 }
 
-async fn ls(args: &ConnectArgs, path: Option<String>) -> Result<()> {
+async fn ls(args: &ConnectArgs, long: bool, path: Option<String>) -> Result<()> {
     let (client, _events) = connect(args).await?;
     let Some(path) = path else {
         for user in client.list_users().await? {
@@ -160,13 +192,20 @@ async fn ls(args: &ConnectArgs, path: Option<String>) -> Result<()> {
         }
         return Ok(());
     };
-    let (owner, inside) = owner_path(&path);
+    let (owner, inside) = paths::split_owner(&path);
     let entry = client
         .resolve(owner, inside)
         .await
         .map_err(|e| anyhow!("{path}: {e}"))?;
+    let show = |f: &FileInfo| {
+        if long {
+            print_entry(f);
+        } else {
+            println!("{}", shell_escape(&f.name));
+        }
+    };
     if entry.kind != EntryKind::Dir {
-        print_entry(&entry);
+        show(&entry);
         return Ok(());
     }
     for f in client
@@ -174,7 +213,7 @@ async fn ls(args: &ConnectArgs, path: Option<String>) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{path}: {e}"))?
     {
-        print_entry(&f);
+        show(&f);
     }
     Ok(())
 }
@@ -196,151 +235,204 @@ fn progress_bar(len: Option<u64>, what: &str) -> Option<ProgressBar> {
     Some(bar)
 }
 
-async fn put(args: &ConnectArgs, file: &Path, path: Option<String>) -> Result<()> {
-    let file_name = file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_string);
-    let f = tokio::fs::File::open(file)
-        .await
-        .with_context(|| file.display().to_string())?;
-    let meta = f.metadata().await.ok();
-    let size = meta.as_ref().map(|m| m.len());
-    let mode = meta.as_ref().map(|m| {
-        use std::os::unix::fs::PermissionsExt;
-        m.permissions().mode() & 0o7777
-    });
+/// A progress line for a walk over a tree (stderr, when it is a terminal).
+fn tree_progress(what: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
+
+fn show_progress(bar: &Option<ProgressBar>, what: &str, p: paths::Progress) {
+    if let Some(b) = bar {
+        b.set_message(format!(
+            "{what}: {} files, {} directories, {} links, {} bytes",
+            p.files, p.dirs, p.links, p.bytes
+        ));
+    }
+}
+
+async fn put(args: &ConnectArgs, src: &Path, path: Option<String>, recursive: bool) -> Result<()> {
+    let src_name = src.file_name().and_then(|n| n.to_str()).map(str::to_string);
     let (client, _events) = connect(args).await?;
     let me = client.user().to_string();
     let path = path.unwrap_or_default();
-    // Where it goes: into PATH if that is a directory (or ends with '/'), else as PATH.
-    let into_dir = path.is_empty() || path.ends_with('/');
-    let existing = if into_dir {
-        None
+    // Into PATH when it is a directory (or ends with '/'), else as PATH.
+    let into = path.is_empty()
+        || path.ends_with('/')
+        || client
+            .resolve(&me, &path)
+            .await
+            .is_ok_and(|e| e.kind == EntryKind::Dir);
+    let dest = if into {
+        let Some(name) = src_name else {
+            bail!("{}: cannot derive a name; give PATH", src.display());
+        };
+        format!("{}/{name}", path.trim_end_matches('/'))
     } else {
-        client.resolve(&me, &path).await.ok()
+        path
     };
-    let (parent_path, name) = match existing {
-        Some(e) if e.kind == EntryKind::Dir => (path.as_str(), None),
-        _ if into_dir => (path.as_str(), None),
-        _ => match path.trim_end_matches('/').rsplit_once('/') {
-            Some((dir, name)) => (dir, Some(name.to_string())),
-            None => ("", Some(path.clone())),
-        },
+    let bar = if recursive {
+        tree_progress("uploading")
+    } else {
+        let size = std::fs::metadata(src).ok().map(|m| m.len());
+        progress_bar(size, &dest)
     };
-    let name = match name.or(file_name) {
-        Some(n) => n,
-        None => bail!("{}: cannot derive a file name; give PATH", file.display()),
-    };
-    sharefs_protocol::name::check_file_name(&name).map_err(|e| anyhow!("{name}: {e}"))?;
-    let parent = client
-        .resolve(&me, parent_path)
-        .await
-        .map_err(|e| anyhow!("{parent_path}: {e}"))?;
-    if parent.kind != EntryKind::Dir {
-        bail!("{parent_path}: not a directory");
-    }
-    let target = UploadTarget {
-        mode,
-        ..UploadTarget::at(parent.id, &name)
-    };
-    let bar = progress_bar(size, &name);
-    let reader = tokio::io::BufReader::with_capacity(1 << 20, f);
-    let info = transfer::upload(&client, &target, reader, size, |n| {
-        if let Some(b) = &bar {
-            b.set_position(n)
+    let done = paths::put(&client, src, &dest, recursive, |p| {
+        if recursive {
+            show_progress(&bar, "uploading", p)
+        } else if let Some(b) = &bar {
+            b.set_position(p.bytes)
         }
     })
     .await
-    .map_err(|e| anyhow!("{name}: {e}"))?;
+    .map_err(|e| anyhow!("{}: {e}", src.display()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let shown = if parent_path.trim_matches('/').is_empty() {
-        info.name.clone()
+    let dest = dest.trim_matches('/');
+    if recursive {
+        eprintln!(
+            "uploaded {} to {}/{} ({} files, {} directories, {} links, {} bytes)",
+            src.display(),
+            shell_escape(&me),
+            shell_escape(dest),
+            done.files,
+            done.dirs,
+            done.links,
+            done.bytes
+        );
     } else {
-        format!("{}/{}", parent_path.trim_matches('/'), info.name)
-    };
-    eprintln!(
-        "uploaded {}/{} ({} bytes)",
-        shell_escape(&info.owner),
-        shell_escape(&shown),
-        info.size
-    );
+        eprintln!(
+            "uploaded {}/{} ({} bytes)",
+            shell_escape(&me),
+            shell_escape(dest),
+            done.bytes
+        );
+    }
     Ok(())
 }
 
-async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>) -> Result<()> {
-    let (owner, inside) = owner_path(path);
-    if inside.is_empty() {
+async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>, recursive: bool) -> Result<()> {
+    let (owner, inside) = paths::split_owner(path);
+    if inside.is_empty() && !recursive {
         bail!("{path}: expected OWNER/PATH");
     }
     let (client, _events) = connect(args).await?;
-    let entry = client
-        .resolve(owner, inside)
-        .await
-        .map_err(|e| anyhow!("{path}: {e}"))?;
-    if entry.kind != EntryKind::File {
-        bail!("{path}: not a regular file");
-    }
-    let name = entry.name.as_str();
     if dest.as_deref() == Some(Path::new("-")) {
+        let entry = client
+            .resolve(owner, inside)
+            .await
+            .map_err(|e| named(path, e))?;
+        if entry.kind != EntryKind::File {
+            bail!("{path}: not a regular file");
+        }
         let mut out = tokio::io::stdout();
         transfer::download(&client, owner, entry.id, &mut out, |_, _| {}).await?;
         return Ok(());
     }
+    let name = inside
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(owner)
+        .to_string();
     let dest = match dest {
-        Some(d) if d.is_dir() => d.join(name),
+        Some(d) if d.is_dir() => d.join(&name),
         Some(d) => d,
-        None => PathBuf::from(name),
+        None => PathBuf::from(&name),
     };
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+    let bar = if recursive {
+        tree_progress("downloading")
+    } else {
+        progress_bar(None, &name)
     };
-    // Download into a temp file next to the destination and rename at the end, so an
-    // interrupted download never leaves a partial file under the final name.
-    let tmp = tempfile::Builder::new()
-        .prefix(".sharefs-get-")
-        .tempfile_in(&dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    let (std_file, tmp_path) = tmp.into_parts();
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
-    let bar = progress_bar(None, name);
-    transfer::download(&client, owner, entry.id, &mut out, |done, total| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
+    paths::get(&client, owner, inside, &dest, recursive, |p| {
+        if recursive {
+            show_progress(&bar, "downloading", p)
+        } else if let Some(b) = &bar {
+            b.set_position(p.bytes)
         }
     })
-    .await?;
-    out.into_inner().sync_all().await?;
-    tmp_path
-        .persist(&dest)
-        .map_err(|e| anyhow!("{}: {}", dest.display(), e.error))?;
+    .await
+    .map_err(|e| named(path, e))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     Ok(())
 }
 
-async fn rm(args: &ConnectArgs, path: &str) -> Result<()> {
-    let (client, _events) = connect(args).await?;
-    let me = client.user().to_string();
-    let trimmed = path.trim_matches('/');
-    let name = trimmed.rsplit_once('/').map_or(trimmed, |(_, n)| n);
-    if name.is_empty() {
-        bail!("{path}: expected a PATH inside my folder");
+/// An error about `path`, which the server's own message may name already.
+fn named(path: &str, e: ClientError) -> anyhow::Error {
+    let text = e.to_string();
+    let (owner, inside) = paths::split_owner(path);
+    if !inside.is_empty() && text.starts_with(&format!("{owner}/{inside}")) {
+        anyhow!("{text}")
+    } else {
+        anyhow!("{path}: {text}")
     }
-    let entry = client
-        .resolve(&me, trimmed)
-        .await
-        .map_err(|e| anyhow!("{path}: {e}"))?;
-    client
-        .remove(&me, entry.parent, name, entry.kind == EntryKind::Dir)
-        .await
-        .map_err(|e| anyhow!("{path}: {e}"))?;
-    Ok(())
+}
+
+/// An error about `path` of my tree; when nothing is there and the path starts with
+/// another user's name, says that their trees cannot be changed.
+async fn mine_or_refused(client: &RemoteClient, path: &str, e: ClientError) -> anyhow::Error {
+    let (first, _) = paths::split_owner(path);
+    if e.code() == Some(ErrorCode::NotFound) && first != client.user() {
+        if let Ok(users) = client.list_users().await {
+            if users.iter().any(|u| u == first) {
+                return anyhow!("{path}: permission denied: only your own folder can be changed");
+            }
+        }
+    }
+    anyhow!("{path}: {e}")
+}
+
+async fn rm(args: &ConnectArgs, path: &str, recursive: bool) -> Result<()> {
+    let (client, _events) = connect(args).await?;
+    let bar = if recursive {
+        tree_progress("removing")
+    } else {
+        None
+    };
+    let result = paths::remove(&client, path, recursive, |p| {
+        show_progress(&bar, "removing", p)
+    })
+    .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(mine_or_refused(&client, path, e).await),
+    }
+}
+
+async fn mkdir(args: &ConnectArgs, path: &str, parents: bool) -> Result<()> {
+    let (client, _events) = connect(args).await?;
+    let made = if parents {
+        paths::mkdir_p(&client, path).await
+    } else {
+        paths::mkdir(&client, path).await
+    };
+    match made {
+        Ok(_) => Ok(()),
+        Err(e) => Err(mine_or_refused(&client, path, e).await),
+    }
+}
+
+async fn mv(args: &ConnectArgs, from: &str, to: &str) -> Result<()> {
+    let (client, _events) = connect(args).await?;
+    match paths::rename(&client, from, to).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(mine_or_refused(&client, from, e).await),
+    }
 }
 
 fn format_time_ns(ns: i64) -> String {

@@ -39,6 +39,8 @@ fn unpack_fixture() -> (tempfile::TempDir, PathBuf) {
 /// Starts the server on the migrated fixture with the test password for both users.
 fn serve(data: &Path) -> TestServer {
     let server = TestServer::start_existing(data, &[]);
+    // The harness reads what the server has as carol, a user of its own.
+    server.add_user("carol", PASSWORD);
     for user in ["alice", "bob"] {
         server.user(
             &["passwd", user, "--password-stdin"],
