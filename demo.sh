@@ -43,9 +43,8 @@ export SHAREFS_KNOWN_SERVERS=$data/known_servers
 # A small tree from "friend", so there is something to browse and download.
 (
     export SHAREFS_USER=friend SHAREFS_PASSWORD=friend
-    "$bin/sharefs" mkdir -p docs
+    "$bin/sharefs" put -r docs
     "$bin/sharefs" put README.md docs/welcome.md
-    "$bin/sharefs" put -r docs docs/
 ) >/dev/null 2>&1 || true
 
 echo
