@@ -603,16 +603,20 @@ def main():
 
 def make_folder(data, user, count):
     """Writes a data directory with `count` 1-byte files for `user`, in the server's
-    on-disk format (files/<user>/snapshot.json naming byte ranges of pack-1.dat)."""
+    on-disk format: files/<user>/snapshot.json (format 2: the tree's entries by id; the
+    files in the root) naming byte ranges of pack-1.dat."""
     d = data / "files" / user
     d.mkdir(parents=True)
     base = 1 << 60
     now = time.time_ns()
     digest = "805a31dee1a2a0d3fbe08c612de4fe6be78166a3c4d3a4db7805ad839ed47d4d"  # BLAKE3 of b"g"
     (d / "pack-1.dat").write_bytes(b"g" * count)
-    files = [{"name": f"g{i:07}", "size": 1, "mtime_ns": now, "version": base + i, "blake3": digest,
-              "pack": {"pack": 1, "offset": i}} for i in range(count)]
-    (d / "snapshot.json").write_text(json.dumps({"journal": 0, "files": files}))
+    root = {"id": 1, "parent": 0, "name": "", "kind": "dir", "mode": 0o755, "mtime_ns": now, "atime_ns": now,
+            "ctime_ns": now}
+    entries = [root] + [{"id": 2 + i, "parent": 1, "name": f"g{i:07}", "kind": "file", "mode": 0o644, "size": 1,
+                         "mtime_ns": now, "atime_ns": now, "ctime_ns": now, "version": base + i, "blake3": digest,
+                         "content": {"pack": {"pack": 1, "offset": i}}} for i in range(count)]
+    (d / "snapshot.json").write_text(json.dumps({"format": 2, "journal": 0, "next_id": count + 2, "entries": entries}))
 
 
 def fmt(v, unit):
