@@ -98,7 +98,8 @@ impl Folder {
             }
         }
 
-        let mut tree = Tree::from_nodes(snapshot.entries, snapshot.next_id);
+        let mut tree = snapshot.entries.0;
+        tree.raise_next_id(snapshot.next_id);
         // Replay the journal; cut off a torn last record.
         let journal = fsutil::open_rw(&journal_path, false)?;
         let bytes = fs::read(&journal_path)?;
