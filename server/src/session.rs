@@ -33,7 +33,7 @@ use crate::error::ServerError;
 use crate::hub::{EndSignal, EventSink};
 use crate::outbox::{Outbox, Writer};
 use crate::shared::{Shared, Slot};
-use crate::store::UploadTarget;
+use crate::storage::UploadTarget;
 pub use handshake::version_mismatch;
 use handshake::{frame_error_body, handshake};
 use requests::{reply_room, Context, Handled, Handles, SMALL_REPLY};
