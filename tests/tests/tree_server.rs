@@ -771,7 +771,8 @@ async fn the_tree_survives_restarts_from_journal_and_snapshot() {
         alice.stat("alice", f.id).await.unwrap(),
     );
     assert_eq!(before, after);
-    assert_eq!(after.1.atime_ns, 1499);
+    // Pipelined requests run in any order: one of them is the last.
+    assert!((0..1500).contains(&after.1.atime_ns));
     assert_eq!(alice.list("alice", docs.id).await.unwrap(), ["l"]);
     assert_eq!(alice.read("alice", f.id).await.unwrap(), b"a");
     let snapshot = std::fs::read_to_string(server.data.join("files/alice/snapshot.json")).unwrap();
