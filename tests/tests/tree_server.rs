@@ -805,3 +805,62 @@ async fn an_open_handle_reads_its_version_after_moves_and_removal() {
     let (_, got) = alice.call(read, Bytes::new()).await.unwrap();
     assert_eq!(&got[..], &data[1000..6000]);
 }
+
+/// Entries whose JSON is as fat as it gets: names that escape to twice their length and
+/// link targets of 4,095 control characters (six bytes each as JSON). A page of a
+/// directory of them stays within its byte budget, a reply carrying one fits its room, and
+/// the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fat_entries_come_in_bounded_pages_and_replies() {
+    let server = server();
+    let mut carol = Client::login(&server, "carol").await;
+    let d = carol.mkdir(ROOT_ID, "fat", 0o755).await.unwrap();
+    let target = "\u{1}".repeat(4095);
+    let ops = (0..600)
+        .map(|i| {
+            let op = Request::Symlink {
+                owner: "carol".into(),
+                parent: d.id,
+                name: format!("{}{i:04}", "\\".repeat(251)),
+                target: target.clone(),
+            };
+            (op, Bytes::new())
+        })
+        .collect();
+    for answer in carol.raw.pipeline(ops).await {
+        answer.unwrap();
+    }
+    let mut bob = Client::login(&server, "bob").await;
+    let one = bob
+        .lookup("carol", d.id, &format!("{}0007", "\\".repeat(251)))
+        .await
+        .unwrap();
+    assert_eq!(one.target.as_deref(), Some(target.as_str()));
+    let mut after = None;
+    let mut pages = 0;
+    let mut seen = 0;
+    loop {
+        let op = Request::List {
+            owner: "carol".into(),
+            dir: d.id,
+            after: after.clone(),
+            limit: None,
+        };
+        let (reply, _) = bob.call(op, Bytes::new()).await.unwrap();
+        let Reply::Files { files, more } = reply else {
+            panic!("{reply:?}")
+        };
+        // Bounds the JSON (the protocol crate checks the bound against the encoding).
+        let json: usize = files.iter().map(|f| f.json_size_bound() + 1).sum();
+        assert!(json <= sharefs_protocol::LIST_PAGE_BYTES, "{json} bytes");
+        seen += files.len();
+        pages += 1;
+        after = files.last().map(|f| f.name.clone());
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(seen, 600);
+    assert!(pages > 1);
+    assert_eq!(bob.read("carol", 0).await.unwrap_err(), ErrorCode::NotFound);
+}
