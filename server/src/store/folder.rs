@@ -183,7 +183,15 @@ impl Folder {
             fsutil::sync_dir(&dir)?;
         }
 
-        let max_version = tree.nodes().map(|n| n.version).max().unwrap_or(0);
+        // New versions and blob names come from one counter: past every one in use.
+        let max_version = tree
+            .nodes()
+            .map(|n| match n.content {
+                Some(Content::Blob(b)) => n.version.max(b),
+                _ => n.version,
+            })
+            .max()
+            .unwrap_or(0);
         next_version.fetch_max(max_version + 1, Ordering::Relaxed);
         let journal = Journal::new(
             &dir,

@@ -10,8 +10,10 @@ use sharefs_protocol::{EntryKind, ErrorCode, Event, FileInfo, ROOT_ID};
 use super::folder::{PACK_MIN_GARBAGE, SNAPSHOT_MIN_RECORDS};
 use super::journal::{journal_name, SNAPSHOT};
 use super::pack::{pack_name, JOURNAL_PREALLOC, PACK_PREALLOC};
+use super::tree::PackRef;
 use super::upload::DIRECT_BLOCK;
 use super::*;
+use crate::cutoff::Cutoff;
 
 const N: &Cutoff = &Cutoff::NONE;
 
