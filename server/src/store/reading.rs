@@ -20,7 +20,7 @@ impl Store {
             .get(id)
             .ok_or_else(|| ServerError::NotFound(format!("{owner}/#{id}")))?;
         if caller == Caller::Other && !tree.others_may_see(id) {
-            return Err(denied(owner, tree.path_of(id)));
+            return Err(denied(owner, format!("#{id}")));
         }
         Ok(node.info(owner))
     }
@@ -32,9 +32,13 @@ impl Store {
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
         let tree = &folder.tree;
-        tree.dir(parent, &format!("{owner}/#{parent}"))?;
-        if caller == Caller::Other && !tree.others_may_search(parent) {
-            return Err(denied(owner, tree.path_of(parent)));
+        // Others learn nothing of a directory they may not reach, not even its kind.
+        if caller == Caller::Other && tree.get(parent).is_some() && !tree.others_may_see(parent) {
+            return Err(denied(owner, format!("#{parent}")));
+        }
+        let p = tree.dir(parent, &format!("{owner}/#{parent}"))?;
+        if caller == Caller::Other && p.mode & tree::OTHER_EXEC == 0 {
+            return Err(denied(owner, format!("#{parent}")));
         }
         tree.lookup(parent, name)
             .map(|n| n.info(owner))
@@ -85,9 +89,12 @@ impl Store {
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
         let tree = &folder.tree;
+        if caller == Caller::Other && tree.get(dir).is_some() && !tree.others_may_see(dir) {
+            return Err(denied(owner, format!("#{dir}")));
+        }
         let d = tree.dir(dir, &format!("{owner}/#{dir}"))?;
-        if caller == Caller::Other && (d.mode & OTHER_READ == 0 || !tree.others_may_see(dir)) {
-            return Err(denied(owner, tree.path_of(dir)));
+        if caller == Caller::Other && d.mode & OTHER_READ == 0 {
+            return Err(denied(owner, format!("#{dir}")));
         }
         let mut iter = tree.children_after(dir, after).map(|n| n.info(owner));
         let mut page: Vec<FileInfo> = Vec::new();
@@ -129,10 +136,10 @@ impl Store {
         let node = tree
             .get(id)
             .ok_or_else(|| ServerError::NotFound(format!("{owner}/#{id}")))?;
-        let path = tree.path_of(id);
         if caller == Caller::Other && (node.mode & OTHER_READ == 0 || !tree.others_may_see(id)) {
-            return Err(denied(owner, path));
+            return Err(denied(owner, format!("#{id}")));
         }
+        let path = tree.path_of(id);
         match node.kind {
             EntryKind::File => {}
             EntryKind::Dir => return Err(ServerError::IsADirectory(format!("{owner}/{path}"))),

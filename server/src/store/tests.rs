@@ -429,8 +429,14 @@ fn others_see_what_the_modes_let_them() {
         store.stat("alice", hidden.id, o).unwrap_err(),
         store.open_read("alice", hidden.id, o).unwrap_err(),
         store.resolve("alice", "closed/hidden", o).unwrap_err(),
+        // Not even the kind of a hidden entry is told.
+        store.lookup("alice", hidden.id, "x", o).unwrap_err(),
+        store
+            .list_page("alice", hidden.id, None, 1, usize::MAX, o)
+            .unwrap_err(),
     ] {
         assert_eq!(err.code(), ErrorCode::PermissionDenied, "{err}");
+        assert!(!err.to_string().contains("hidden"), "{err}");
     }
     assert_eq!(read_id(&store, hidden.id), b"h", "the owner reads anything");
 }
