@@ -864,3 +864,64 @@ async fn fat_entries_come_in_bounded_pages_and_replies() {
     assert!(pages > 1);
     assert_eq!(bob.read("carol", 0).await.unwrap_err(), ErrorCode::NotFound);
 }
+
+/// A data directory as the protocol 1 server left it (a snapshot with `files`, a journal,
+/// a pack and a blob) is served as a tree from the first start, and stays one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flat_data_directory_is_served_as_a_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let folder = data.join("files/alice");
+    std::fs::create_dir_all(&folder).unwrap();
+    let small = b"small and packed";
+    let big = content(11, 200_000);
+    std::fs::write(folder.join("pack-1.dat"), small).unwrap();
+    std::fs::write(folder.join(format!("{:016x}.blob", 77)), &big).unwrap();
+    let h = |b: &[u8]| blake3::hash(b).to_hex().to_string();
+    std::fs::write(
+        folder.join("snapshot.json"),
+        format!(
+            r#"{{"journal":0,"files":[{{"name":"notes.txt","size":{},"mtime_ns":5,"version":70,"blake3":"{}","pack":{{"pack":1,"offset":0}}}}]}}"#,
+            small.len(),
+            h(small)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("journal-0.jsonl"),
+        format!(
+            "{}\n",
+            format_args!(
+                r#"{{"put":{{"name":"big.bin","size":{},"mtime_ns":6,"version":77,"blake3":"{}"}}}}"#,
+                big.len(),
+                h(&big)
+            )
+        ),
+    )
+    .unwrap();
+    let mut server = TestServer::start_in(Some(&data), &["--plaintext"]);
+    let mut bob = Client::login(&server, "bob").await;
+    assert_eq!(
+        bob.list("alice", ROOT_ID).await.unwrap(),
+        ["big.bin", "notes.txt"]
+    );
+    let notes = bob.lookup("alice", ROOT_ID, "notes.txt").await.unwrap();
+    assert_eq!(
+        (notes.mode, notes.mtime_ns, notes.kind),
+        (0o644, 5, EntryKind::File)
+    );
+    assert_eq!(bob.read("alice", notes.id).await.unwrap(), small);
+    let big_id = bob.resolve("alice", "big.bin").await.unwrap().id;
+    assert_eq!(bob.read("alice", big_id).await.unwrap(), big);
+    let mut alice = Client::login(&server, "alice").await;
+    let d = alice.mkdir(ROOT_ID, "dir", 0o755).await.unwrap();
+    alice
+        .rename(ROOT_ID, "notes.txt", d.id, "notes.txt", false)
+        .await
+        .unwrap();
+    server.restart();
+    let mut bob = Client::login(&server, "bob").await;
+    let moved = bob.resolve("alice", "dir/notes.txt").await.unwrap();
+    assert_eq!(moved.id, notes.id);
+    assert_eq!(bob.read("alice", moved.id).await.unwrap(), small);
+}
