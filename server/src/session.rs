@@ -1,9 +1,9 @@
-//! One client connection: handshake and login ([`handshake`]), then a reader loop that
+//! One client connection: handshake and login (`handshake`), then a reader loop that
 //! dispatches requests and a writer task (`outbox`) that owns the sending half.
 //!
 //! Requests run as their own tasks (bounded per connection), so a slow read never delays a
-//! listing and replies go out in completion order ([`requests`]). Upload chunks are the
-//! exception: they are written in arrival order by the reader loop itself ([`uploads`]).
+//! listing and replies go out in completion order (`requests`). Upload chunks are the
+//! exception: they are written in arrival order by the reader loop itself (`uploads`).
 //! Nothing a client sends can reach an `unwrap`.
 
 mod handshake;

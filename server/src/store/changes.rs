@@ -170,7 +170,7 @@ impl Store {
     }
 
     /// Moves `name` in `parent` to `new_name` in `new_parent` in one journal record (see
-    /// [`Tree::plan_rename`]). Returns the moved entry.
+    /// `Tree::plan_rename`). Returns the moved entry.
     #[allow(clippy::too_many_arguments)]
     pub fn rename(
         &self,
