@@ -101,6 +101,7 @@ async fn serve_inner<S>(
     );
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
     let lagged = Arc::new(AtomicBool::new(false));
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let fenced = Arc::new(AtomicBool::new(false));
     let end = Arc::new(EndSignal::default());
     let session_id = shared.hub.register(EventSink {
@@ -109,6 +110,7 @@ async fn serve_inner<S>(
         end: end.clone(),
         tx: ev_tx,
         lagged: lagged.clone(),
+        queued: queued.clone(),
         client,
         fenced: fenced.clone(),
     });
@@ -117,6 +119,7 @@ async fn serve_inner<S>(
         outbox: outbox.clone(),
         events: ev_rx,
         lagged,
+        queued,
         reply_timeout: shared.config.reply_timeout,
     };
     let mut writer = tokio::spawn(writer.run().in_current_span());
