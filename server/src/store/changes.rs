@@ -32,6 +32,21 @@ impl Store {
                 (folder.tree.get(id).cloned(), folder.tree.others_may_see(id))
             })
             .collect();
+        // Callers claimed room for a record of ordinary size; one of fat rows (names and
+        // link targets that escape to six bytes a byte) claims the rest.
+        let record: u64 = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(n) => 512 + 6 * (n.name.len() + n.target.as_ref().map_or(0, String::len)),
+                Op::Remove { .. } => 64,
+            } as u64)
+            .sum();
+        let extra = record.saturating_sub(RECORD_ROOM);
+        let _extra = if extra > 0 {
+            Some(self.inner.space.claim(extra)?)
+        } else {
+            None
+        };
         folder.commit(ops.clone(), pending)?;
         let tree = &folder.tree;
         let mut events = Vec::with_capacity(ops.len());
