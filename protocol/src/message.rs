@@ -649,3 +649,21 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod seeds {
+    /// The fuzz seeds of `fuzz/seeds/messages` are messages of this protocol version.
+    #[test]
+    fn fuzz_seeds_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/messages");
+        let mut parsed = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let client = serde_json::from_slice::<super::ClientMessage>(&bytes).is_ok();
+            let server = serde_json::from_slice::<super::ServerMessage>(&bytes).is_ok();
+            assert!(client || server, "{}", String::from_utf8_lossy(&bytes));
+            parsed += 1;
+        }
+        assert!(parsed >= 8);
+    }
+}

@@ -21,7 +21,9 @@
 //!   ([`store::tree`]) kept in a JSON journal with snapshots ([`store::journal`]), small
 //!   contents appended to a pack ([`store::pack`]), large ones as blobs; uploads being
 //!   received ([`store::upload`]), read handles ([`store::read`]), loading a folder
-//!   ([`store::folder`]) and migrating the flat layout of protocol 1 ([`store::migrate`]).
+//!   ([`store::folder`]) and migrating the flat layout of protocol 1 ([`store::migrate`]);
+//!   the operations on a tree are split into reading (`store::reading`), changing
+//!   (`store::changes`) and contents (`store::contents`).
 //!   Users ([`users`]) and notifications ([`hub`]) keep their own JSON files for now.
 //! - [`space`]: the disk reserve, claimed by every write so concurrent writers add up.
 //! - [`reservations`]: the quota held by uploads in progress, so they add up too.

@@ -1,9 +1,9 @@
-//! One client connection: handshake and login ([`handshake`]), then a reader loop that
+//! One client connection: handshake and login (`handshake`), then a reader loop that
 //! dispatches requests and a writer task (`outbox`) that owns the sending half.
 //!
 //! Requests run as their own tasks (bounded per connection), so a slow read never delays a
-//! listing and replies go out in completion order ([`requests`]). Upload chunks are the
-//! exception: they are written in arrival order by the reader loop itself ([`uploads`]).
+//! listing and replies go out in completion order (`requests`). Upload chunks are the
+//! exception: they are written in arrival order by the reader loop itself (`uploads`).
 //! Nothing a client sends can reach an `unwrap`.
 
 mod handshake;
@@ -33,7 +33,7 @@ use crate::error::ServerError;
 use crate::hub::{EndSignal, EventSink};
 use crate::outbox::{Outbox, Writer};
 use crate::shared::{Shared, Slot};
-use crate::store::UploadTarget;
+use crate::storage::UploadTarget;
 pub use handshake::version_mismatch;
 use handshake::{frame_error_body, handshake};
 use requests::{reply_room, Context, Handled, Handles, SMALL_REPLY};
@@ -101,6 +101,7 @@ async fn serve_inner<S>(
     );
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
     let lagged = Arc::new(AtomicBool::new(false));
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let fenced = Arc::new(AtomicBool::new(false));
     let end = Arc::new(EndSignal::default());
     let session_id = shared.hub.register(EventSink {
@@ -109,6 +110,7 @@ async fn serve_inner<S>(
         end: end.clone(),
         tx: ev_tx,
         lagged: lagged.clone(),
+        queued: queued.clone(),
         client,
         fenced: fenced.clone(),
     });
@@ -117,6 +119,7 @@ async fn serve_inner<S>(
         outbox: outbox.clone(),
         events: ev_rx,
         lagged,
+        queued,
         reply_timeout: shared.config.reply_timeout,
     };
     let mut writer = tokio::spawn(writer.run().in_current_span());

@@ -15,6 +15,7 @@ use crate::config::ServerConfig;
 use crate::error::Result;
 use crate::hub::Hub;
 use crate::login::Logins;
+use crate::storage::SharedStorage;
 use crate::store::Store;
 use crate::users::UserDb;
 
@@ -22,7 +23,8 @@ use crate::users::UserDb;
 #[derive(Debug, Clone)]
 pub struct Shared {
     pub config: Arc<ServerConfig>,
-    pub store: Store,
+    /// The tree and contents of every user, behind the storage interfaces.
+    pub store: SharedStorage,
     pub users: UserDb,
     pub hub: Hub,
     /// Bounds the bytes of file data buffered for reads across the whole server, in KiB.
@@ -179,7 +181,7 @@ impl Shared {
         let config_max_connections = config.max_connections;
         Ok(Shared {
             config: Arc::new(config),
-            store,
+            store: Arc::new(store),
             users,
             hub,
             read_budget,

@@ -15,14 +15,52 @@
 //!   embedded store removes it at once or at its next load; open handles keep reading it).
 //!
 //! `store::Store` implements both over plain files: a JSON journal with snapshots, a pack
-//! of small contents and one blob file per large one.
+//! of small contents and one blob file per large one. Sessions hold the storage as a
+//! [`Storage`] trait object and see nothing else of it; uploads and read handles reach
+//! them as [`ContentWriter`] and [`ContentReader`] objects.
 
+use std::any::Any;
+use std::fmt::Debug;
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
 use sharefs_protocol::{FileInfo, Space};
 
 use crate::cutoff::Cutoff;
-use crate::error::Result;
+use crate::error::{Result, ServerError};
 pub use crate::store::{Caller, Published, UploadTarget};
 use crate::store::{OpenFile, StagedUpload, Store};
+
+/// A content being received, chunk by chunk, in order. Dropping it discards it.
+pub trait ContentWriter: Send + Sync + Debug {
+    /// Appends a chunk at `offset`. Blocking. A failure is kept and reported by commit.
+    fn write_chunk(&mut self, offset: u64, data: &[u8]);
+    /// Bytes received so far.
+    fn written(&self) -> u64;
+    /// The writer as `Any`, for the store that made it to take it back at commit.
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+/// A read handle pinned to the version current when it was opened.
+pub trait ContentReader: Send + Sync + Debug {
+    /// The entry as it was when opened.
+    fn info(&self) -> &FileInfo;
+    /// Up to `len` bytes at `offset` (fewer at the end). Blocking.
+    fn read(&self, offset: u64, len: usize) -> io::Result<Bytes>;
+    /// Like `read`, but only if that needs no waiting for a disk; `None` otherwise.
+    fn read_cached(&self, _offset: u64, _len: usize) -> Option<Bytes> {
+        None
+    }
+}
+
+/// Both stores, as sessions hold them.
+pub trait Storage: MetaStore + BlobStore + Debug {}
+
+impl<T: MetaStore + BlobStore + Debug> Storage for T {}
+
+/// The storage sessions use.
+pub type SharedStorage = Arc<dyn Storage>;
 
 /// Users' trees.
 pub trait MetaStore: Send + Sync {
@@ -97,10 +135,7 @@ pub trait MetaStore: Send + Sync {
 
 /// File contents.
 pub trait BlobStore: Send + Sync {
-    /// A content being received.
-    type Upload;
-    /// A read handle on one version.
-    type Reader;
+    /// Starts receiving a content for `target`, checked against `quota` and free space.
     fn begin_upload(
         &self,
         owner: &str,
@@ -108,11 +143,12 @@ pub trait BlobStore: Send + Sync {
         size: Option<u64>,
         mode: Option<u32>,
         quota: Option<u64>,
-    ) -> Result<Self::Upload>;
-    /// Makes a received content the new version of its target.
+    ) -> Result<Box<dyn ContentWriter>>;
+    /// Makes a received content the new version of its target, in the same transaction as
+    /// the entry's row.
     fn commit_upload(
         &self,
-        upload: Self::Upload,
+        upload: Box<dyn ContentWriter>,
         size: u64,
         blake3: &str,
         mtime_ns: Option<i64>,
@@ -132,7 +168,41 @@ pub trait BlobStore: Send + Sync {
         cutoff: &Cutoff,
     ) -> Result<(FileInfo, Vec<Published>)>;
     /// Opens the current version of a file for ranged reads, with its path.
-    fn open_read(&self, owner: &str, id: u64, caller: Caller) -> Result<(Self::Reader, String)>;
+    fn open_read(
+        &self,
+        owner: &str,
+        id: u64,
+        caller: Caller,
+    ) -> Result<(Box<dyn ContentReader>, String)>;
+    /// Opens the owner's own file without blocking, where that is possible; `None`
+    /// otherwise (then [`BlobStore::open_read`]).
+    fn try_open_own(&self, _owner: &str, _id: u64) -> Option<Box<dyn ContentReader>> {
+        None
+    }
+}
+
+impl ContentWriter for StagedUpload {
+    fn write_chunk(&mut self, offset: u64, data: &[u8]) {
+        StagedUpload::write_chunk(self, offset, data)
+    }
+    fn written(&self) -> u64 {
+        StagedUpload::written(self)
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+impl ContentReader for OpenFile {
+    fn info(&self) -> &FileInfo {
+        &self.info
+    }
+    fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        OpenFile::read(self, offset, len)
+    }
+    fn read_cached(&self, offset: u64, len: usize) -> Option<Bytes> {
+        OpenFile::read_cached(self, offset, len)
+    }
 }
 
 impl MetaStore for Store {
@@ -223,8 +293,6 @@ impl MetaStore for Store {
 }
 
 impl BlobStore for Store {
-    type Upload = StagedUpload;
-    type Reader = OpenFile;
     fn begin_upload(
         &self,
         owner: &str,
@@ -232,18 +300,24 @@ impl BlobStore for Store {
         size: Option<u64>,
         mode: Option<u32>,
         quota: Option<u64>,
-    ) -> Result<StagedUpload> {
-        Store::begin_upload(self, owner, target, size, mode, quota)
+    ) -> Result<Box<dyn ContentWriter>> {
+        Ok(Box::new(Store::begin_upload(
+            self, owner, target, size, mode, quota,
+        )?))
     }
     fn commit_upload(
         &self,
-        upload: StagedUpload,
+        upload: Box<dyn ContentWriter>,
         size: u64,
         blake3: &str,
         mtime_ns: Option<i64>,
         cutoff: &Cutoff,
     ) -> Result<(FileInfo, Vec<Published>)> {
-        Store::commit_upload(self, upload, size, blake3, mtime_ns, cutoff)
+        let upload = upload
+            .into_any()
+            .downcast::<StagedUpload>()
+            .map_err(|_| ServerError::Internal("an upload of another store".into()))?;
+        Store::commit_upload(self, *upload, size, blake3, mtime_ns, cutoff)
     }
     fn put(
         &self,
@@ -260,7 +334,16 @@ impl BlobStore for Store {
             self, owner, target, data, blake3, mode, mtime_ns, quota, cutoff,
         )
     }
-    fn open_read(&self, owner: &str, id: u64, caller: Caller) -> Result<(OpenFile, String)> {
-        Store::open_read(self, owner, id, caller)
+    fn open_read(
+        &self,
+        owner: &str,
+        id: u64,
+        caller: Caller,
+    ) -> Result<(Box<dyn ContentReader>, String)> {
+        let (open, path) = Store::open_read(self, owner, id, caller)?;
+        Ok((Box::new(open), path))
+    }
+    fn try_open_own(&self, owner: &str, id: u64) -> Option<Box<dyn ContentReader>> {
+        Store::try_open_packed(self, owner, id).map(|f| Box::new(f) as Box<dyn ContentReader>)
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::cutoff::Cutoff;
 use crate::error::ServerError;
 use crate::shared::{Shared, Slot};
-use crate::store::{Caller, OpenFile, Published, UploadTarget};
+use crate::storage::{Caller, ContentReader, Published, UploadTarget};
 
 /// What a request task needs of its session.
 pub(super) struct Context {
@@ -72,7 +72,7 @@ pub(super) fn reply_room(op: &Request) -> usize {
 pub(super) const NOTIFICATIONS_BYTES: usize = 512 * 1024;
 
 /// A connection's open handles: the file, and its place under the handle limits.
-pub(super) type HandleTable = HashMap<u64, (Arc<OpenFile>, HandleTicket)>;
+pub(super) type HandleTable = HashMap<u64, (Arc<dyn ContentReader>, HandleTicket)>;
 pub(super) type Handles = Arc<Mutex<HandleTable>>;
 
 /// An open handle's place under the per-connection, per-user and server-wide limits;
@@ -347,7 +347,7 @@ impl Context {
                 let space = self
                     .blocking(move |s| {
                         let quota = s.users.get(&user)?.and_then(|u| u.quota);
-                        s.store.space(&user, quota)
+                        s.store.usage(&user, quota)
                     })
                     .await?;
                 Reply::Space(space)
@@ -368,7 +368,7 @@ impl Context {
         // One's own small files open without a trip to the blocking pool (no disk access:
         // the folder is loaded and the pack is open); everything else takes the slow path.
         let quick = if owner == self.user {
-            self.shared.store.try_open_packed(&owner, id)
+            self.shared.store.try_open_own(&owner, id)
         } else {
             None
         };
@@ -422,7 +422,7 @@ impl Context {
         owner: String,
         id: u64,
         cutoff: Cutoff,
-    ) -> Result<OpenFile, ServerError> {
+    ) -> Result<Box<dyn ContentReader>, ServerError> {
         let owner = self.require_user(owner).await?;
         let downloader = self.user.clone();
         let caller = self.caller(&owner);
@@ -433,22 +433,27 @@ impl Context {
                 cutoff.check()?;
                 // Recorded durably before the reader gets a byte, under the file's path.
                 s.hub
-                    .record_download(&owner, &downloader, &path, open.info.size)?;
+                    .record_download(&owner, &downloader, &path, open.info().size)?;
             }
             Ok(open)
         })
         .await
     }
 
-    async fn opened(self, open: OpenFile, head: u32, ticket: HandleTicket) -> Handled {
+    async fn opened(
+        self,
+        open: Box<dyn ContentReader>,
+        head: u32,
+        ticket: HandleTicket,
+    ) -> Handled {
         // Each download is logged once by the hub when it records its notification
         // (repeats within the coalescing window are counted there, not logged again).
-        if open.info.owner != self.user {
-            tracing::debug!(owner = %open.info.owner, file = %open.info.name, size = open.info.size, "download");
+        let file = open.info().clone();
+        if file.owner != self.user {
+            tracing::debug!(owner = %file.owner, file = %file.name, size = file.size, "download");
         }
-        let file = open.info.clone();
         let head = (head.min(self.chunk_size()) as u64).min(file.size) as usize;
-        let open = Arc::new(open);
+        let open: Arc<dyn ContentReader> = Arc::from(open);
         let data = if head == 0 {
             Bytes::new()
         } else {
@@ -484,7 +489,7 @@ impl Context {
             .map(|(open, _)| open.clone())
             .ok_or_else(|| ServerError::Protocol(format!("no open handle {handle}")))?;
         let len = len.min(self.chunk_size()) as usize;
-        let len = len.min(open.info.size.saturating_sub(offset) as usize);
+        let len = len.min(open.info().size.saturating_sub(offset) as usize);
         let data = self.read_budgeted(open, offset, len).await?;
         Ok((Reply::Data, data))
     }
@@ -493,7 +498,7 @@ impl Context {
     /// at once; once read, the data is counted in its reply's room in the queue.
     async fn read_budgeted(
         &self,
-        open: Arc<OpenFile>,
+        open: Arc<dyn ContentReader>,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ServerError> {

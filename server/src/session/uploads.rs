@@ -13,7 +13,7 @@ use super::requests::ENTRY_REPLY;
 use super::Session;
 use crate::cutoff::Cutoff;
 use crate::error::ServerError;
-use crate::store::{StagedUpload, UploadTarget};
+use crate::storage::{ContentWriter, UploadTarget};
 
 /// How often uploads are checked for having gone without data for `bound`.
 pub(super) fn idle_upload_sweep(bound: Duration) -> tokio::time::Interval {
@@ -26,15 +26,15 @@ pub(super) fn idle_upload_sweep(bound: Duration) -> tokio::time::Interval {
 /// An upload of this session: idle, or writing its last chunk on the blocking pool while
 /// the reader goes on decrypting the next one.
 pub(super) enum Upload {
-    Idle(Box<StagedUpload>),
-    Writing(tokio::task::JoinHandle<StagedUpload>),
+    Idle(Box<dyn ContentWriter>),
+    Writing(tokio::task::JoinHandle<Box<dyn ContentWriter>>),
 }
 
 impl Upload {
     /// The upload once its last write is done; `None` if that write task died.
-    async fn settle(self) -> Option<StagedUpload> {
+    async fn settle(self) -> Option<Box<dyn ContentWriter>> {
         match self {
-            Upload::Idle(up) => Some(*up),
+            Upload::Idle(up) => Some(up),
             Upload::Writing(task) => match task.await {
                 Ok(up) => Some(up),
                 Err(e) => {
@@ -110,7 +110,7 @@ impl Session {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.uploads
-            .insert(upload, (Upload::Idle(Box::new(up)), slot, Instant::now()));
+            .insert(upload, (Upload::Idle(up), slot, Instant::now()));
         Ok(Reply::UploadStarted { upload })
     }
 

@@ -98,7 +98,8 @@ impl Folder {
             }
         }
 
-        let mut tree = Tree::from_nodes(snapshot.entries, snapshot.next_id);
+        let mut tree = snapshot.entries.0;
+        tree.raise_next_id(snapshot.next_id);
         // Replay the journal; cut off a torn last record.
         let journal = fsutil::open_rw(&journal_path, false)?;
         let bytes = fs::read(&journal_path)?;
@@ -182,7 +183,15 @@ impl Folder {
             fsutil::sync_dir(&dir)?;
         }
 
-        let max_version = tree.nodes().map(|n| n.version).max().unwrap_or(0);
+        // New versions and blob names come from one counter: past every one in use.
+        let max_version = tree
+            .nodes()
+            .map(|n| match n.content {
+                Some(Content::Blob(b)) => n.version.max(b),
+                _ => n.version,
+            })
+            .max()
+            .unwrap_or(0);
         next_version.fetch_max(max_version + 1, Ordering::Relaxed);
         let journal = Journal::new(
             &dir,

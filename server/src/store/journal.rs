@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::pack::{preallocate, sync_range, JOURNAL_PREALLOC};
-use super::tree::{Node, Op};
+use super::tree::{Entries, Node, Op};
 use crate::error::{Result, ServerError};
 use crate::fsutil;
 use crate::space::DiskSpace;
@@ -50,7 +50,7 @@ pub struct Snapshot {
     #[serde(default)]
     pub next_id: u64,
     #[serde(default)]
-    pub entries: Vec<Node>,
+    pub entries: Entries,
 }
 
 /// A snapshot as written, borrowing the entries.

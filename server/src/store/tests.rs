@@ -10,8 +10,10 @@ use sharefs_protocol::{EntryKind, ErrorCode, Event, FileInfo, ROOT_ID};
 use super::folder::{PACK_MIN_GARBAGE, SNAPSHOT_MIN_RECORDS};
 use super::journal::{journal_name, SNAPSHOT};
 use super::pack::{pack_name, JOURNAL_PREALLOC, PACK_PREALLOC};
+use super::tree::PackRef;
 use super::upload::DIRECT_BLOCK;
 use super::*;
+use crate::cutoff::Cutoff;
 
 const N: &Cutoff = &Cutoff::NONE;
 
@@ -427,8 +429,14 @@ fn others_see_what_the_modes_let_them() {
         store.stat("alice", hidden.id, o).unwrap_err(),
         store.open_read("alice", hidden.id, o).unwrap_err(),
         store.resolve("alice", "closed/hidden", o).unwrap_err(),
+        // Not even the kind of a hidden entry is told.
+        store.lookup("alice", hidden.id, "x", o).unwrap_err(),
+        store
+            .list_page("alice", hidden.id, None, 1, usize::MAX, o)
+            .unwrap_err(),
     ] {
         assert_eq!(err.code(), ErrorCode::PermissionDenied, "{err}");
+        assert!(!err.to_string().contains("hidden"), "{err}");
     }
     assert_eq!(read_id(&store, hidden.id), b"h", "the owner reads anything");
 }
@@ -784,4 +792,65 @@ fn loading_a_hundred_thousand_entries_stays_fast() {
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_secs(20), "{took:?}");
     assert_eq!(store.path_of("alice", id - 1).unwrap(), "d99/f998");
+}
+
+/// Load time of 100,000 files: a flat folder (parsed as the flat layout's load did) against
+/// the same files as a tree. Run with `--ignored --nocapture` to see the numbers.
+#[test]
+#[ignore]
+fn load_time_per_entry_flat_and_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("files/alice");
+    fs::create_dir_all(&folder).unwrap();
+    let mut files = String::from(r#"{"journal":0,"files":["#);
+    for i in 0..100_000u64 {
+        if i > 0 {
+            files.push(',');
+        }
+        files.push_str(&format!(
+            r#"{{"name":"file-{i:06}.txt","size":4096,"mtime_ns":1700000000000000000,"version":{},"blake3":"{}","pack":{{"pack":1,"offset":{}}}}}"#,
+            1_700_000_000_000_000_000u64 + i,
+            blake3::hash(&i.to_le_bytes()).to_hex(),
+            i * 4096
+        ));
+    }
+    files.push_str("]}");
+    fs::write(folder.join("snapshot.json"), &files).unwrap();
+    fs::write(folder.join("pack-1.dat"), b"").unwrap();
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Flat {
+        name: String,
+        size: u64,
+        mtime_ns: i64,
+        version: u64,
+        blake3: String,
+        pack: Option<PackRef>,
+    }
+    #[derive(serde::Deserialize)]
+    struct FlatSnap {
+        files: Vec<Flat>,
+    }
+    let started = std::time::Instant::now();
+    let bytes = fs::read(folder.join("snapshot.json")).unwrap();
+    let snap: FlatSnap = serde_json::from_slice(&bytes).unwrap();
+    let map: std::collections::BTreeMap<String, Flat> = snap
+        .files
+        .into_iter()
+        .map(|f| (f.name.clone(), f))
+        .collect();
+    let flat = started.elapsed();
+    assert_eq!(map.len(), 100_000);
+    // Migrated once, then loaded as a tree.
+    drop(Store::open(dir.path(), 0).unwrap().list("alice", ROOT_ID));
+    let started = std::time::Instant::now();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let space = store.space("alice", None).unwrap();
+    let tree = started.elapsed();
+    assert_eq!(space.files, 100_000);
+    println!(
+        "100,000 files: flat parse {flat:?} ({} ns/file), tree load {tree:?} ({} ns/entry)",
+        flat.as_nanos() / 100_000,
+        tree.as_nanos() / 100_000
+    );
 }

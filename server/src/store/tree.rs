@@ -137,12 +137,37 @@ pub const OTHER_READ: u32 = 0o004;
 /// The "other" execute (search) bit.
 pub const OTHER_EXEC: u32 = 0o001;
 
+/// Hashes entry ids with one multiplication (Fibonacci hashing): ids are small
+/// sequential numbers chosen by the server, not by clients, so they need no protection
+/// against collisions crafted to slow the table down, and loading a large tree spends
+/// much of its time hashing them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHash(u64);
+
+impl std::hash::Hasher for IdHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHash>>;
+
 /// One user's tree.
 #[derive(Debug, Default)]
 pub struct Tree {
-    nodes: HashMap<u64, Node>,
+    nodes: IdMap<Node>,
     /// Per directory, its entries by name.
-    children: HashMap<u64, BTreeMap<String, u64>>,
+    children: IdMap<BTreeMap<String, u64>>,
     /// The next id to hand out: above every id ever used.
     next_id: u64,
     /// Bytes of file content.
@@ -157,10 +182,16 @@ impl Tree {
             next_id: next_id.max(ROOT_ID + 1),
             ..Tree::default()
         };
+        tree.nodes.reserve(nodes.len());
         for node in nodes {
             tree.apply(Op::Put(node));
         }
         tree
+    }
+
+    /// Raises the next id to hand out to at least `next_id` (a snapshot's).
+    pub fn raise_next_id(&mut self, next_id: u64) {
+        self.next_id = self.next_id.max(next_id).max(ROOT_ID + 1);
     }
 
     /// Makes a missing root, and drops (and returns) the entries that do not hang below
@@ -694,5 +725,38 @@ mod tests {
         assert!(shown.starts_with("…/") && shown.ends_with("/f"), "{shown}");
         assert!(shown.len() <= MAX_PATH);
         assert!(tree.is_within(f, first));
+    }
+}
+
+/// A snapshot's entries, read straight into a tree as they are parsed: no list of them in
+/// between, which halves what loading a large tree moves through memory.
+#[derive(Debug, Default)]
+pub struct Entries(pub Tree);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Entries, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Entries;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of entries")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut tree = Tree::default();
+                if let Some(n) = seq.size_hint() {
+                    tree.nodes.reserve(n);
+                }
+                while let Some(node) = seq.next_element::<Node>()? {
+                    tree.apply(Op::Put(node));
+                }
+                Ok(Entries(tree))
+            }
+        }
+        d.deserialize_seq(Visitor)
     }
 }
