@@ -779,12 +779,8 @@ fn a_killed_mount_is_mounted_again_and_its_unsaved_data_kept() {
     for dir in &left {
         assert!(!dir.exists(), "{} left in staging", dir.display());
     }
-    // The file was created on the server, empty, when it was opened; none of the data
-    // the dead mount held reached it.
-    assert_eq!(
-        server_content(&server, "alice", "big.bin").as_deref(),
-        Some(&b""[..])
-    );
+    // None of the data the dead mount held reached the server.
+    assert!(server_content(&server, "alice", "big.bin").is_none_or(|d| d.is_empty()));
 
     // A live mount is refused, clearly, and keeps working.
     let out = output_within(&mut alice.command(&server, "alice", &[]));
