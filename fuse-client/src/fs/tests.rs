@@ -1750,3 +1750,254 @@ fn symbolic_links_are_made_read_and_reported() {
         assert!(e.core.remote.at("alice", "link").is_none());
     });
 }
+
+/// Operations on a small tree: files "a" and "b" in the folder or in the directories
+/// "d" and "e", which may exist or not.
+#[derive(Debug, Clone)]
+enum TreeOp {
+    Create(usize, Vec<u8>),
+    WriteAt(usize, u16, Vec<u8>),
+    Truncate(usize, u16),
+    Rename(usize, usize),
+    Unlink(usize),
+    Mkdir(usize),
+    Rmdir(usize),
+    RenameDir(usize, usize),
+    /// A file opened for writing, then its directory renamed, then written and closed.
+    WriteAcrossDirRename(usize, usize, Vec<u8>),
+}
+
+const DIRS: [&str; 2] = ["d", "e"];
+const FILES: [(Option<usize>, &str); 5] = [
+    (None, "a"),
+    (Some(0), "a"),
+    (Some(0), "b"),
+    (Some(1), "a"),
+    (Some(1), "b"),
+];
+
+fn tree_op() -> impl Strategy<Value = TreeOp> {
+    let data = || prop::collection::vec(any::<u8>(), 0..200);
+    let f = || 0..FILES.len();
+    let d = || 0..DIRS.len();
+    prop_oneof![
+        (f(), data()).prop_map(|(i, x)| TreeOp::Create(i, x)),
+        (f(), 0u16..300, data()).prop_map(|(i, o, x)| TreeOp::WriteAt(i, o, x)),
+        (f(), 0u16..300).prop_map(|(i, l)| TreeOp::Truncate(i, l)),
+        (f(), f()).prop_map(|(a, b)| TreeOp::Rename(a, b)),
+        f().prop_map(TreeOp::Unlink),
+        d().prop_map(TreeOp::Mkdir),
+        d().prop_map(TreeOp::Rmdir),
+        (d(), d()).prop_map(|(a, b)| TreeOp::RenameDir(a, b)),
+        (1..FILES.len(), d(), data()).prop_map(|(i, t, x)| TreeOp::WriteAcrossDirRename(i, t, x)),
+    ]
+}
+
+/// The model: directories that exist, and files by path.
+#[derive(Debug, Default, Clone)]
+struct TreeModel {
+    dirs: std::collections::BTreeSet<String>,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+fn file_path(i: usize) -> String {
+    match FILES[i] {
+        (None, n) => n.to_string(),
+        (Some(d), n) => format!("{}/{n}", DIRS[d]),
+    }
+}
+
+/// The inode of the directory holding file `i`, if it exists.
+async fn dir_of(core: &FsCore<Fake>, home: u64, i: usize) -> Option<u64> {
+    match FILES[i].0 {
+        None => Some(home),
+        Some(d) => core.lookup(home, DIRS[d]).await.ok().map(|a| a.ino),
+    }
+}
+
+async fn apply_tree(core: &FsCore<Fake>, home: u64, m: &mut TreeModel, op: &TreeOp) {
+    let dir_exists = |m: &TreeModel, i: usize| FILES[i].0.is_none_or(|d| m.dirs.contains(DIRS[d]));
+    match op {
+        TreeOp::Create(i, x) => {
+            let Some(dir) = dir_of(core, home, *i).await else {
+                assert!(!dir_exists(m, *i));
+                return;
+            };
+            let (_, fh) = core.create(dir, FILES[*i].1, 0o644).await.unwrap();
+            core.write(fh, 0, x).await.unwrap();
+            core.flush(fh).await.unwrap();
+            core.release(fh).await.unwrap();
+            m.files.insert(file_path(*i), x.clone());
+        }
+        TreeOp::WriteAt(i, off, _) | TreeOp::Truncate(i, off) if dir_exists(m, *i) => {
+            let dir = dir_of(core, home, *i).await.unwrap();
+            let found = core.lookup(dir, FILES[*i].1).await;
+            let Some(content) = m.files.get_mut(&file_path(*i)) else {
+                assert!(matches!(found, Err(FsError::NotFound)), "{found:?}");
+                return;
+            };
+            let ino = found.unwrap().ino;
+            let off = *off as usize;
+            if let TreeOp::WriteAt(_, _, x) = op {
+                let o = core.open(ino, RW).await.unwrap();
+                core.write(o.fh, off as u64, x).await.unwrap();
+                core.flush(o.fh).await.unwrap();
+                core.release(o.fh).await.unwrap();
+                if !x.is_empty() {
+                    if content.len() < off + x.len() {
+                        content.resize(off + x.len(), 0);
+                    }
+                    content[off..off + x.len()].copy_from_slice(x);
+                }
+            } else {
+                core.setattr(ino, size(off as u64), None).await.unwrap();
+                content.resize(off, 0);
+            }
+        }
+        TreeOp::WriteAt(..) | TreeOp::Truncate(..) => {}
+        TreeOp::Rename(a, b) => {
+            let (Some(from), Some(to)) =
+                (dir_of(core, home, *a).await, dir_of(core, home, *b).await)
+            else {
+                return;
+            };
+            let r = core.rename(from, FILES[*a].1, to, FILES[*b].1, false).await;
+            match m.files.remove(&file_path(*a)) {
+                Some(x) => {
+                    r.unwrap();
+                    m.files.insert(file_path(*b), x);
+                }
+                None => assert!(matches!(r, Err(FsError::NotFound)), "{r:?}"),
+            }
+        }
+        TreeOp::Unlink(i) => {
+            let Some(dir) = dir_of(core, home, *i).await else {
+                return;
+            };
+            let r = core.unlink(dir, FILES[*i].1).await;
+            match m.files.remove(&file_path(*i)) {
+                Some(_) => r.unwrap(),
+                None => assert!(matches!(r, Err(FsError::NotFound)), "{r:?}"),
+            }
+        }
+        TreeOp::Mkdir(d) => {
+            let r = core.mkdir(home, DIRS[*d], 0o755).await;
+            if m.dirs.insert(DIRS[*d].to_string()) {
+                r.unwrap();
+            } else {
+                assert!(matches!(r, Err(FsError::Exists)), "{r:?}");
+            }
+        }
+        TreeOp::Rmdir(d) => {
+            let r = core.rmdir(home, DIRS[*d]).await;
+            let prefix = format!("{}/", DIRS[*d]);
+            if !m.dirs.contains(DIRS[*d]) {
+                assert!(matches!(r, Err(FsError::NotFound)), "{r:?}");
+            } else if m.files.keys().any(|k| k.starts_with(&prefix)) {
+                assert!(matches!(r, Err(FsError::NotEmpty)), "{r:?}");
+            } else {
+                r.unwrap();
+                m.dirs.remove(DIRS[*d]);
+            }
+        }
+        TreeOp::RenameDir(a, b) => {
+            let r = core.rename(home, DIRS[*a], home, DIRS[*b], false).await;
+            let (pa, pb) = (format!("{}/", DIRS[*a]), format!("{}/", DIRS[*b]));
+            let b_empty = !m.files.keys().any(|k| k.starts_with(&pb));
+            if !m.dirs.contains(DIRS[*a]) {
+                assert!(matches!(r, Err(FsError::NotFound)), "{r:?}");
+            } else if a == b {
+                r.unwrap();
+            } else if m.dirs.contains(DIRS[*b]) && !b_empty {
+                assert!(matches!(r, Err(FsError::NotEmpty)), "{r:?}");
+            } else {
+                r.unwrap();
+                m.dirs.remove(DIRS[*a]);
+                m.dirs.insert(DIRS[*b].to_string());
+                let moved: Vec<String> = m
+                    .files
+                    .keys()
+                    .filter(|k| k.starts_with(&pa))
+                    .cloned()
+                    .collect();
+                for k in moved {
+                    let x = m.files.remove(&k).unwrap();
+                    m.files.insert(format!("{pb}{}", &k[pa.len()..]), x);
+                }
+            }
+        }
+        TreeOp::WriteAcrossDirRename(i, t, x) => {
+            let Some(d) = FILES[*i].0 else { return };
+            let path = file_path(*i);
+            if !m.files.contains_key(&path) || d == *t || m.dirs.contains(DIRS[*t]) {
+                return;
+            }
+            let dir = dir_of(core, home, *i).await.unwrap();
+            let ino = core.lookup(dir, FILES[*i].1).await.unwrap().ino;
+            let o = core.open(ino, RW).await.unwrap();
+            core.rename(home, DIRS[d], home, DIRS[*t], false)
+                .await
+                .unwrap();
+            core.write(o.fh, 0, x).await.unwrap();
+            core.flush(o.fh).await.unwrap();
+            core.release(o.fh).await.unwrap();
+            let (pa, pb) = (format!("{}/", DIRS[d]), format!("{}/", DIRS[*t]));
+            m.dirs.remove(DIRS[d]);
+            m.dirs.insert(DIRS[*t].to_string());
+            let moved: Vec<String> = m
+                .files
+                .keys()
+                .filter(|k| k.starts_with(&pa))
+                .cloned()
+                .collect();
+            for k in moved {
+                let v = m.files.remove(&k).unwrap();
+                m.files.insert(format!("{pb}{}", &k[pa.len()..]), v);
+            }
+            let new_path = format!("{pb}{}", FILES[*i].1);
+            let content = m.files.get_mut(&new_path).unwrap();
+            if !x.is_empty() {
+                if content.len() < x.len() {
+                    content.resize(x.len(), 0);
+                }
+                content[..x.len()].copy_from_slice(x);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The mount's listings and contents, and the server's, equal a model of a small tree
+    /// after every operation.
+    #[test]
+    fn random_tree_operations_match_a_model(ops in prop::collection::vec(tree_op(), 1..30)) {
+        rt().block_on(async {
+            let e = env("alice");
+            let home = folder(&e.core, "alice").await;
+            let mut m = TreeModel::default();
+            for op in &ops {
+                apply_tree(&e.core, home, &mut m, op).await;
+                let mut listed = BTreeMap::new();
+                for d in e.core.list(home).await.unwrap() {
+                    if d.attr.kind == Kind::Dir {
+                        assert!(m.dirs.contains(&d.name), "{} after {op:?}", d.name);
+                        for f in e.core.list(d.attr.ino).await.unwrap() {
+                            listed.insert(format!("{}/{}", d.name, f.name), f.attr.size);
+                        }
+                    } else {
+                        listed.insert(d.name, d.attr.size);
+                    }
+                }
+                let want: BTreeMap<String, u64> =
+                    m.files.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
+                prop_assert_eq!(&listed, &want, "after {:?}", op);
+                for (path, data) in &m.files {
+                    prop_assert_eq!(&e.core.remote.content("alice", path).unwrap(), data, "server, {} after {:?}", path, op);
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
