@@ -106,6 +106,8 @@ pub enum Request {
     /// The entry `id`, wherever it now is.
     Stat {
         owner: String,
+        /// Sent as `entry`: `id` is the request's own id in the same JSON object.
+        #[serde(rename = "entry")]
         id: u64,
     },
     /// The entry at `path` ("a/b/c", relative to the owner's folder; "" is the folder),
@@ -118,6 +120,8 @@ pub enum Request {
     /// notifies its owner. The handle reads the version that was current at open.
     Open {
         owner: String,
+        /// Sent as `entry` (see `stat`).
+        #[serde(rename = "entry")]
         id: u64,
         /// Up to this many bytes from the start of the file come back with the reply (as
         /// its payload), saving small files a round trip.
@@ -219,6 +223,8 @@ pub enum Request {
     /// time becomes now.
     SetAttr {
         owner: String,
+        /// Sent as `entry` (see `stat`).
+        #[serde(rename = "entry")]
         id: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mode: Option<u32>,
@@ -489,7 +495,128 @@ pub enum ErrorCode {
 
 #[cfg(test)]
 mod tests {
-    use super::FileInfo;
+    use super::*;
+
+    /// Every request travels flattened beside the request's own `id`: no field of theirs
+    /// may take a key of the envelope.
+    #[test]
+    fn every_request_round_trips_inside_its_envelope() {
+        let owner = || "alice".to_string();
+        let ops = vec![
+            Request::ListUsers,
+            Request::List {
+                owner: owner(),
+                dir: 1,
+                after: Some("a".into()),
+                limit: Some(2),
+            },
+            Request::Lookup {
+                owner: owner(),
+                parent: 1,
+                name: "n".into(),
+            },
+            Request::Stat {
+                owner: owner(),
+                id: 7,
+            },
+            Request::Resolve {
+                owner: owner(),
+                path: "a/b".into(),
+            },
+            Request::Open {
+                owner: owner(),
+                id: 7,
+                head: 3,
+            },
+            Request::Read {
+                handle: 1,
+                offset: 2,
+                len: 3,
+            },
+            Request::Close { handle: 1 },
+            Request::UploadBegin {
+                owner: owner(),
+                parent: 1,
+                name: "n".into(),
+                replace: Some(7),
+                size: Some(1),
+                mode: Some(0o600),
+            },
+            Request::UploadCommit {
+                upload: 1,
+                size: 2,
+                blake3: "h".into(),
+                mtime_ns: Some(4),
+            },
+            Request::UploadAbort { upload: 1 },
+            Request::Put {
+                owner: owner(),
+                parent: 1,
+                name: "n".into(),
+                replace: Some(7),
+                blake3: "h".into(),
+                mode: Some(0o600),
+                mtime_ns: Some(-1),
+            },
+            Request::Mkdir {
+                owner: owner(),
+                parent: 1,
+                name: "d".into(),
+                mode: 0o755,
+            },
+            Request::Symlink {
+                owner: owner(),
+                parent: 1,
+                name: "l".into(),
+                target: "t".into(),
+            },
+            Request::Remove {
+                owner: owner(),
+                parent: 1,
+                name: "n".into(),
+                dir: true,
+            },
+            Request::Rename {
+                owner: owner(),
+                parent: 1,
+                name: "a".into(),
+                new_parent: 2,
+                new_name: "b".into(),
+                noreplace: true,
+            },
+            Request::SetAttr {
+                owner: owner(),
+                id: 7,
+                mode: Some(0o644),
+                atime_ns: Some(1),
+                mtime_ns: Some(2),
+            },
+            Request::Ack { ids: vec![1] },
+            Request::Notifications { recent: 3 },
+            Request::StatFs,
+            Request::Ping,
+        ];
+        for op in ops {
+            let msg = ClientMessage::Request {
+                id: 99,
+                deadline_ms: Some(5),
+                op,
+            };
+            let json = serde_json::to_string(&msg).unwrap();
+            let back: ClientMessage = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, msg, "{json}");
+        }
+        let event = ServerMessage::Event {
+            event: Event::Removed {
+                owner: "a".into(),
+                id: 3,
+                parent: 1,
+                name: "n".into(),
+            },
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), event);
+    }
 
     #[test]
     fn the_json_size_bound_is_never_below_the_encoding() {
