@@ -406,6 +406,12 @@ impl<R: Remote> FsCore<R> {
         self.state().tree.place(info)
     }
 
+    /// This mount changed the entries of directory `ino`: its times changed on the
+    /// server, and the kernel (which dropped its attributes) asks for the new ones.
+    fn dir_changed(&self, ino: u64) {
+        self.state().tree.stale(ino);
+    }
+
     async fn users(&self) -> FsResult<Vec<String>> {
         if let Some(l) = self.listings().users.as_ref().filter(|l| l.fresh()) {
             return Ok(l.items.clone());

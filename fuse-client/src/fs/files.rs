@@ -116,6 +116,7 @@ impl<R: Remote> FsCore<R> {
             ..UploadTarget::at(dir.id, name)
         };
         let info = self.remote.upload_bytes(&target, Bytes::new()).await?;
+        self.dir_changed(parent);
         let ino = self.remember(&info).ok_or(FsError::NotFound)?;
         let staged = self
             .stage(ino, &info, Start::Empty { dirty: false })

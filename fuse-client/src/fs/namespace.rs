@@ -61,6 +61,7 @@ impl<R: Remote> FsCore<R> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
         let info = self.remote.mkdir(dir.id, name, mode & 0o7777).await?;
+        self.dir_changed(parent);
         let attr = self.created(&info)?;
         // A new directory is empty: no need to ask.
         self.listings()
@@ -79,6 +80,7 @@ impl<R: Remote> FsCore<R> {
         }
         check_symlink_target(target).map_err(FsError::InvalidArgument)?;
         let info = self.remote.symlink(dir.id, name, target).await?;
+        self.dir_changed(parent);
         self.created(&info)
     }
 
@@ -106,6 +108,7 @@ impl<R: Remote> FsCore<R> {
     pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         let dir = self.own_dir(parent)?;
         self.remote.remove(dir.id, name, false).await?;
+        self.dir_changed(parent);
         let ino = self.state().tree.child(parent, name);
         self.removed(&dir, name, ino);
         Ok(())
@@ -118,6 +121,7 @@ impl<R: Remote> FsCore<R> {
         }
         let dir = self.own_dir(parent)?;
         self.remote.remove(dir.id, name, true).await?;
+        self.dir_changed(parent);
         let ino = self.state().tree.child(parent, name);
         self.removed(&dir, name, ino);
         Ok(())
@@ -150,6 +154,8 @@ impl<R: Remote> FsCore<R> {
             noreplace,
         };
         let info = self.remote.rename(&mv).await?;
+        self.dir_changed(parent);
+        self.dir_changed(new_parent);
         let replaced = {
             let st = self.state();
             st.tree

@@ -1366,8 +1366,15 @@ fn nested_directories_are_made_listed_and_their_dotdot_is_the_parent() {
     rt().block_on(async {
         let e = env("alice");
         let home = folder(&e.core, "alice").await;
+        e.core.getattr(home).await.unwrap();
         let a = e.core.mkdir(home, "a", 0o750).await.unwrap();
         assert_eq!((a.kind, a.perm), (Kind::Dir, 0o750));
+        // The folder's times changed with it: its attributes come from the server again.
+        let stats = e.core.remote.stats.load(Ordering::Relaxed);
+        e.core.getattr(home).await.unwrap();
+        assert_eq!(e.core.remote.stats.load(Ordering::Relaxed), stats + 1);
+        e.core.getattr(home).await.unwrap();
+        assert_eq!(e.core.remote.stats.load(Ordering::Relaxed), stats + 1);
         let b = e.core.mkdir(a.ino, "b", 0o755).await.unwrap();
         let (f, fh) = e.core.create(b.ino, "f", 0o600).await.unwrap();
         assert_eq!((f.kind, f.perm), (Kind::File, 0o600));

@@ -210,6 +210,14 @@ impl Tree {
         }
     }
 
+    /// The attributes of `ino` changed on the server (a directory whose entries this
+    /// mount just changed): the next `getattr` asks.
+    pub fn stale(&mut self, ino: u64) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.seen = None;
+        }
+    }
+
     /// Every attribute may be stale (a reconnect, a resync): ask the server again.
     pub fn forget_attrs(&mut self) {
         for n in self.nodes.values_mut() {
