@@ -79,6 +79,8 @@ pub struct Attr {
     pub atime: SystemTime,
     pub ctime: SystemTime,
     pub perm: u16,
+    /// Removed while still open here (its link count is then 0).
+    pub unlinked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,6 +330,7 @@ impl<R: Remote> FsCore<R> {
             atime: self.mounted_at,
             ctime: self.mounted_at,
             perm: 0o555,
+            unlinked: false,
         }
     }
 
@@ -350,6 +353,7 @@ impl<R: Remote> FsCore<R> {
             atime: time_of(info.atime_ns),
             ctime: time_of(info.ctime_ns),
             perm,
+            unlinked: false,
         }
     }
 
@@ -366,27 +370,28 @@ impl<R: Remote> FsCore<R> {
     /// staged size and the mode and times set on it; one open for reading through the
     /// kernel's cache, that version's size and times (`State::pinned`); else `info`'s.
     fn reported_attr(&self, st: &State, ino: u64, info: &FileInfo) -> Attr {
-        if let Some(staged) = st.staged.get(&ino) {
-            return self.staged_attr(ino, info, staged);
-        }
-        let info = st.pinned.get(&ino).map_or(info, |p| &p.info);
-        self.info_attr(ino, info)
+        let mut attr = match st.staged.get(&ino) {
+            Some(staged) => self.staged_attr(ino, info, staged),
+            None => self.info_attr(ino, st.pinned.get(&ino).map_or(info, |p| &p.info)),
+        };
+        attr.unlinked = st.tree.get(ino).is_some_and(|n| n.gone);
+        attr
     }
 
     fn staged_attr(&self, ino: u64, info: &FileInfo, staged: &StagedWrite) -> Attr {
         let pending = staged.pending_attrs();
         let mut attr = self.info_attr(ino, info);
         attr.size = staged.size();
-        attr.mtime = pending.mtime_ns.map_or_else(
-            || {
-                if staged.dirty() {
-                    SystemTime::now()
-                } else {
-                    attr.mtime
-                }
-            },
-            time_of,
-        );
+        let now = SystemTime::now();
+        let dirty = staged.dirty();
+        attr.mtime = pending
+            .mtime_ns
+            .map_or_else(|| if dirty { now } else { attr.mtime }, time_of);
+        // Written, truncated or given a mode or times here: changed now, as its upload
+        // will say.
+        if dirty || !pending.is_empty() {
+            attr.ctime = now;
+        }
         if let Some(a) = pending.atime_ns {
             attr.atime = time_of(a);
         }
@@ -473,6 +478,9 @@ impl<R: Remote> FsCore<R> {
             return self.getattr(ino).await;
         }
         let dir = self.dir(parent)?;
+        if name.len() > sharefs_protocol::name::MAX_FILE_NAME {
+            return Err(FsError::NameTooLong);
+        }
         // Lookup rules: entries stored before control characters were refused stay
         // reachable.
         if check_file_lookup(name).is_err() {
@@ -492,6 +500,7 @@ impl<R: Remote> FsCore<R> {
     }
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        tracing::trace!(ino, "getattr");
         if ino == ROOT {
             return Ok(self.root_attr());
         }

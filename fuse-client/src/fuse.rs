@@ -243,6 +243,7 @@ fn attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
         kind: file_type(a.kind),
         perm: a.perm,
         nlink: match a.kind {
+            _ if a.unlinked => 0,
             Kind::Dir => 2,
             Kind::File | Kind::Symlink => 1,
         },
@@ -687,6 +688,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             atime: SystemTime::UNIX_EPOCH,
             ctime: SystemTime::UNIX_EPOCH,
             perm: 0o555,
+            unlinked: false,
         };
         let dots = [
             (".".to_string(), dir(ino.0)),

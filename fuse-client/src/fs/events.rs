@@ -15,6 +15,7 @@ use super::{FsCore, Invalidation, State, ROOT};
 impl<R: Remote> FsCore<R> {
     /// Applies a server event to the caches; returns what the kernel must forget.
     pub fn handle_event(&self, event: &Event) -> Vec<Invalidation> {
+        tracing::trace!(?event, "event");
         match event {
             Event::Changed { owner, file, from } => self.entry_changed(owner, file, from.as_ref()),
             Event::Removed {
