@@ -2008,3 +2008,29 @@ proptest! {
         })?;
     }
 }
+
+/// A directory of another user closed by a chmod: what was listed below it is asked for
+/// again, and the server decides.
+#[test]
+fn a_mode_change_of_anothers_directory_drops_what_was_listed_below_it() {
+    rt().block_on(async {
+        let e = env("bob");
+        e.core.remote.put("alice", "d/sub/f", b"x");
+        let alice = folder(&e.core, "alice").await;
+        let d = e.core.lookup(alice, "d").await.unwrap();
+        let sub = e.core.lookup(d.ino, "sub").await.unwrap();
+        e.core.list(d.ino).await.unwrap();
+        e.core.list(sub.ino).await.unwrap();
+        let lists = || e.core.remote.lists.load(Ordering::Relaxed);
+        let before = lists();
+        e.core.list(sub.ino).await.unwrap();
+        assert_eq!(lists(), before, "cached");
+        let mut closed = e.core.remote.info("alice", "d");
+        closed.mode = 0o700;
+        let inv = changed(&e.core, closed);
+        assert!(inv.contains(&Invalidation::Inode { ino: d.ino }), "{inv:?}");
+        e.core.list(sub.ino).await.unwrap();
+        e.core.list(d.ino).await.unwrap();
+        assert_eq!(lists(), before + 2, "asked again");
+    });
+}

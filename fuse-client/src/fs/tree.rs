@@ -210,6 +210,22 @@ impl Tree {
         }
     }
 
+    /// The nodes below directory `ino`, as last seen (`ino` included).
+    pub fn subtree(&self, ino: u64) -> Vec<u64> {
+        let mut out = vec![ino];
+        let mut i = 0;
+        while let Some(dir) = out.get(i).copied() {
+            out.extend(
+                self.children
+                    .iter()
+                    .filter(|((parent, _), child)| *parent == dir && **child != dir)
+                    .map(|(_, child)| *child),
+            );
+            i += 1;
+        }
+        out
+    }
+
     /// The attributes of `ino` changed on the server (a directory whose entries this
     /// mount just changed): the next `getattr` asks.
     pub fn stale(&mut self, ino: u64) {
