@@ -35,7 +35,7 @@ use sharefs_protocol::{EntryKind, FileInfo, Space, ROOT_ID};
 use tokio::sync::Semaphore;
 
 pub use error::{FsError, FsResult};
-pub use files::Handle;
+use files::Handle;
 pub use listing::LISTING_MAX_AGE;
 use listing::{Cached, DirKey, Listings};
 pub use read::ReadHandle;
