@@ -107,6 +107,14 @@ impl<R: Remote> FsCore<R> {
                         .collect();
                     for i in below {
                         st.tree.stale(i);
+                        // Names below may no longer be reachable: the kernel is to look
+                        // them up again rather than walk its cached path.
+                        if let Some(n) = st.tree.get(i).filter(|_| i != ino) {
+                            out.push(Invalidation::Entry {
+                                parent: n.parent,
+                                name: n.name.clone(),
+                            });
+                        }
                     }
                     drop(st);
                     let mut l = self.listings();

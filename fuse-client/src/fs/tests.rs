@@ -2029,6 +2029,14 @@ fn a_mode_change_of_anothers_directory_drops_what_was_listed_below_it() {
         closed.mode = 0o700;
         let inv = changed(&e.core, closed);
         assert!(inv.contains(&Invalidation::Inode { ino: d.ino }), "{inv:?}");
+        // The kernel's cached names below it go: a path through it is looked up again.
+        for (parent, name) in [(d.ino, "sub"), (sub.ino, "f")] {
+            let entry = Invalidation::Entry {
+                parent,
+                name: name.into(),
+            };
+            assert!(inv.contains(&entry), "{inv:?}");
+        }
         e.core.list(sub.ino).await.unwrap();
         e.core.list(d.ino).await.unwrap();
         assert_eq!(lists(), before + 2, "asked again");
