@@ -486,6 +486,16 @@ impl<R: Remote> FsCore<R> {
         if check_file_lookup(name).is_err() {
             return Err(FsError::NotFound);
         }
+        // A file created here and not uploaded yet is known here only.
+        let local = {
+            let st = self.state();
+            st.tree
+                .child(parent, name)
+                .filter(|i| st.tree.is_local(*i) && st.staged.contains_key(i))
+        };
+        if let Some(ino) = local {
+            return self.getattr(ino).await;
+        }
         let info = match self.entry(&dir, name).await {
             Ok(info) => info,
             Err(FsError::NotFound) => {
@@ -567,17 +577,31 @@ impl<R: Remote> FsCore<R> {
         let dir = self.dir(ino)?;
         let files = self.entries(&dir).await?;
         let mut st = self.state();
-        let mut out = Vec::with_capacity(files.len());
+        let mut out = std::collections::BTreeMap::new();
         for (name, info) in &files {
             if let Some(fino) = st.tree.place(info) {
-                let attr = self.reported_attr(&st, fino, info);
-                out.push(DirEntry {
-                    name: name.clone(),
-                    attr,
-                });
+                out.insert(name.clone(), self.reported_attr(&st, fino, info));
             }
         }
-        Ok(out)
+        // Files created here and not uploaded yet.
+        let local: Vec<u64> = st
+            .staged
+            .keys()
+            .copied()
+            .filter(|i| st.tree.is_local(*i))
+            .collect();
+        for fino in local {
+            let Some(node) = st.tree.get(fino).filter(|n| n.parent == ino && !n.gone) else {
+                continue;
+            };
+            if let Some(info) = node.info.clone() {
+                out.insert(node.name.clone(), self.reported_attr(&st, fino, &info));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|(name, attr)| DirEntry { name, attr })
+            .collect())
     }
 
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {

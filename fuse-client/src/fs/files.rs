@@ -2,9 +2,10 @@
 //! copy, and the uploads that make a staged copy the file's new version.
 //!
 //! An upload names the file by its entry id (`replace`), so a descriptor follows its
-//! file through renames of it and of its directories. `create` makes the file on the
-//! server at once (empty, with its mode): it has an id from the start, exists for
-//! `rmdir`'s emptiness check and other mounts, and its content follows at `close()`.
+//! file through renames of it and of its directories. A file created here has no id
+//! until its first upload creates it on the server (with its content and mode, one
+//! commit instead of two); until then it is a local node of the inode table, found by
+//! lookups and listings of its directory.
 //! Mode and times set on a file whose staged content is not uploaded yet (`cp -p` does
 //! `fchmod` and `futimens` before `close`) are kept with it and sent with the upload.
 
@@ -17,6 +18,7 @@ use super::error::{FsError, FsResult};
 use super::read::ReadHandle;
 use super::remote::{AttrChange, Remote, UploadTarget};
 use super::stream::{self, StreamState};
+use super::tree::LOCAL_ID;
 use super::write::{Base, Content, StagedWrite};
 use super::{Attr, DirEntry, FsCore, OpenMode, Opened, Pinned, HEAD};
 
@@ -106,21 +108,33 @@ impl<R: Remote> FsCore<R> {
         self.handles().get(&fh).cloned().ok_or(FsError::BadHandle)
     }
 
-    /// Creates a regular file in one of the user's directories (on the server, empty,
-    /// with `mode`) and opens it for writing.
+    /// Creates a regular file in one of the user's directories and opens it for writing.
+    /// The server hears of it at its first upload (`close()`, `fsync()`, or the last
+    /// release of a file nothing was written to), with its content and mode at once.
     pub async fn create(&self, parent: u64, name: &str, mode: u32) -> FsResult<(Attr, u64)> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
-        let target = UploadTarget {
-            mode: Some(mode & 0o7777),
-            ..UploadTarget::at(dir.id, name)
+        let now = super::ns_of(std::time::SystemTime::now());
+        let info = FileInfo {
+            owner: self.user.clone(),
+            id: LOCAL_ID,
+            parent: dir.id,
+            name: name.to_string(),
+            kind: EntryKind::File,
+            mode: mode & 0o7777,
+            size: 0,
+            mtime_ns: now,
+            atime_ns: now,
+            ctime_ns: now,
+            version: 0,
+            target: None,
         };
-        let info = self.remote.upload_bytes(&target, Bytes::new()).await?;
-        self.dir_changed(parent);
-        let ino = self.remember(&info).ok_or(FsError::NotFound)?;
-        let staged = self
-            .stage(ino, &info, Start::Empty { dirty: false })
-            .await?;
+        let ino = self.state().tree.add_local(parent, &info);
+        let staged = self.stage(ino, &info, Start::Empty { dirty: true }).await?;
+        staged.set_pending_attrs(AttrChange {
+            mode: Some(mode & 0o7777),
+            ..AttrChange::default()
+        });
         let attr = self.staged_attr(ino, &info, &staged);
         let fh = self.insert_handle(Handle::Staged {
             ino,
@@ -130,7 +144,7 @@ impl<R: Remote> FsCore<R> {
         Ok((attr, fh))
     }
 
-    /// mknod(2) of a regular file: an empty file, created at once.
+    /// mknod(2) of a regular file: an empty file, uploaded at once.
     pub async fn mknod_file(&self, parent: u64, name: &str, mode: u32) -> FsResult<Attr> {
         let (attr, fh) = self.create(parent, name, mode).await?;
         self.release(fh).await?;
@@ -380,7 +394,8 @@ impl<R: Remote> FsCore<R> {
         Ok(UploadTarget {
             parent,
             name: node.name.clone(),
-            replace: Some(node.id),
+            // A file created here is created by its first upload.
+            replace: (node.id != LOCAL_ID).then_some(node.id),
             mode: pending.mode,
             mtime_ns: pending.mtime_ns,
         })
@@ -512,6 +527,15 @@ impl<R: Remote> FsCore<R> {
             })?;
         }
         staged.clear_pending_attrs(&pending);
+        let created = {
+            let mut st = self.state();
+            let local = st.tree.is_local(ino);
+            st.tree.bind(ino, &info);
+            local.then(|| st.tree.get(ino).map(|n| n.parent)).flatten()
+        };
+        if let Some(parent) = created {
+            self.dir_changed(parent);
+        }
         self.remember(&info);
         let mut st = self.state();
         match st.pinned.get_mut(&ino) {

@@ -107,9 +107,14 @@ impl<R: Remote> FsCore<R> {
 
     pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         let dir = self.own_dir(parent)?;
-        self.remote.remove(dir.id, name, false).await?;
-        self.dir_changed(parent);
         let ino = self.state().tree.child(parent, name);
+        let local = ino.is_some_and(|i| self.state().tree.is_local(i));
+        // A file created here and not uploaded yet exists here only: the server's entry
+        // of that name, if any, is someone else's.
+        if !local {
+            self.remote.remove(dir.id, name, false).await?;
+            self.dir_changed(parent);
+        }
         self.removed(&dir, name, ino);
         Ok(())
     }
@@ -120,6 +125,19 @@ impl<R: Remote> FsCore<R> {
             return Err(FsError::PermissionDenied);
         }
         let dir = self.own_dir(parent)?;
+        // Files created inside it and not uploaded yet make it not empty.
+        let busy = {
+            let st = self.state();
+            st.tree.child(parent, name).is_some_and(|d| {
+                st.staged.keys().any(|i| {
+                    st.tree.is_local(*i)
+                        && st.tree.get(*i).is_some_and(|n| n.parent == d && !n.gone)
+                })
+            })
+        };
+        if busy {
+            return Err(FsError::NotEmpty);
+        }
         self.remote.remove(dir.id, name, true).await?;
         self.dir_changed(parent);
         let ino = self.state().tree.child(parent, name);

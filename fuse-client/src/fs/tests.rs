@@ -619,7 +619,7 @@ fn upload_errors_reach_flush_with_their_kind() {
             // The last release does not try again: nobody would hear of its outcome.
             *e.core.remote.fail_uploads.lock().unwrap() = None;
             e.core.release(fh).await.unwrap();
-            assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"");
+            assert_eq!(e.core.remote.content("alice", "f"), None);
         }
         // Every failed upload kept its data.
         let kept = std::fs::read_dir(e._cache.path().join("failed"))
@@ -2040,5 +2040,74 @@ fn a_mode_change_of_anothers_directory_drops_what_was_listed_below_it() {
         e.core.list(sub.ino).await.unwrap();
         e.core.list(d.ino).await.unwrap();
         assert_eq!(lists(), before + 2, "asked again");
+    });
+}
+
+/// A new file reaches the server with its first upload: one commit, with its mode; until
+/// then the mount finds it in lookups and listings, and its directory is not empty.
+#[test]
+fn a_created_file_reaches_the_server_with_its_first_upload() {
+    rt().block_on(async {
+        let e = env("alice");
+        let home = folder(&e.core, "alice").await;
+        let d = e.core.mkdir(home, "d", 0o755).await.unwrap();
+        let (f, fh) = e.core.create(d.ino, "new", 0o640).await.unwrap();
+        assert!(
+            e.core.remote.at("alice", "d/new").is_none(),
+            "not before its upload"
+        );
+        assert_eq!(e.core.lookup(d.ino, "new").await.unwrap().ino, f.ino);
+        let names: Vec<String> = e
+            .core
+            .list(d.ino)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|x| x.name)
+            .collect();
+        assert_eq!(names, ["new"]);
+        assert!(matches!(
+            e.core.rmdir(home, "d").await,
+            Err(FsError::NotEmpty)
+        ));
+        e.core.write(fh, 0, b"content").await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let info = e.core.remote.info("alice", "d/new");
+        assert_eq!(
+            (
+                info.mode,
+                &e.core.remote.content("alice", "d/new").unwrap()[..]
+            ),
+            (0o640, &b"content"[..])
+        );
+        assert_eq!(e.core.lookup(d.ino, "new").await.unwrap().ino, f.ino);
+
+        // Renamed before its first upload: it goes up first, then moves.
+        let (_, fh) = e.core.create(home, "draft", 0o644).await.unwrap();
+        e.core.write(fh, 0, b"v1").await.unwrap();
+        e.core
+            .rename(home, "draft", d.ino, "final", false)
+            .await
+            .unwrap();
+        e.core.write(fh, 2, b"+v2").await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "d/final").unwrap(), b"v1+v2");
+        assert!(e.core.remote.at("alice", "draft").is_none());
+
+        // Removed before its first upload: the server never hears of it, and an entry of
+        // the same name made meanwhile elsewhere is left alone.
+        let (_, fh) = e.core.create(home, "tmp", 0o644).await.unwrap();
+        e.core.remote.put("alice", "tmp", b"theirs");
+        e.core.unlink(home, "tmp").await.unwrap();
+        e.core.write(fh, 0, b"nowhere").await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "tmp").unwrap(), b"theirs");
+
+        // touch: an empty file, committed at its last release.
+        let a = e.core.mknod_file(home, "touched", 0o600).await.unwrap();
+        assert_eq!(a.perm, 0o600);
+        assert_eq!(e.core.remote.content("alice", "touched").unwrap(), b"");
+        assert_eq!(e.core.remote.info("alice", "touched").mode, 0o600);
     });
 }
