@@ -157,7 +157,10 @@ impl<R: Remote> FsCore<R> {
             if let Some(s) = self.live_staged(ino).await {
                 return Ok(s);
             }
-            let staged = self.stage_new(info, start).await?;
+            // What the file now is: a release waited for above may have uploaded it
+            // (and a file created here got its id).
+            let info = self.file_info(ino).unwrap_or_else(|_| info.clone());
+            let staged = self.stage_new(&info, start).await?;
             let theirs = {
                 let mut st = self.state();
                 // Another open may have staged it meanwhile; use theirs.

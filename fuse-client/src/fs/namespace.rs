@@ -7,6 +7,7 @@ use sharefs_protocol::{EntryKind, FileInfo, ROOT_ID};
 
 use super::error::{FsError, FsResult};
 use super::remote::{AttrChange, Move, Remote};
+use super::tree::LOCAL_ID;
 use super::{ns_of, Attr, FsCore, SetAttr};
 
 impl<R: Remote> FsCore<R> {
@@ -22,7 +23,7 @@ impl<R: Remote> FsCore<R> {
             return self.getattr(ino).await;
         }
         let node = self.node(ino)?;
-        let Some((owner, id)) = node.entry() else {
+        let Some((owner, _)) = node.entry() else {
             return Err(FsError::PermissionDenied);
         };
         if owner != self.user {
@@ -39,12 +40,28 @@ impl<R: Remote> FsCore<R> {
             self.truncate(ino, size, fh).await?;
         }
         if !change.is_empty() {
-            match self.staged_of(ino).filter(|s| s.dirty()) {
-                Some(staged) => staged.set_pending_attrs(change),
-                None => {
-                    let info = self.remote.setattr(id, change).await?;
-                    self.remember(&info);
+            // Under the file's upload lock: an upload under way (a last release right
+            // after close()) either carries the change or is over, and the server is
+            // told directly.
+            let kept = match self.staged_of(ino) {
+                Some(staged) => {
+                    let _serial = staged.upload_lock.lock().await;
+                    let dirty = staged.dirty();
+                    if dirty {
+                        staged.set_pending_attrs(change);
+                    }
+                    dirty
                 }
+                None => false,
+            };
+            if !kept {
+                let id = self.node(ino)?.id;
+                if id == LOCAL_ID {
+                    // Created here, and its upload failed: it never existed.
+                    return Err(FsError::NotFound);
+                }
+                let info = self.remote.setattr(id, change).await?;
+                self.remember(&info);
             }
         }
         self.getattr(ino).await
