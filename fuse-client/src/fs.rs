@@ -384,9 +384,11 @@ impl<R: Remote> FsCore<R> {
         attr.size = staged.size();
         let now = SystemTime::now();
         let dirty = staged.dirty();
-        attr.mtime = pending
-            .mtime_ns
-            .map_or_else(|| if dirty { now } else { attr.mtime }, time_of);
+        attr.mtime = match pending.mtime_ns {
+            Some(t) => time_of(t),
+            None if dirty => time_of(staged.written_ns()),
+            None => attr.mtime,
+        };
         // Written, truncated or given a mode or times here: changed now, as its upload
         // will say.
         if dirty || !pending.is_empty() {

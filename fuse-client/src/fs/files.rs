@@ -400,7 +400,8 @@ impl<R: Remote> FsCore<R> {
             // A file created here is created by its first upload.
             replace: (node.id != LOCAL_ID).then_some(node.id),
             mode: pending.mode,
-            mtime_ns: pending.mtime_ns,
+            // The time of the last write, which the mount has shown meanwhile.
+            mtime_ns: pending.mtime_ns.or(Some(staged.written_ns())),
         })
     }
 
