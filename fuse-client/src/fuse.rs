@@ -697,7 +697,14 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         let all = dots
             .iter()
             .map(|(n, a)| (n.as_str(), a, Duration::ZERO))
-            .chain(entries.iter().map(|e| (e.name.as_str(), &e.attr, TTL)));
+            // The snapshot taken at opendir may be older than a rename or unlink made
+            // since: the kernel is not to keep its names, only to use them for this
+            // listing (later lookups are answered from the mount's cache).
+            .chain(
+                entries
+                    .iter()
+                    .map(|e| (e.name.as_str(), &e.attr, Duration::ZERO)),
+            );
         for (i, (name, a, ttl)) in all.enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(a.ino),

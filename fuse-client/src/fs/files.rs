@@ -2,10 +2,11 @@
 //! copy, and the uploads that make a staged copy the file's new version.
 //!
 //! An upload names the file by its entry id (`replace`), so a descriptor follows its
-//! file through renames of it and of its directories. A file created here has no id
-//! until its first upload creates it on the server (with its content and mode, one
-//! commit instead of two); until then it is a local node of the inode table, found by
-//! lookups and listings of its directory.
+//! file through renames of it and of its directories. `create` makes the file on the
+//! server at once (empty, with its mode), and its content follows at `close()`. (The
+//! inode table can also hold a file created here and not uploaded yet, with no id: a
+//! deferred create, one commit instead of two, is prepared for but not used, since git's
+//! lock files then met stale names in the kernel.)
 //! Mode and times set on a file whose staged content is not uploaded yet (`cp -p` does
 //! `fchmod` and `futimens` before `close`) are kept with it and sent with the upload.
 
@@ -109,32 +110,23 @@ impl<R: Remote> FsCore<R> {
     }
 
     /// Creates a regular file in one of the user's directories and opens it for writing.
-    /// The server hears of it at its first upload (`close()`, `fsync()`, or the last
-    /// release of a file nothing was written to), with its content and mode at once.
+    /// The file is made on the server at once, empty and with its mode: it has an id
+    /// from the start (a later upload replaces that entry wherever it then is), other
+    /// mounts and `rmdir` see it, and lock files (`O_CREAT | O_EXCL`, then rename) behave
+    /// as on a local disk. Its content follows at `close()`.
     pub async fn create(&self, parent: u64, name: &str, mode: u32) -> FsResult<(Attr, u64)> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
-        let now = super::ns_of(std::time::SystemTime::now());
-        let info = FileInfo {
-            owner: self.user.clone(),
-            id: LOCAL_ID,
-            parent: dir.id,
-            name: name.to_string(),
-            kind: EntryKind::File,
-            mode: mode & 0o7777,
-            size: 0,
-            mtime_ns: now,
-            atime_ns: now,
-            ctime_ns: now,
-            version: 0,
-            target: None,
-        };
-        let ino = self.state().tree.add_local(parent, &info);
-        let staged = self.stage(ino, &info, Start::Empty { dirty: true }).await?;
-        staged.set_pending_attrs(AttrChange {
+        let target = UploadTarget {
             mode: Some(mode & 0o7777),
-            ..AttrChange::default()
-        });
+            ..UploadTarget::at(dir.id, name)
+        };
+        let info = self.remote.upload_bytes(&target, Bytes::new()).await?;
+        self.dir_changed(parent);
+        let ino = self.remember(&info).ok_or(FsError::NotFound)?;
+        let staged = self
+            .stage(ino, &info, Start::Empty { dirty: false })
+            .await?;
         let attr = self.staged_attr(ino, &info, &staged);
         let fh = self.insert_handle(Handle::Staged {
             ino,
@@ -144,7 +136,7 @@ impl<R: Remote> FsCore<R> {
         Ok((attr, fh))
     }
 
-    /// mknod(2) of a regular file: an empty file, uploaded at once.
+    /// mknod(2) of a regular file: an empty file, made at once.
     pub async fn mknod_file(&self, parent: u64, name: &str, mode: u32) -> FsResult<Attr> {
         let (attr, fh) = self.create(parent, name, mode).await?;
         self.release(fh).await?;

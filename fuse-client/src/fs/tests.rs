@@ -619,7 +619,7 @@ fn upload_errors_reach_flush_with_their_kind() {
             // The last release does not try again: nobody would hear of its outcome.
             *e.core.remote.fail_uploads.lock().unwrap() = None;
             e.core.release(fh).await.unwrap();
-            assert_eq!(e.core.remote.content("alice", "f"), None);
+            assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"");
         }
         // Every failed upload kept its data.
         let kept = std::fs::read_dir(e._cache.path().join("failed"))
@@ -2043,29 +2043,18 @@ fn a_mode_change_of_anothers_directory_drops_what_was_listed_below_it() {
     });
 }
 
-/// A new file reaches the server with its first upload: one commit, with its mode; until
-/// then the mount finds it in lookups and listings, and its directory is not empty.
+/// A new file is made on the server at once, with its mode; its content follows at
+/// close, replacing that entry wherever it then is; removing it removes it.
 #[test]
-fn a_created_file_reaches_the_server_with_its_first_upload() {
+fn a_created_file_is_made_at_once_and_its_content_follows() {
     rt().block_on(async {
         let e = env("alice");
         let home = folder(&e.core, "alice").await;
         let d = e.core.mkdir(home, "d", 0o755).await.unwrap();
         let (f, fh) = e.core.create(d.ino, "new", 0o640).await.unwrap();
-        assert!(
-            e.core.remote.at("alice", "d/new").is_none(),
-            "not before its upload"
-        );
+        assert_eq!(e.core.remote.content("alice", "d/new").unwrap(), b"");
+        assert_eq!(e.core.remote.info("alice", "d/new").mode, 0o640);
         assert_eq!(e.core.lookup(d.ino, "new").await.unwrap().ino, f.ino);
-        let names: Vec<String> = e
-            .core
-            .list(d.ino)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|x| x.name)
-            .collect();
-        assert_eq!(names, ["new"]);
         assert!(matches!(
             e.core.rmdir(home, "d").await,
             Err(FsError::NotEmpty)
@@ -2081,9 +2070,8 @@ fn a_created_file_reaches_the_server_with_its_first_upload() {
             ),
             (0o640, &b"content"[..])
         );
-        assert_eq!(e.core.lookup(d.ino, "new").await.unwrap().ino, f.ino);
 
-        // Renamed before its first upload: it goes up first, then moves.
+        // Renamed before its close: the content goes where the file went.
         let (_, fh) = e.core.create(home, "draft", 0o644).await.unwrap();
         e.core.write(fh, 0, b"v1").await.unwrap();
         e.core
@@ -2095,16 +2083,14 @@ fn a_created_file_reaches_the_server_with_its_first_upload() {
         assert_eq!(e.core.remote.content("alice", "d/final").unwrap(), b"v1+v2");
         assert!(e.core.remote.at("alice", "draft").is_none());
 
-        // Removed before its first upload: the server never hears of it, and an entry of
-        // the same name made meanwhile elsewhere is left alone.
+        // Removed while open: what is written after goes nowhere.
         let (_, fh) = e.core.create(home, "tmp", 0o644).await.unwrap();
-        e.core.remote.put("alice", "tmp", b"theirs");
         e.core.unlink(home, "tmp").await.unwrap();
         e.core.write(fh, 0, b"nowhere").await.unwrap();
         e.core.release(fh).await.unwrap();
-        assert_eq!(e.core.remote.content("alice", "tmp").unwrap(), b"theirs");
+        assert!(e.core.remote.at("alice", "tmp").is_none());
 
-        // touch: an empty file, committed at its last release.
+        // touch: an empty file with its mode.
         let a = e.core.mknod_file(home, "touched", 0o600).await.unwrap();
         assert_eq!(a.perm, 0o600);
         assert_eq!(e.core.remote.content("alice", "touched").unwrap(), b"");
