@@ -35,7 +35,7 @@ use sharefs_protocol::{EntryKind, FileInfo, Space, ROOT_ID};
 use tokio::sync::Semaphore;
 
 pub use error::{FsError, FsResult};
-pub use files::Handle;
+use files::Handle;
 pub use listing::LISTING_MAX_AGE;
 use listing::{Cached, DirKey, Listings};
 pub use read::ReadHandle;
@@ -79,6 +79,8 @@ pub struct Attr {
     pub atime: SystemTime,
     pub ctime: SystemTime,
     pub perm: u16,
+    /// Removed while still open here (its link count is then 0).
+    pub unlinked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,6 +330,7 @@ impl<R: Remote> FsCore<R> {
             atime: self.mounted_at,
             ctime: self.mounted_at,
             perm: 0o555,
+            unlinked: false,
         }
     }
 
@@ -350,6 +353,7 @@ impl<R: Remote> FsCore<R> {
             atime: time_of(info.atime_ns),
             ctime: time_of(info.ctime_ns),
             perm,
+            unlinked: false,
         }
     }
 
@@ -366,27 +370,30 @@ impl<R: Remote> FsCore<R> {
     /// staged size and the mode and times set on it; one open for reading through the
     /// kernel's cache, that version's size and times (`State::pinned`); else `info`'s.
     fn reported_attr(&self, st: &State, ino: u64, info: &FileInfo) -> Attr {
-        if let Some(staged) = st.staged.get(&ino) {
-            return self.staged_attr(ino, info, staged);
-        }
-        let info = st.pinned.get(&ino).map_or(info, |p| &p.info);
-        self.info_attr(ino, info)
+        let mut attr = match st.staged.get(&ino) {
+            Some(staged) => self.staged_attr(ino, info, staged),
+            None => self.info_attr(ino, st.pinned.get(&ino).map_or(info, |p| &p.info)),
+        };
+        attr.unlinked = st.tree.get(ino).is_some_and(|n| n.gone);
+        attr
     }
 
     fn staged_attr(&self, ino: u64, info: &FileInfo, staged: &StagedWrite) -> Attr {
         let pending = staged.pending_attrs();
         let mut attr = self.info_attr(ino, info);
         attr.size = staged.size();
-        attr.mtime = pending.mtime_ns.map_or_else(
-            || {
-                if staged.dirty() {
-                    SystemTime::now()
-                } else {
-                    attr.mtime
-                }
-            },
-            time_of,
-        );
+        let now = SystemTime::now();
+        let dirty = staged.dirty();
+        attr.mtime = match pending.mtime_ns {
+            Some(t) => time_of(t),
+            None if dirty => time_of(staged.written_ns()),
+            None => attr.mtime,
+        };
+        // Written, truncated or given a mode or times here: changed now, as its upload
+        // will say.
+        if dirty || !pending.is_empty() {
+            attr.ctime = now;
+        }
         if let Some(a) = pending.atime_ns {
             attr.atime = time_of(a);
         }
@@ -404,6 +411,12 @@ impl<R: Remote> FsCore<R> {
                 .changed(&(info.owner.clone(), info.parent), &info.name, Some(info));
         }
         self.state().tree.place(info)
+    }
+
+    /// This mount changed the entries of directory `ino`: its times changed on the
+    /// server, and the kernel (which dropped its attributes) asks for the new ones.
+    fn dir_changed(&self, ino: u64) {
+        self.state().tree.stale(ino);
     }
 
     async fn users(&self) -> FsResult<Vec<String>> {
@@ -467,10 +480,23 @@ impl<R: Remote> FsCore<R> {
             return self.getattr(ino).await;
         }
         let dir = self.dir(parent)?;
+        if name.len() > sharefs_protocol::name::MAX_FILE_NAME {
+            return Err(FsError::NameTooLong);
+        }
         // Lookup rules: entries stored before control characters were refused stay
         // reachable.
         if check_file_lookup(name).is_err() {
             return Err(FsError::NotFound);
+        }
+        // A file created here and not uploaded yet is known here only.
+        let local = {
+            let st = self.state();
+            st.tree
+                .child(parent, name)
+                .filter(|i| st.tree.is_local(*i) && st.staged.contains_key(i))
+        };
+        if let Some(ino) = local {
+            return self.getattr(ino).await;
         }
         let info = match self.entry(&dir, name).await {
             Ok(info) => info,
@@ -486,6 +512,7 @@ impl<R: Remote> FsCore<R> {
     }
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        tracing::trace!(ino, "getattr");
         if ino == ROOT {
             return Ok(self.root_attr());
         }
@@ -552,17 +579,31 @@ impl<R: Remote> FsCore<R> {
         let dir = self.dir(ino)?;
         let files = self.entries(&dir).await?;
         let mut st = self.state();
-        let mut out = Vec::with_capacity(files.len());
+        let mut out = std::collections::BTreeMap::new();
         for (name, info) in &files {
             if let Some(fino) = st.tree.place(info) {
-                let attr = self.reported_attr(&st, fino, info);
-                out.push(DirEntry {
-                    name: name.clone(),
-                    attr,
-                });
+                out.insert(name.clone(), self.reported_attr(&st, fino, info));
             }
         }
-        Ok(out)
+        // Files created here and not uploaded yet.
+        let local: Vec<u64> = st
+            .staged
+            .keys()
+            .copied()
+            .filter(|i| st.tree.is_local(*i))
+            .collect();
+        for fino in local {
+            let Some(node) = st.tree.get(fino).filter(|n| n.parent == ino && !n.gone) else {
+                continue;
+            };
+            if let Some(info) = node.info.clone() {
+                out.insert(node.name.clone(), self.reported_attr(&st, fino, &info));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|(name, attr)| DirEntry { name, attr })
+            .collect())
     }
 
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {

@@ -243,6 +243,7 @@ fn attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
         kind: file_type(a.kind),
         perm: a.perm,
         nlink: match a.kind {
+            _ if a.unlinked => 0,
             Kind::Dir => 2,
             Kind::File | Kind::Symlink => 1,
         },
@@ -687,6 +688,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             atime: SystemTime::UNIX_EPOCH,
             ctime: SystemTime::UNIX_EPOCH,
             perm: 0o555,
+            unlinked: false,
         };
         let dots = [
             (".".to_string(), dir(ino.0)),
@@ -695,7 +697,14 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         let all = dots
             .iter()
             .map(|(n, a)| (n.as_str(), a, Duration::ZERO))
-            .chain(entries.iter().map(|e| (e.name.as_str(), &e.attr, TTL)));
+            // The snapshot taken at opendir may be older than a rename or unlink made
+            // since: the kernel is not to keep its names, only to use them for this
+            // listing (later lookups are answered from the mount's cache).
+            .chain(
+                entries
+                    .iter()
+                    .map(|e| (e.name.as_str(), &e.attr, Duration::ZERO)),
+            );
         for (i, (name, a, ttl)) in all.enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(a.ino),

@@ -15,6 +15,7 @@ use super::{FsCore, Invalidation, State, ROOT};
 impl<R: Remote> FsCore<R> {
     /// Applies a server event to the caches; returns what the kernel must forget.
     pub fn handle_event(&self, event: &Event) -> Vec<Invalidation> {
+        tracing::trace!(?event, "event");
         match event {
             Event::Changed { owner, file, from } => self.entry_changed(owner, file, from.as_ref()),
             Event::Removed {
@@ -67,10 +68,11 @@ impl<R: Remote> FsCore<R> {
         let parent = st.tree.ino_of(owner, file.parent);
         let before = parent.and_then(|p| st.tree.child(p, &file.name));
         let known = st.tree.ino_of(owner, file.id);
-        let before_version = known
+        let seen = known
             .and_then(|k| st.tree.get(k))
-            .and_then(|n| n.info.as_ref())
-            .map(|i| i.version);
+            .and_then(|n| n.info.as_ref());
+        let before_version = seen.map(|i| i.version);
+        let before_mode = seen.map(|i| i.mode);
         let ino = st.tree.place(file);
         if let Some(p) = parent.filter(|_| file.id != sharefs_protocol::ROOT_ID) {
             // The name now leads elsewhere (a new entry, one moved or replaced here):
@@ -92,6 +94,35 @@ impl<R: Remote> FsCore<R> {
             match file.kind {
                 EntryKind::File => {
                     Self::file_changed(&mut st, ino, before_version, Some(file.version), &mut out)
+                }
+                EntryKind::Dir if owner != self.user && before_mode != Some(file.mode) => {
+                    // What another user may see below a directory depends on its mode:
+                    // what was listed below it is to be asked for again.
+                    let below = st.tree.subtree(ino);
+                    let dirs: Vec<(String, u64)> = below
+                        .iter()
+                        .filter_map(|i| st.tree.get(*i))
+                        .filter(|n| n.kind == EntryKind::Dir)
+                        .filter_map(|n| n.entry().map(|(o, id)| (o.to_string(), id)))
+                        .collect();
+                    for i in below {
+                        st.tree.stale(i);
+                        // Names below may no longer be reachable: the kernel is to look
+                        // them up again rather than walk its cached path.
+                        if let Some(n) = st.tree.get(i).filter(|_| i != ino) {
+                            out.push(Invalidation::Entry {
+                                parent: n.parent,
+                                name: n.name.clone(),
+                            });
+                        }
+                    }
+                    drop(st);
+                    let mut l = self.listings();
+                    for dir in dirs {
+                        l.forget(&dir);
+                    }
+                    out.push(Invalidation::Inode { ino });
+                    return out;
                 }
                 EntryKind::Dir | EntryKind::Symlink => out.push(Invalidation::Attr { ino }),
             }

@@ -3,8 +3,10 @@
 //!
 //! An upload names the file by its entry id (`replace`), so a descriptor follows its
 //! file through renames of it and of its directories. `create` makes the file on the
-//! server at once (empty, with its mode): it has an id from the start, exists for
-//! `rmdir`'s emptiness check and other mounts, and its content follows at `close()`.
+//! server at once (empty, with its mode), and its content follows at `close()`. (The
+//! inode table can also hold a file created here and not uploaded yet, with no id: a
+//! deferred create, one commit instead of two, is prepared for but not used, since git's
+//! lock files then met stale names in the kernel.)
 //! Mode and times set on a file whose staged content is not uploaded yet (`cp -p` does
 //! `fchmod` and `futimens` before `close`) are kept with it and sent with the upload.
 
@@ -17,6 +19,7 @@ use super::error::{FsError, FsResult};
 use super::read::ReadHandle;
 use super::remote::{AttrChange, Remote, UploadTarget};
 use super::stream::{self, StreamState};
+use super::tree::LOCAL_ID;
 use super::write::{Base, Content, StagedWrite};
 use super::{Attr, DirEntry, FsCore, OpenMode, Opened, Pinned, HEAD};
 
@@ -106,8 +109,11 @@ impl<R: Remote> FsCore<R> {
         self.handles().get(&fh).cloned().ok_or(FsError::BadHandle)
     }
 
-    /// Creates a regular file in one of the user's directories (on the server, empty,
-    /// with `mode`) and opens it for writing.
+    /// Creates a regular file in one of the user's directories and opens it for writing.
+    /// The file is made on the server at once, empty and with its mode: it has an id
+    /// from the start (a later upload replaces that entry wherever it then is), other
+    /// mounts and `rmdir` see it, and lock files (`O_CREAT | O_EXCL`, then rename) behave
+    /// as on a local disk. Its content follows at `close()`.
     pub async fn create(&self, parent: u64, name: &str, mode: u32) -> FsResult<(Attr, u64)> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
@@ -116,6 +122,7 @@ impl<R: Remote> FsCore<R> {
             ..UploadTarget::at(dir.id, name)
         };
         let info = self.remote.upload_bytes(&target, Bytes::new()).await?;
+        self.dir_changed(parent);
         let ino = self.remember(&info).ok_or(FsError::NotFound)?;
         let staged = self
             .stage(ino, &info, Start::Empty { dirty: false })
@@ -129,7 +136,7 @@ impl<R: Remote> FsCore<R> {
         Ok((attr, fh))
     }
 
-    /// mknod(2) of a regular file: an empty file, created at once.
+    /// mknod(2) of a regular file: an empty file, made at once.
     pub async fn mknod_file(&self, parent: u64, name: &str, mode: u32) -> FsResult<Attr> {
         let (attr, fh) = self.create(parent, name, mode).await?;
         self.release(fh).await?;
@@ -142,7 +149,10 @@ impl<R: Remote> FsCore<R> {
             if let Some(s) = self.live_staged(ino).await {
                 return Ok(s);
             }
-            let staged = self.stage_new(info, start).await?;
+            // What the file now is: a release waited for above may have uploaded it
+            // (and a file created here got its id).
+            let info = self.file_info(ino).unwrap_or_else(|_| info.clone());
+            let staged = self.stage_new(&info, start).await?;
             let theirs = {
                 let mut st = self.state();
                 // Another open may have staged it meanwhile; use theirs.
@@ -379,9 +389,11 @@ impl<R: Remote> FsCore<R> {
         Ok(UploadTarget {
             parent,
             name: node.name.clone(),
-            replace: Some(node.id),
+            // A file created here is created by its first upload.
+            replace: (node.id != LOCAL_ID).then_some(node.id),
             mode: pending.mode,
-            mtime_ns: pending.mtime_ns,
+            // The time of the last write, which the mount has shown meanwhile.
+            mtime_ns: pending.mtime_ns.or(Some(staged.written_ns())),
         })
     }
 
@@ -511,6 +523,15 @@ impl<R: Remote> FsCore<R> {
             })?;
         }
         staged.clear_pending_attrs(&pending);
+        let created = {
+            let mut st = self.state();
+            let local = st.tree.is_local(ino);
+            st.tree.bind(ino, &info);
+            local.then(|| st.tree.get(ino).map(|n| n.parent)).flatten()
+        };
+        if let Some(parent) = created {
+            self.dir_changed(parent);
+        }
         self.remember(&info);
         let mut st = self.state();
         match st.pinned.get_mut(&ino) {

@@ -7,6 +7,7 @@ use sharefs_protocol::{EntryKind, FileInfo, ROOT_ID};
 
 use super::error::{FsError, FsResult};
 use super::remote::{AttrChange, Move, Remote};
+use super::tree::LOCAL_ID;
 use super::{ns_of, Attr, FsCore, SetAttr};
 
 impl<R: Remote> FsCore<R> {
@@ -22,7 +23,7 @@ impl<R: Remote> FsCore<R> {
             return self.getattr(ino).await;
         }
         let node = self.node(ino)?;
-        let Some((owner, id)) = node.entry() else {
+        let Some((owner, _)) = node.entry() else {
             return Err(FsError::PermissionDenied);
         };
         if owner != self.user {
@@ -39,12 +40,28 @@ impl<R: Remote> FsCore<R> {
             self.truncate(ino, size, fh).await?;
         }
         if !change.is_empty() {
-            match self.staged_of(ino).filter(|s| s.dirty()) {
-                Some(staged) => staged.set_pending_attrs(change),
-                None => {
-                    let info = self.remote.setattr(id, change).await?;
-                    self.remember(&info);
+            // Under the file's upload lock: an upload under way (a last release right
+            // after close()) either carries the change or is over, and the server is
+            // told directly.
+            let kept = match self.staged_of(ino) {
+                Some(staged) => {
+                    let _serial = staged.upload_lock.lock().await;
+                    let dirty = staged.dirty();
+                    if dirty {
+                        staged.set_pending_attrs(change);
+                    }
+                    dirty
                 }
+                None => false,
+            };
+            if !kept {
+                let id = self.node(ino)?.id;
+                if id == LOCAL_ID {
+                    // Created here, and its upload failed: it never existed.
+                    return Err(FsError::NotFound);
+                }
+                let info = self.remote.setattr(id, change).await?;
+                self.remember(&info);
             }
         }
         self.getattr(ino).await
@@ -61,6 +78,7 @@ impl<R: Remote> FsCore<R> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
         let info = self.remote.mkdir(dir.id, name, mode & 0o7777).await?;
+        self.dir_changed(parent);
         let attr = self.created(&info)?;
         // A new directory is empty: no need to ask.
         self.listings()
@@ -79,6 +97,7 @@ impl<R: Remote> FsCore<R> {
         }
         check_symlink_target(target).map_err(FsError::InvalidArgument)?;
         let info = self.remote.symlink(dir.id, name, target).await?;
+        self.dir_changed(parent);
         self.created(&info)
     }
 
@@ -105,8 +124,14 @@ impl<R: Remote> FsCore<R> {
 
     pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         let dir = self.own_dir(parent)?;
-        self.remote.remove(dir.id, name, false).await?;
         let ino = self.state().tree.child(parent, name);
+        let local = ino.is_some_and(|i| self.state().tree.is_local(i));
+        // A file created here and not uploaded yet exists here only: the server's entry
+        // of that name, if any, is someone else's.
+        if !local {
+            self.remote.remove(dir.id, name, false).await?;
+            self.dir_changed(parent);
+        }
         self.removed(&dir, name, ino);
         Ok(())
     }
@@ -117,7 +142,21 @@ impl<R: Remote> FsCore<R> {
             return Err(FsError::PermissionDenied);
         }
         let dir = self.own_dir(parent)?;
+        // Files created inside it and not uploaded yet make it not empty.
+        let busy = {
+            let st = self.state();
+            st.tree.child(parent, name).is_some_and(|d| {
+                st.staged.keys().any(|i| {
+                    st.tree.is_local(*i)
+                        && st.tree.get(*i).is_some_and(|n| n.parent == d && !n.gone)
+                })
+            })
+        };
+        if busy {
+            return Err(FsError::NotEmpty);
+        }
         self.remote.remove(dir.id, name, true).await?;
+        self.dir_changed(parent);
         let ino = self.state().tree.child(parent, name);
         self.removed(&dir, name, ino);
         Ok(())
@@ -150,6 +189,8 @@ impl<R: Remote> FsCore<R> {
             noreplace,
         };
         let info = self.remote.rename(&mv).await?;
+        self.dir_changed(parent);
+        self.dir_changed(new_parent);
         let replaced = {
             let st = self.state();
             st.tree

@@ -1366,8 +1366,15 @@ fn nested_directories_are_made_listed_and_their_dotdot_is_the_parent() {
     rt().block_on(async {
         let e = env("alice");
         let home = folder(&e.core, "alice").await;
+        e.core.getattr(home).await.unwrap();
         let a = e.core.mkdir(home, "a", 0o750).await.unwrap();
         assert_eq!((a.kind, a.perm), (Kind::Dir, 0o750));
+        // The folder's times changed with it: its attributes come from the server again.
+        let stats = e.core.remote.stats.load(Ordering::Relaxed);
+        e.core.getattr(home).await.unwrap();
+        assert_eq!(e.core.remote.stats.load(Ordering::Relaxed), stats + 1);
+        e.core.getattr(home).await.unwrap();
+        assert_eq!(e.core.remote.stats.load(Ordering::Relaxed), stats + 1);
         let b = e.core.mkdir(a.ino, "b", 0o755).await.unwrap();
         let (f, fh) = e.core.create(b.ino, "f", 0o600).await.unwrap();
         assert_eq!((f.kind, f.perm), (Kind::File, 0o600));
@@ -1748,5 +1755,345 @@ fn symbolic_links_are_made_read_and_reported() {
         ));
         e.core.unlink(home, "link").await.unwrap();
         assert!(e.core.remote.at("alice", "link").is_none());
+    });
+}
+
+/// Operations on a small tree: files "a" and "b" in the folder or in the directories
+/// "d" and "e", which may exist or not.
+#[derive(Debug, Clone)]
+enum TreeOp {
+    Create(usize, Vec<u8>),
+    WriteAt(usize, u16, Vec<u8>),
+    Truncate(usize, u16),
+    Rename(usize, usize),
+    Unlink(usize),
+    Mkdir(usize),
+    Rmdir(usize),
+    RenameDir(usize, usize),
+    /// A file opened for writing, then its directory renamed, then written and closed.
+    WriteAcrossDirRename(usize, usize, Vec<u8>),
+}
+
+const DIRS: [&str; 2] = ["d", "e"];
+const FILES: [(Option<usize>, &str); 5] = [
+    (None, "a"),
+    (Some(0), "a"),
+    (Some(0), "b"),
+    (Some(1), "a"),
+    (Some(1), "b"),
+];
+
+fn tree_op() -> impl Strategy<Value = TreeOp> {
+    let data = || prop::collection::vec(any::<u8>(), 0..200);
+    let f = || 0..FILES.len();
+    let d = || 0..DIRS.len();
+    prop_oneof![
+        (f(), data()).prop_map(|(i, x)| TreeOp::Create(i, x)),
+        (f(), 0u16..300, data()).prop_map(|(i, o, x)| TreeOp::WriteAt(i, o, x)),
+        (f(), 0u16..300).prop_map(|(i, l)| TreeOp::Truncate(i, l)),
+        (f(), f()).prop_map(|(a, b)| TreeOp::Rename(a, b)),
+        f().prop_map(TreeOp::Unlink),
+        d().prop_map(TreeOp::Mkdir),
+        d().prop_map(TreeOp::Rmdir),
+        (d(), d()).prop_map(|(a, b)| TreeOp::RenameDir(a, b)),
+        (1..FILES.len(), d(), data()).prop_map(|(i, t, x)| TreeOp::WriteAcrossDirRename(i, t, x)),
+    ]
+}
+
+/// The model: directories that exist, and files by path.
+#[derive(Debug, Default, Clone)]
+struct TreeModel {
+    dirs: std::collections::BTreeSet<String>,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+fn file_path(i: usize) -> String {
+    match FILES[i] {
+        (None, n) => n.to_string(),
+        (Some(d), n) => format!("{}/{n}", DIRS[d]),
+    }
+}
+
+/// The inode of the directory holding file `i`, if it exists.
+async fn dir_of(core: &FsCore<Fake>, home: u64, i: usize) -> Option<u64> {
+    match FILES[i].0 {
+        None => Some(home),
+        Some(d) => core.lookup(home, DIRS[d]).await.ok().map(|a| a.ino),
+    }
+}
+
+async fn apply_tree(core: &FsCore<Fake>, home: u64, m: &mut TreeModel, op: &TreeOp) {
+    let dir_exists = |m: &TreeModel, i: usize| FILES[i].0.is_none_or(|d| m.dirs.contains(DIRS[d]));
+    match op {
+        TreeOp::Create(i, x) => {
+            let Some(dir) = dir_of(core, home, *i).await else {
+                assert!(!dir_exists(m, *i));
+                return;
+            };
+            let (_, fh) = core.create(dir, FILES[*i].1, 0o644).await.unwrap();
+            core.write(fh, 0, x).await.unwrap();
+            core.flush(fh).await.unwrap();
+            core.release(fh).await.unwrap();
+            m.files.insert(file_path(*i), x.clone());
+        }
+        TreeOp::WriteAt(i, off, _) | TreeOp::Truncate(i, off) if dir_exists(m, *i) => {
+            let dir = dir_of(core, home, *i).await.unwrap();
+            let found = core.lookup(dir, FILES[*i].1).await;
+            let Some(content) = m.files.get_mut(&file_path(*i)) else {
+                assert!(matches!(found, Err(FsError::NotFound)), "{found:?}");
+                return;
+            };
+            let ino = found.unwrap().ino;
+            let off = *off as usize;
+            if let TreeOp::WriteAt(_, _, x) = op {
+                let o = core.open(ino, RW).await.unwrap();
+                core.write(o.fh, off as u64, x).await.unwrap();
+                core.flush(o.fh).await.unwrap();
+                core.release(o.fh).await.unwrap();
+                if !x.is_empty() {
+                    if content.len() < off + x.len() {
+                        content.resize(off + x.len(), 0);
+                    }
+                    content[off..off + x.len()].copy_from_slice(x);
+                }
+            } else {
+                core.setattr(ino, size(off as u64), None).await.unwrap();
+                content.resize(off, 0);
+            }
+        }
+        TreeOp::WriteAt(..) | TreeOp::Truncate(..) => {}
+        TreeOp::Rename(a, b) => {
+            let (Some(from), Some(to)) =
+                (dir_of(core, home, *a).await, dir_of(core, home, *b).await)
+            else {
+                return;
+            };
+            let r = core.rename(from, FILES[*a].1, to, FILES[*b].1, false).await;
+            match m.files.remove(&file_path(*a)) {
+                Some(x) => {
+                    r.unwrap();
+                    m.files.insert(file_path(*b), x);
+                }
+                None => assert!(matches!(r, Err(FsError::NotFound)), "{r:?}"),
+            }
+        }
+        TreeOp::Unlink(i) => {
+            let Some(dir) = dir_of(core, home, *i).await else {
+                return;
+            };
+            let r = core.unlink(dir, FILES[*i].1).await;
+            match m.files.remove(&file_path(*i)) {
+                Some(_) => r.unwrap(),
+                None => assert!(matches!(r, Err(FsError::NotFound)), "{r:?}"),
+            }
+        }
+        TreeOp::Mkdir(d) => {
+            let r = core.mkdir(home, DIRS[*d], 0o755).await;
+            if m.dirs.insert(DIRS[*d].to_string()) {
+                r.unwrap();
+            } else {
+                assert!(matches!(r, Err(FsError::Exists)), "{r:?}");
+            }
+        }
+        TreeOp::Rmdir(d) => {
+            let r = core.rmdir(home, DIRS[*d]).await;
+            let prefix = format!("{}/", DIRS[*d]);
+            if !m.dirs.contains(DIRS[*d]) {
+                assert!(matches!(r, Err(FsError::NotFound)), "{r:?}");
+            } else if m.files.keys().any(|k| k.starts_with(&prefix)) {
+                assert!(matches!(r, Err(FsError::NotEmpty)), "{r:?}");
+            } else {
+                r.unwrap();
+                m.dirs.remove(DIRS[*d]);
+            }
+        }
+        TreeOp::RenameDir(a, b) => {
+            let r = core.rename(home, DIRS[*a], home, DIRS[*b], false).await;
+            let (pa, pb) = (format!("{}/", DIRS[*a]), format!("{}/", DIRS[*b]));
+            let b_empty = !m.files.keys().any(|k| k.starts_with(&pb));
+            if !m.dirs.contains(DIRS[*a]) {
+                assert!(matches!(r, Err(FsError::NotFound)), "{r:?}");
+            } else if a == b {
+                r.unwrap();
+            } else if m.dirs.contains(DIRS[*b]) && !b_empty {
+                assert!(matches!(r, Err(FsError::NotEmpty)), "{r:?}");
+            } else {
+                r.unwrap();
+                m.dirs.remove(DIRS[*a]);
+                m.dirs.insert(DIRS[*b].to_string());
+                let moved: Vec<String> = m
+                    .files
+                    .keys()
+                    .filter(|k| k.starts_with(&pa))
+                    .cloned()
+                    .collect();
+                for k in moved {
+                    let x = m.files.remove(&k).unwrap();
+                    m.files.insert(format!("{pb}{}", &k[pa.len()..]), x);
+                }
+            }
+        }
+        TreeOp::WriteAcrossDirRename(i, t, x) => {
+            let Some(d) = FILES[*i].0 else { return };
+            let path = file_path(*i);
+            if !m.files.contains_key(&path) || d == *t || m.dirs.contains(DIRS[*t]) {
+                return;
+            }
+            let dir = dir_of(core, home, *i).await.unwrap();
+            let ino = core.lookup(dir, FILES[*i].1).await.unwrap().ino;
+            let o = core.open(ino, RW).await.unwrap();
+            core.rename(home, DIRS[d], home, DIRS[*t], false)
+                .await
+                .unwrap();
+            core.write(o.fh, 0, x).await.unwrap();
+            core.flush(o.fh).await.unwrap();
+            core.release(o.fh).await.unwrap();
+            let (pa, pb) = (format!("{}/", DIRS[d]), format!("{}/", DIRS[*t]));
+            m.dirs.remove(DIRS[d]);
+            m.dirs.insert(DIRS[*t].to_string());
+            let moved: Vec<String> = m
+                .files
+                .keys()
+                .filter(|k| k.starts_with(&pa))
+                .cloned()
+                .collect();
+            for k in moved {
+                let v = m.files.remove(&k).unwrap();
+                m.files.insert(format!("{pb}{}", &k[pa.len()..]), v);
+            }
+            let new_path = format!("{pb}{}", FILES[*i].1);
+            let content = m.files.get_mut(&new_path).unwrap();
+            if !x.is_empty() {
+                if content.len() < x.len() {
+                    content.resize(x.len(), 0);
+                }
+                content[..x.len()].copy_from_slice(x);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The mount's listings and contents, and the server's, equal a model of a small tree
+    /// after every operation.
+    #[test]
+    fn random_tree_operations_match_a_model(ops in prop::collection::vec(tree_op(), 1..30)) {
+        rt().block_on(async {
+            let e = env("alice");
+            let home = folder(&e.core, "alice").await;
+            let mut m = TreeModel::default();
+            for op in &ops {
+                apply_tree(&e.core, home, &mut m, op).await;
+                let mut listed = BTreeMap::new();
+                for d in e.core.list(home).await.unwrap() {
+                    if d.attr.kind == Kind::Dir {
+                        assert!(m.dirs.contains(&d.name), "{} after {op:?}", d.name);
+                        for f in e.core.list(d.attr.ino).await.unwrap() {
+                            listed.insert(format!("{}/{}", d.name, f.name), f.attr.size);
+                        }
+                    } else {
+                        listed.insert(d.name, d.attr.size);
+                    }
+                }
+                let want: BTreeMap<String, u64> =
+                    m.files.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
+                prop_assert_eq!(&listed, &want, "after {:?}", op);
+                for (path, data) in &m.files {
+                    prop_assert_eq!(&e.core.remote.content("alice", path).unwrap(), data, "server, {} after {:?}", path, op);
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
+
+/// A directory of another user closed by a chmod: what was listed below it is asked for
+/// again, and the server decides.
+#[test]
+fn a_mode_change_of_anothers_directory_drops_what_was_listed_below_it() {
+    rt().block_on(async {
+        let e = env("bob");
+        e.core.remote.put("alice", "d/sub/f", b"x");
+        let alice = folder(&e.core, "alice").await;
+        let d = e.core.lookup(alice, "d").await.unwrap();
+        let sub = e.core.lookup(d.ino, "sub").await.unwrap();
+        e.core.list(d.ino).await.unwrap();
+        e.core.list(sub.ino).await.unwrap();
+        let lists = || e.core.remote.lists.load(Ordering::Relaxed);
+        let before = lists();
+        e.core.list(sub.ino).await.unwrap();
+        assert_eq!(lists(), before, "cached");
+        let mut closed = e.core.remote.info("alice", "d");
+        closed.mode = 0o700;
+        let inv = changed(&e.core, closed);
+        assert!(inv.contains(&Invalidation::Inode { ino: d.ino }), "{inv:?}");
+        // The kernel's cached names below it go: a path through it is looked up again.
+        for (parent, name) in [(d.ino, "sub"), (sub.ino, "f")] {
+            let entry = Invalidation::Entry {
+                parent,
+                name: name.into(),
+            };
+            assert!(inv.contains(&entry), "{inv:?}");
+        }
+        e.core.list(sub.ino).await.unwrap();
+        e.core.list(d.ino).await.unwrap();
+        assert_eq!(lists(), before + 2, "asked again");
+    });
+}
+
+/// A new file is made on the server at once, with its mode; its content follows at
+/// close, replacing that entry wherever it then is; removing it removes it.
+#[test]
+fn a_created_file_is_made_at_once_and_its_content_follows() {
+    rt().block_on(async {
+        let e = env("alice");
+        let home = folder(&e.core, "alice").await;
+        let d = e.core.mkdir(home, "d", 0o755).await.unwrap();
+        let (f, fh) = e.core.create(d.ino, "new", 0o640).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "d/new").unwrap(), b"");
+        assert_eq!(e.core.remote.info("alice", "d/new").mode, 0o640);
+        assert_eq!(e.core.lookup(d.ino, "new").await.unwrap().ino, f.ino);
+        assert!(matches!(
+            e.core.rmdir(home, "d").await,
+            Err(FsError::NotEmpty)
+        ));
+        e.core.write(fh, 0, b"content").await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let info = e.core.remote.info("alice", "d/new");
+        assert_eq!(
+            (
+                info.mode,
+                &e.core.remote.content("alice", "d/new").unwrap()[..]
+            ),
+            (0o640, &b"content"[..])
+        );
+
+        // Renamed before its close: the content goes where the file went.
+        let (_, fh) = e.core.create(home, "draft", 0o644).await.unwrap();
+        e.core.write(fh, 0, b"v1").await.unwrap();
+        e.core
+            .rename(home, "draft", d.ino, "final", false)
+            .await
+            .unwrap();
+        e.core.write(fh, 2, b"+v2").await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "d/final").unwrap(), b"v1+v2");
+        assert!(e.core.remote.at("alice", "draft").is_none());
+
+        // Removed while open: what is written after goes nowhere.
+        let (_, fh) = e.core.create(home, "tmp", 0o644).await.unwrap();
+        e.core.unlink(home, "tmp").await.unwrap();
+        e.core.write(fh, 0, b"nowhere").await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert!(e.core.remote.at("alice", "tmp").is_none());
+
+        // touch: an empty file with its mode.
+        let a = e.core.mknod_file(home, "touched", 0o600).await.unwrap();
+        assert_eq!(a.perm, 0o600);
+        assert_eq!(e.core.remote.content("alice", "touched").unwrap(), b"");
+        assert_eq!(e.core.remote.info("alice", "touched").mode, 0o600);
     });
 }

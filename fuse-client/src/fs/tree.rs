@@ -17,6 +17,8 @@ use super::listing::LISTING_MAX_AGE;
 
 /// The mount's root: the list of users.
 pub const ROOT: u64 = 1;
+/// The entry id of a file created here whose first upload has not named it yet.
+pub const LOCAL_ID: u64 = 0;
 
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -210,11 +212,69 @@ impl Tree {
         }
     }
 
+    /// The nodes below directory `ino`, as last seen (`ino` included).
+    pub fn subtree(&self, ino: u64) -> Vec<u64> {
+        let mut out = vec![ino];
+        let mut i = 0;
+        while let Some(dir) = out.get(i).copied() {
+            out.extend(
+                self.children
+                    .iter()
+                    .filter(|((parent, _), child)| *parent == dir && **child != dir)
+                    .map(|(_, child)| *child),
+            );
+            i += 1;
+        }
+        out
+    }
+
+    /// The attributes of `ino` changed on the server (a directory whose entries this
+    /// mount just changed): the next `getattr` asks.
+    pub fn stale(&mut self, ino: u64) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.seen = None;
+        }
+    }
+
     /// Every attribute may be stale (a reconnect, a resync): ask the server again.
     pub fn forget_attrs(&mut self) {
         for n in self.nodes.values_mut() {
             n.seen = None;
         }
+    }
+
+    /// A file created here and not uploaded yet: a node with no entry id (0) until its
+    /// first upload names one ([`Tree::bind`]), placed at (`parent`, `name`).
+    pub fn add_local(&mut self, parent: u64, info: &FileInfo) -> u64 {
+        let ino = self.alloc(Node {
+            owner: Some(info.owner.clone()),
+            id: LOCAL_ID,
+            parent,
+            name: info.name.clone(),
+            kind: info.kind,
+            info: Some(info.clone()),
+            gone: false,
+            seen: None,
+        });
+        self.move_to(ino, parent, &info.name);
+        ino
+    }
+
+    /// The server made the local node `ino` the entry `info`.
+    pub fn bind(&mut self, ino: u64, info: &FileInfo) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            if n.id == LOCAL_ID {
+                n.id = info.id;
+                self.by_entry.insert((info.owner.clone(), info.id), ino);
+            }
+        }
+    }
+
+    /// Whether `ino` is a file created here and not uploaded yet.
+    pub fn is_local(&self, ino: u64) -> bool {
+        self.nodes
+            .get(&ino)
+            .is_some_and(|n| n.owner.is_some() && n.id == LOCAL_ID)
     }
 
     /// Forgets what was last seen at (`parent`, `name`), if it is `ino`'s place.

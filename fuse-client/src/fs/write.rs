@@ -146,6 +146,10 @@ pub struct StagedWrite {
     /// Mode and times set on the file while its content is not uploaded: the upload
     /// carries them (`cp -p` sets them before it closes).
     attrs: Mutex<AttrChange>,
+    /// When the content last changed here (nanoseconds since the epoch): the
+    /// modification time shown meanwhile and given to the upload, so that the file's
+    /// mtime does not move when the upload commits it.
+    written_ns: std::sync::atomic::AtomicI64,
     /// Becomes true once the last descriptor's release is done ([`StagedWrite::finish`]):
     /// an open that finds this file being released waits for it instead of joining it.
     finished: tokio::sync::watch::Sender<bool>,
@@ -239,6 +243,7 @@ impl StagedWrite {
             stream: Mutex::new(StreamState::Eligible),
             stream_order: tokio::sync::Mutex::new(()),
             attrs: Mutex::new(AttrChange::default()),
+            written_ns: std::sync::atomic::AtomicI64::new(now_ns()),
             finished: tokio::sync::watch::Sender::new(false),
         }
     }
@@ -267,6 +272,15 @@ impl StagedWrite {
 
     pub fn size(&self) -> u64 {
         self.state().size
+    }
+
+    /// When the content last changed here.
+    pub fn written_ns(&self) -> i64 {
+        self.written_ns.load(Ordering::Acquire)
+    }
+
+    fn touch(&self) {
+        self.written_ns.store(now_ns(), Ordering::Release);
     }
 
     /// Mode and times to be set with the next upload.
@@ -475,6 +489,7 @@ impl StagedWrite {
         }
         self.put(offset, data)?;
         guard(&self.attrs).mtime_ns = None;
+        self.touch();
         let mut s = self.state();
         s.size = s.size.max(offset + len);
         s.changes += 1;
@@ -592,6 +607,7 @@ impl StagedWrite {
         }
         self.set_len(size)?;
         guard(&self.attrs).mtime_ns = None;
+        self.touch();
         let mut s = self.state();
         s.size = size;
         s.changes += 1;
@@ -680,6 +696,10 @@ impl Drop for StagedWrite {
             self.budget.give(*reserved);
         }
     }
+}
+
+fn now_ns() -> i64 {
+    super::ns_of(std::time::SystemTime::now())
 }
 
 async fn close(base: &mut Option<Arc<dyn Base>>) {
