@@ -370,7 +370,6 @@ fn a_subtree_moves_atomically_and_rm_r_removes_it() {
 
     // An open handle follows its file through the move of its parent directories.
     let mut open = OpenOptions::new()
-        .write(true)
         .append(true)
         .open(projects.join("d001/sub1/f0.txt"))
         .unwrap();
