@@ -109,7 +109,7 @@ pub async fn run_with(
                         sessions.spawn(refuse_busy(stream, peer, shared.clone(), "too many connections from your address", refusing.clone()));
                     }
                     (Err(_), _) => {
-                        if crate::ratelog::REFUSALS.allow() {
+                        if crate::ratelog::LIMIT.allow() {
                             tracing::warn!(%peer, "connection limit reached; refusing");
                         }
                         sessions.spawn(refuse_busy(stream, peer, shared.clone(), "server has too many connections", refusing.clone()));
