@@ -166,6 +166,9 @@ struct Pinned {
     /// The file changed on the server meanwhile: the kernel's attributes and pages are to
     /// be dropped when the last descriptor closes.
     stale: bool,
+    /// Only the attributes of this version changed (a mode, times): the kernel's are to
+    /// be dropped when the last descriptor closes.
+    attrs_changed: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -270,7 +273,9 @@ impl<R: Remote> FsCore<R> {
         })
     }
 
-    /// Sets where invalidations due later than an event's answer go (once).
+    /// Sets where invalidations due later than an event's answer go (once). The sink may
+    /// be called with the core's state locked (so that what it queues keeps its order
+    /// with the opens that follow): it must not call back into the core.
     pub fn on_invalidation(&self, sink: impl Fn(Invalidation) + Send + Sync + 'static) {
         let _ = self.invalidations.set(Box::new(sink));
     }

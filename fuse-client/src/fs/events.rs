@@ -93,7 +93,7 @@ impl<R: Remote> FsCore<R> {
         if let Some(ino) = ino.or(known) {
             match file.kind {
                 EntryKind::File => {
-                    Self::file_changed(&mut st, ino, before_version, Some(file.version), &mut out)
+                    Self::file_changed(&mut st, ino, before_version, Some(file), &mut out)
                 }
                 EntryKind::Dir if owner != self.user && before_mode != Some(file.mode) => {
                     // What another user may see below a directory depends on its mode:
@@ -130,34 +130,47 @@ impl<R: Remote> FsCore<R> {
         out
     }
 
-    /// The file `ino`, last seen as version `before`, is now `version` (`None`: gone):
-    /// unless the kernel's pages are that version's or this mount's own writes, they go
-    /// with its attributes; a version open for reading keeps them until its last close.
+    /// The file `ino`, last seen as version `before`, is now `file` (`None`: gone): unless
+    /// the kernel's pages are that version's or this mount's own writes, they go with its
+    /// attributes. A version open for reading through the kernel's cache keeps its pages
+    /// and attributes until its last close (`unpin`), and the kernel is told nothing
+    /// meanwhile, not even of new attributes of that same version (a mode, times): its
+    /// size may still be an earlier version's, which only a short read of this one
+    /// corrects, and the kernel skips that correction when the inode's attributes changed
+    /// while the read was under way, keeping the earlier size with zeros past this
+    /// version's end.
     fn file_changed(
         st: &mut State,
         ino: u64,
         before: Option<u64>,
-        version: Option<u64>,
+        file: Option<&FileInfo>,
         out: &mut Vec<Invalidation>,
     ) {
         if st.staged.contains_key(&ino) {
             return;
         }
+        let version = file.map(|f| f.version);
+        if let Some(p) = st.pinned.get_mut(&ino) {
+            match file {
+                // Same content: its new attributes are reported from now on (the kernel
+                // asks when its own expire) and dropped from the kernel at the last close.
+                Some(f) if f.version == p.info.version => {
+                    if *f != p.info {
+                        p.info = f.clone();
+                        p.attrs_changed = true;
+                    }
+                }
+                _ => p.stale = true,
+            }
+            return;
+        }
         let cached = st.cached_version.get(&ino).copied().or(before);
-        let unchanged = version.is_some() && cached == version;
-        if unchanged {
+        if version.is_some() && cached == version {
             out.push(Invalidation::Attr { ino });
             return;
         }
-        match st.pinned.get_mut(&ino) {
-            // Its readers see their version to the end; the kernel lets it go after the
-            // last close (`unpin`).
-            Some(p) => p.stale |= version != Some(p.info.version),
-            None => {
-                st.cached_version.remove(&ino);
-                out.push(Invalidation::Inode { ino });
-            }
-        }
+        st.cached_version.remove(&ino);
+        out.push(Invalidation::Inode { ino });
     }
 
     fn entry_removed(&self, owner: &str, id: u64, parent: u64, name: &str) -> Vec<Invalidation> {

@@ -317,6 +317,7 @@ impl<R: Remote> FsCore<R> {
                             info: info.clone(),
                             open: 1,
                             stale: false,
+                            attrs_changed: false,
                         },
                     );
                     (keep, true, false)
@@ -697,25 +698,27 @@ impl<R: Remote> FsCore<R> {
     }
 
     /// A descriptor reading through the kernel's cache closed. After the last one of a
-    /// version that changed meanwhile, the kernel's attributes and pages of it go.
+    /// version that changed meanwhile, the kernel's attributes and pages of it go (only
+    /// its attributes, if only those changed). The invalidation is queued before the
+    /// state is let go, so it reaches the kernel before the refresh of a next open that
+    /// pins the file again.
     fn unpin(&self, ino: u64) {
-        {
-            let mut st = self.state();
-            let Some(p) = st.pinned.get_mut(&ino) else {
-                return;
-            };
-            p.open = p.open.saturating_sub(1);
-            if p.open > 0 {
-                return;
-            }
-            let stale = p.stale;
-            st.pinned.remove(&ino);
-            if !stale {
-                return;
-            }
-            st.cached_version.remove(&ino);
+        let mut st = self.state();
+        let Some(p) = st.pinned.get_mut(&ino) else {
+            return;
+        };
+        p.open = p.open.saturating_sub(1);
+        if p.open > 0 {
+            return;
         }
-        self.invalidate(super::Invalidation::Inode { ino });
+        let (stale, attrs_changed) = (p.stale, p.attrs_changed);
+        st.pinned.remove(&ino);
+        if stale {
+            st.cached_version.remove(&ino);
+            self.invalidate(super::Invalidation::Inode { ino });
+        } else if attrs_changed {
+            self.invalidate(super::Invalidation::Attr { ino });
+        }
     }
 
     /// Checks a name for a new entry.

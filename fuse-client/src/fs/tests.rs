@@ -918,6 +918,62 @@ fn a_version_open_through_the_cache_stays_the_kernels_until_its_last_close() {
     });
 }
 
+/// The kernel's size of a file may still be an earlier version's when an open pins a
+/// shorter one: the first short read of the new version is what brings it down, and the
+/// kernel skips that if the inode's attributes change while the read is under way (the
+/// read then returns the short content padded with zeros up to the old size). So the
+/// server's late word about the very version pinned (its event arriving after the open
+/// that got it), or about new attributes of it, drops nothing from the kernel until the
+/// last close.
+#[test]
+fn events_about_a_pinned_version_leave_the_kernels_attributes_until_its_last_close() {
+    rt().block_on(async {
+        let e = env("bob");
+        let later = Arc::new(Mutex::new(Vec::new()));
+        let sink = later.clone();
+        e.core
+            .on_invalidation(move |inv| sink.lock().unwrap().push(inv));
+        e.core.remote.put("alice", "f", &[b'a'; 300]);
+        let alice = folder(&e.core, "alice").await;
+        let f = e.core.lookup(alice, "f").await.unwrap();
+        assert_eq!(read_all(&e.core, f.ino).await.len(), 300);
+
+        // Replaced on the server; the open gets the new version before its event.
+        let short = e.core.remote.put("alice", "f", &[b'b'; 100]);
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(o.refresh_attrs && !o.direct && !o.keep_cache, "{o:?}");
+        let touches = |inv: &[Invalidation]| {
+            inv.iter().any(|i| {
+                matches!(i, Invalidation::Inode { ino } | Invalidation::Attr { ino } if *ino == f.ino)
+            })
+        };
+        let inv = changed(&e.core, short.clone());
+        assert!(!touches(&inv), "the pinned version's own event: {inv:?}");
+        assert_eq!(e.core.getattr(f.ino).await.unwrap().size, 100);
+
+        // New attributes of the same version: reported, but dropped from the kernel only
+        // after the last close.
+        let mut chmod = short.clone();
+        chmod.mode = 0o600;
+        let inv = changed(&e.core, chmod.clone());
+        assert!(!touches(&inv), "a mode of the pinned version: {inv:?}");
+        let attr = e.core.getattr(f.ino).await.unwrap();
+        assert_eq!((attr.size, attr.perm), (100, 0o400));
+        assert_eq!(e.core.read(o.fh, 0, 4096).await.unwrap(), &[b'b'; 100][..]);
+        assert!(later.lock().unwrap().is_empty());
+        e.core.release(o.fh).await.unwrap();
+        assert_eq!(*later.lock().unwrap(), [Invalidation::Attr { ino: f.ino }]);
+
+        // Nothing open: the same news drops the attributes at once, and keeps the pages.
+        let inv = changed(&e.core, chmod);
+        assert!(inv.contains(&Invalidation::Attr { ino: f.ino }), "{inv:?}");
+        assert!(!inv.contains(&Invalidation::Inode { ino: f.ino }), "{inv:?}");
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(o.keep_cache, "{o:?}");
+        e.core.release(o.fh).await.unwrap();
+    });
+}
+
 #[test]
 fn reads_prefetch_sequentially_and_fetch_only_what_random_reads_ask() {
     rt().block_on(async {
