@@ -40,13 +40,18 @@ export SHAREFS_SERVER=$addr
 # TLS is on: the client pins the demo server's self-signed certificate on first use. The
 # pin lives with the demo data, so a fresh ./sharefs-data (new certificate) starts clean.
 export SHAREFS_KNOWN_SERVERS=$data/known_servers
-# A file from "friend", so there is something to download.
-SHAREFS_USER=friend SHAREFS_PASSWORD=friend "$bin/sharefs" put README.md welcome.md >/dev/null 2>&1 || true
+# A small tree from "friend", so there is something to browse and download.
+(
+    export SHAREFS_USER=friend SHAREFS_PASSWORD=friend
+    "$bin/sharefs" put -r docs
+    "$bin/sharefs" put README.md docs/welcome.md
+) >/dev/null 2>&1 || true
 
 echo
 echo "sharefs is mounted at $mnt as user 'demo' (password 'demo'); server log: $data.log"
 echo "  ls $mnt                 users"
 echo "  cp somefile $mnt/demo/  upload"
-echo "  cat $mnt/friend/welcome.md   download (friend gets a notification)"
+echo "  cp -r somedir $mnt/demo/  upload a tree"
+echo "  cat $mnt/friend/docs/welcome.md   download (friend gets a notification)"
 echo "Press Ctrl-C to unmount and stop."
 SHAREFS_USER=demo SHAREFS_PASSWORD=demo "$bin/sharefs" mount "$mnt" --foreground

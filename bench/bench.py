@@ -282,6 +282,87 @@ class Workloads:
                 os.unlink(d / p)
         return n / t
 
+    # ---- tree workloads: the shapes of real projects, not one flat folder
+
+    def make_tree_sources(self):
+        """A tree of `tree_files` 4 KiB files in `tree_dirs` directories, a tarball of
+        `find_files` empty-ish files in `find_dirs` directories, and a git repository."""
+        s = self.s
+        tree = self.env.root / "treesrc"
+        per = s["tree_files"] // s["tree_dirs"]
+        for d in range(s["tree_dirs"]):
+            dd = tree / f"dir{d // 20:02}" / f"sub{d:03}"
+            dd.mkdir(parents=True)
+            for f in range(per):
+                (dd / f"f{f:03}.c").write_bytes(self.small)
+        self.tree = tree
+        many = self.env.root / "findsrc"
+        per = s["find_files"] // s["find_dirs"]
+        for d in range(s["find_dirs"]):
+            dd = many / f"d{d // 50:02}" / f"e{d:04}"
+            dd.mkdir(parents=True)
+            for f in range(per):
+                (dd / f"x{f:03}").write_bytes(b"y" * 100)
+        run(["tar", "cf", self.env.root / "find.tar", "-C", many, "."])
+        shutil.rmtree(many)
+        # The repository under test is a real mid-size git history; a synthetic one
+        # stands in when there is none (a source tarball).
+        repo = self.env.root / "repo"
+        if (REPO / ".git").exists():
+            run(["git", "clone", "-q", "--bare", "--no-local", str(REPO), repo])
+        else:
+            work = self.env.root / "repo-work"
+            shutil.copytree(tree, work)
+            g = ["git", "-C", work, "-c", "user.name=b", "-c", "user.email=b@example.org"]
+            run(["git", "init", "-q", work])
+            for i in range(20):
+                (work / "log").write_text(f"{i}\n" * (i + 1))
+                run([*g, "add", "-A"])
+                run([*g, "commit", "-q", "-m", str(i)])
+            run(["git", "clone", "-q", "--bare", work, repo])
+        self.repo = repo
+
+    def cp_r_tree(self, d):
+        dst = d / "tree"
+        t = timed(lambda: run(["cp", "-r", self.tree, dst]))
+        self.tree_copy = dst
+        return self.s["tree_files"] / t
+
+    def rm_r_tree(self, d):
+        return self.s["tree_files"] / timed(lambda: run(["rm", "-r", d / "tree"]))
+
+    def git_clone(self, d):
+        dst = d / "clone"
+        t = timed(lambda: run(["git", "clone", "-q", "--no-hardlinks", self.repo, dst]))
+        run(["rm", "-rf", dst])
+        return t
+
+    def populate_find(self, d):
+        run(["mkdir", "-p", d / "many"])
+        run(["tar", "xf", self.env.root / "find.tar", "-C", d / "many", "--no-same-owner"])
+
+    def find_du(self, d):
+        drop_caches()
+        def go():
+            out = run(["find", d / "many", "-type", "f"], capture_output=True, text=True).stdout
+            assert out.count("\n") == self.s["find_files"], out.count("\n")
+            run(["du", "-s", d / "many"], stdout=subprocess.DEVNULL)
+        return timed(go)
+
+    def populate_deep(self, d):
+        deep = d / "deep"
+        path = deep / "/".join(["a"] * 31)
+        path.mkdir(parents=True)
+        (path / "leaf").write_bytes(b"z")
+        (deep / "leaf").write_bytes(b"z")
+
+    def stat_depth(self, d, depth):
+        p = d / "deep" / "/".join(["a"] * (depth - 1)) / "leaf" if depth > 1 else d / "deep" / "leaf"
+        os.stat(p)
+        n = 2000
+        t = timed(lambda: [os.stat(p) for _ in range(n)])
+        return t / n * 1e6
+
 
 def median(xs):
     return statistics.median(xs)
@@ -298,8 +379,10 @@ def main():
     ap.add_argument("--target-dir", default=str(REPO / "target" / "release"))
     a = ap.parse_args()
     short = a.short
-    sizes = dict(big_mib=64, small=200, listing=1000, rand_secs=3, growth=[100, 1000], eight_mib=16, notes=20) if short else \
-        dict(big_mib=1024, small=2000, listing=10000, rand_secs=10, growth=[100, 10000, 100000], eight_mib=256, notes=200)
+    sizes = dict(big_mib=64, small=200, listing=1000, rand_secs=3, growth=[100, 1000], eight_mib=16, notes=20,
+                 tree_files=500, tree_dirs=20, find_files=2000, find_dirs=20) if short else \
+        dict(big_mib=1024, small=2000, listing=10000, rand_secs=10, growth=[100, 10000, 100000], eight_mib=256, notes=200,
+             tree_files=5000, tree_dirs=200, find_files=100000, find_dirs=1000)
     rounds = 1 if short else a.rounds
     out_path = Path(a.out) if a.out else (REPO / ("bench/short-results.md" if short else "BENCHMARKS.md"))
 
@@ -323,7 +406,10 @@ def main():
         server, fp, _ = start_sharefs_server(env, data, 7171)
         mnt = root / "mnt-sharefs"
         mount_proc = mount_sharefs(env, 7171, fp, "bench", mnt)
-        targets = {"local": local, "sshfs": root / "mnt-sshfs", "sharefs": mnt / "bench"}
+        # Every workload runs inside a sub-directory, as a user's would.
+        targets = {"local": local / "work", "sshfs": root / "mnt-sshfs" / "work", "sharefs": mnt / "bench" / "work"}
+        for d in targets.values():
+            d.mkdir()
         w = Workloads(env, targets, sizes)
 
         plan = [
@@ -360,6 +446,46 @@ def main():
 
         extra["server peak RSS during the single-client workloads incl. 1 GiB copies (KiB)"] = rss_peak_kib(server.pid)
         extra["mount peak RSS during the single-client workloads incl. 1 GiB copies (KiB)"] = rss_peak_kib(mount_proc.pid)
+
+        # Trees: cp -r and rm -r of a source tree, git clone, stat at depth 1 and 32,
+        # find + du over many files in many directories (cold: fresh mounts, no caches).
+        w.make_tree_sources()
+        tree_label = f"cp -r {sizes['tree_files']:,} files in {sizes['tree_dirs']} dirs"
+        rm_label = f"rm -r {sizes['tree_files']:,} files in {sizes['tree_dirs']} dirs"
+        find_label = f"find + du {sizes['find_files']:,} files in {sizes['find_dirs']:,} dirs, cold"
+        for t, d in targets.items():
+            w.populate_deep(d)
+            w.populate_find(d)
+        for r in range(rounds):
+            for name, unit, f, higher in [
+                (tree_label, "files/s", w.cp_r_tree, True),
+                (rm_label, "files/s", w.rm_r_tree, True),
+                ("git clone (this repository)", "s", w.git_clone, False),
+                ("stat at depth 1, warm", "us", lambda d: w.stat_depth(d, 1), False),
+                ("stat at depth 32, warm", "us", lambda d: w.stat_depth(d, 32), False),
+            ]:
+                for t, d in targets.items():
+                    try:
+                        v = f(d)
+                    except Exception as e:
+                        log(f"{name} on {t} failed: {e}")
+                        v = float("nan")
+                    results.setdefault(name, {"unit": unit, "higher": higher}).setdefault(t, []).append(v)
+                    log(f"round {r + 1} {name:36} {t:8} {v:10.3f} {unit}")
+            unmount(env, root / "mnt-sshfs", subprocess.Popen(["true"]))
+            mount_sshfs(env, 2222, keydir, ssh_data, root / "mnt-sshfs")
+            unmount(env, mnt, mount_proc)
+            mount_proc = mount_sharefs(env, 7171, fp, "bench", mnt)
+            for t, d in targets.items():
+                try:
+                    v = w.find_du(d)
+                except Exception as e:
+                    log(f"find + du on {t} failed: {e}")
+                    v = float("nan")
+                results.setdefault(find_label, {"unit": "s", "higher": False}).setdefault(t, []).append(v)
+                log(f"round {r + 1} {find_label:36} {t:8} {v:10.3f} s")
+        for t, d in targets.items():
+            run(["rm", "-rf", d / "many", d / "deep"])
 
         # ls -l of a big folder, first (fresh mounts) and warm.
         n = sizes["listing"]
@@ -477,16 +603,20 @@ def main():
 
 def make_folder(data, user, count):
     """Writes a data directory with `count` 1-byte files for `user`, in the server's
-    on-disk format (files/<user>/snapshot.json naming byte ranges of pack-1.dat)."""
+    on-disk format: files/<user>/snapshot.json (format 2: the tree's entries by id; the
+    files in the root) naming byte ranges of pack-1.dat."""
     d = data / "files" / user
     d.mkdir(parents=True)
     base = 1 << 60
     now = time.time_ns()
     digest = "805a31dee1a2a0d3fbe08c612de4fe6be78166a3c4d3a4db7805ad839ed47d4d"  # BLAKE3 of b"g"
     (d / "pack-1.dat").write_bytes(b"g" * count)
-    files = [{"name": f"g{i:07}", "size": 1, "mtime_ns": now, "version": base + i, "blake3": digest,
-              "pack": {"pack": 1, "offset": i}} for i in range(count)]
-    (d / "snapshot.json").write_text(json.dumps({"journal": 0, "files": files}))
+    root = {"id": 1, "parent": 0, "name": "", "kind": "dir", "mode": 0o755, "mtime_ns": now, "atime_ns": now,
+            "ctime_ns": now}
+    entries = [root] + [{"id": 2 + i, "parent": 1, "name": f"g{i:07}", "kind": "file", "mode": 0o644, "size": 1,
+                         "mtime_ns": now, "atime_ns": now, "ctime_ns": now, "version": base + i, "blake3": digest,
+                         "content": {"pack": {"pack": 1, "offset": i}}} for i in range(count)]
+    (d / "snapshot.json").write_text(json.dumps({"format": 2, "journal": 0, "next_id": count + 2, "entries": entries}))
 
 
 def fmt(v, unit):

@@ -21,12 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sharefs_protocol::{ErrorCode, Event, FileInfo, Space};
+use sharefs_protocol::{EntryKind, ErrorCode, Event, FileInfo, Space};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::error::{ClientError, Result};
-use crate::remote::{with_deadline, ConnectOptions, RemoteClient};
+use crate::remote::{with_deadline, AttrChange, ConnectOptions, Move, RemoteClient, UploadTarget};
 use crate::transfer;
 
 tokio::task_local! {
@@ -206,13 +206,18 @@ impl Connection {
         self.retry(|c, _| async move { c.list_users().await }).await
     }
 
-    pub async fn list_files(&self, owner: &str) -> Result<Vec<FileInfo>> {
-        self.retry(|c, _| async move { c.list_files(owner).await })
+    pub async fn list(&self, owner: &str, dir: u64) -> Result<Vec<FileInfo>> {
+        self.retry(|c, _| async move { c.list(owner, dir).await })
             .await
     }
 
-    pub async fn stat(&self, owner: &str, name: &str) -> Result<FileInfo> {
-        self.retry(|c, _| async move { c.stat(owner, name).await })
+    pub async fn lookup(&self, owner: &str, parent: u64, name: &str) -> Result<FileInfo> {
+        self.retry(|c, _| async move { c.lookup(owner, parent, name).await })
+            .await
+    }
+
+    pub async fn stat(&self, owner: &str, id: u64) -> Result<FileInfo> {
+        self.retry(|c, _| async move { c.stat(owner, id).await })
             .await
     }
 
@@ -220,12 +225,19 @@ impl Connection {
     pub async fn open(
         &self,
         owner: &str,
-        name: &str,
+        id: u64,
         head: u32,
     ) -> Result<(RemoteHandle, FileInfo, Bytes)> {
         self.retry(|c, generation| async move {
-            let (id, info, data) = c.open_with_head(owner, name, head).await?;
-            Ok((RemoteHandle { id, generation }, info, data))
+            let (handle, info, data) = c.open_with_head(owner, id, head).await?;
+            Ok((
+                RemoteHandle {
+                    id: handle,
+                    generation,
+                },
+                info,
+                data,
+            ))
         })
         .await
     }
@@ -260,34 +272,34 @@ impl Connection {
         }
     }
 
-    /// Uploads the content of `path` as `name` in the caller's folder, retrying from the
+    /// Uploads the content of `path` to `target` in the caller's tree, retrying from the
     /// start if the connection drops.
-    pub async fn upload_file(&self, name: &str, path: &Path) -> Result<FileInfo> {
+    pub async fn upload_file(&self, target: &UploadTarget, path: &Path) -> Result<FileInfo> {
         self.retry_until(self.upload_deadline(), |c, _| async move {
             let file = tokio::fs::File::open(path).await?;
             let size = file.metadata().await?.len();
             let reader = tokio::io::BufReader::with_capacity(1 << 20, file);
-            transfer::upload(&c, name, reader, Some(size), |_| {}).await
+            transfer::upload(&c, target, reader, Some(size), |_| {}).await
         })
         .await
     }
 
     /// Uploads bytes held in memory (one round trip for small files).
-    pub async fn upload_bytes(&self, name: &str, data: Bytes) -> Result<FileInfo> {
+    pub async fn upload_bytes(&self, target: &UploadTarget, data: Bytes) -> Result<FileInfo> {
         self.retry_until(self.upload_deadline(), |c, _| {
             let data = data.clone();
             async move {
                 let size = data.len() as u64;
-                transfer::upload(&c, name, &data[..], Some(size), |_| {}).await
+                transfer::upload(&c, target, &data[..], Some(size), |_| {}).await
             }
         })
         .await
     }
 
     /// Starts a streamed upload on the current connection.
-    pub async fn upload_begin(&self, name: &str) -> Result<RemoteHandle> {
+    pub async fn upload_begin(&self, target: &UploadTarget) -> Result<RemoteHandle> {
         self.retry(|c, generation| async move {
-            let id = c.upload_begin(name, None).await?;
+            let id = c.upload_begin(target, None).await?;
             Ok(RemoteHandle { id, generation })
         })
         .await
@@ -323,9 +335,11 @@ impl Connection {
         h: RemoteHandle,
         size: u64,
         blake3: &str,
+        mtime_ns: Option<i64>,
     ) -> Result<FileInfo> {
         let client = self.client_of(h.generation)?;
-        self.bounded(client.upload_commit(h.id, size, blake3)).await
+        self.bounded(client.upload_commit(h.id, size, blake3, mtime_ns))
+            .await
     }
 
     pub async fn upload_abort(&self, h: RemoteHandle) {
@@ -334,16 +348,16 @@ impl Connection {
         }
     }
 
-    /// Deletes one of the caller's files. A retry that finds the file gone reports
-    /// success: the first attempt ran before its connection was replaced.
-    pub async fn delete(&self, name: &str) -> Result<()> {
+    /// Removes `name` from `parent` in the caller's tree. A retry that finds it gone
+    /// reports success: the first attempt ran before its connection was replaced.
+    pub async fn remove(&self, parent: u64, name: &str, dir: bool) -> Result<()> {
         let owner = self.inner.user.clone();
         let owner = owner.as_str();
         let mut retried = false;
         self.retry(|c, _| {
             let again = std::mem::replace(&mut retried, true);
             async move {
-                match c.delete(owner, name).await {
+                match c.remove(owner, parent, name, dir).await {
                     Err(e) if again && e.code() == Some(ErrorCode::NotFound) => Ok(()),
                     r => r,
                 }
@@ -352,25 +366,77 @@ impl Connection {
         .await
     }
 
-    /// Renames within the caller's folder. A retry that finds the source gone and the
-    /// target present reports the target: the first attempt ran before its connection was
-    /// replaced.
-    pub async fn rename(&self, from: &str, to: &str) -> Result<FileInfo> {
+    /// Moves an entry within the caller's tree. A retry that finds the source gone and
+    /// the target present reports the target: the first attempt ran before its
+    /// connection was replaced.
+    pub async fn rename(&self, mv: &Move) -> Result<FileInfo> {
         let owner = self.inner.user.clone();
         let owner = owner.as_str();
         let mut retried = false;
         self.retry(|c, _| {
             let again = std::mem::replace(&mut retried, true);
             async move {
-                match c.rename(owner, from, to).await {
-                    Err(e) if again && e.code() == Some(ErrorCode::NotFound) => {
-                        c.stat(owner, to).await.map_err(|_| e)
+                match c.rename(mv).await {
+                    Err(e) if again && e.code() == Some(ErrorCode::NotFound) => c
+                        .lookup(owner, mv.new_parent, &mv.new_name)
+                        .await
+                        .map_err(|_| e),
+                    r => r,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Creates a directory. A retry that finds the name taken by a directory reports it:
+    /// the first attempt ran before its connection was replaced.
+    pub async fn mkdir(&self, parent: u64, name: &str, mode: u32) -> Result<FileInfo> {
+        let owner = self.inner.user.clone();
+        let owner = owner.as_str();
+        let mut retried = false;
+        self.retry(|c, _| {
+            let again = std::mem::replace(&mut retried, true);
+            async move {
+                match c.mkdir(parent, name, mode).await {
+                    Err(e) if again && e.code() == Some(ErrorCode::Exists) => {
+                        match c.lookup(owner, parent, name).await {
+                            Ok(info) if info.kind == EntryKind::Dir => Ok(info),
+                            _ => Err(e),
+                        }
                     }
                     r => r,
                 }
             }
         })
         .await
+    }
+
+    /// Creates a symbolic link. A retry that finds the same link there reports it.
+    pub async fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<FileInfo> {
+        let owner = self.inner.user.clone();
+        let owner = owner.as_str();
+        let mut retried = false;
+        self.retry(|c, _| {
+            let again = std::mem::replace(&mut retried, true);
+            async move {
+                match c.symlink(parent, name, target).await {
+                    Err(e) if again && e.code() == Some(ErrorCode::Exists) => {
+                        match c.lookup(owner, parent, name).await {
+                            Ok(info) if info.target.as_deref() == Some(target) => Ok(info),
+                            _ => Err(e),
+                        }
+                    }
+                    r => r,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Changes mode and times of an entry of the caller's tree (idempotent: retried as is).
+    pub async fn setattr(&self, id: u64, change: AttrChange) -> Result<FileInfo> {
+        self.retry(|c, _| async move { c.setattr(id, &change).await })
+            .await
     }
 
     pub async fn statfs(&self) -> Result<Space> {

@@ -17,7 +17,7 @@ use fuser::{
     ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, FsCore, FsError, Invalidation, Kind, OpenMode, Remote, ROOT};
+use crate::fs::{Attr, FsCore, FsError, Invalidation, Kind, OpenMode, Remote, SetAttr};
 
 /// How long the kernel may trust an entry or attributes without asking. Long, because the
 /// server pushes changes and the mount invalidates them at once.
@@ -32,7 +32,9 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::NotFound => Errno::ENOENT,
         FsError::PermissionDenied => Errno::EACCES,
         FsError::NotPermitted => Errno::EPERM,
-        FsError::InvalidName(_) => Errno::EINVAL,
+        FsError::InvalidName(_) | FsError::InvalidArgument(_) => Errno::EINVAL,
+        FsError::Exists => Errno::EEXIST,
+        FsError::NotEmpty => Errno::ENOTEMPTY,
         FsError::NameTooLong => Errno::ENAMETOOLONG,
         FsError::QuotaExceeded => Errno::EDQUOT,
         FsError::NoSpace => Errno::ENOSPC,
@@ -42,6 +44,21 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::TooManyOpen => Errno::EMFILE,
         FsError::Stale | FsError::Io(_) => Errno::EIO,
     }
+}
+
+/// The errno of a failed operation `op`, logged once with its cause, except the plain
+/// answers of a lookup (no such name, or not allowed to look).
+pub fn failed(op: &'static str, e: &FsError) -> Errno {
+    let errno = errno(e);
+    let plain_lookup = op == "lookup"
+        && matches!(
+            e,
+            FsError::NotFound | FsError::Exists | FsError::PermissionDenied
+        );
+    if !plain_lookup {
+        tracing::info!(op, errno = i32::from(errno), error = %e, "operation failed");
+    }
+    errno
 }
 
 pub struct FuseAdapter<R: Remote> {
@@ -98,7 +115,7 @@ impl<R: Remote> FuseAdapter<R> {
     }
 
     /// Runs a core call whose success is an empty reply.
-    fn run_empty<F, Fut>(&self, reply: ReplyEmpty, f: F)
+    fn run_empty<F, Fut>(&self, op: &'static str, reply: ReplyEmpty, f: F)
     where
         F: FnOnce(Arc<FsCore<R>>) -> Fut,
         Fut: std::future::Future<Output = Result<(), FsError>> + Send + 'static,
@@ -107,7 +124,23 @@ impl<R: Remote> FuseAdapter<R> {
         self.drive(async move {
             match fut.await {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed(op, &e)),
+            }
+        });
+    }
+
+    /// Runs a core call that answers with an entry.
+    fn run_entry<F, Fut>(&self, op: &'static str, reply: ReplyEntry, f: F)
+    where
+        F: FnOnce(Arc<FsCore<R>>) -> Fut,
+        Fut: std::future::Future<Output = Result<Attr, FsError>> + Send + 'static,
+    {
+        let fut = f(self.core.clone());
+        let (uid, gid) = (self.uid, self.gid);
+        self.drive(async move {
+            match fut.await {
+                Ok(a) => reply.entry(&TTL, &attr(&a, uid, gid), Generation(0)),
+                Err(e) => reply.error(failed(op, &e)),
             }
         });
     }
@@ -190,23 +223,29 @@ impl std::task::Wake for Parked {
     }
 }
 
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
 fn attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
-        ctime: a.mtime,
+        ctime: a.ctime,
         crtime: a.mtime,
-        kind: match a.kind {
-            Kind::Dir => FileType::Directory,
-            Kind::File => FileType::RegularFile,
-        },
+        kind: file_type(a.kind),
         perm: a.perm,
         nlink: match a.kind {
+            _ if a.unlinked => 0,
             Kind::Dir => 2,
-            Kind::File => 1,
+            Kind::File | Kind::Symlink => 1,
         },
         uid,
         gid,
@@ -218,6 +257,13 @@ fn attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
 
 fn name_str(name: &OsStr) -> Result<String, Errno> {
     name.to_str().map(str::to_string).ok_or(Errno::EINVAL)
+}
+
+fn time_or_now(t: Option<TimeOrNow>) -> Option<SystemTime> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    })
 }
 
 impl<R: Remote> Filesystem for FuseAdapter<R> {
@@ -246,7 +292,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         self.run(move |core, uid, gid| async move {
             match core.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&TTL, &attr(&a, uid, gid), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed("lookup", &e)),
             }
         });
     }
@@ -255,7 +301,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         self.run(move |core, uid, gid| async move {
             match core.getattr(ino.0).await {
                 Ok(a) => reply.attr(&TTL, &attr(&a, uid, gid)),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed("getattr", &e)),
             }
         });
     }
@@ -264,12 +310,12 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -278,59 +324,101 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // Everything belongs to the mounting user: giving it to anyone else is refused.
+        if uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid) {
+            return reply.error(failed("chown", &FsError::NotPermitted));
+        }
+        let set = SetAttr {
+            size,
+            mode,
+            atime: time_or_now(atime),
+            mtime: time_or_now(mtime),
+        };
         self.run(move |core, uid, gid| async move {
-            match core.setattr(ino.0, size, fh.map(|f| f.0)).await {
+            match core.setattr(ino.0, set, fh.map(|f| f.0)).await {
                 Ok(a) => reply.attr(&TTL, &attr(&a, uid, gid)),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed("setattr", &e)),
             }
         });
     }
 
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.run(move |core, _, _| async move {
+            match core.readlink(ino.0).await {
+                Ok(target) => reply.data(target.as_bytes()),
+                Err(e) => reply.error(failed("readlink", &e)),
+            }
+        });
+    }
+
+    /// Regular files only (an empty file, made at once); FIFOs, sockets and devices are
+    /// not offered.
     fn mknod(
         &self,
         _req: &Request,
         parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&self.core.refuse_create_other(parent.0)));
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            return reply.error(failed("mknod", &FsError::NotPermitted));
+        }
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.run_entry("mknod", reply, move |core| async move {
+            core.mknod_file(parent.0, &name, mode & 0o7777).await
+        });
     }
 
     fn mkdir(
         &self,
         _req: &Request,
         parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&self.core.refuse_create_other(parent.0)));
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.run_entry("mkdir", reply, move |core| async move {
+            core.mkdir(parent.0, &name, mode & 0o7777).await
+        });
     }
 
     fn symlink(
         &self,
         _req: &Request,
         parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
+        link_name: &OsStr,
+        target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&self.core.refuse_create_other(parent.0)));
+        let (name, target) = match (name_str(link_name), name_str(target.as_os_str())) {
+            (Ok(n), Ok(t)) => (n, t),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        self.run_entry("symlink", reply, move |core| async move {
+            core.symlink(parent.0, &name, &target).await
+        });
     }
 
     fn link(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        newparent: INodeNo,
+        _newparent: INodeNo,
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&self.core.refuse_create_other(newparent.0)));
+        reply.error(failed("link", &FsError::NotPermitted));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -338,7 +426,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.run_empty(reply, move |core| async move {
+        self.run_empty("unlink", reply, move |core| async move {
             core.unlink(parent.0, &name).await
         });
     }
@@ -348,7 +436,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.run_empty(reply, move |core| async move {
+        self.run_empty("rmdir", reply, move |core| async move {
             core.rmdir(parent.0, &name).await
         });
     }
@@ -367,12 +455,17 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             (Ok(a), Ok(b)) => (a, b),
             _ => return reply.error(Errno::EINVAL),
         };
-        if !flags.is_empty() {
-            // RENAME_EXCHANGE / RENAME_NOREPLACE: not offered.
-            return reply.error(Errno::EINVAL);
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || !(flags - RenameFlags::RENAME_NOREPLACE).is_empty()
+        {
+            // RENAME_EXCHANGE (and RENAME_WHITEOUT): not offered.
+            let e = FsError::InvalidArgument(format!("rename flags {:#x}", flags.bits()));
+            return reply.error(failed("rename", &e));
         }
-        self.run_empty(reply, move |core| async move {
-            core.rename(parent.0, &name, newparent.0, &newname).await
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        self.run_empty("rename", reply, move |core| async move {
+            core.rename(parent.0, &name, newparent.0, &newname, noreplace)
+                .await
         });
     }
 
@@ -413,7 +506,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                     }
                     reply.opened(FileHandle(o.fh), f)
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed("open", &e)),
             }
         });
     }
@@ -423,7 +516,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
+        mode: u32,
         _umask: u32,
         _flags: i32,
         reply: ReplyCreate,
@@ -433,7 +526,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             Err(e) => return reply.error(e),
         };
         self.run(move |core, uid, gid| async move {
-            match core.create(parent.0, &name).await {
+            match core.create(parent.0, &name, mode & 0o7777).await {
                 Ok((a, fh)) => reply.created(
                     &TTL,
                     &attr(&a, uid, gid),
@@ -441,7 +534,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                     FileHandle(fh),
                     FopenFlags::empty(),
                 ),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed("create", &e)),
             }
         });
     }
@@ -460,7 +553,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         self.run(move |core, _, _| async move {
             match core.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed("read", &e)),
             }
         });
     }
@@ -484,7 +577,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         self.run(move |core, _, _| async move {
             match core.write_bytes(fh.0, offset, data).await {
                 Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed("write", &e)),
             }
         });
     }
@@ -497,7 +590,11 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.run_empty(reply, move |core| async move { core.flush(fh.0).await });
+        self.run_empty(
+            "flush",
+            reply,
+            move |core| async move { core.flush(fh.0).await },
+        );
     }
 
     fn release(
@@ -510,7 +607,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.run_empty(reply, move |core| async move { core.release(fh.0).await });
+        self.run_empty("release", reply, move |core| async move {
+            core.release(fh.0).await
+        });
     }
 
     fn fsync(
@@ -521,14 +620,18 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.run_empty(reply, move |core| async move { core.fsync(fh.0).await });
+        self.run_empty(
+            "fsync",
+            reply,
+            move |core| async move { core.fsync(fh.0).await },
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.run(move |core, _, _| async move {
             match core.opendir(ino.0).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed("opendir", &e)),
             }
         });
     }
@@ -543,20 +646,18 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     ) {
         let entries = match self.core.dir_entries(fh.0) {
             Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return reply.error(failed("readdir", &e)),
         };
-        // Every directory's parent is the root (the root's own parent is outside the mount).
-        let dots = [(ino.0, "."), (ROOT, "..")];
+        // The root's own parent is outside the mount; the kernel answers for it.
+        let dots = [(ino.0, "."), (self.core.parent_of(ino.0), "..")];
         let all = dots
             .iter()
             .map(|(i, n)| (*i, FileType::Directory, *n))
-            .chain(entries.iter().map(|e| {
-                let kind = match e.attr.kind {
-                    Kind::Dir => FileType::Directory,
-                    Kind::File => FileType::RegularFile,
-                };
-                (e.attr.ino, kind, e.name.as_str())
-            }));
+            .chain(
+                entries
+                    .iter()
+                    .map(|e| (e.attr.ino, file_type(e.attr.kind), e.name.as_str())),
+            );
         for (i, (eino, kind, name)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(eino), i as u64 + 1, kind, name) {
                 break;
@@ -575,26 +676,41 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     ) {
         let entries = match self.core.dir_entries(fh.0) {
             Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return reply.error(failed("readdirplus", &e)),
         };
+        // `.` and `..` with an attribute-less entry: the kernel does not look them up
+        // from readdirplus (and must not take made-up attributes for theirs).
         let dir = |i: u64| Attr {
             ino: i,
             kind: Kind::Dir,
             size: 0,
             mtime: SystemTime::UNIX_EPOCH,
+            atime: SystemTime::UNIX_EPOCH,
+            ctime: SystemTime::UNIX_EPOCH,
             perm: 0o555,
+            unlinked: false,
         };
-        let dots = [(".".to_string(), dir(ino.0)), ("..".to_string(), dir(ROOT))];
+        let dots = [
+            (".".to_string(), dir(ino.0)),
+            ("..".to_string(), dir(self.core.parent_of(ino.0))),
+        ];
         let all = dots
             .iter()
-            .map(|(n, a)| (n.as_str(), a))
-            .chain(entries.iter().map(|e| (e.name.as_str(), &e.attr)));
-        for (i, (name, a)) in all.enumerate().skip(offset as usize) {
+            .map(|(n, a)| (n.as_str(), a, Duration::ZERO))
+            // The snapshot taken at opendir may be older than a rename or unlink made
+            // since: the kernel is not to keep its names, only to use them for this
+            // listing (later lookups are answered from the mount's cache).
+            .chain(
+                entries
+                    .iter()
+                    .map(|e| (e.name.as_str(), &e.attr, Duration::ZERO)),
+            );
+        for (i, (name, a, ttl)) in all.enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(a.ino),
                 i as u64 + 1,
                 name,
-                &TTL,
+                &ttl,
                 &self.attr(a),
                 Generation(0),
             ) {
@@ -653,16 +769,20 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                         bsize as u32,
                     )
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(failed("statfs", &e)),
             }
         });
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.core.access(ino.0, mask.contains(AccessFlags::W_OK)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let (read, write, exec) = (
+            mask.contains(AccessFlags::R_OK),
+            mask.contains(AccessFlags::W_OK),
+            mask.contains(AccessFlags::X_OK),
+        );
+        self.run_empty("access", reply, move |core| async move {
+            core.access(ino.0, read, write, exec).await
+        });
     }
 }
 
@@ -739,6 +859,12 @@ mod tests {
             (FsError::Io("x".into()), libc::EIO),
             (FsError::Stale, libc::EIO),
             (FsError::NameTooLong, libc::ENAMETOOLONG),
+            (FsError::Exists, libc::EEXIST),
+            (FsError::NotEmpty, libc::ENOTEMPTY),
+            (FsError::NotDir, libc::ENOTDIR),
+            (FsError::IsDir, libc::EISDIR),
+            (FsError::InvalidArgument("x".into()), libc::EINVAL),
+            (FsError::InvalidName("x".into()), libc::EINVAL),
         ];
         for (e, want) in cases {
             assert_eq!(i32::from(errno(&e)), want, "{e:?}");
@@ -754,6 +880,19 @@ mod tests {
         assert_eq!(i32::from(errno(&remote(C::PermissionDenied))), libc::EACCES);
         assert_eq!(i32::from(errno(&remote(C::NotFound))), libc::ENOENT);
         assert_eq!(i32::from(errno(&remote(C::Internal))), libc::EIO);
+        for (code, want) in [
+            (C::Exists, libc::EEXIST),
+            (C::NotEmpty, libc::ENOTEMPTY),
+            (C::NotADirectory, libc::ENOTDIR),
+            (C::IsADirectory, libc::EISDIR),
+            (C::InvalidArgument, libc::EINVAL),
+            (C::NotPermitted, libc::EPERM),
+            (C::NameTooLong, libc::ENAMETOOLONG),
+            (C::Stale, libc::EIO),
+            (C::TooManyOpen, libc::EMFILE),
+        ] {
+            assert_eq!(i32::from(errno(&remote(code))), want, "{code:?}");
+        }
         let timeout = FsError::from(crate::ClientError::Timeout(Duration::from_secs(1)));
         assert_eq!(i32::from(errno(&timeout)), libc::EIO);
     }

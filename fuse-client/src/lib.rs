@@ -10,9 +10,22 @@
 //!   fences the older connections on the server.
 //! - [`tls`]: how the client trusts a server (pinned fingerprint, CA, known servers).
 //! - [`transfer`]: whole-file upload and download with bounded memory.
+//! - [`paths`]: command-line paths (`OWNER/a/b`) and whole-tree operations (`mkdir -p`,
+//!   `put -r`, `get -r`, `rm -r`, `mv`) made of one-entry requests.
 //! - [`settings`]: connection settings from flags, environment, password file or prompt.
-//! - [`fs`]: the filesystem core, free of fuser and the kernel; staged writes and their
-//!   directory on disk.
+//! - [`fs`]: the filesystem core, free of fuser and the kernel:
+//!   - `fs/tree.rs`: the inode table, one inode per (owner, entry id), indexed by
+//!     (parent, name);
+//!   - `fs/listing.rs`: cached listings per directory, and fetches with the changes seen
+//!     while they are in flight replayed onto them;
+//!   - `fs/events.rs`: what pushed events change, and what the kernel must forget;
+//!   - `fs/namespace.rs`: mkdir, symlink, unlink, rmdir, rename, setattr;
+//!   - `fs/files.rs`: open files, descriptors and uploads of staged writes;
+//!   - `fs/read.rs`: ranged reads with prefetch; `fs/write.rs`: staged writes and their
+//!     lazily fetched base; `fs/stream.rs`: sequential writes streamed as they happen;
+//!   - `fs/staging.rs`: the staging directory on disk and recovery of what a dead mount
+//!     left; `fs/remote.rs`: the `Remote` trait the core needs of a server;
+//!     `fs/error.rs`: the core's errors.
 //! - [`fuse`]: the thin adapter from kernel requests to the core.
 //! - [`mount`]: `sharefs mount`: connect, mount, serve until unmounted.
 //! - [`mountpoint`]: what is mounted at the mount point already; clearing a dead mount.
@@ -27,6 +40,7 @@ pub mod fs;
 pub mod fuse;
 pub mod mount;
 pub mod mountpoint;
+pub mod paths;
 pub mod quoting;
 pub mod remote;
 pub mod settings;
@@ -34,4 +48,4 @@ pub mod tls;
 pub mod transfer;
 
 pub use error::ClientError;
-pub use remote::{ConnectOptions, EventStream, RemoteClient};
+pub use remote::{AttrChange, ConnectOptions, EventStream, Move, RemoteClient, UploadTarget};

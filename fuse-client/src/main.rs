@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sharefs_client::quoting::shell_escape;
 use sharefs_client::settings::ConnectArgs;
-use sharefs_client::{transfer, RemoteClient};
-use sharefs_protocol::{Event, Notification};
+use sharefs_client::{paths, transfer, ClientError, RemoteClient};
+use sharefs_protocol::{EntryKind, ErrorCode, Event, FileInfo, Notification};
 
 #[derive(Parser)]
 #[command(
@@ -29,14 +29,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// List users, or one user's files.
-    Ls { owner: Option<String> },
-    /// Upload FILE into my folder (as NAME, default its file name).
-    Put { file: PathBuf, name: Option<String> },
-    /// Download OWNER/NAME to DEST (default ./NAME; "-" writes to stdout).
-    Get { path: String, dest: Option<PathBuf> },
-    /// Delete one of my files.
-    Rm { name: String },
+    /// List users, or a directory of a user's tree (OWNER or OWNER/PATH).
+    Ls {
+        /// Long format: kind and mode, size, modification time, link target.
+        #[arg(short = 'l')]
+        long: bool,
+        path: Option<String>,
+    },
+    /// Upload SRC into my tree as PATH (default its name in my folder; a PATH that is a
+    /// directory, or ends with '/', receives it under its own name).
+    Put {
+        /// Upload a directory and everything in it (modes, times and links kept).
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        src: PathBuf,
+        path: Option<String>,
+    },
+    /// Download OWNER/PATH to DEST (default ./NAME; "-" writes a file to stdout).
+    Get {
+        /// Download a directory and everything in it (modes, times and links kept).
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        path: String,
+        dest: Option<PathBuf>,
+    },
+    /// Delete a file, link or empty directory of my tree (PATH inside my folder).
+    Rm {
+        /// Delete a directory and everything in it.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        path: String,
+    },
+    /// Make a directory in my tree.
+    Mkdir {
+        /// Make missing parents too, and succeed if the directory exists.
+        #[arg(short = 'p', long)]
+        parents: bool,
+        path: String,
+    },
+    /// Move or rename FROM to TO within my tree (into TO if it is a directory).
+    Mv { from: String, to: String },
     /// Mount the share: one folder per user; yours is writable.
     Mount(sharefs_client::mount::MountArgs),
     /// Show pending and recent notifications (and acknowledge the pending ones).
@@ -100,34 +132,88 @@ async fn connect(args: &ConnectArgs) -> Result<(RemoteClient, sharefs_client::Ev
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Ls { owner } => ls(&cli.connect, owner).await,
-        Command::Put { file, name } => put(&cli.connect, &file, name).await,
-        Command::Get { path, dest } => get(&cli.connect, &path, dest).await,
-        Command::Rm { name } => rm(&cli.connect, &name).await,
+        Command::Ls { long, path } => ls(&cli.connect, long, path).await,
+        Command::Put {
+            recursive,
+            src,
+            path,
+        } => put(&cli.connect, &src, path, recursive).await,
+        Command::Get {
+            recursive,
+            path,
+            dest,
+        } => get(&cli.connect, &path, dest, recursive).await,
+        Command::Rm { recursive, path } => rm(&cli.connect, &path, recursive).await,
+        Command::Mkdir { parents, path } => mkdir(&cli.connect, &path, parents).await,
+        Command::Mv { from, to } => mv(&cli.connect, &from, &to).await,
         Command::Notifications { follow } => notifications(&cli.connect, follow).await,
         Command::Mount(_) => bail!("mount runs outside the async runtime"),
     }
 }
 
-async fn ls(args: &ConnectArgs, owner: Option<String>) -> Result<()> {
+/// `ls -l`-like permission bits of an entry.
+fn mode_string(f: &FileInfo) -> String {
+    let kind = match f.kind {
+        EntryKind::Dir => 'd',
+        EntryKind::File => '-',
+        EntryKind::Symlink => 'l',
+    };
+    let mut s = String::from(kind);
+    for shift in [6, 3, 0] {
+        let bits = (f.mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+fn print_entry(f: &FileInfo) {
+    let suffix = match (&f.kind, &f.target) {
+        (EntryKind::Dir, _) => "/".to_string(),
+        (EntryKind::Symlink, Some(t)) => format!(" -> {}", shell_escape(t)),
+        _ => String::new(),
+    };
+    println!(
+        "{}  {:>12}  {}  {}{}",
+        mode_string(f),
+        f.size,
+        format_time_ns(f.mtime_ns),
+        shell_escape(&f.name),
+        suffix
+    );
+}
+
+async fn ls(args: &ConnectArgs, long: bool, path: Option<String>) -> Result<()> {
     let (client, _events) = connect(args).await?;
-    match owner {
-        None => {
-            for user in client.list_users().await? {
-                println!("{}", shell_escape(&user));
-            }
+    let Some(path) = path else {
+        for user in client.list_users().await? {
+            println!("{}", shell_escape(&user));
         }
-        Some(owner) => {
-            let owner = owner.trim_end_matches('/');
-            for f in client.list_files(owner).await? {
-                println!(
-                    "{:>12}  {}  {}",
-                    f.size,
-                    format_time_ns(f.mtime_ns),
-                    shell_escape(&f.name)
-                );
-            }
+        return Ok(());
+    };
+    let (owner, inside) = paths::split_owner(&path);
+    let entry = client
+        .resolve(owner, inside)
+        .await
+        .map_err(|e| anyhow!("{path}: {e}"))?;
+    let show = |f: &FileInfo| {
+        if long {
+            print_entry(f);
+        } else {
+            println!("{}", shell_escape(&f.name));
         }
+    };
+    if entry.kind != EntryKind::Dir {
+        show(&entry);
+        return Ok(());
+    }
+    for f in client
+        .list(owner, entry.id)
+        .await
+        .map_err(|e| anyhow!("{path}: {e}"))?
+    {
+        show(&f);
     }
     Ok(())
 }
@@ -149,95 +235,204 @@ fn progress_bar(len: Option<u64>, what: &str) -> Option<ProgressBar> {
     Some(bar)
 }
 
-async fn put(args: &ConnectArgs, file: &Path, name: Option<String>) -> Result<()> {
-    let name = match name {
-        Some(n) => n,
-        None => file
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| anyhow!("{}: cannot derive a file name; give NAME", file.display()))?
-            .to_string(),
-    };
-    sharefs_protocol::name::check_file_name(&name).map_err(|e| anyhow!("{name}: {e}"))?;
-    let f = tokio::fs::File::open(file)
-        .await
-        .with_context(|| file.display().to_string())?;
-    let size = f.metadata().await.ok().map(|m| m.len());
+/// A progress line for a walk over a tree (stderr, when it is a terminal).
+fn tree_progress(what: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
+
+fn show_progress(bar: &Option<ProgressBar>, what: &str, p: paths::Progress) {
+    if let Some(b) = bar {
+        b.set_message(format!(
+            "{what}: {} files, {} directories, {} links, {} bytes",
+            p.files, p.dirs, p.links, p.bytes
+        ));
+    }
+}
+
+async fn put(args: &ConnectArgs, src: &Path, path: Option<String>, recursive: bool) -> Result<()> {
+    let src_name = src.file_name().and_then(|n| n.to_str()).map(str::to_string);
     let (client, _events) = connect(args).await?;
-    let bar = progress_bar(size, &name);
-    let reader = tokio::io::BufReader::with_capacity(1 << 20, f);
-    let info = transfer::upload(&client, &name, reader, size, |n| {
-        if let Some(b) = &bar {
-            b.set_position(n)
+    let me = client.user().to_string();
+    let path = path.unwrap_or_default();
+    // Into PATH when it is a directory (or ends with '/'), else as PATH.
+    let into = path.is_empty()
+        || path.ends_with('/')
+        || client
+            .resolve(&me, &path)
+            .await
+            .is_ok_and(|e| e.kind == EntryKind::Dir);
+    let dest = if into {
+        let Some(name) = src_name else {
+            bail!("{}: cannot derive a name; give PATH", src.display());
+        };
+        format!("{}/{name}", path.trim_end_matches('/'))
+    } else {
+        path
+    };
+    let bar = if recursive {
+        tree_progress("uploading")
+    } else {
+        let size = std::fs::metadata(src).ok().map(|m| m.len());
+        progress_bar(size, &dest)
+    };
+    let done = paths::put(&client, src, &dest, recursive, |p| {
+        if recursive {
+            show_progress(&bar, "uploading", p)
+        } else if let Some(b) = &bar {
+            b.set_position(p.bytes)
         }
     })
     .await
-    .map_err(|e| anyhow!("{name}: {e}"))?;
+    .map_err(|e| anyhow!("{}: {e}", src.display()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    eprintln!(
-        "uploaded {}/{} ({} bytes)",
-        shell_escape(&info.owner),
-        shell_escape(&info.name),
-        info.size
-    );
+    let dest = dest.trim_matches('/');
+    if recursive {
+        eprintln!(
+            "uploaded {} to {}/{} ({} files, {} directories, {} links, {} bytes)",
+            src.display(),
+            shell_escape(&me),
+            shell_escape(dest),
+            done.files,
+            done.dirs,
+            done.links,
+            done.bytes
+        );
+    } else {
+        eprintln!(
+            "uploaded {}/{} ({} bytes)",
+            shell_escape(&me),
+            shell_escape(dest),
+            done.bytes
+        );
+    }
     Ok(())
 }
 
-async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>) -> Result<()> {
-    let Some((owner, name)) = path.split_once('/') else {
-        bail!("{path}: expected OWNER/NAME");
-    };
+async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>, recursive: bool) -> Result<()> {
+    let (owner, inside) = paths::split_owner(path);
+    if inside.is_empty() && !recursive {
+        bail!("{path}: expected OWNER/PATH");
+    }
     let (client, _events) = connect(args).await?;
     if dest.as_deref() == Some(Path::new("-")) {
+        let entry = client
+            .resolve(owner, inside)
+            .await
+            .map_err(|e| named(path, e))?;
+        if entry.kind != EntryKind::File {
+            bail!("{path}: not a regular file");
+        }
         let mut out = tokio::io::stdout();
-        transfer::download(&client, owner, name, &mut out, |_, _| {}).await?;
+        transfer::download(&client, owner, entry.id, &mut out, |_, _| {}).await?;
         return Ok(());
     }
+    let name = inside
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(owner)
+        .to_string();
     let dest = match dest {
-        Some(d) if d.is_dir() => d.join(name),
+        Some(d) if d.is_dir() => d.join(&name),
         Some(d) => d,
-        None => PathBuf::from(name),
+        None => PathBuf::from(&name),
     };
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+    let bar = if recursive {
+        tree_progress("downloading")
+    } else {
+        progress_bar(None, &name)
     };
-    // Download into a temp file next to the destination and rename at the end, so an
-    // interrupted download never leaves a partial file under the final name.
-    let tmp = tempfile::Builder::new()
-        .prefix(".sharefs-get-")
-        .tempfile_in(&dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    let (std_file, tmp_path) = tmp.into_parts();
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
-    let bar = progress_bar(None, name);
-    transfer::download(&client, owner, name, &mut out, |done, total| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
+    paths::get(&client, owner, inside, &dest, recursive, |p| {
+        if recursive {
+            show_progress(&bar, "downloading", p)
+        } else if let Some(b) = &bar {
+            b.set_position(p.bytes)
         }
     })
-    .await?;
-    out.into_inner().sync_all().await?;
-    tmp_path
-        .persist(&dest)
-        .map_err(|e| anyhow!("{}: {}", dest.display(), e.error))?;
+    .await
+    .map_err(|e| named(path, e))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     Ok(())
 }
 
-async fn rm(args: &ConnectArgs, name: &str) -> Result<()> {
+/// An error about `path`, which the server's own message may name already.
+fn named(path: &str, e: ClientError) -> anyhow::Error {
+    let text = e.to_string();
+    let (owner, inside) = paths::split_owner(path);
+    if !inside.is_empty() && text.starts_with(&format!("{owner}/{inside}")) {
+        anyhow!("{text}")
+    } else {
+        anyhow!("{path}: {text}")
+    }
+}
+
+/// An error about `path` of my tree; when nothing is there and the path starts with
+/// another user's name, says that their trees cannot be changed.
+async fn mine_or_refused(client: &RemoteClient, path: &str, e: ClientError) -> anyhow::Error {
+    let (first, _) = paths::split_owner(path);
+    if e.code() == Some(ErrorCode::NotFound) && first != client.user() {
+        if let Ok(users) = client.list_users().await {
+            if users.iter().any(|u| u == first) {
+                return anyhow!("{path}: permission denied: only your own folder can be changed");
+            }
+        }
+    }
+    anyhow!("{path}: {e}")
+}
+
+async fn rm(args: &ConnectArgs, path: &str, recursive: bool) -> Result<()> {
     let (client, _events) = connect(args).await?;
-    let (owner, name) = match name.split_once('/') {
-        Some((o, n)) => (o.to_string(), n),
-        None => (client.user().to_string(), name),
+    let bar = if recursive {
+        tree_progress("removing")
+    } else {
+        None
     };
-    client.delete(&owner, name).await?;
-    Ok(())
+    let result = paths::remove(&client, path, recursive, |p| {
+        show_progress(&bar, "removing", p)
+    })
+    .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(mine_or_refused(&client, path, e).await),
+    }
+}
+
+async fn mkdir(args: &ConnectArgs, path: &str, parents: bool) -> Result<()> {
+    let (client, _events) = connect(args).await?;
+    let made = if parents {
+        paths::mkdir_p(&client, path).await
+    } else {
+        paths::mkdir(&client, path).await
+    };
+    match made {
+        Ok(_) => Ok(()),
+        Err(e) => Err(mine_or_refused(&client, path, e).await),
+    }
+}
+
+async fn mv(args: &ConnectArgs, from: &str, to: &str) -> Result<()> {
+    let (client, _events) = connect(args).await?;
+    match paths::rename(&client, from, to).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(mine_or_refused(&client, from, e).await),
+    }
 }
 
 fn format_time_ns(ns: i64) -> String {

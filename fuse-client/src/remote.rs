@@ -406,13 +406,15 @@ impl RemoteClient {
         }
     }
 
-    /// All of a user's files, sorted by name (fetched page by page).
-    pub async fn list_files(&self, owner: &str) -> Result<Vec<FileInfo>> {
+    /// All entries of directory `dir` of `owner`'s tree, sorted by name (fetched page by
+    /// page).
+    pub async fn list(&self, owner: &str, dir: u64) -> Result<Vec<FileInfo>> {
         let mut all: Vec<FileInfo> = Vec::new();
         loop {
             let after = all.last().map(|f| f.name.clone());
-            let op = Request::ListFiles {
+            let op = Request::List {
                 owner: owner.into(),
+                dir,
                 after,
                 limit: None,
             };
@@ -429,19 +431,43 @@ impl RemoteClient {
         }
     }
 
-    pub async fn stat(&self, owner: &str, name: &str) -> Result<FileInfo> {
+    /// The entry `name` in directory `parent`.
+    pub async fn lookup(&self, owner: &str, parent: u64, name: &str) -> Result<FileInfo> {
         file_reply(
-            self.call_empty(Request::Stat {
+            self.call_empty(Request::Lookup {
                 owner: owner.into(),
+                parent,
                 name: name.into(),
             })
             .await?,
         )
     }
 
+    /// The entry `id`, wherever it now is.
+    pub async fn stat(&self, owner: &str, id: u64) -> Result<FileInfo> {
+        file_reply(
+            self.call_empty(Request::Stat {
+                owner: owner.into(),
+                id,
+            })
+            .await?,
+        )
+    }
+
+    /// The entry at `path` in `owner`'s tree ("" is the folder itself).
+    pub async fn resolve(&self, owner: &str, path: &str) -> Result<FileInfo> {
+        file_reply(
+            self.call_empty(Request::Resolve {
+                owner: owner.into(),
+                path: path.into(),
+            })
+            .await?,
+        )
+    }
+
     /// Opens a file for reading (a download when `owner` is someone else).
-    pub async fn open(&self, owner: &str, name: &str) -> Result<(u64, FileInfo)> {
-        let (handle, file, _) = self.open_with_head(owner, name, 0).await?;
+    pub async fn open(&self, owner: &str, id: u64) -> Result<(u64, FileInfo)> {
+        let (handle, file, _) = self.open_with_head(owner, id, 0).await?;
         Ok((handle, file))
     }
 
@@ -449,12 +475,12 @@ impl RemoteClient {
     pub async fn open_with_head(
         &self,
         owner: &str,
-        name: &str,
+        id: u64,
         head: u32,
     ) -> Result<(u64, FileInfo, Bytes)> {
         let op = Request::Open {
             owner: owner.into(),
-            name: name.into(),
+            id,
             head,
         };
         match self.call(op, Bytes::new()).await? {
@@ -506,12 +532,16 @@ impl RemoteClient {
         self.call_empty(Request::Close { handle }).await.map(|_| ())
     }
 
-    pub async fn upload_begin(&self, name: &str, size: Option<u64>) -> Result<u64> {
+    /// Starts an upload into the caller's tree, to `target`.
+    pub async fn upload_begin(&self, target: &UploadTarget, size: Option<u64>) -> Result<u64> {
         match self
             .call_empty(Request::UploadBegin {
                 owner: self.inner.user.clone(),
-                name: name.into(),
+                parent: target.parent,
+                name: target.name.clone(),
+                replace: target.replace,
                 size,
+                mode: target.mode,
             })
             .await?
         {
@@ -520,12 +550,19 @@ impl RemoteClient {
         }
     }
 
-    pub async fn upload_commit(&self, upload: u64, size: u64, blake3: &str) -> Result<FileInfo> {
+    pub async fn upload_commit(
+        &self,
+        upload: u64,
+        size: u64,
+        blake3: &str,
+        mtime_ns: Option<i64>,
+    ) -> Result<FileInfo> {
         file_reply(
             self.call_empty(Request::UploadCommit {
                 upload,
                 size,
                 blake3: blake3.into(),
+                mtime_ns,
             })
             .await?,
         )
@@ -537,15 +574,19 @@ impl RemoteClient {
             .map(|_| ())
     }
 
-    /// Uploads a whole small file in one round trip.
-    pub async fn put_small(&self, name: &str, data: Bytes) -> Result<FileInfo> {
+    /// Uploads a whole small file to `target` in one round trip.
+    pub async fn put_small(&self, target: &UploadTarget, data: Bytes) -> Result<FileInfo> {
         let blake3 = blake3::hash(&data).to_hex().to_string();
         file_reply(
             self.call(
                 Request::Put {
                     owner: self.inner.user.clone(),
-                    name: name.into(),
+                    parent: target.parent,
+                    name: target.name.clone(),
+                    replace: target.replace,
                     blake3,
+                    mode: target.mode,
+                    mtime_ns: target.mtime_ns,
                 },
                 data,
             )
@@ -554,25 +595,83 @@ impl RemoteClient {
         )
     }
 
-    /// Deletes `owner/name` (the server refuses anything but one's own folder).
-    pub async fn delete(&self, owner: &str, name: &str) -> Result<()> {
-        self.call_empty(Request::Delete {
+    /// Creates directory `name` in `parent` of the caller's tree.
+    pub async fn mkdir(&self, parent: u64, name: &str, mode: u32) -> Result<FileInfo> {
+        let reply = self
+            .call_empty(Request::Mkdir {
+                owner: self.inner.user.clone(),
+                parent,
+                name: name.into(),
+                mode,
+            })
+            .await?;
+        self.entry_reply(reply, parent, name).await
+    }
+
+    /// Creates the symbolic link `name` in `parent` of the caller's tree.
+    pub async fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<FileInfo> {
+        let reply = self
+            .call_empty(Request::Symlink {
+                owner: self.inner.user.clone(),
+                parent,
+                name: name.into(),
+                target: target.into(),
+            })
+            .await?;
+        self.entry_reply(reply, parent, name).await
+    }
+
+    /// Removes `name` from `parent` of `owner`'s tree (the server refuses anything but
+    /// one's own): a file or link, or an empty directory when `dir`.
+    pub async fn remove(&self, owner: &str, parent: u64, name: &str, dir: bool) -> Result<()> {
+        self.call_empty(Request::Remove {
             owner: owner.into(),
+            parent,
             name: name.into(),
+            dir,
         })
         .await
         .map(|_| ())
     }
 
-    pub async fn rename(&self, owner: &str, from: &str, to: &str) -> Result<FileInfo> {
-        file_reply(
-            self.call_empty(Request::Rename {
-                owner: owner.into(),
-                from: from.into(),
-                to: to.into(),
+    /// Moves `name` in `parent` to `new_name` in `new_parent`, within the caller's tree.
+    pub async fn rename(&self, mv: &Move) -> Result<FileInfo> {
+        let reply = self
+            .call_empty(Request::Rename {
+                owner: self.inner.user.clone(),
+                parent: mv.parent,
+                name: mv.name.clone(),
+                new_parent: mv.new_parent,
+                new_name: mv.new_name.clone(),
+                noreplace: mv.noreplace,
             })
-            .await?,
-        )
+            .await?;
+        self.entry_reply(reply, mv.new_parent, &mv.new_name).await
+    }
+
+    /// Changes an entry's mode and times; `None`s are kept.
+    pub async fn setattr(&self, id: u64, change: &AttrChange) -> Result<FileInfo> {
+        let reply = self
+            .call_empty(Request::SetAttr {
+                owner: self.inner.user.clone(),
+                id,
+                mode: change.mode,
+                atime_ns: change.atime_ns,
+                mtime_ns: change.mtime_ns,
+            })
+            .await?;
+        match reply {
+            Reply::Ok => self.stat(&self.inner.user, id).await,
+            other => file_reply(other),
+        }
+    }
+
+    /// The entry a change answered with, or (a server that answers `ok`) looked up.
+    async fn entry_reply(&self, reply: Reply, parent: u64, name: &str) -> Result<FileInfo> {
+        match reply {
+            Reply::Ok => self.lookup(&self.inner.user, parent, name).await,
+            other => file_reply(other),
+        }
     }
 
     pub async fn ack(&self, ids: Vec<u64>) -> Result<()> {
@@ -594,6 +693,55 @@ impl RemoteClient {
             Reply::Space(space) => Ok(space),
             other => Err(wrong_reply(other)),
         }
+    }
+}
+
+/// Where an upload goes and what it sets besides the content.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadTarget {
+    /// The directory that holds (or is to hold) the file.
+    pub parent: u64,
+    pub name: String,
+    /// The file to make a new version of, wherever it then is; `None` creates or replaces
+    /// `name` in `parent`.
+    pub replace: Option<u64>,
+    pub mode: Option<u32>,
+    pub mtime_ns: Option<i64>,
+}
+
+impl UploadTarget {
+    /// A new file (or the file there) `name` in `parent`.
+    pub fn at(parent: u64, name: &str) -> UploadTarget {
+        UploadTarget {
+            parent,
+            name: name.into(),
+            ..UploadTarget::default()
+        }
+    }
+}
+
+/// A rename within the caller's tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub parent: u64,
+    pub name: String,
+    pub new_parent: u64,
+    pub new_name: String,
+    /// Fail with `exists` instead of replacing what is at the new place.
+    pub noreplace: bool,
+}
+
+/// A change of mode and times (`None`: kept).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttrChange {
+    pub mode: Option<u32>,
+    pub atime_ns: Option<i64>,
+    pub mtime_ns: Option<i64>,
+}
+
+impl AttrChange {
+    pub fn is_empty(&self) -> bool {
+        self.mode.is_none() && self.atime_ns.is_none() && self.mtime_ns.is_none()
     }
 }
 

@@ -9,19 +9,19 @@ use sharefs_protocol::FileInfo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{ClientError, Result};
-use crate::remote::RemoteClient;
+use crate::remote::{RemoteClient, UploadTarget};
 
 /// Files up to this size (and one chunk) go up in one `put` round trip.
 pub const SMALL_FILE: u64 = 256 * 1024;
 /// Reads in flight during a download.
 const READ_WINDOW: usize = 8;
 
-/// Uploads everything `reader` yields as `name` in the caller's folder. `size` (when
+/// Uploads everything `reader` yields to `target` in the caller's tree. `size` (when
 /// known) lets the server refuse an over-quota upload before any byte is sent. `progress`
 /// gets the running byte count.
 pub async fn upload<R>(
     client: &RemoteClient,
-    name: &str,
+    target: &UploadTarget,
     mut reader: R,
     size: Option<u64>,
     mut progress: impl FnMut(u64),
@@ -35,19 +35,27 @@ where
         (&mut reader).take(small + 1).read_to_end(&mut buf).await?;
         if buf.len() as u64 <= small {
             let len = buf.len() as u64;
-            let info = client.put_small(name, Bytes::from(buf)).await?;
+            let info = client.put_small(target, Bytes::from(buf)).await?;
             progress(len);
             return Ok(info);
         }
         // The file grew past the small limit while we read it: stream it instead.
-        return stream_upload(client, name, Some(Bytes::from(buf)), reader, None, progress).await;
+        return stream_upload(
+            client,
+            target,
+            Some(Bytes::from(buf)),
+            reader,
+            None,
+            progress,
+        )
+        .await;
     }
-    stream_upload(client, name, None, reader, size, progress).await
+    stream_upload(client, target, None, reader, size, progress).await
 }
 
 async fn stream_upload<R>(
     client: &RemoteClient,
-    name: &str,
+    target: &UploadTarget,
     head: Option<Bytes>,
     mut reader: R,
     size: Option<u64>,
@@ -56,7 +64,7 @@ async fn stream_upload<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let upload = client.upload_begin(name, size).await?;
+    let upload = client.upload_begin(target, size).await?;
     let chunk = client.chunk_size() as usize;
     let mut hasher = blake3::Hasher::new();
     let mut offset = 0u64;
@@ -94,22 +102,27 @@ where
         return Err(e);
     }
     client
-        .upload_commit(upload, offset, hasher.finalize().to_hex().as_str())
+        .upload_commit(
+            upload,
+            offset,
+            hasher.finalize().to_hex().as_str(),
+            target.mtime_ns,
+        )
         .await
 }
 
-/// Downloads `owner/name` into `writer`; returns the file as it was at open.
+/// Downloads the file `id` of `owner` into `writer`; returns the file as it was at open.
 pub async fn download<W>(
     client: &RemoteClient,
     owner: &str,
-    name: &str,
+    id: u64,
     writer: &mut W,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<FileInfo>
 where
     W: AsyncWrite + Unpin,
 {
-    let (handle, info) = client.open(owner, name).await?;
+    let (handle, info) = client.open(owner, id).await?;
     let result = async {
         let mut next = 0u64;
         let mut done = 0u64;
@@ -129,7 +142,8 @@ where
             let data = data?;
             if data.is_empty() && off < info.size {
                 return Err(ClientError::Protocol(format!(
-                    "{owner}/{name}: server returned no data at offset {off}"
+                    "{owner}/{}: server returned no data at offset {off}",
+                    info.name
                 )));
             }
             writer.write_all(&data).await?;

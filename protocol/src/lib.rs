@@ -33,8 +33,9 @@ pub use message::*;
 /// server) is recognised at once.
 pub const MAGIC: &str = "sharefs";
 /// Protocol version spoken by this build. A peer with another version is refused with
-/// [`ErrorCode::VersionMismatch`].
-pub const VERSION: u32 = 1;
+/// [`ErrorCode::VersionMismatch`], whose message tells the user which side to upgrade.
+/// Version 2 made each user's folder a tree addressed by entry ids; version 1 was flat.
+pub const VERSION: u32 = 2;
 /// Default cap on a whole frame (header and payload).
 pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;
 /// Largest data chunk a client asks for or sends in one frame; leaves room for the header

@@ -77,27 +77,52 @@ pub enum ServerMessage {
 }
 
 /// Operations after login.
+///
+/// Entries are addressed by id within their owner's tree: [`ROOT_ID`] is the owner's
+/// folder itself. Ids are never reused within a tree, so a client may key its cache on
+/// (owner, id) and an open handle or a pending upload follows its entry through renames.
+/// Reading another user's tree needs, on every directory from the root down, the "other"
+/// execute bit (o+x) to pass, the "other" read bit (o+r) to list it, and o+r on a file to
+/// open it; writing is only ever allowed in one's own tree (`owner` must be the caller).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     ListUsers,
-    /// One page of a user's files, sorted by name, starting after `after`.
-    ListFiles {
+    /// One page of a directory's entries, sorted by name, starting after `after`.
+    List {
         owner: String,
+        dir: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
-    Stat {
+    /// The entry `name` in directory `parent`.
+    Lookup {
         owner: String,
+        parent: u64,
         name: String,
     },
-    /// Opens a file for reading. Opening another user's file is a download and notifies
-    /// its owner. The handle reads the version that was current at open.
+    /// The entry `id`, wherever it now is.
+    Stat {
+        owner: String,
+        /// Sent as `entry`: `id` is the request's own id in the same JSON object.
+        #[serde(rename = "entry")]
+        id: u64,
+    },
+    /// The entry at `path` ("a/b/c", relative to the owner's folder; "" is the folder),
+    /// as a sequence of lookups. Symbolic links are not followed.
+    Resolve {
+        owner: String,
+        path: String,
+    },
+    /// Opens a regular file for reading. Opening another user's file is a download and
+    /// notifies its owner. The handle reads the version that was current at open.
     Open {
         owner: String,
-        name: String,
+        /// Sent as `entry` (see `stat`).
+        #[serde(rename = "entry")]
+        id: u64,
         /// Up to this many bytes from the start of the file come back with the reply (as
         /// its payload), saving small files a round trip.
         #[serde(default, skip_serializing_if = "is_zero")]
@@ -113,39 +138,100 @@ pub enum Request {
     Close {
         handle: u64,
     },
-    /// Starts an upload into `owner`'s folder, which must be the caller's own. `size`, when known, is checked
-    /// against quota and free space before any byte is sent.
+    /// Starts an upload into the caller's own tree. With `replace`, the commit makes the
+    /// content the new version of that file wherever it then is (`not_found` if it was
+    /// removed meanwhile); without, it creates or replaces the regular file `name` in
+    /// `parent`. `size`, when known, is checked against quota and free space before any
+    /// byte is sent. `mode` sets the permission bits (default 0644 for a new file; a
+    /// replaced file keeps its own unless given).
     UploadBegin {
         owner: String,
+        parent: u64,
         name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replace: Option<u64>,
         #[serde(default)]
         size: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
     },
     /// Commits an upload: the file becomes visible atomically, replacing any old version.
-    /// `blake3` is the hex BLAKE3 hash of the whole content.
+    /// `blake3` is the hex BLAKE3 hash of the whole content. `mtime_ns` sets the
+    /// modification time (default: the commit's time).
     UploadCommit {
         upload: u64,
         size: u64,
         blake3: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtime_ns: Option<i64>,
     },
     UploadAbort {
         upload: u64,
     },
-    /// Uploads a small file in one round trip: the payload is the whole content.
+    /// Uploads a small file in one round trip: the payload is the whole content. Fields as
+    /// in `upload_begin` and `upload_commit`.
     Put {
         owner: String,
+        parent: u64,
         name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replace: Option<u64>,
         blake3: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtime_ns: Option<i64>,
     },
-    Delete {
+    /// Creates the directory `name` in `parent` (`exists` if the name is taken).
+    Mkdir {
         owner: String,
+        parent: u64,
         name: String,
+        mode: u32,
     },
-    /// Renames within the caller's own folder, replacing `to` if it exists.
+    /// Creates the symbolic link `name` in `parent`, pointing at `target` as given.
+    Symlink {
+        owner: String,
+        parent: u64,
+        name: String,
+        target: String,
+    },
+    /// Removes `name` from `parent`: a file or symbolic link when `dir` is false
+    /// (`is_a_directory` for a directory), an empty directory when true (`not_a_directory`,
+    /// `not_empty`).
+    Remove {
+        owner: String,
+        parent: u64,
+        name: String,
+        #[serde(default)]
+        dir: bool,
+    },
+    /// Moves `name` in `parent` to `new_name` in `new_parent`, atomically replacing what is
+    /// there as rename(2) does (a file by a file, an empty directory by a directory), or
+    /// failing with `exists` when `noreplace` is set. A directory cannot move into its own
+    /// subtree (`invalid_argument`). Returns the moved entry.
     Rename {
         owner: String,
-        from: String,
-        to: String,
+        parent: u64,
+        name: String,
+        new_parent: u64,
+        new_name: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        noreplace: bool,
+    },
+    /// Changes an entry's permission bits and times; absent fields are kept. The change
+    /// time becomes now.
+    SetAttr {
+        owner: String,
+        /// Sent as `entry` (see `stat`).
+        #[serde(rename = "entry")]
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        atime_ns: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtime_ns: Option<i64>,
     },
     /// Acknowledges notifications shown to the user.
     Ack {
@@ -165,6 +251,10 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// Successful answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
@@ -175,7 +265,7 @@ pub enum Reply {
     },
     Files {
         files: Vec<FileInfo>,
-        /// More files follow the last one: ask again with `after`.
+        /// More entries follow the last one: ask again with `after`.
         #[serde(default)]
         more: bool,
     },
@@ -204,12 +294,21 @@ pub enum Reply {
 pub enum Event {
     /// One of the caller's files was downloaded; pending until acknowledged.
     Notification { notification: Notification },
-    /// A file was created, replaced or renamed into place (`file` set) or removed.
-    FileChanged {
+    /// An entry was created, changed (content, mode, times) or moved: `file` is what it is
+    /// now, its `parent` and `name` where it now is. A change of a directory's entries
+    /// also sends the directory's own new attributes. `from` is where a moved entry was.
+    Changed {
         owner: String,
+        file: FileInfo,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<Place>,
+    },
+    /// The entry `id`, which was `name` in `parent`, is gone.
+    Removed {
+        owner: String,
+        id: u64,
+        parent: u64,
         name: String,
-        #[serde(default)]
-        file: Option<FileInfo>,
     },
     /// The set of users changed.
     UsersChanged,
@@ -218,25 +317,68 @@ pub enum Event {
     Resync,
 }
 
-/// A file as listed.
+/// Where an entry is: its name in a directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    pub parent: u64,
+    pub name: String,
+}
+
+/// The id of a user's folder, the root of their tree.
+pub const ROOT_ID: u64 = 1;
+
+/// What an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// Permission bits a file gets unless its owner says otherwise.
+pub const DEFAULT_FILE_MODE: u32 = 0o644;
+/// Permission bits a directory gets unless its owner says otherwise.
+pub const DEFAULT_DIR_MODE: u32 = 0o755;
+/// The bits of a mode that are stored: permissions, setuid, setgid and sticky.
+pub const MODE_MASK: u32 = 0o7777;
+
+/// An entry of a user's tree, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileInfo {
     pub owner: String,
+    /// Unique within the owner's tree and never reused; [`ROOT_ID`] is the folder.
+    pub id: u64,
+    /// The directory holding it; 0 for the folder itself.
+    pub parent: u64,
+    /// Its name in `parent`; empty for the folder itself.
     pub name: String,
+    pub kind: EntryKind,
+    /// Permission bits ([`MODE_MASK`]).
+    pub mode: u32,
+    /// Bytes of content; the target's length for a symbolic link; 0 for a directory.
     pub size: u64,
-    /// Modification time, nanoseconds since the Unix epoch.
+    /// Modification, access and change times, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
+    pub atime_ns: i64,
+    pub ctime_ns: i64,
     /// Changes whenever the content changes; a reader pinned to a version keeps it.
     pub version: u64,
+    /// Where a symbolic link points, as it was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 impl FileInfo {
     /// An upper bound on the bytes of this entry's JSON, found without encoding it:
     /// listing pages are budgeted with it.
     pub fn json_size_bound(&self) -> usize {
-        // Keys, quotes and punctuation, and three numbers of at most 20 characters each.
-        const FIXED: usize = 128;
-        FIXED + json_string_bound(&self.owner) + json_string_bound(&self.name)
+        // Keys, quotes and punctuation, and ten numbers of at most 20 characters each.
+        const FIXED: usize = 384;
+        FIXED
+            + json_string_bound(&self.owner)
+            + json_string_bound(&self.name)
+            + self.target.as_deref().map_or(0, json_string_bound)
     }
 }
 
@@ -260,6 +402,7 @@ pub struct Notification {
     pub downloader: String,
     /// Owner of the file (the recipient).
     pub owner: String,
+    /// The file's path in the owner's tree when it was downloaded ("a/b/c.pdf").
     pub file: String,
     pub size: u64,
     /// First and latest download, milliseconds since the Unix epoch.
@@ -284,6 +427,7 @@ pub struct Space {
     pub available: u64,
     /// Bytes used by the caller's files.
     pub used: u64,
+    /// Entries in the caller's tree (files, directories and symbolic links).
     pub files: u64,
 }
 
@@ -330,6 +474,20 @@ pub enum ErrorCode {
     /// A limit on open handles (per connection, per user or server-wide) was reached:
     /// close some and retry.
     TooManyOpen,
+    /// The name is taken (mkdir, symlink, a `noreplace` rename).
+    Exists,
+    /// A directory to be removed or replaced has entries.
+    NotEmpty,
+    /// A path component or a directory operation's target is not a directory.
+    NotADirectory,
+    /// A file operation's target is a directory.
+    IsADirectory,
+    /// The request makes no sense as asked (a directory moved into its own subtree).
+    InvalidArgument,
+    /// The operation is never allowed on this server (hard links, device nodes).
+    NotPermitted,
+    /// A path is longer than [`crate::name::MAX_PATH`] or a symlink target too long.
+    NameTooLong,
     Internal,
     #[serde(other)]
     Other,
@@ -337,7 +495,128 @@ pub enum ErrorCode {
 
 #[cfg(test)]
 mod tests {
-    use super::FileInfo;
+    use super::*;
+
+    /// Every request travels flattened beside the request's own `id`: no field of theirs
+    /// may take a key of the envelope.
+    #[test]
+    fn every_request_round_trips_inside_its_envelope() {
+        let owner = || "alice".to_string();
+        let ops = vec![
+            Request::ListUsers,
+            Request::List {
+                owner: owner(),
+                dir: 1,
+                after: Some("a".into()),
+                limit: Some(2),
+            },
+            Request::Lookup {
+                owner: owner(),
+                parent: 1,
+                name: "n".into(),
+            },
+            Request::Stat {
+                owner: owner(),
+                id: 7,
+            },
+            Request::Resolve {
+                owner: owner(),
+                path: "a/b".into(),
+            },
+            Request::Open {
+                owner: owner(),
+                id: 7,
+                head: 3,
+            },
+            Request::Read {
+                handle: 1,
+                offset: 2,
+                len: 3,
+            },
+            Request::Close { handle: 1 },
+            Request::UploadBegin {
+                owner: owner(),
+                parent: 1,
+                name: "n".into(),
+                replace: Some(7),
+                size: Some(1),
+                mode: Some(0o600),
+            },
+            Request::UploadCommit {
+                upload: 1,
+                size: 2,
+                blake3: "h".into(),
+                mtime_ns: Some(4),
+            },
+            Request::UploadAbort { upload: 1 },
+            Request::Put {
+                owner: owner(),
+                parent: 1,
+                name: "n".into(),
+                replace: Some(7),
+                blake3: "h".into(),
+                mode: Some(0o600),
+                mtime_ns: Some(-1),
+            },
+            Request::Mkdir {
+                owner: owner(),
+                parent: 1,
+                name: "d".into(),
+                mode: 0o755,
+            },
+            Request::Symlink {
+                owner: owner(),
+                parent: 1,
+                name: "l".into(),
+                target: "t".into(),
+            },
+            Request::Remove {
+                owner: owner(),
+                parent: 1,
+                name: "n".into(),
+                dir: true,
+            },
+            Request::Rename {
+                owner: owner(),
+                parent: 1,
+                name: "a".into(),
+                new_parent: 2,
+                new_name: "b".into(),
+                noreplace: true,
+            },
+            Request::SetAttr {
+                owner: owner(),
+                id: 7,
+                mode: Some(0o644),
+                atime_ns: Some(1),
+                mtime_ns: Some(2),
+            },
+            Request::Ack { ids: vec![1] },
+            Request::Notifications { recent: 3 },
+            Request::StatFs,
+            Request::Ping,
+        ];
+        for op in ops {
+            let msg = ClientMessage::Request {
+                id: 99,
+                deadline_ms: Some(5),
+                op,
+            };
+            let json = serde_json::to_string(&msg).unwrap();
+            let back: ClientMessage = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, msg, "{json}");
+        }
+        let event = ServerMessage::Event {
+            event: Event::Removed {
+                owner: "a".into(),
+                id: 3,
+                parent: 1,
+                name: "n".into(),
+            },
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), event);
+    }
 
     #[test]
     fn the_json_size_bound_is_never_below_the_encoding() {
@@ -349,17 +628,42 @@ mod tests {
         ] {
             let info = FileInfo {
                 owner: "some-user".into(),
+                id: u64::MAX,
+                parent: u64::MAX,
                 name: name.to_string(),
+                kind: super::EntryKind::Symlink,
+                mode: u32::MAX,
                 size: u64::MAX,
                 mtime_ns: i64::MIN,
+                atime_ns: i64::MIN,
+                ctime_ns: i64::MIN,
                 version: u64::MAX,
+                target: Some(name.to_string()),
             };
             let real = serde_json::to_vec(&info).unwrap().len();
             assert!(info.json_size_bound() >= real, "{name:?}: {real}");
             assert!(
-                info.json_size_bound() <= real + 128,
+                info.json_size_bound() <= real + 384,
                 "{name:?}: far above {real}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod seeds {
+    /// The fuzz seeds of `fuzz/seeds/messages` are messages of this protocol version.
+    #[test]
+    fn fuzz_seeds_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/messages");
+        let mut parsed = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let client = serde_json::from_slice::<super::ClientMessage>(&bytes).is_ok();
+            let server = serde_json::from_slice::<super::ServerMessage>(&bytes).is_ok();
+            assert!(client || server, "{}", String::from_utf8_lossy(&bytes));
+            parsed += 1;
+        }
+        assert!(parsed >= 8);
     }
 }

@@ -4,6 +4,45 @@
 pub const MAX_FILE_NAME: usize = 255;
 /// Longest user name, in bytes.
 pub const MAX_USER_NAME: usize = 32;
+/// Longest path inside a user's tree and longest symbolic link target, in bytes
+/// (Linux's `PATH_MAX` counts the terminating NUL).
+pub const MAX_PATH: usize = 4095;
+
+/// Checks a symbolic link's target: stored as given (relative or absolute, dangling
+/// allowed), but not empty, without NUL and at most [`MAX_PATH`] bytes.
+pub fn check_symlink_target(target: &str) -> Result<(), String> {
+    if target.is_empty() {
+        return Err("empty symbolic link target".into());
+    }
+    if target.len() > MAX_PATH {
+        return Err(format!("symbolic link target longer than {MAX_PATH} bytes"));
+    }
+    if target.contains('\0') {
+        return Err("symbolic link target contains NUL".into());
+    }
+    Ok(())
+}
+
+/// Splits a path inside a user's tree ("a/b/c"; "" or "/" is the folder itself) into its
+/// names, each checked as a lookup. Empty components (`a//b`, a trailing `/`) and `.` are
+/// skipped; `..` is refused, since a path never leaves the folder it names.
+pub fn split_path(path: &str) -> Result<Vec<&str>, String> {
+    if path.len() > MAX_PATH {
+        return Err(format!("path longer than {MAX_PATH} bytes"));
+    }
+    let mut names = Vec::new();
+    for part in path.split('/') {
+        if part.is_empty() || part == "." {
+            continue;
+        }
+        if part == ".." {
+            return Err("'..' in a path".into());
+        }
+        check_file_lookup(part)?;
+        names.push(part);
+    }
+    Ok(names)
+}
 
 /// Checks the name of a file being created (uploaded, put, renamed to): the rules of
 /// [`check_file_lookup`], and no control character (C0, DEL or C1: a name is shown in
@@ -76,6 +115,17 @@ mod tests {
         for good in ["a", "report.txt", "...", ".hidden", "é", &"x".repeat(255)] {
             assert!(check_file_name(good).is_ok(), "{good:?} refused");
         }
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(split_path("").unwrap(), Vec::<&str>::new());
+        assert_eq!(split_path("/a//b/./c/").unwrap(), vec!["a", "b", "c"]);
+        assert!(split_path("a/../b").is_err());
+        assert!(split_path(&"a/".repeat(2048)).is_err());
+        assert!(check_symlink_target("../x").is_ok());
+        assert!(check_symlink_target("").is_err());
+        assert!(check_symlink_target("a\0b").is_err());
     }
 
     #[test]

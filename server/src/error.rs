@@ -4,8 +4,22 @@ use sharefs_protocol::{ErrorBody, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("{0}: no such file")]
+    #[error("{0}: no such file or directory")]
     NotFound(String),
+    #[error("{0}: already exists")]
+    Exists(String),
+    #[error("{0}: directory not empty")]
+    NotEmpty(String),
+    #[error("{0}: not a directory")]
+    NotADirectory(String),
+    #[error("{0}: is a directory")]
+    IsADirectory(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("operation not permitted: {0}")]
+    NotPermitted(String),
+    #[error("name too long: {0}")]
+    NameTooLong(String),
     #[error("{0}: no such user")]
     NoSuchUser(String),
     #[error("{0}: permission denied")]
@@ -50,6 +64,13 @@ impl ServerError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ServerError::NotFound(_) | ServerError::NoSuchUser(_) => ErrorCode::NotFound,
+            ServerError::Exists(_) => ErrorCode::Exists,
+            ServerError::NotEmpty(_) => ErrorCode::NotEmpty,
+            ServerError::NotADirectory(_) => ErrorCode::NotADirectory,
+            ServerError::IsADirectory(_) => ErrorCode::IsADirectory,
+            ServerError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            ServerError::NotPermitted(_) => ErrorCode::NotPermitted,
+            ServerError::NameTooLong(_) => ErrorCode::NameTooLong,
             ServerError::PermissionDenied(_) => ErrorCode::PermissionDenied,
             ServerError::InvalidName(_) => ErrorCode::InvalidName,
             ServerError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,

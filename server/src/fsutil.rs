@@ -28,6 +28,19 @@ pub fn create_new(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens a file for reading and writing, creating it (private) if needed, refusing
+/// symlinks.
+pub fn open_rw(path: &Path, truncate: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Opens an existing file for reading, refusing symlinks.
 pub fn open_read(path: &Path) -> io::Result<File> {
     OpenOptions::new()
@@ -83,10 +96,12 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
         return Ok(());
     }
     create_dir_private(dir)?;
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
+    match dir.parent() {
+        // A relative path of one component ("data") has the empty path as its parent.
+        Some(parent) if parent.as_os_str().is_empty() => sync_dir(Path::new(".")),
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Creates a directory and its missing parents with mode [`DIR_MODE`] (not durable).

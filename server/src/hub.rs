@@ -32,7 +32,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::error::{Result, ServerError};
 use crate::fsutil;
+use crate::store::Published;
 
 /// Ends a live session from outside: its reader waits for this beside the socket, so it
 /// ends also when the client is silent.
@@ -83,10 +84,59 @@ pub struct EventSink {
     pub tx: mpsc::Sender<Event>,
     /// Set when an event could not be queued; the session then sends `Resync`.
     pub lagged: Arc<AtomicBool>,
+    /// Bytes of the events queued for the session (see [`event_size`]), at most
+    /// [`EVENT_QUEUE_BYTES`]: an entry's event may carry a 4 KiB link target, so a count
+    /// of events alone would not bound them.
+    pub queued: Arc<AtomicUsize>,
     /// The client process this session belongs to, if it said (see `Login::client`).
     pub client: Option<u64>,
     /// Set when a newer session of the same user and client registers.
     pub fenced: Arc<AtomicBool>,
+}
+
+/// Most bytes of events queued for one session; past it the session gets `Resync`.
+pub const EVENT_QUEUE_BYTES: usize = 512 * 1024;
+
+/// What an event is counted as in a session's queue: its strings and room for the rest.
+pub fn event_size(event: &Event) -> usize {
+    const FIXED: usize = 256;
+    match event {
+        Event::Changed { owner, file, from } => {
+            FIXED
+                + owner.len()
+                + file.owner.len()
+                + file.name.len()
+                + file.target.as_ref().map_or(0, String::len)
+                + from.as_ref().map_or(0, |f| f.name.len())
+        }
+        Event::Removed { owner, name, .. } => FIXED + owner.len() + name.len(),
+        Event::Notification { notification: n } => {
+            FIXED + n.downloader.len() + n.owner.len() + n.file.len()
+        }
+        Event::UsersChanged | Event::Resync => FIXED,
+    }
+}
+
+impl EventSink {
+    /// Queues `event` without blocking, within the session's byte budget; marks the
+    /// session lagged (it will get `Resync`) when it does not fit.
+    fn offer(&self, event: &Event) {
+        let size = event_size(event);
+        let fits = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + size <= EVENT_QUEUE_BYTES).then_some(q + size)
+            })
+            .is_ok();
+        if !fits {
+            self.lagged.store(true, Ordering::Relaxed);
+            return;
+        }
+        if self.tx.try_send(event.clone()).is_err() {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            self.lagged.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// (owner, downloader, file): what makes two downloads "the same" for coalescing.
@@ -211,9 +261,7 @@ impl Hub {
             return;
         };
         for (_, sink) in sessions.iter().filter(|(id, s)| to(**id, s)) {
-            if sink.tx.try_send(event.clone()).is_err() {
-                sink.lagged.store(true, Ordering::Relaxed);
-            }
+            sink.offer(event);
         }
     }
 
@@ -226,6 +274,32 @@ impl Hub {
     /// changed.
     pub fn broadcast_except(&self, event: Event, origin: u64) {
         self.push(&event, |id, _| id != origin);
+    }
+
+    /// Pushes the events of a change of `owner`'s tree to every session but `origin`
+    /// (which made the change and knows it): the owner's sessions get each event as it
+    /// is, other users' sessions only the form they may see (none for a change in a part
+    /// of the tree closed to them).
+    pub fn publish(&self, owner: &str, origin: u64, events: &[Published]) {
+        let Ok(sessions) = self.inner.sessions.lock() else {
+            return;
+        };
+        for (id, sink) in sessions.iter() {
+            if *id == origin {
+                continue;
+            }
+            for p in events {
+                let event = if sink.user == owner {
+                    &p.owner
+                } else {
+                    match &p.others {
+                        Some(e) => e,
+                        None => continue,
+                    }
+                };
+                sink.offer(event);
+            }
+        }
     }
 
     /// Records a download of `owner`'s `file` by `downloader` durably, then pushes it to
@@ -681,6 +755,7 @@ mod tests {
             end: Arc::default(),
             tx,
             lagged: Arc::default(),
+            queued: Arc::default(),
             client: None,
             fenced: Arc::default(),
         });
@@ -702,5 +777,65 @@ mod tests {
         assert_eq!(hub.pending("alice").unwrap().len(), 1);
         assert_eq!(hub.recent("alice", 10).unwrap().len(), 2);
         assert!(hub.pending("bob").unwrap().is_empty());
+    }
+
+    /// Events of fat entries stop queueing at the byte budget, not at a count, and the
+    /// session is told to resync.
+    #[test]
+    fn a_session_queue_is_bounded_in_bytes() {
+        use sharefs_protocol::{EntryKind, FileInfo};
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        let hub = Hub::open(dir.path(), Duration::from_secs(60), 256).unwrap();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let queued = Arc::new(AtomicUsize::new(0));
+        hub.register(EventSink {
+            user: "bob".into(),
+            password_hash: String::new(),
+            end: Arc::default(),
+            tx,
+            lagged: lagged.clone(),
+            queued: queued.clone(),
+            client: None,
+            fenced: Arc::default(),
+        });
+        let file = FileInfo {
+            owner: "alice".into(),
+            id: 2,
+            parent: 1,
+            name: "l".into(),
+            kind: EntryKind::Symlink,
+            mode: 0o777,
+            size: 4095,
+            mtime_ns: 0,
+            atime_ns: 0,
+            ctime_ns: 0,
+            version: 1,
+            target: Some("t".repeat(4095)),
+        };
+        let event = Event::Changed {
+            owner: "alice".into(),
+            file,
+            from: None,
+        };
+        let published = Published {
+            owner: event.clone(),
+            others: Some(event.clone()),
+        };
+        for _ in 0..1000 {
+            hub.publish("alice", 0, std::slice::from_ref(&published));
+        }
+        let mut got = 0;
+        while rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert!(
+            got > 0 && got * event_size(&event) <= EVENT_QUEUE_BYTES,
+            "{got}"
+        );
+        assert!(got < 1000);
+        assert!(lagged.load(Ordering::Relaxed));
+        assert!(queued.load(Ordering::Relaxed) <= EVENT_QUEUE_BYTES);
     }
 }

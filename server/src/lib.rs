@@ -1,22 +1,39 @@
-//! The sharefs server: one folder per user, files on disk, metadata in JSON.
+//! The sharefs server: one folder per user, each a tree of entries; files on disk,
+//! metadata in JSON.
 //!
 //! # Layout
-//! - [`server`]: the accept loop ([`server::run`]), connection limit, graceful shutdown.
+//! - [`server`]: the accept loop ([`server::run`]), connection limit, graceful shutdown,
+//!   TLS or plaintext transport and refusals.
+//! - [`shared`]: the state every connection shares and the per-user and server-wide limits
+//!   (used by `server` and `session`, which do not use each other).
 //! - [`threads`]: the session threads connections are spread over, one per core.
-//! - [`session`]: one connection: handshake, request dispatch, open-handle limits.
+//! - [`session`]: one connection: its reader loop and dispatch; `session::handshake`
+//!   (hello, version, login), `session::requests` (tree reads and writes, open handles
+//!   and their limits, reply rooms), `session::uploads` (chunked uploads).
 //! - [`outbox`]: a connection's replies, queued within its and its user's byte allowance,
 //!   and the writer that sends them and pushed events (closing a peer that stops reading).
 //! - [`login`]: login checks: bounded names and passwords, throttling ([`throttle`]),
 //!   password checks one per core at a time, a rate-limited log ([`ratelog`]).
 //! - [`cutoff`]: the deadline and fence past which a request must have no effect.
-//! - [`store`]: crash-safe file storage: per user, a JSON journal of file metadata with
-//!   snapshots, small files appended to a pack, large ones as blobs.
+//! - [`storage`]: the two interfaces storage sits behind: a metadata store (the tree) and
+//!   a blob store (contents).
+//! - [`store`]: their embedded implementation, crash-safe: per user, a tree of entries
+//!   ([`store::tree`]) kept in a JSON journal with snapshots ([`store::journal`]), small
+//!   contents appended to a pack ([`store::pack`]), large ones as blobs; uploads being
+//!   received ([`store::upload`]), read handles ([`store::read`]), loading a folder
+//!   ([`store::folder`]) and migrating the flat layout of protocol 1 ([`store::migrate`]);
+//!   the operations on a tree are split into reading (`store::reading`), changing
+//!   (`store::changes`) and contents (`store::contents`).
+//!   Users ([`users`]) and notifications ([`hub`]) keep their own JSON files for now.
 //! - [`space`]: the disk reserve, claimed by every write so concurrent writers add up.
 //! - [`reservations`]: the quota held by uploads in progress, so they add up too.
 //! - [`hub`]: durable download notifications and the registry of live sessions.
 //! - [`users`]: accounts with argon2id password hashes in `users.json`.
 //! - [`accounts`]: ends the sessions of accounts removed or re-passworded meanwhile.
 //! - [`config`]: settings and their defaults.
+//! - [`error`]: the server's errors and their one mapping to protocol error codes.
+//! - [`fsutil`]: durable file operations (temp file, fsync, rename, directory fsync).
+//! - [`tls`]: the server's certificate and TLS configuration.
 //!
 //! Tests and embedders bind their own listener and pass their own shutdown future to
 //! [`server::run`]; the binary binds the configured address and passes SIGINT/SIGTERM.
@@ -33,7 +50,9 @@ pub mod ratelog;
 pub mod reservations;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod space;
+pub mod storage;
 pub mod store;
 pub mod threads;
 pub mod throttle;

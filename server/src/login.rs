@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::ServerError;
 use crate::ratelog::RateLog;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::throttle::{LoginPolicy, LoginThrottle, Refusal};
 
 /// Log lines for failed and refused logins, per second, all clients together.

@@ -214,6 +214,9 @@ pub struct Writer<S> {
     pub events: mpsc::Receiver<Event>,
     /// Set by the hub when events for this session were dropped.
     pub lagged: Arc<AtomicBool>,
+    /// Bytes of the events queued, shared with the hub, which stops queueing past its
+    /// budget; given back as each event is taken.
+    pub queued: Arc<std::sync::atomic::AtomicUsize>,
     /// A peer that takes no byte for this long is given up.
     pub reply_timeout: Duration,
 }
@@ -269,6 +272,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
     }
 
     async fn event(&mut self, event: Event, progress: &AtomicU64) -> Result<(), WriteError> {
+        if !matches!(event, Event::Resync) {
+            self.queued
+                .fetch_sub(crate::hub::event_size(&event), Ordering::AcqRel);
+        }
         let frame = Frame::new(&ServerMessage::Event { event }, Bytes::new())?;
         self.feed(frame, progress).await
     }

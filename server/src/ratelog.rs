@@ -11,9 +11,14 @@ use std::time::{Duration, Instant};
 pub static CONNECTIONS: LazyLock<RateLog> =
     LazyLock::new(|| RateLog::new("lines about broken connections", 20));
 
-/// The budget of the lines about connections refused for a connection limit.
+/// The budget of the lines about connections refused for the per-address limit.
 pub static REFUSALS: LazyLock<RateLog> =
     LazyLock::new(|| RateLog::new("lines about refused connections", 10));
+
+/// The budget of the lines about connections refused for the server-wide limit: a budget
+/// of its own, so that many refusals per address never hide that the server is full.
+pub static LIMIT: LazyLock<RateLog> =
+    LazyLock::new(|| RateLog::new("lines about the connection limit", 10));
 
 /// The log-line budget of one kind of event.
 #[derive(Debug)]

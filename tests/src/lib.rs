@@ -9,9 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+#[cfg(feature = "client")]
 use sharefs_client::{ConnectOptions, EventStream, RemoteClient};
 
 pub mod desktop;
+#[cfg(feature = "client")]
 pub mod mount;
 pub mod proxy;
 pub mod raw;
@@ -45,15 +47,11 @@ pub fn bin(name: &str) -> PathBuf {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "sharefs-server",
-            "-p",
-            "sharefs-client",
-        ]);
+        cmd.args(["build", "--quiet", "--bins", "-p", "sharefs-server"]);
+        // The client's binary only for the tests that run it.
+        if cfg!(feature = "client") {
+            cmd.args(["-p", "sharefs-client"]);
+        }
         if release {
             cmd.arg("--release");
         }
@@ -108,15 +106,26 @@ impl TestServer {
     /// Starts a server whose data directory is `data` (for instance on a [`SmallFs`]),
     /// or in a temp directory; logs always go to a temp directory.
     pub fn start_in(data: Option<&Path>, args: &[&str]) -> TestServer {
-        Self::start_full(data, args, None)
+        Self::start_full(data, args, None, true)
+    }
+
+    /// Starts a server on an existing data directory `data` (its users as they are: none
+    /// is added), for instance one an earlier version wrote.
+    pub fn start_existing(data: &Path, args: &[&str]) -> TestServer {
+        Self::start_full(Some(data), args, None, false)
     }
 
     /// Starts a server allowed at most `nofile` open files (its `ulimit -n`).
     pub fn start_with_nofile(args: &[&str], nofile: u64) -> TestServer {
-        Self::start_full(None, args, Some(nofile))
+        Self::start_full(None, args, Some(nofile), true)
     }
 
-    fn start_full(data: Option<&Path>, args: &[&str], nofile: Option<u64>) -> TestServer {
+    fn start_full(
+        data: Option<&Path>,
+        args: &[&str],
+        nofile: Option<u64>,
+        add_users: bool,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let mut server = TestServer {
@@ -129,8 +138,10 @@ impl TestServer {
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             nofile,
         };
-        for user in ["alice", "bob", "carol"] {
-            server.add_user(user, PASSWORD);
+        if add_users {
+            for user in ["alice", "bob", "carol"] {
+                server.add_user(user, PASSWORD);
+            }
         }
         server.spawn();
         server
@@ -234,6 +245,7 @@ impl TestServer {
         self.extra_args.get(i + 1).cloned()
     }
 
+    #[cfg(feature = "client")]
     /// Trust settings that accept exactly this server (pinned fingerprint), or plaintext.
     pub fn trust(&self) -> Option<sharefs_client::tls::TrustOptions> {
         self.fingerprint
@@ -326,6 +338,7 @@ impl TestServer {
         self.spawn();
     }
 
+    #[cfg(feature = "client")]
     pub fn options(&self, user: &str) -> ConnectOptions {
         ConnectOptions {
             server: self.addr.clone(),
@@ -336,6 +349,7 @@ impl TestServer {
         }
     }
 
+    #[cfg(feature = "client")]
     pub async fn connect(&self, user: &str) -> (RemoteClient, EventStream) {
         within("connect", RemoteClient::connect(&self.options(user)))
             .await
@@ -417,6 +431,7 @@ pub fn rt() -> tokio::runtime::Runtime {
 }
 
 /// The file as the server has it, read with the client library (not through a mount).
+#[cfg(feature = "client")]
 pub fn server_content(server: &TestServer, owner: &str, name: &str) -> Option<Vec<u8>> {
     rt().block_on(async {
         let (c, _) = server.connect("carol").await;
@@ -450,27 +465,50 @@ pub fn sha256(data: &[u8]) -> String {
     format!("{:x}", sha2::Sha256::digest(data))
 }
 
-/// Uploads `data` as `name` through the streaming path or the small-file path.
-pub async fn upload(client: &RemoteClient, name: &str, data: &[u8]) -> sharefs_protocol::FileInfo {
-    within(
-        "upload",
-        sharefs_client::transfer::upload(client, name, data, Some(data.len() as u64), |_| {}),
-    )
+/// Uploads `data` to `path` of the client's own tree (its directory must exist) through the streaming path or the small-file path.
+#[cfg(feature = "client")]
+pub async fn upload(client: &RemoteClient, path: &str, data: &[u8]) -> sharefs_protocol::FileInfo {
+    within("upload", async {
+        let (dir, name) = sharefs_client::paths::split_last(path)?;
+        let parent = client.resolve(client.user(), &dir).await?;
+        let target = sharefs_client::remote::UploadTarget::at(parent.id, &name);
+        sharefs_client::transfer::upload(client, &target, data, Some(data.len() as u64), |_| {})
+            .await
+    })
     .await
-    .unwrap_or_else(|e| panic!("upload {name}: {e}"))
+    .unwrap_or_else(|e| panic!("upload {path}: {e}"))
 }
-
-/// Downloads `owner/name` into memory.
+/// Downloads `owner`'s file at `path` into memory.
+#[cfg(feature = "client")]
 pub async fn download(
     client: &RemoteClient,
     owner: &str,
-    name: &str,
+    path: &str,
 ) -> Result<Vec<u8>, sharefs_client::ClientError> {
     let mut out = Vec::new();
-    within(
-        "download",
-        sharefs_client::transfer::download(client, owner, name, &mut out, |_, _| {}),
-    )
+    within("download", async {
+        let file = client.resolve(owner, path).await?;
+        sharefs_client::transfer::download(client, owner, file.id, &mut out, |_, _| {}).await
+    })
     .await?;
     Ok(out)
 }
+
+/// Where an upload of `name` into the root of the client's own folder goes.
+#[cfg(feature = "client")]
+pub fn at(name: &str) -> sharefs_client::remote::UploadTarget {
+    sharefs_client::remote::UploadTarget::at(sharefs_protocol::ROOT_ID, name)
+}
+
+/// A rename of `from` to `to` within the root of the client's own folder.
+#[cfg(feature = "client")]
+pub fn mv(from: &str, to: &str) -> sharefs_client::remote::Move {
+    sharefs_client::remote::Move {
+        parent: sharefs_protocol::ROOT_ID,
+        name: from.into(),
+        new_parent: sharefs_protocol::ROOT_ID,
+        new_name: to.into(),
+        noreplace: false,
+    }
+}
+pub use sharefs_protocol::ROOT_ID;

@@ -57,13 +57,18 @@ impl RawClient {
 
     /// Connects and says hello, nothing more.
     pub async fn hello(stream: TcpStream) -> Result<RawClient, ErrorBody> {
+        Self::hello_as(stream, VERSION).await
+    }
+
+    /// Says hello claiming protocol `version`.
+    pub async fn hello_as(stream: TcpStream, version: u32) -> Result<RawClient, ErrorBody> {
         let mut raw = RawClient {
             framed: Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME)),
             next_id: 1,
         };
         raw.send_message(&ClientMessage::Hello {
             magic: MAGIC.into(),
-            version: VERSION,
+            version,
             max_frame: DEFAULT_MAX_FRAME,
         })
         .await;
@@ -164,6 +169,37 @@ impl RawClient {
                 )) if got == id => return Err(error),
                 Some(_) => {}
                 None => return Err(closed()),
+            }
+        }
+    }
+}
+
+impl RawClient {
+    /// The id of `owner`'s entry at `path`, or 0 (which names no entry) if it cannot be
+    /// resolved.
+    pub async fn id_of(&mut self, owner: &str, path: &str) -> u64 {
+        let op = Request::Resolve {
+            owner: owner.into(),
+            path: path.into(),
+        };
+        match self.call(op, Bytes::new()).await {
+            Ok((sharefs_protocol::Reply::File { file }, _)) => file.id,
+            _ => 0,
+        }
+    }
+
+    /// The next pushed event within `limit`, skipping other messages; `None` if none came.
+    pub async fn event_within(&mut self, limit: Duration) -> Option<sharefs_protocol::Event> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.framed.next()).await;
+            match next {
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(ServerMessage::Event { event }) = frame.message() {
+                        return Some(event);
+                    }
+                }
+                Ok(_) | Err(_) => return None,
             }
         }
     }

@@ -44,7 +44,7 @@ async fn send_and_commit(
     let hash = blake3::hash(data).to_hex().to_string();
     within(
         "commit",
-        client.upload_commit(upload, data.len() as u64, &hash),
+        client.upload_commit(upload, data.len() as u64, &hash, None),
     )
     .await
 }
@@ -57,7 +57,7 @@ async fn begin_parallel(
 ) -> Vec<Result<u64, sharefs_client::ClientError>> {
     let begins = (0..n).map(|i| async move {
         client
-            .upload_begin(&format!("f{i}"), Some(size as u64))
+            .upload_begin(&at(&format!("f{i}")), Some(size as u64))
             .await
     });
     within("parallel begins", futures::future::join_all(begins)).await
@@ -90,11 +90,14 @@ async fn parallel_uploads_add_up_against_the_quota() {
     send_and_commit(&mallory, started[0], &data).await.unwrap();
 
     // Full: a small put and an upload of undeclared size are refused too.
-    let e = within("put", mallory.put_small("small", Bytes::from_static(b"x")))
-        .await
-        .unwrap_err();
+    let e = within(
+        "put",
+        mallory.put_small(&at("small"), Bytes::from_static(b"x")),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::QuotaExceeded), "{e}");
-    let undeclared = within("begin", mallory.upload_begin("g", None))
+    let undeclared = within("begin", mallory.upload_begin(&at("g"), None))
         .await
         .unwrap();
     let e = send_and_commit(&mallory, undeclared, b"more")
@@ -107,7 +110,7 @@ async fn parallel_uploads_add_up_against_the_quota() {
     let replacements = (0..4u64).map(|i| {
         let mallory = &mallory;
         async move {
-            let upload = mallory.upload_begin("f0", None).await?;
+            let upload = mallory.upload_begin(&at("f0"), None).await?;
             send_and_commit(mallory, upload, &content(10 + i, MIB)).await
         }
     });
@@ -115,7 +118,7 @@ async fn parallel_uploads_add_up_against_the_quota() {
     assert!(done.iter().any(Result::is_ok), "{done:?}");
     let space = within("statfs", mallory.statfs()).await.unwrap();
     assert_eq!(space.used, MIB as u64);
-    let files = mallory.list_files("mallory").await.unwrap();
+    let files = mallory.list("mallory", ROOT_ID).await.unwrap();
     assert_eq!(files.len(), 1, "{files:?}");
     bob_is_served(&server, 3).await;
 }
@@ -164,23 +167,23 @@ async fn a_stalled_upload_gives_back_its_disk_and_quota() {
     let (alice, _) = server.connect("alice").await;
 
     // Mallory holds her whole quota and (almost) all the disk above the reserve.
-    let quota_hog = within("begin", mallory.upload_begin("q", Some(MIB as u64)))
+    let quota_hog = within("begin", mallory.upload_begin(&at("q"), Some(MIB as u64)))
         .await
         .unwrap();
     let space = within("statfs", alice.statfs()).await.unwrap();
     let disk_hog = within(
         "begin",
-        alice.upload_begin("d", Some(space.available - 4 * MIB as u64)),
+        alice.upload_begin(&at("d"), Some(space.available - 4 * MIB as u64)),
     )
     .await
     .unwrap();
     let held = Instant::now();
-    let e = within("begin", mallory.upload_begin("q2", Some(MIB as u64)))
+    let e = within("begin", mallory.upload_begin(&at("q2"), Some(MIB as u64)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::QuotaExceeded), "{e}");
     let (bob, _) = server.connect("bob").await;
-    let e = within("begin", bob.upload_begin("b", Some(8 * MIB as u64)))
+    let e = within("begin", bob.upload_begin(&at("b"), Some(8 * MIB as u64)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NoSpace), "{e}");
@@ -192,10 +195,10 @@ async fn a_stalled_upload_gives_back_its_disk_and_quota() {
     let dropped = tokio::time::timeout(Duration::from_secs(15), async {
         while quota.is_none() || disk.is_none() {
             if quota.is_none() {
-                quota = mallory.upload_begin("q2", Some(MIB as u64)).await.ok();
+                quota = mallory.upload_begin(&at("q2"), Some(MIB as u64)).await.ok();
             }
             if disk.is_none() {
-                disk = bob.upload_begin("b", Some(8 * MIB as u64)).await.ok();
+                disk = bob.upload_begin(&at("b"), Some(8 * MIB as u64)).await.ok();
             }
             // Nothing to await: the server drops them silently.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -223,7 +226,7 @@ async fn a_stalled_upload_gives_back_its_disk_and_quota() {
         .await
         .unwrap();
     for (client, upload) in [(&mallory, quota_hog), (&alice, disk_hog)] {
-        let e = within("commit", client.upload_commit(upload, 0, "x"))
+        let e = within("commit", client.upload_commit(upload, 0, "x", None))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::ProtocolError), "{e}");
@@ -268,12 +271,12 @@ async fn removing_a_user_ends_her_sessions() {
     let took = ended_within(&mallory, Duration::from_secs(2)).await;
     eprintln!("session ended {took:?} after the removal");
     ended_within(&idle, Duration::from_secs(2)).await;
-    let e = within("list", mallory.list_files("alice"))
+    let e = within("list", mallory.list("alice", ROOT_ID))
         .await
         .unwrap_err();
     assert_eq!(e.code(), None, "{e}");
     assert!(
-        within("put", mallory.put_small("x", Bytes::from_static(b"x")))
+        within("put", mallory.put_small(&at("x"), Bytes::from_static(b"x")))
             .await
             .is_err()
     );
@@ -305,7 +308,9 @@ async fn a_new_password_ends_the_old_sessions() {
         Some("another password\n"),
     );
     ended_within(&mallory, Duration::from_secs(2)).await;
-    assert!(within("list", mallory.list_files("alice")).await.is_err());
+    assert!(within("list", mallory.list("alice", ROOT_ID))
+        .await
+        .is_err());
     let mut opts = server.options("mallory");
     opts.password = "another password".into();
     let (again, _) = within("login", RemoteClient::connect(&opts)).await.unwrap();
@@ -327,9 +332,12 @@ async fn a_quota_change_applies_to_the_next_upload() {
     let (mallory, _) = server.connect("mallory").await;
     upload(&mallory, "a", &content(1, 2 * MIB)).await;
     server.user(&["quota", "mallory", "3M"], None);
-    let e = within("begin", mallory.upload_begin("b", Some(2 * MIB as u64)))
-        .await
-        .unwrap_err();
+    let e = within(
+        "begin",
+        mallory.upload_begin(&at("b"), Some(2 * MIB as u64)),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::QuotaExceeded), "{e}");
     upload(&mallory, "b", &content(2, MIB)).await;
     server.user(&["quota", "mallory", "none"], None);
@@ -348,23 +356,30 @@ async fn a_download_flood_leaves_a_bounded_digest() {
     let server = TestServer::start();
     with_mallory(&server, None);
     let names: Vec<String> = (0..FILES).map(|i| format!("f{i:04}")).collect();
+    let ids: Vec<u64>;
     {
         let (alice, _) = server.connect("alice").await;
-        within(
+        let made: Vec<_> = within(
             "alice's files",
             futures::stream::iter(&names)
-                .map(|name| alice.put_small(name, Bytes::from(name.clone().into_bytes())))
+                .map(|name| {
+                    let alice = &alice;
+                    async move {
+                        alice
+                            .put_small(&at(name), Bytes::from(name.clone().into_bytes()))
+                            .await
+                    }
+                })
                 .buffer_unordered(16)
-                .for_each(|r| async move {
-                    r.unwrap();
-                }),
+                .collect(),
         )
         .await;
+        ids = made.into_iter().map(|r| r.unwrap().id).collect();
     }
 
     let (mallory, _) = server.connect("mallory").await;
-    let flood = futures::stream::iter(&names)
-        .map(|name| mallory.open_with_head("alice", name, 64))
+    let flood = futures::stream::iter(&ids)
+        .map(|id| mallory.open_with_head("alice", *id, 64))
         .buffer_unordered(16)
         .for_each(|r| async move {
             assert_eq!(r.unwrap().0, 0, "a whole small file needs no handle");

@@ -87,7 +87,7 @@ async fn stall_reads(src: [u8; 4], addr: String) {
     };
     let open = Request::Open {
         owner: "alice".into(),
-        name: "big".into(),
+        id: raw.id_of("alice", "big").await,
         head: 0,
     };
     let Ok((Reply::Opened { handle, .. }, _)) = raw.call(open, Bytes::new()).await else {
@@ -110,7 +110,8 @@ async fn stall_listings(src: [u8; 4], addr: String) {
         return;
     };
     for _ in 0..300 {
-        let op = Request::ListFiles {
+        let op = Request::List {
+            dir: ROOT_ID,
             owner: ATTACKER.into(),
             after: None,
             limit: None,
@@ -125,10 +126,11 @@ async fn open_flood(src: [u8; 4], addr: String) {
     let Some(mut raw) = attacker(src, &addr).await else {
         return;
     };
+    let big = raw.id_of("alice", "big").await;
     for _ in 0..5000 {
         let op = Request::Open {
             owner: "alice".into(),
-            name: "big".into(),
+            id: big,
             head: 0,
         };
         raw.feed(op, Bytes::new()).await;
@@ -153,7 +155,7 @@ async fn notify_flood(src: [u8; 4], addr: String) {
     for i in 0..200 {
         let op = Request::Open {
             owner: "alice".into(),
-            name: format!("n{i}"),
+            id: raw.id_of("alice", &format!("n{i}")).await,
             head: 16,
         };
         let _ = raw.call(op, Bytes::new()).await;
@@ -169,6 +171,10 @@ async fn bad_writes(src: [u8; 4], addr: String) {
     let hash = blake3::hash(&data).to_hex().to_string();
     for name in ["\u{1b}]0;owned\u{7}", "a\u{1b}[2Kb", "tab\there"] {
         let op = Request::Put {
+            parent: ROOT_ID,
+            replace: None,
+            mode: None,
+            mtime_ns: None,
             owner: ATTACKER.into(),
             name: name.into(),
             blake3: hash.clone(),
@@ -178,6 +184,9 @@ async fn bad_writes(src: [u8; 4], addr: String) {
     let mut uploads = Vec::new();
     for i in 0..16 {
         let op = Request::UploadBegin {
+            parent: ROOT_ID,
+            replace: None,
+            mode: None,
             owner: ATTACKER.into(),
             name: format!("up{i}"),
             size: Some(1 << 20),
@@ -195,6 +204,7 @@ async fn bad_writes(src: [u8; 4], addr: String) {
     }
     for &upload in &uploads {
         let op = Request::UploadCommit {
+            mtime_ns: None,
             upload,
             size: 1 << 20,
             blake3: hash.clone(),
@@ -226,6 +236,10 @@ async fn a_mixed_attack_from_three_addresses_leaves_the_server_serving() {
     let puts = (0..1500)
         .map(|i| {
             let op = Request::Put {
+                parent: ROOT_ID,
+                replace: None,
+                mode: None,
+                mtime_ns: None,
                 owner: ATTACKER.into(),
                 name: format!("{}{i:04}", "\\".repeat(200)),
                 blake3: empty.clone(),
@@ -278,7 +292,7 @@ async fn a_mixed_attack_from_three_addresses_leaves_the_server_serving() {
         .unwrap_or_else(|e| panic!("alice cannot log in during the attack: {e}"));
         upload(&alice, "mine", format!("round {round}").as_bytes()).await;
         drop(alice);
-        assert!(!bob.list_files("alice").await.unwrap().is_empty());
+        assert!(!bob.list("alice", ROOT_ID).await.unwrap().is_empty());
         upload(&bob, "note", format!("round {round}").as_bytes()).await;
         assert_eq!(download(&bob, "alice", "big").await.unwrap(), big);
         slowest = slowest.max(t.elapsed());
@@ -306,7 +320,7 @@ async fn a_mixed_attack_from_three_addresses_leaves_the_server_serving() {
     assert!(peak_rss < 320 * 1024, "server RSS reached {peak_rss} KiB");
     assert!(peak_threads < 100, "{peak_threads} server threads");
     // Mallory's escapes never made it into a name, and her uploads stayed within her quota.
-    let names = bob.list_files(ATTACKER).await.unwrap();
+    let names = bob.list(ATTACKER, ROOT_ID).await.unwrap();
     assert!(names.iter().all(|f| !f.name.chars().any(char::is_control)));
     let ups: u64 = names
         .iter()

@@ -49,7 +49,7 @@ fn put_ls_get_rm_and_notifications() {
     ls.arg("ls");
     assert_eq!(ok(ls), "alice\nbob\ncarol\n");
     let mut ls = server.cli("bob");
-    ls.args(["ls", "alice"]);
+    ls.args(["ls", "-l", "alice"]);
     let listing = ok(ls);
     assert!(
         listing.contains("report.txt") && listing.contains(&data.len().to_string()),
@@ -102,7 +102,10 @@ fn put_ls_get_rm_and_notifications() {
     get.args(["get", "alice/report.txt"])
         .arg(dir.path().join("gone"));
     let err = fails(get);
-    assert_eq!(err.trim(), "sharefs: alice/report.txt: no such file");
+    assert_eq!(
+        err.trim(),
+        "sharefs: alice/report.txt: no such file or directory"
+    );
     assert!(!dir.path().join("gone").exists());
 }
 
@@ -229,4 +232,82 @@ fn user_commands() {
 
     let text = std::fs::read_to_string(server.data.join("users.json")).unwrap();
     assert!(!text.contains(PASSWORD), "plaintext password on disk");
+}
+
+#[test]
+fn whole_trees_go_up_and_down_move_and_go_away() {
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("project");
+    std::fs::create_dir_all(src.join("src/deep/er")).unwrap();
+    std::fs::write(src.join("README"), b"read me").unwrap();
+    std::fs::write(src.join("src/main.rs"), content(1, 300_000)).unwrap();
+    std::fs::write(src.join("src/deep/er/x"), b"x").unwrap();
+    std::os::unix::fs::symlink("src/main.rs", src.join("main")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(src.join("README"), std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let cli = |user: &str, args: &[&str]| {
+        let mut c = server.cli(user);
+        c.args(args);
+        c
+    };
+    ok(cli("alice", &["mkdir", "-p", "work/2026/q3"]));
+    ok(cli("alice", &["mkdir", "-p", "work/2026/q3"]));
+    fails(cli("alice", &["mkdir", "work/2026"]));
+    let mut put = cli("alice", &["put", "-r"]);
+    put.arg(&src).arg("work/2026/q3/");
+    ok(put);
+    let listing = ok(cli("bob", &["ls", "-l", "alice/work/2026/q3/project"]));
+    assert!(
+        listing.contains("-rw-------") && listing.contains("README"),
+        "{listing}"
+    );
+    assert!(listing.contains("main -> src/main.rs"), "{listing}");
+    assert!(
+        listing.contains("drwx") && listing.contains("src/"),
+        "{listing}"
+    );
+    assert_eq!(
+        ok(cli("bob", &["ls", "alice/work/2026/q3/project/src"])),
+        "deep\nmain.rs\n"
+    );
+
+    // Moves within the tree, into a directory or to a new name.
+    ok(cli("alice", &["mv", "work/2026/q3/project", "work"]));
+    ok(cli("alice", &["mv", "work/project", "work/renamed"]));
+    fails(cli("alice", &["mv", "work", "work/renamed/inside"]));
+
+    let back = dir.path().join("back");
+    // Bob may list alice's tree but not read her 0600 README; alice gets it all.
+    let mut get = cli("bob", &["get", "-r", "alice/work/renamed"]);
+    get.arg(dir.path().join("bobs"));
+    let err = fails(get);
+    assert!(err.contains("permission denied"), "{err}");
+    let mut get = cli("alice", &["get", "-r", "alice/work/renamed"]);
+    get.arg(&back);
+    ok(get);
+    let out = std::process::Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&src)
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let mode = std::fs::metadata(back.join("README"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    fails(cli("alice", &["rm", "work"]));
+    let err = fails(cli("bob", &["rm", "-r", "alice/work"]));
+    assert!(err.contains("permission denied"), "{err}");
+    ok(cli("alice", &["rm", "-r", "work"]));
+    assert_eq!(ok(cli("alice", &["ls", "alice"])), "");
 }

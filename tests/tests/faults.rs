@@ -25,7 +25,13 @@ async fn write_until_full(
         let data = content(i + 1000 * size as u64, size);
         let r = within(
             "upload",
-            sharefs_client::transfer::upload(client, &name, &data[..], Some(size as u64), |_| {}),
+            sharefs_client::transfer::upload(
+                client,
+                &at(&name),
+                &data[..],
+                Some(size as u64),
+                |_| {},
+            ),
         )
         .await;
         match r {
@@ -45,7 +51,7 @@ async fn write_until_full(
 /// Every confirmed file is listed with its size and reads back exactly.
 async fn verify(server: &TestServer, confirmed: &BTreeMap<String, u64>, size: usize, when: &str) {
     let (client, _) = server.connect("alice").await;
-    let listed: BTreeMap<String, u64> = within("list", client.list_files("alice"))
+    let listed: BTreeMap<String, u64> = within("list", client.list("alice", ROOT_ID))
         .await
         .unwrap()
         .into_iter()
@@ -154,11 +160,11 @@ async fn every_change_but_a_delete_respects_the_reserve() {
     assert_eq!(refused, 50);
     let (more, _) = write_until_full(&alice, "s", 5, 1000).await;
     assert!(more.is_empty(), "small files cut into the reserve");
-    let e = within("rename", alice.rename("alice", "k00000", "moved"))
+    let e = within("rename", alice.rename(&mv("k00000", "moved")))
         .await
         .expect_err("a rename cut into the reserve");
     assert_eq!(e.code(), Some(ErrorCode::NoSpace), "{e}");
-    within("delete", alice.delete("alice", "k00019"))
+    within("delete", alice.remove("alice", ROOT_ID, "k00019", false))
         .await
         .unwrap();
     confirmed.remove("k00019");
@@ -180,8 +186,14 @@ async fn concurrent_uploads_respect_the_reserve() {
         tasks.push(tokio::spawn(async move {
             let (client, _) = RemoteClient::connect(&opts).await?;
             let size = (i % 2 == 0).then_some(SIZE as u64);
-            sharefs_client::transfer::upload(&client, &format!("big{i}"), &data[..], size, |_| {})
-                .await
+            sharefs_client::transfer::upload(
+                &client,
+                &at(&format!("big{i}")),
+                &data[..],
+                size,
+                |_| {},
+            )
+            .await
         }));
     }
     let mut ok = 0;

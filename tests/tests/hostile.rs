@@ -23,6 +23,10 @@ async fn fat_folder(server: &TestServer, user: &str, n: usize) {
     let puts = (0..n)
         .map(|i| {
             let op = Request::Put {
+                parent: ROOT_ID,
+                replace: None,
+                mode: None,
+                mtime_ns: None,
                 owner: user.into(),
                 name: fat_name(i),
                 blake3: empty.clone(),
@@ -42,7 +46,7 @@ async fn a_listing_too_large_for_one_frame_comes_in_pages_and_the_connection_liv
     // JSON, more than a frame's header may.
     fat_folder(&server, "carol", 4000).await;
     let (alice, _) = server.connect("alice").await;
-    let files = tokio::time::timeout(Duration::from_secs(30), alice.list_files("carol"))
+    let files = tokio::time::timeout(Duration::from_secs(30), alice.list("carol", ROOT_ID))
         .await
         .expect("listing never answered")
         .unwrap();
@@ -63,10 +67,11 @@ async fn a_listing_too_large_for_one_frame_comes_in_pages_and_the_connection_liv
 /// Pipelines `n` opens of `owner/name` (no head: each keeps a handle) and counts the
 /// successes and the `too_many_open` refusals.
 async fn open_many(raw: &mut RawClient, owner: &str, name: &str, n: usize) -> (usize, usize) {
+    let id = raw.id_of(owner, name).await;
     for _ in 0..n {
         let op = Request::Open {
             owner: owner.into(),
-            name: name.into(),
+            id,
             head: 0,
         };
         raw.feed(op, Bytes::new()).await;
@@ -92,7 +97,7 @@ async fn open_many(raw: &mut RawClient, owner: &str, name: &str, n: usize) -> (u
 
 /// What a normal user does while an attack runs: list, upload, download.
 async fn works(bob: &RemoteClient, round: usize, expect: &[u8]) {
-    assert!(!bob.list_files("alice").await.unwrap().is_empty());
+    assert!(!bob.list("alice", ROOT_ID).await.unwrap().is_empty());
     let mine = format!("bob says {round}");
     upload(bob, "note", mine.as_bytes()).await;
     assert_eq!(download(bob, "alice", "big").await.unwrap(), expect);
@@ -180,11 +185,12 @@ async fn a_client_that_stops_reading_holds_up_nobody_and_is_disconnected() {
 
     // Carol opens the 2 MiB file and asks for it 300 times over, never reading a reply.
     let mut carol = RawClient::login(&server.addr, "carol").await;
+    let big_id = carol.id_of("alice", "big").await;
     let handle = match carol
         .call(
             Request::Open {
                 owner: "alice".into(),
-                name: "big".into(),
+                id: big_id,
                 head: 0,
             },
             Bytes::new(),
@@ -259,7 +265,8 @@ async fn replies_queued_for_clients_that_do_not_read_are_bounded() {
         let mut raw = RawClient::login(&server.addr, "carol").await;
         attackers.push(tokio::spawn(async move {
             for _ in 0..300 {
-                let op = Request::ListFiles {
+                let op = Request::List {
+                    dir: ROOT_ID,
                     owner: "carol".into(),
                     after: None,
                     limit: None,

@@ -42,7 +42,7 @@ async fn two_users_share_files_and_owner_is_notified() {
         bob.list_users().await.unwrap(),
         vec!["alice", "bob", "carol"]
     );
-    let files = bob.list_files("alice").await.unwrap();
+    let files = bob.list("alice", ROOT_ID).await.unwrap();
     let names: Vec<_> = files.iter().map(|f| (f.name.as_str(), f.size)).collect();
     assert_eq!(
         names,
@@ -152,15 +152,49 @@ async fn other_users_files_cannot_be_changed() {
         let e = r.expect_err("request succeeded");
         assert_eq!(code(&e), Some(ErrorCode::PermissionDenied), "{e}");
     };
-    denied(bob.delete("alice", "mine.txt").await.map(|_| ()));
-    denied(bob.rename("alice", "mine.txt", "x").await.map(|_| ()));
+    denied(
+        bob.remove("alice", ROOT_ID, "mine.txt", false)
+            .await
+            .map(|_| ()),
+    );
+    let rename = Request::Rename {
+        owner: "alice".into(),
+        parent: ROOT_ID,
+        name: "mine.txt".into(),
+        new_parent: ROOT_ID,
+        new_name: "x".into(),
+        noreplace: false,
+    };
+    denied(bob.call(rename, Bytes::new()).await.map(|_| ()));
+    let chmod = Request::SetAttr {
+        owner: "alice".into(),
+        id: alice.resolve("alice", "mine.txt").await.unwrap().id,
+        mode: Some(0o777),
+        atime_ns: None,
+        mtime_ns: None,
+    };
+    denied(bob.call(chmod, Bytes::new()).await.map(|_| ()));
+    let mkdir = Request::Mkdir {
+        owner: "alice".into(),
+        parent: ROOT_ID,
+        name: "d".into(),
+        mode: 0o755,
+    };
+    denied(bob.call(mkdir, Bytes::new()).await.map(|_| ()));
     let begin = Request::UploadBegin {
+        parent: ROOT_ID,
+        replace: None,
+        mode: None,
         owner: "alice".into(),
         name: "mine.txt".into(),
         size: Some(3),
     };
     denied(bob.call(begin, Bytes::new()).await.map(|_| ()));
     let put = Request::Put {
+        parent: ROOT_ID,
+        replace: None,
+        mode: None,
+        mtime_ns: None,
         owner: "alice".into(),
         name: "mine.txt".into(),
         blake3: blake3_hex(b"bob"),
@@ -171,12 +205,12 @@ async fn other_users_files_cannot_be_changed() {
         download(&alice, "alice", "mine.txt").await.unwrap(),
         b"alice's"
     );
-    assert_eq!(alice.list_files("alice").await.unwrap().len(), 1);
+    assert_eq!(alice.list("alice", ROOT_ID).await.unwrap().len(), 1);
 
     // Missing things are ENOENT-like, not permission errors.
-    let e = bob.stat("alice", "nope").await.unwrap_err();
+    let e = bob.lookup("alice", ROOT_ID, "nope").await.unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::NotFound));
-    let e = bob.list_files("nobody").await.unwrap_err();
+    let e = bob.list("nobody", ROOT_ID).await.unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::NotFound));
 }
 
@@ -191,7 +225,8 @@ async fn listings_come_in_pages() {
     for i in 0..5 {
         upload(&alice, &format!("f{i}"), b"x").await;
     }
-    let page = |after: Option<&str>| Request::ListFiles {
+    let page = |after: Option<&str>| Request::List {
+        dir: ROOT_ID,
         owner: "alice".into(),
         after: after.map(str::to_string),
         limit: Some(2),
@@ -206,7 +241,7 @@ async fn listings_come_in_pages() {
         panic!("{reply:?}")
     };
     assert_eq!((files[0].name.as_str(), more), ("f4", false));
-    assert_eq!(alice.list_files("alice").await.unwrap().len(), 5);
+    assert_eq!(alice.list("alice", ROOT_ID).await.unwrap().len(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,6 +251,10 @@ async fn invalid_names_are_refused() {
     let long = "x".repeat(300);
     for name in ["../x", "a/b", ".", "..", "a\0b", long.as_str(), ""] {
         let put = Request::Put {
+            parent: ROOT_ID,
+            replace: None,
+            mode: None,
+            mtime_ns: None,
             owner: "alice".into(),
             name: name.into(),
             blake3: blake3_hex(b"data"),
@@ -224,16 +263,22 @@ async fn invalid_names_are_refused() {
             .call(put, Bytes::from_static(b"data"))
             .await
             .unwrap_err();
-        assert_eq!(code(&e), Some(ErrorCode::InvalidName), "{name:?}: {e}");
-        let e = alice.upload_begin(name, None).await.unwrap_err();
-        assert_eq!(code(&e), Some(ErrorCode::InvalidName), "{name:?}: {e}");
+        // A name over 255 bytes is ENAMETOOLONG's `name_too_long`.
+        let want = if name.len() > 255 {
+            ErrorCode::NameTooLong
+        } else {
+            ErrorCode::InvalidName
+        };
+        assert_eq!(code(&e), Some(want), "{name:?}: {e}");
+        let e = alice.upload_begin(&at(name), None).await.unwrap_err();
+        assert_eq!(code(&e), Some(want), "{name:?}: {e}");
     }
-    let e = alice.list_files("../alice").await.unwrap_err();
+    let e = alice.list("../alice", ROOT_ID).await.unwrap_err();
     assert!(matches!(
         code(&e),
         Some(ErrorCode::NotFound | ErrorCode::InvalidName)
     ));
-    assert!(alice.list_files("alice").await.unwrap().is_empty());
+    assert!(alice.list("alice", ROOT_ID).await.unwrap().is_empty());
     // Nothing was written outside the data directory.
     assert!(!server.data.parent().unwrap().join("x").exists());
 }
@@ -405,7 +450,7 @@ async fn twenty_clients_upload_and_download_at_once() {
             assert_eq!(sha256(&back), sha256(&data), "{name}");
             // And read someone else's while others write.
             let other = users[(i as usize + 1) % 3];
-            let _ = client.list_files(other).await.unwrap();
+            let _ = client.list(other, ROOT_ID).await.unwrap();
         }));
     }
     for t in tasks {
@@ -442,7 +487,7 @@ async fn kill_9_during_uploads_leaves_old_or_new_versions() {
             let data = content(1000 + i, size(2, i));
             sharefs_client::transfer::upload(
                 &client,
-                &format!("f{i}"),
+                &at(&format!("f{i}")),
                 &data[..],
                 Some(data.len() as u64),
                 |_| {},
@@ -453,7 +498,7 @@ async fn kill_9_during_uploads_leaves_old_or_new_versions() {
     // Kill as soon as the first new version is committed: the rest are mid-flight.
     loop {
         match within("first commit", events.recv()).await {
-            Some(Event::FileChanged { .. }) => break,
+            Some(Event::Changed { .. }) => break,
             Some(_) => continue,
             None => panic!("watcher disconnected"),
         }
@@ -469,7 +514,7 @@ async fn kill_9_during_uploads_leaves_old_or_new_versions() {
     server.restart();
 
     let (alice, _) = server.connect("alice").await;
-    let files = alice.list_files("alice").await.unwrap();
+    let files = alice.list("alice", ROOT_ID).await.unwrap();
     assert_eq!(files.len() as u64, FILES, "a file vanished");
     let mut new_versions = 0;
     for f in &files {
@@ -521,7 +566,7 @@ async fn client_vanishing_mid_upload_leaves_nothing() {
     upload(&alice, "keep", b"old").await;
     {
         let (vanishing, _) = server.connect("alice").await;
-        let up = vanishing.upload_begin("keep", None).await.unwrap();
+        let up = vanishing.upload_begin(&at("keep"), None).await.unwrap();
         vanishing
             .send_chunk(up, 0, Bytes::from(vec![1u8; 1 << 20]))
             .await
@@ -549,14 +594,20 @@ async fn open_handle_keeps_reading_its_version() {
     let (alice, _) = server.connect("alice").await;
     let old = content(1, 3 << 20);
     upload(&alice, "f", &old).await;
-    let (handle, info) = alice.open("alice", "f").await.unwrap();
+    let (handle, info) = alice
+        .open("alice", alice.resolve("alice", "f").await.unwrap().id)
+        .await
+        .unwrap();
     upload(&alice, "f", &content(2, 1 << 20)).await;
     let head = alice.read(handle, 0, 1024).await.unwrap();
     assert_eq!(&head[..], &old[..1024]);
     let tail = alice.read(handle, info.size - 10, 1024).await.unwrap();
     assert_eq!(&tail[..], &old[old.len() - 10..]);
     alice.close(handle).await.unwrap();
-    assert_eq!(alice.stat("alice", "f").await.unwrap().size, 1 << 20);
+    assert_eq!(
+        alice.lookup("alice", ROOT_ID, "f").await.unwrap().size,
+        1 << 20
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -569,18 +620,46 @@ async fn a_file_that_comes_whole_with_its_open_keeps_no_handle() {
     let big = content(4, 3 << 20);
     upload(&alice, "big", &big).await;
 
-    let (handle, info, data) = alice.open_with_head("alice", "small", 8192).await.unwrap();
+    let (handle, info, data) = alice
+        .open_with_head(
+            "alice",
+            alice.resolve("alice", "small").await.unwrap().id,
+            8192,
+        )
+        .await
+        .unwrap();
     assert_eq!((handle, info.size), (0, 5000));
     assert_eq!(&data[..], &small[..]);
-    let (handle, _, data) = alice.open_with_head("alice", "empty", 8192).await.unwrap();
+    let (handle, _, data) = alice
+        .open_with_head(
+            "alice",
+            alice.resolve("alice", "empty").await.unwrap().id,
+            8192,
+        )
+        .await
+        .unwrap();
     assert_eq!((handle, data.len()), (0, 0));
     // A head shorter than the file: a handle to read the rest with.
-    let (handle, _, data) = alice.open_with_head("alice", "small", 1000).await.unwrap();
+    let (handle, _, data) = alice
+        .open_with_head(
+            "alice",
+            alice.resolve("alice", "small").await.unwrap().id,
+            1000,
+        )
+        .await
+        .unwrap();
     assert_ne!(handle, 0);
     assert_eq!(&data[..], &small[..1000]);
     let rest = alice.read(handle, 1000, 8192).await.unwrap();
     assert_eq!(&rest[..], &small[1000..]);
-    let (handle, _, data) = alice.open_with_head("alice", "big", 1 << 20).await.unwrap();
+    let (handle, _, data) = alice
+        .open_with_head(
+            "alice",
+            alice.resolve("alice", "big").await.unwrap().id,
+            1 << 20,
+        )
+        .await
+        .unwrap();
     assert_ne!(handle, 0);
     assert_eq!(&data[..], &big[..1 << 20]);
     // Handle 0 is nobody's: reading through it fails, closing it is harmless.
@@ -594,7 +673,7 @@ async fn graceful_shutdown_keeps_committed_data() {
     let mut server = TestServer::start();
     let (alice, _) = server.connect("alice").await;
     upload(&alice, "f", b"committed").await;
-    let up = alice.upload_begin("g", None).await.unwrap();
+    let up = alice.upload_begin(&at("g"), None).await.unwrap();
     alice
         .send_chunk(up, 0, Bytes::from_static(b"partial"))
         .await
@@ -606,7 +685,7 @@ async fn graceful_shutdown_keeps_committed_data() {
     server.restart();
     let (alice, _) = server.connect("alice").await;
     let names: Vec<_> = alice
-        .list_files("alice")
+        .list("alice", ROOT_ID)
         .await
         .unwrap()
         .into_iter()
@@ -640,7 +719,7 @@ async fn kill_9_during_small_file_writes_keeps_every_acknowledged_file() {
                 let data = content(t * 1_000_000 + j, size(t, j));
                 sharefs_client::transfer::upload(
                     &client,
-                    &name,
+                    &at(&name),
                     &data[..],
                     Some(data.len() as u64),
                     |_| {},
@@ -668,7 +747,7 @@ async fn kill_9_during_small_file_writes_keeps_every_acknowledged_file() {
 
     let (alice, _) = server.connect("alice").await;
     let listed: HashMap<String, u64> = alice
-        .list_files("alice")
+        .list("alice", ROOT_ID)
         .await
         .unwrap()
         .into_iter()

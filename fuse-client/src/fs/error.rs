@@ -11,11 +11,18 @@ pub enum FsError {
     /// Writing outside one's own folder, and the like.
     #[error("permission denied")]
     PermissionDenied,
-    /// Operations sharefs does not offer (sub-directories, links, special files).
+    /// Operations sharefs does not offer (hard links, special files).
     #[error("operation not permitted")]
     NotPermitted,
     #[error("invalid name: {0}")]
     InvalidName(String),
+    /// The request makes no sense as asked (a directory moved into its own subtree).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
     #[error("name too long")]
     NameTooLong,
     #[error("quota exceeded")]
@@ -50,6 +57,13 @@ impl From<ClientError> for FsError {
                 ErrorCode::NoSpace => FsError::NoSpace,
                 ErrorCode::Stale => FsError::Stale,
                 ErrorCode::TooManyOpen => FsError::TooManyOpen,
+                ErrorCode::Exists => FsError::Exists,
+                ErrorCode::NotEmpty => FsError::NotEmpty,
+                ErrorCode::NotADirectory => FsError::NotDir,
+                ErrorCode::IsADirectory => FsError::IsDir,
+                ErrorCode::InvalidArgument => FsError::InvalidArgument(body.message.clone()),
+                ErrorCode::NotPermitted => FsError::NotPermitted,
+                ErrorCode::NameTooLong => FsError::NameTooLong,
                 ErrorCode::AuthFailed
                 | ErrorCode::Throttled
                 | ErrorCode::VersionMismatch

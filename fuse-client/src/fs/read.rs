@@ -123,10 +123,7 @@ impl<R: Remote> ReadHandle<R> {
         if self.current_handle() != failed {
             return Ok(()); // another fetch reopened it already
         }
-        let (handle, info, _) = self
-            .remote
-            .open(&self.info.owner, &self.info.name, 0)
-            .await?;
+        let (handle, info, _) = self.remote.open(&self.info.owner, self.info.id, 0).await?;
         if info.version != self.info.version {
             self.remote.close(handle).await;
             tracing::warn!(owner = %self.info.owner, name = %self.info.name, "file changed while open; failing reads");

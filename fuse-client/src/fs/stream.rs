@@ -16,12 +16,15 @@ use sharefs_protocol::{FileInfo, CHUNK_SIZE};
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::FsError;
-use super::remote::Remote;
+use super::remote::{Remote, UploadTarget};
 
 pub enum StreamMsg {
     Data(Bytes),
-    /// All data was sent: commit and answer.
-    Finish(oneshot::Sender<Result<FileInfo, FsError>>),
+    /// All data was sent: commit (with this modification time) and answer.
+    Finish {
+        mtime_ns: Option<i64>,
+        reply: oneshot::Sender<Result<FileInfo, FsError>>,
+    },
 }
 
 /// Where a staged file's stream stands.
@@ -47,8 +50,12 @@ pub const STREAM_QUEUE: usize = 2;
 
 /// Receives the written data in order, uploads it in chunks, commits on `Finish`; aborts
 /// the server-side upload if the sender goes away without finishing.
-pub async fn run<R: Remote>(remote: Arc<R>, name: String, mut rx: mpsc::Receiver<StreamMsg>) {
-    let handle = remote.upload_begin(&name).await;
+pub async fn run<R: Remote>(
+    remote: Arc<R>,
+    target: UploadTarget,
+    mut rx: mpsc::Receiver<StreamMsg>,
+) {
+    let handle = remote.upload_begin(&target).await;
     let mut failed: Option<FsError> = handle.as_ref().err().map(|e| FsError::from(e.clone()));
     let mut hasher = blake3::Hasher::new();
     let mut buf = BytesMut::new();
@@ -89,7 +96,7 @@ pub async fn run<R: Remote>(remote: Arc<R>, name: String, mut rx: mpsc::Receiver
                     }
                 }
             }
-            StreamMsg::Finish(reply) => {
+            StreamMsg::Finish { mtime_ns, reply } => {
                 let result = match (&handle, failed.take()) {
                     (_, Some(e)) => Err(e),
                     (Err(e), None) => Err(FsError::from(e.clone())),
@@ -105,7 +112,7 @@ pub async fn run<R: Remote>(remote: Arc<R>, name: String, mut rx: mpsc::Receiver
                             Ok(()) => {
                                 let hash = hasher.finalize().to_hex();
                                 remote
-                                    .upload_commit(*h, sent + len, hash.as_str())
+                                    .upload_commit(*h, sent + len, hash.as_str(), mtime_ns)
                                     .await
                                     .map_err(FsError::from)
                             }

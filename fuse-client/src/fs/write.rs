@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use super::error::{FsError, FsResult};
+use super::remote::AttrChange;
 use super::staging;
 use super::stream::StreamState;
 
@@ -142,6 +143,13 @@ pub struct StagedWrite {
     /// await; `stream_order` keeps feeds in write order.
     pub stream: Mutex<StreamState>,
     pub stream_order: tokio::sync::Mutex<()>,
+    /// Mode and times set on the file while its content is not uploaded: the upload
+    /// carries them (`cp -p` sets them before it closes).
+    attrs: Mutex<AttrChange>,
+    /// When the content last changed here (nanoseconds since the epoch): the
+    /// modification time shown meanwhile and given to the upload, so that the file's
+    /// mtime does not move when the upload commits it.
+    written_ns: std::sync::atomic::AtomicI64,
     /// Becomes true once the last descriptor's release is done ([`StagedWrite::finish`]):
     /// an open that finds this file being released waits for it instead of joining it.
     finished: tokio::sync::watch::Sender<bool>,
@@ -234,6 +242,8 @@ impl StagedWrite {
             upload_lock: tokio::sync::Mutex::new(()),
             stream: Mutex::new(StreamState::Eligible),
             stream_order: tokio::sync::Mutex::new(()),
+            attrs: Mutex::new(AttrChange::default()),
+            written_ns: std::sync::atomic::AtomicI64::new(now_ns()),
             finished: tokio::sync::watch::Sender::new(false),
         }
     }
@@ -262,6 +272,42 @@ impl StagedWrite {
 
     pub fn size(&self) -> u64 {
         self.state().size
+    }
+
+    /// When the content last changed here.
+    pub fn written_ns(&self) -> i64 {
+        self.written_ns.load(Ordering::Acquire)
+    }
+
+    fn touch(&self) {
+        self.written_ns.store(now_ns(), Ordering::Release);
+    }
+
+    /// Mode and times to be set with the next upload.
+    pub fn pending_attrs(&self) -> AttrChange {
+        *guard(&self.attrs)
+    }
+
+    /// Keeps `change` for the next upload (over what was kept before).
+    pub fn set_pending_attrs(&self, change: AttrChange) {
+        let mut a = guard(&self.attrs);
+        a.mode = change.mode.or(a.mode);
+        a.atime_ns = change.atime_ns.or(a.atime_ns);
+        a.mtime_ns = change.mtime_ns.or(a.mtime_ns);
+    }
+
+    /// An upload set `sent`: what was not changed since is done.
+    pub fn clear_pending_attrs(&self, sent: &AttrChange) {
+        let mut a = guard(&self.attrs);
+        if a.mode == sent.mode {
+            a.mode = None;
+        }
+        if a.atime_ns == sent.atime_ns {
+            a.atime_ns = None;
+        }
+        if a.mtime_ns == sent.mtime_ns {
+            a.mtime_ns = None;
+        }
     }
 
     pub fn acquire(&self) {
@@ -442,23 +488,75 @@ impl StagedWrite {
             self.materialize().await?;
         }
         self.put(offset, data)?;
+        guard(&self.attrs).mtime_ns = None;
+        self.touch();
         let mut s = self.state();
         s.size = s.size.max(offset + len);
         s.changes += 1;
         Ok(data.len() as u32)
     }
 
+    /// Reads staged content. While the file is based on a server version, the part of
+    /// the range the writer has not written comes from that version directly: a read
+    /// never downloads the whole file.
     pub async fn read(&self, offset: u64, len: u32) -> FsResult<Vec<u8>> {
-        let needs_base =
-            guard(&self.lazy).is_some_and(|l| offset + u64::from(len) > l.prefix && offset < l.end);
-        if needs_base {
-            self.materialize().await?;
-        }
         let size = self.size();
         if offset >= size {
             return Ok(Vec::new());
         }
-        let len = (len as u64).min(size - offset) as usize;
+        let len = u64::from(len).min(size - offset);
+        let end = offset + len;
+        let untouched = |l: &Lazy| (offset.max(l.prefix), end.min(l.end));
+        let needs_base = guard(&self.lazy).is_some_and(|l| {
+            let (from, to) = untouched(&l);
+            from < to
+        });
+        if !needs_base {
+            return self.read_backing(offset, len as usize);
+        }
+        // The base lock keeps the base from being let go meanwhile.
+        let base = self.base.lock().await;
+        let Some((from, to)) = guard(&self.lazy).map(|l| untouched(&l)) else {
+            // Materialized meanwhile: all of it is here now.
+            drop(base);
+            return self.read_backing(offset, len as usize);
+        };
+        if from >= to {
+            drop(base);
+            return self.read_backing(offset, len as usize);
+        }
+        let Some(b) = base.as_ref() else {
+            return Err(FsError::Io("the base of a staged file is gone".into()));
+        };
+        let mut fetched = Vec::with_capacity((to - from) as usize);
+        while (fetched.len() as u64) < to - from {
+            let pos = from + fetched.len() as u64;
+            let want = (to - pos).min(BASE_BLOCK) as u32;
+            let data = b.read(pos, want).await?;
+            if data.is_empty() {
+                return Err(FsError::Io(format!(
+                    "{}: the server's copy ended at {pos} of {to} bytes",
+                    self.name()
+                )));
+            }
+            fetched.extend_from_slice(&data);
+        }
+        let mut buf = self.read_backing(offset, len as usize)?;
+        // What was written meanwhile (the prefix grew) is the writer's, not the base's.
+        if let Some(l) = *guard(&self.lazy) {
+            let (keep_from, keep_to) = (from.max(l.prefix), to.min(l.end));
+            if keep_from < keep_to {
+                let src = &fetched[(keep_from - from) as usize..(keep_to - from) as usize];
+                buf[(keep_from - offset) as usize..(keep_to - offset) as usize]
+                    .copy_from_slice(src);
+            }
+        }
+        drop(base);
+        Ok(buf)
+    }
+
+    /// `len` bytes at `offset` of the backing store (zeros past what it holds).
+    fn read_backing(&self, offset: u64, len: usize) -> FsResult<Vec<u8>> {
         let mut buf = vec![0u8; len];
         match &*guard(&self.backing) {
             Backing::Memory { data, .. } => {
@@ -466,7 +564,16 @@ impl StagedWrite {
                 let stop = (offset as usize + len).min(data.len());
                 buf[..stop - start].copy_from_slice(&data[start..stop]);
             }
-            Backing::File { file, .. } => file.read_exact_at(&mut buf, offset)?,
+            Backing::File { file, .. } => {
+                // Short only if the file is shorter than the staged size: zeros.
+                let mut done = 0;
+                while done < len {
+                    match file.read_at(&mut buf[done..], offset + done as u64)? {
+                        0 => break,
+                        n => done += n,
+                    }
+                }
+            }
         }
         Ok(buf)
     }
@@ -499,6 +606,8 @@ impl StagedWrite {
             }
         }
         self.set_len(size)?;
+        guard(&self.attrs).mtime_ns = None;
+        self.touch();
         let mut s = self.state();
         s.size = size;
         s.changes += 1;
@@ -587,6 +696,10 @@ impl Drop for StagedWrite {
             self.budget.give(*reserved);
         }
     }
+}
+
+fn now_ns() -> i64 {
+    super::ns_of(std::time::SystemTime::now())
 }
 
 async fn close(base: &mut Option<Arc<dyn Base>>) {

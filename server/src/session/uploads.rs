@@ -1,0 +1,166 @@
+//! A session's uploads: begun with a slot of the per-user limit, fed by chunks in arrival
+//! order by the reader loop itself (natural back-pressure: a client cannot send faster
+//! than the disk takes it, and a commit that follows its chunks knows they are on disk),
+//! committed by a request task, dropped (deleting the temp file) when aborted, idle past
+//! the bound, or left behind by the connection.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sharefs_protocol::Reply;
+
+use super::requests::ENTRY_REPLY;
+use super::Session;
+use crate::cutoff::Cutoff;
+use crate::error::ServerError;
+use crate::storage::{ContentWriter, UploadTarget};
+
+/// How often uploads are checked for having gone without data for `bound`.
+pub(super) fn idle_upload_sweep(bound: Duration) -> tokio::time::Interval {
+    let period = (bound / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut sweep = tokio::time::interval(period);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep
+}
+
+/// An upload of this session: idle, or writing its last chunk on the blocking pool while
+/// the reader goes on decrypting the next one.
+pub(super) enum Upload {
+    Idle(Box<dyn ContentWriter>),
+    Writing(tokio::task::JoinHandle<Box<dyn ContentWriter>>),
+}
+
+impl Upload {
+    /// The upload once its last write is done; `None` if that write task died.
+    async fn settle(self) -> Option<Box<dyn ContentWriter>> {
+        match self {
+            Upload::Idle(up) => Some(up),
+            Upload::Writing(task) => match task.await {
+                Ok(up) => Some(up),
+                Err(e) => {
+                    tracing::error!(error = %e, "upload write task failed");
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// What an `upload_begin` asks for.
+pub(super) struct Begin {
+    pub owner: String,
+    pub target: UploadTarget,
+    pub size: Option<u64>,
+    pub mode: Option<u32>,
+}
+
+impl Session {
+    /// Drops the uploads that received nothing for the configured bound: each holds a temp
+    /// file, a disk claim and a quota reservation, which a client must not keep by
+    /// stalling.
+    pub(super) fn drop_idle_uploads(&mut self) {
+        let bound = self.shared.config.upload_idle_timeout;
+        self.uploads.retain(|upload, (_, _, last)| {
+            let keep = last.elapsed() < bound;
+            if !keep {
+                tracing::info!(
+                    upload,
+                    ?bound,
+                    "upload received no data for too long; dropped"
+                );
+            }
+            keep
+        });
+    }
+
+    pub(super) async fn chunk(&mut self, upload: u64, offset: u64, data: Bytes) {
+        let Some((state, slot, _)) = self.uploads.remove(&upload) else {
+            tracing::debug!(upload, "chunk for an unknown upload ignored");
+            return;
+        };
+        // One write in flight per upload: chunks stay in order, and this one is written
+        // while the next is read.
+        let Some(mut up) = state.settle().await else {
+            return;
+        };
+        let task = tokio::task::spawn_blocking(move || {
+            up.write_chunk(offset, &data);
+            up
+        });
+        self.uploads
+            .insert(upload, (Upload::Writing(task), slot, Instant::now()));
+    }
+
+    pub(super) async fn begin_upload(&mut self, begin: Begin) -> Result<Reply, ServerError> {
+        let ctx = self.context();
+        ctx.own(&begin.owner)?;
+        let slot = self
+            .shared
+            .upload_slot(&self.user)
+            .ok_or(ServerError::Busy("uploads in progress for this user"))?;
+        let up = ctx
+            .blocking(move |shared| {
+                let quota = shared.users.get(&begin.owner)?.and_then(|u| u.quota);
+                shared
+                    .store
+                    .begin_upload(&begin.owner, begin.target, begin.size, begin.mode, quota)
+            })
+            .await?;
+        let upload = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.uploads
+            .insert(upload, (Upload::Idle(up), slot, Instant::now()));
+        Ok(Reply::UploadStarted { upload })
+    }
+
+    /// Commits upload `upload` as request `id` (a task of its own: it fsyncs).
+    pub(super) async fn commit_upload(
+        &mut self,
+        id: u64,
+        upload: u64,
+        size: u64,
+        blake3: String,
+        mtime_ns: Option<i64>,
+        cutoff: Cutoff,
+    ) {
+        let Some((state, slot, _)) = self.uploads.remove(&upload) else {
+            let e = ServerError::Protocol(format!(
+                "no upload {upload} in progress (never begun, aborted, failed, or \
+                 dropped after {} s without data)",
+                self.shared.config.upload_idle_timeout.as_secs()
+            ));
+            self.reply(id, Err(e)).await;
+            return;
+        };
+        let ctx = self.context();
+        self.spawn(id, ENTRY_REPLY, async move {
+            // The upload counts against the user's limit until committed.
+            let _slot = slot;
+            let up = state
+                .settle()
+                .await
+                .ok_or_else(|| ServerError::Internal("upload write failed".into()))?;
+            let owner = ctx.user.clone();
+            let (info, events) = ctx
+                .blocking(move |shared| {
+                    shared
+                        .store
+                        .commit_upload(up, size, &blake3, mtime_ns, &cutoff)
+                })
+                .await?;
+            tracing::info!(id = info.id, name = %info.name, size, "upload committed");
+            ctx.publish(&owner, &events);
+            Ok((Reply::File { file: info }, Bytes::new()))
+        })
+        .await
+    }
+
+    pub(super) async fn abort_upload(&mut self, id: u64, upload: u64) {
+        let existed = self.uploads.remove(&upload).is_some();
+        if existed {
+            tracing::info!(upload, "upload aborted");
+        }
+        self.reply(id, Ok(Reply::Ok)).await;
+    }
+}

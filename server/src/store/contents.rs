@@ -1,0 +1,348 @@
+//! File contents: uploads received in pieces and committed into a blob, small files put
+//! whole into the pack, each the new version of its file in one journal record, within
+//! the owner's quota and the disk reserve.
+
+use std::fs;
+
+use sharefs_protocol::{EntryKind, FileInfo, DEFAULT_FILE_MODE, MODE_MASK};
+
+use super::tree::{Content, Node, Op, PackRef, Tree};
+use super::upload::{self, StagedUpload, UploadTarget};
+use super::{blob_name, check_new_name, lock, Published, Store, PACK_MAX};
+use crate::cutoff::Cutoff;
+use crate::error::{Result, ServerError};
+use crate::fsutil;
+use crate::reservations::Reservation;
+use crate::space::RECORD_ROOM;
+
+impl Store {
+    /// Bytes `owner` may still add under `quota`, with the error to report when crossed.
+    /// (Disk space is claimed separately, see [`DiskSpace`].)
+    fn allowance(used: u64, quota: Option<u64>) -> (u64, ServerError) {
+        match quota {
+            Some(q) => (
+                q.saturating_sub(used),
+                ServerError::QuotaExceeded(format!("quota of {q} bytes reached")),
+            ),
+            None => (u64::MAX, ServerError::Internal("no quota".into())),
+        }
+    }
+
+    /// The size of the file `target` replaces (0 if none), checking the target can take a
+    /// file's content.
+    fn replaced_size(tree: &Tree, owner: &str, target: &UploadTarget) -> Result<u64> {
+        match target {
+            UploadTarget::Replace(id) => match tree.get(*id) {
+                Some(n) if n.kind == EntryKind::File => Ok(n.size),
+                Some(n) if n.is_dir() => Err(ServerError::IsADirectory(format!("{owner}/#{id}"))),
+                Some(_) => Err(ServerError::InvalidArgument(format!(
+                    "{owner}/#{id} is a symbolic link"
+                ))),
+                None => Err(ServerError::NotFound(format!("{owner}/#{id}"))),
+            },
+            UploadTarget::At { parent, name } => {
+                tree.dir(*parent, &format!("{owner}/{name}"))?;
+                match tree.lookup(*parent, name) {
+                    Some(n) if n.is_dir() => {
+                        Err(ServerError::IsADirectory(format!("{owner}/{name}")))
+                    }
+                    Some(n) => Ok(n.used()),
+                    None => Ok(0),
+                }
+            }
+        }
+    }
+
+    /// The ops that make `content` the new version of `target`, and the index of the
+    /// file's op in them.
+    #[allow(clippy::too_many_arguments)]
+    fn content_ops(
+        &self,
+        tree: &mut Tree,
+        owner: &str,
+        target: &UploadTarget,
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
+        size: u64,
+        blake3: &str,
+        content: Content,
+    ) -> Result<(Vec<Op>, u64)> {
+        Store::replaced_size(tree, owner, target)?;
+        let now = fsutil::now_ns();
+        let version = self.next_version();
+        let fill = |node: &mut Node| {
+            node.size = size;
+            node.version = version;
+            node.blake3 = blake3.to_string();
+            node.content = Some(content);
+            node.mtime_ns = mtime_ns.unwrap_or(now);
+            node.ctime_ns = now;
+            if let Some(mode) = mode {
+                node.mode = mode & MODE_MASK;
+            }
+        };
+        let existing = match target {
+            UploadTarget::Replace(id) => tree.get(*id),
+            UploadTarget::At { parent, name } => tree.lookup(*parent, name),
+        };
+        let mut ops = Vec::new();
+        let node = match existing {
+            Some(old) if old.kind == EntryKind::File => {
+                let mut node = old.clone();
+                fill(&mut node);
+                node
+            }
+            other => {
+                // A new file, in place of a link if one had the name.
+                let UploadTarget::At { parent, name } = target else {
+                    return Err(ServerError::Internal("replacing a non-file".into()));
+                };
+                if let Some(link) = other {
+                    ops.push(Op::Remove { id: link.id });
+                } else {
+                    tree.check_path_room(*parent, name)?;
+                }
+                let id = tree.allocate_id();
+                let mut node =
+                    Node::new(id, *parent, name, EntryKind::File, DEFAULT_FILE_MODE, now);
+                fill(&mut node);
+                node.atime_ns = now;
+                ops.extend(tree.touched_dir(*parent, now).map(Op::Put));
+                node
+            }
+        };
+        let id = node.id;
+        ops.insert(0, Op::Put(node));
+        Ok((ops, id))
+    }
+
+    /// Starts an upload into `owner`'s tree. `quota` is the owner's quota.
+    pub fn begin_upload(
+        &self,
+        owner: &str,
+        target: UploadTarget,
+        size: Option<u64>,
+        mode: Option<u32>,
+        quota: Option<u64>,
+    ) -> Result<StagedUpload> {
+        if let UploadTarget::At { name, .. } = &target {
+            check_new_name(name)?;
+        }
+        let folder = self.folder(owner)?;
+        let (allowance, held) = {
+            // Reserved under the folder lock, which commits hold while they turn their
+            // reservation into used bytes: no upload is counted twice, or not at all.
+            let f = lock(&folder)?;
+            // The old version's bytes are freed by the commit, so they count as available.
+            let old = Store::replaced_size(&f.tree, owner, &target)?;
+            let (allowance, _) = Store::allowance(f.tree.used().saturating_sub(old), quota);
+            let held = match quota {
+                Some(_) => Some(self.inner.reservations.reserve(
+                    owner,
+                    size.unwrap_or(0),
+                    allowance,
+                )?),
+                None => None,
+            };
+            (allowance, held)
+        };
+        let room = self.inner.space.claim(size.unwrap_or(0))?;
+        let path = self.inner.tmp.join(fsutil::temp_name("upload"));
+        let file = fsutil::create_new(&path)?;
+        // Small uploads stay buffered: they may be read back from the cache.
+        let direct = match size {
+            Some(size) if size <= PACK_MAX => None,
+            _ => upload::DirectWriter::open(&path),
+        };
+        Ok(StagedUpload {
+            owner: owner.to_string(),
+            target,
+            mode,
+            file: Some(file),
+            direct,
+            path,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+            writeback_from: 0,
+            allowance,
+            held,
+            quota,
+            room,
+            failed: None,
+        })
+    }
+
+    /// Makes an upload the current version of its file. Blocking; fsyncs.
+    pub fn commit_upload(
+        &self,
+        mut upload: StagedUpload,
+        size: u64,
+        blake3_hex: &str,
+        mtime_ns: Option<i64>,
+        cutoff: &Cutoff,
+    ) -> Result<(FileInfo, Vec<Published>)> {
+        if let Some(e) = upload.failed.take() {
+            return Err(e);
+        }
+        if size != upload.written {
+            return Err(ServerError::Protocol(format!(
+                "commit of {size} bytes but {} were received",
+                upload.written
+            )));
+        }
+        let hash = upload.hasher.finalize().to_hex();
+        if !hash.as_str().eq_ignore_ascii_case(blake3_hex) {
+            return Err(ServerError::ChecksumMismatch);
+        }
+        upload.finish_writes()?;
+        let file = upload
+            .file
+            .take()
+            .ok_or_else(|| ServerError::Internal("upload already finished".into()))?;
+        let held = upload.held.take();
+        let result = self.install(&upload, &file, size, hash.as_str(), mtime_ns, held, cutoff);
+        if result.is_err() {
+            let _ = fs::remove_file(&upload.path);
+        }
+        result
+    }
+
+    /// Makes the received content of `upload` (in `file`) the file's current version.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &self,
+        upload: &StagedUpload,
+        file: &fs::File,
+        size: u64,
+        hash: &str,
+        mtime_ns: Option<i64>,
+        held: Option<Reservation>,
+        cutoff: &Cutoff,
+    ) -> Result<(FileInfo, Vec<Published>)> {
+        let owner = upload.owner.as_str();
+        file.sync_all()?;
+        let folder = self.folder(owner)?;
+        let mut folder = lock(&folder)?;
+        cutoff.check()?;
+        let old = Store::replaced_size(&folder.tree, owner, &upload.target)?;
+        let (allowance, allowance_error) =
+            Store::allowance(folder.tree.used().saturating_sub(old), upload.quota);
+        if size > allowance {
+            return Err(allowance_error);
+        }
+        let _room = self.inner.space.claim(RECORD_ROOM)?;
+        // The blob is named by a fresh number, the version the ops give the file is another:
+        // both come from the same counter, so neither collides with anything on disk.
+        let blob_id = self.next_version();
+        let (ops, id) = self.content_ops(
+            &mut folder.tree,
+            owner,
+            &upload.target,
+            upload.mode,
+            mtime_ns,
+            size,
+            hash,
+            Content::Blob(blob_id),
+        )?;
+        let blob = folder.dir.join(blob_name(blob_id));
+        fs::rename(&upload.path, &blob)?;
+        fsutil::sync_dir(&folder.dir)?;
+        let events = match self.change(&mut folder, owner, ops, None) {
+            Ok(events) => events,
+            Err(e) => {
+                let _ = fs::remove_file(&blob);
+                return Err(e);
+            }
+        };
+        // Used from now on, no longer reserved (still under the folder lock).
+        drop(held);
+        let info = folder
+            .tree
+            .get(id)
+            .map(|n| n.info(owner))
+            .ok_or_else(|| ServerError::Internal("committed file missing".into()))?;
+        Ok((info, events))
+    }
+
+    /// Stores a whole file received in one piece: small ones are appended to the folder's
+    /// pack, larger ones go through a blob like any upload. Blocking; durable on return.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put(
+        &self,
+        owner: &str,
+        target: UploadTarget,
+        data: &[u8],
+        blake3_hex: &str,
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
+        quota: Option<u64>,
+        cutoff: &Cutoff,
+    ) -> Result<(FileInfo, Vec<Published>)> {
+        let size = data.len() as u64;
+        if size > PACK_MAX {
+            let mut up = self.begin_upload(owner, target, Some(size), mode, quota)?;
+            up.write_chunk(0, data);
+            return self.commit_upload(up, size, blake3_hex, mtime_ns, cutoff);
+        }
+        if let UploadTarget::At { name, .. } = &target {
+            check_new_name(name)?;
+        }
+        let hash = blake3::hash(data).to_hex();
+        if !hash.as_str().eq_ignore_ascii_case(blake3_hex) {
+            return Err(ServerError::ChecksumMismatch);
+        }
+        let folder = self.folder(owner)?;
+        let mut folder = lock(&folder)?;
+        cutoff.check()?;
+        let old = Store::replaced_size(&folder.tree, owner, &target)?;
+        // What uploads in progress hold of the quota counts as used.
+        let reserved = match quota {
+            Some(_) => self.inner.reservations.reserved(owner)?,
+            None => 0,
+        };
+        let (allowance, allowance_error) =
+            Store::allowance((folder.tree.used() + reserved).saturating_sub(old), quota);
+        if size > allowance {
+            return Err(allowance_error);
+        }
+        let _room = self.inner.space.claim(size + RECORD_ROOM)?;
+        let (mut ops, id) = self.content_ops(
+            &mut folder.tree,
+            owner,
+            &target,
+            mode,
+            mtime_ns,
+            size,
+            hash.as_str(),
+            Content::Blob(0),
+        )?;
+        let space = folder.space.clone();
+        let pack = folder.pack_mut()?;
+        let at = PackRef {
+            pack: pack.id,
+            offset: pack.len,
+        };
+        let pending = if size > 0 {
+            pack.write(data, &space)?
+        } else {
+            None
+        };
+        if let Some(Op::Put(node)) = ops.first_mut() {
+            node.content = Some(Content::Pack(at));
+        }
+        let events = match self.change(&mut folder, owner, ops, pending) {
+            Ok(events) => events,
+            Err(e) => {
+                // The appended bytes are garbage now.
+                folder.wasted(size);
+                return Err(e);
+            }
+        };
+        let info = folder
+            .tree
+            .get(id)
+            .map(|n| n.info(owner))
+            .ok_or_else(|| ServerError::Internal("stored file missing".into()))?;
+        Ok((info, events))
+    }
+}
