@@ -149,3 +149,18 @@ pub fn disk_space(path: &Path) -> io::Result<(u64, u64)> {
     let frsize = st.f_frsize as u64;
     Ok((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
 }
+
+/// The JSON value stored in `path`; `None` if there is no such file. A file that does not
+/// parse is `Corrupt`, naming it.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> crate::error::Result<Option<T>> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| {
+            crate::error::ServerError::Corrupt {
+                path: path.display().to_string(),
+                source,
+            }
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}

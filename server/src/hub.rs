@@ -718,18 +718,7 @@ fn fold_into(digest: &mut Notification, n: &Notification) {
 
 /// The notification recorded at `path`; `None` if there is none (any more).
 fn read_notification(path: &Path) -> Result<Option<Notification>> {
-    match fs::read(path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| ServerError::Corrupt {
-                    path: path.display().to_string(),
-                    source,
-                })
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    fsutil::read_json(path)
 }
 
 fn write_json(tmp: &Path, path: &Path, n: &Notification) -> Result<()> {

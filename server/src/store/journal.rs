@@ -10,7 +10,6 @@
 //! its last whole record.
 
 use std::fs::File;
-use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -97,19 +96,7 @@ pub fn write_snapshot<'a>(
 
 /// Reads the snapshot of `dir`, if there is one.
 pub fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
-    let path = dir.join(SNAPSHOT);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| ServerError::Corrupt {
-                    path: path.display().to_string(),
-                    source,
-                })
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    fsutil::read_json(&dir.join(SNAPSHOT))
 }
 
 /// The whole records of a journal's bytes, each with where it starts, and where the last
