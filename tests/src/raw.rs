@@ -188,6 +188,36 @@ impl RawClient {
         }
     }
 
+    /// Pipelines `n` opens of `owner`'s file `id` (no head: each keeps a handle) and
+    /// counts the successes and the `too_many_open` refusals.
+    pub async fn open_many(&mut self, owner: &str, id: u64, n: usize) -> (usize, usize) {
+        for _ in 0..n {
+            let op = Request::Open {
+                owner: owner.into(),
+                id,
+                head: 0,
+            };
+            self.feed(op, Bytes::new()).await;
+        }
+        self.flush().await;
+        let (mut opened, mut refused) = (0, 0);
+        while opened + refused < n {
+            match self.recv().await {
+                Some((ServerMessage::Response { reply, .. }, _)) => {
+                    assert!(matches!(reply, Reply::Opened { handle, .. } if handle != 0));
+                    opened += 1;
+                }
+                Some((ServerMessage::Error { id: Some(_), error }, _)) => {
+                    assert_eq!(error.code, ErrorCode::TooManyOpen, "{error:?}");
+                    refused += 1;
+                }
+                Some(_) => {}
+                None => panic!("connection closed while opening"),
+            }
+        }
+        (opened, refused)
+    }
+
     /// The next pushed event within `limit`, skipping other messages; `None` if none came.
     pub async fn event_within(&mut self, limit: Duration) -> Option<sharefs_protocol::Event> {
         let deadline = tokio::time::Instant::now() + limit;

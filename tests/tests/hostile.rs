@@ -64,37 +64,6 @@ async fn a_listing_too_large_for_one_frame_comes_in_pages_and_the_connection_liv
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4000);
 }
 
-/// Pipelines `n` opens of `owner/name` (no head: each keeps a handle) and counts the
-/// successes and the `too_many_open` refusals.
-async fn open_many(raw: &mut RawClient, owner: &str, name: &str, n: usize) -> (usize, usize) {
-    let id = raw.id_of(owner, name).await;
-    for _ in 0..n {
-        let op = Request::Open {
-            owner: owner.into(),
-            id,
-            head: 0,
-        };
-        raw.feed(op, Bytes::new()).await;
-    }
-    raw.flush().await;
-    let (mut opened, mut refused) = (0, 0);
-    while opened + refused < n {
-        match raw.recv().await {
-            Some((sharefs_protocol::ServerMessage::Response { reply, .. }, _)) => {
-                assert!(matches!(reply, Reply::Opened { handle, .. } if handle != 0));
-                opened += 1;
-            }
-            Some((sharefs_protocol::ServerMessage::Error { id: Some(_), error }, _)) => {
-                assert_eq!(error.code, ErrorCode::TooManyOpen, "{error:?}");
-                refused += 1;
-            }
-            Some(_) => {}
-            None => panic!("connection closed while opening"),
-        }
-    }
-    (opened, refused)
-}
-
 /// What a normal user does while an attack runs: list, upload, download.
 async fn works(bob: &RemoteClient, round: usize, expect: &[u8]) {
     assert!(!bob.list("alice", ROOT_ID).await.unwrap().is_empty());
@@ -114,14 +83,14 @@ async fn open_handles_are_limited_per_connection_and_per_user() {
     ]);
     let (alice, _) = server.connect("alice").await;
     let big = content(2, 300 * 1024);
-    upload(&alice, "big", &big).await;
+    let big_id = upload(&alice, "big", &big).await.id;
 
     // One connection: its limit.
     let mut carol = RawClient::login(&server.addr, "carol").await;
-    assert_eq!(open_many(&mut carol, "alice", "big", 200).await, (60, 140));
+    assert_eq!(carol.open_many("alice", big_id, 200).await, (60, 140));
     // A second connection of the same user: what is left of the user's limit.
     let mut carol2 = RawClient::login(&server.addr, "carol").await;
-    assert_eq!(open_many(&mut carol2, "alice", "big", 200).await, (30, 170));
+    assert_eq!(carol2.open_many("alice", big_id, 200).await, (30, 170));
     // Meanwhile others work, opens included.
     let (bob, _) = server.connect("bob").await;
     works(&bob, 0, &big).await;
@@ -133,7 +102,7 @@ async fn open_handles_are_limited_per_connection_and_per_user() {
         || server.log_text().matches("disconnected").count() >= 1,
     );
     let mut carol3 = RawClient::login(&server.addr, "carol").await;
-    assert_eq!(open_many(&mut carol3, "alice", "big", 100).await, (60, 40));
+    assert_eq!(carol3.open_many("alice", big_id, 100).await, (60, 40));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +111,7 @@ async fn open_handles_leave_descriptors_for_everyone_else() {
     let server = TestServer::start_with_nofile(&["--plaintext"], 400);
     let (alice, _) = server.connect("alice").await;
     let big = content(2, 300 * 1024);
-    upload(&alice, "big", &big).await;
+    let big_id = upload(&alice, "big", &big).await.id;
     let (bob, _) = server.connect("bob").await;
 
     // Users opening all they may: the server's budget (a quarter of its 400 descriptors)
@@ -154,7 +123,7 @@ async fn open_handles_leave_descriptors_for_everyone_else() {
         let user = format!("user{i}");
         server.add_user(&user, PASSWORD);
         let mut raw = RawClient::login(&server.addr, &user).await;
-        let (opened, _) = open_many(&mut raw, "alice", "big", 300).await;
+        let (opened, _) = raw.open_many("alice", big_id, 300).await;
         total += opened;
         raws.push(raw);
     }

@@ -926,36 +926,6 @@ async fn a_flat_data_directory_is_served_as_a_tree() {
     assert_eq!(bob.read("alice", moved.id).await.unwrap(), small);
 }
 
-/// Pipelines `n` opens of `owner`'s file `id` (no head: each keeps a handle) and counts the
-/// successes and the `too_many_open` refusals.
-async fn open_many(raw: &mut RawClient, owner: &str, id: u64, n: usize) -> (usize, usize) {
-    for _ in 0..n {
-        let op = Request::Open {
-            owner: owner.into(),
-            id,
-            head: 0,
-        };
-        raw.feed(op, Bytes::new()).await;
-    }
-    raw.flush().await;
-    let (mut opened, mut refused) = (0, 0);
-    while opened + refused < n {
-        match raw.recv().await {
-            Some((sharefs_protocol::ServerMessage::Response { reply, .. }, _)) => {
-                assert!(matches!(reply, Reply::Opened { handle, .. } if handle != 0));
-                opened += 1;
-            }
-            Some((sharefs_protocol::ServerMessage::Error { id: Some(_), error }, _)) => {
-                assert_eq!(error.code, ErrorCode::TooManyOpen, "{error:?}");
-                refused += 1;
-            }
-            Some(_) => {}
-            None => panic!("connection closed while opening"),
-        }
-    }
-    (opened, refused)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_handles_of_entries_are_limited_per_connection_and_per_user() {
     let server = TestServer::start_with(&[
@@ -972,12 +942,9 @@ async fn open_handles_of_entries_are_limited_per_connection_and_per_user() {
         .await
         .unwrap();
     let mut carol = RawClient::login(&server.addr, "carol").await;
-    assert_eq!(open_many(&mut carol, "alice", big.id, 200).await, (60, 140));
+    assert_eq!(carol.open_many("alice", big.id, 200).await, (60, 140));
     let mut carol2 = RawClient::login(&server.addr, "carol").await;
-    assert_eq!(
-        open_many(&mut carol2, "alice", big.id, 200).await,
-        (30, 170)
-    );
+    assert_eq!(carol2.open_many("alice", big.id, 200).await, (30, 170));
     // Others still open; handles go with their connection.
     let mut bob = Client::login(&server, "bob").await;
     assert_eq!(bob.read("alice", big.id).await.unwrap().len(), 300 * 1024);
@@ -988,5 +955,5 @@ async fn open_handles_of_entries_are_limited_per_connection_and_per_user() {
         || server.log_text().matches("disconnected").count() >= 1,
     );
     let mut carol3 = RawClient::login(&server.addr, "carol").await;
-    assert_eq!(open_many(&mut carol3, "alice", big.id, 100).await, (60, 40));
+    assert_eq!(carol3.open_many("alice", big.id, 100).await, (60, 40));
 }
