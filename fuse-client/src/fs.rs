@@ -611,6 +611,18 @@ impl<R: Remote> FsCore<R> {
             .collect())
     }
 
+    /// Entry `e` of the listing of directory `parent`, as it stands now: its attributes if
+    /// the name still leads to the same inode with attributes the mount is keeping
+    /// current (events update them), so the kernel may keep both; `None` if the listing
+    /// snapshot is older than a change of that name.
+    pub fn current_entry(&self, parent: u64, e: &DirEntry) -> Option<Attr> {
+        let st = self.state();
+        let ino = st.tree.child(parent, &e.name)?;
+        let node = st.tree.get(ino).filter(|n| ino == e.attr.ino && !n.gone)?;
+        let info = node.fresh_info()?;
+        Some(self.reported_attr(&st, ino, info))
+    }
+
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let entries = self.list(ino).await?;
         Ok(self.insert_handle(Handle::Dir(Arc::new(entries))))

@@ -690,28 +690,27 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             perm: 0o555,
             unlinked: false,
         };
-        let dots = [
-            (".".to_string(), dir(ino.0)),
-            ("..".to_string(), dir(self.core.parent_of(ino.0))),
-        ];
-        let all = dots
-            .iter()
-            .map(|(n, a)| (n.as_str(), a, Duration::ZERO))
-            // The snapshot taken at opendir may be older than a rename or unlink made
-            // since: the kernel is not to keep its names, only to use them for this
-            // listing (later lookups are answered from the mount's cache).
-            .chain(
-                entries
-                    .iter()
-                    .map(|e| (e.name.as_str(), &e.attr, Duration::ZERO)),
-            );
-        for (i, (name, a, ttl)) in all.enumerate().skip(offset as usize) {
+        let dots = [(".", dir(ino.0)), ("..", dir(self.core.parent_of(ino.0)))];
+        for i in offset as usize.. {
+            let (name, a, ttl) = match i.checked_sub(dots.len()) {
+                None => (dots[i].0, dots[i].1.clone(), Duration::ZERO),
+                Some(j) => {
+                    let Some(e) = entries.get(j) else { break };
+                    // The snapshot taken at opendir may be older than a rename or unlink
+                    // made since: the kernel keeps a name (and its attributes) only while
+                    // the mount's tree still says the same, as a lookup now would.
+                    match self.core.current_entry(ino.0, e) {
+                        Some(now) => (e.name.as_str(), now, TTL),
+                        None => (e.name.as_str(), e.attr.clone(), Duration::ZERO),
+                    }
+                }
+            };
             if reply.add(
                 INodeNo(a.ino),
                 i as u64 + 1,
                 name,
                 &ttl,
-                &self.attr(a),
+                &self.attr(&a),
                 Generation(0),
             ) {
                 break;

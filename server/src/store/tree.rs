@@ -25,15 +25,21 @@ pub enum Content {
     Pack(PackRef),
 }
 
-/// A content's place in a pack (its length is the entry's size).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A content's place in a pack (its length is the entry's size). Written as
+/// `[pack, offset]`; read from that or from `{"pack": .., "offset": ..}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct PackRef {
     pub pack: u64,
     pub offset: u64,
 }
 
 /// One entry: what a row of an entries table holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Snapshots and journal records write it as an array of its fields in this order,
+/// without the trailing ones left at their defaults (no field names: a snapshot of many
+/// entries parses several times faster); it is read from that or from an object with
+/// the field names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Node {
     pub id: u64,
     /// 0 for the root.
@@ -57,6 +63,53 @@ pub struct Node {
     /// A symbolic link's target, as given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+}
+
+impl Serialize for PackRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        (self.pack, self.offset).serialize(s)
+    }
+}
+
+impl Serialize for Node {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        // Fields after the last one that differs from its default are left out.
+        let len = if self.target.is_some() {
+            13
+        } else if self.content.is_some() {
+            12
+        } else if !self.blake3.is_empty() {
+            11
+        } else if self.version != 0 {
+            10
+        } else {
+            9
+        };
+        let mut seq = s.serialize_seq(Some(len))?;
+        seq.serialize_element(&self.id)?;
+        seq.serialize_element(&self.parent)?;
+        seq.serialize_element(&self.name)?;
+        seq.serialize_element(&self.kind)?;
+        seq.serialize_element(&self.mode)?;
+        seq.serialize_element(&self.size)?;
+        seq.serialize_element(&self.mtime_ns)?;
+        seq.serialize_element(&self.atime_ns)?;
+        seq.serialize_element(&self.ctime_ns)?;
+        if len > 9 {
+            seq.serialize_element(&self.version)?;
+        }
+        if len > 10 {
+            seq.serialize_element(&self.blake3)?;
+        }
+        if len > 11 {
+            seq.serialize_element(&self.content)?;
+        }
+        if len > 12 {
+            seq.serialize_element(&self.target)?;
+        }
+        seq.end()
+    }
 }
 
 impl Node {
@@ -213,7 +266,11 @@ impl Tree {
 
     /// Removes the entries not reachable from the root; O(n), at load only.
     pub fn drop_unreachable(&mut self) -> Vec<Node> {
-        let mut reached = std::collections::HashSet::new();
+        let mut reached: std::collections::HashSet<u64, std::hash::BuildHasherDefault<IdHash>> =
+            std::collections::HashSet::with_capacity_and_hasher(
+                self.nodes.len(),
+                Default::default(),
+            );
         let mut stack = vec![ROOT_ID];
         while let Some(id) = stack.pop() {
             if !reached.insert(id) {
