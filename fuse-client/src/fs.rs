@@ -11,6 +11,7 @@
 //! - Open files, staged writes and their uploads are in [`files`]; names and attributes
 //!   (mkdir, symlink, unlink, rmdir, rename, setattr) in [`namespace`].
 
+mod creating;
 mod error;
 mod events;
 mod files;
@@ -155,6 +156,8 @@ struct State {
     pinned: HashMap<u64, Pinned>,
     /// Files being written, by inode.
     staged: HashMap<u64, Arc<StagedWrite>>,
+    /// Creates sent from here and not answered yet, by the inode of their local node.
+    creating: HashMap<u64, creating::Creating>,
 }
 
 /// One version of a file open for reading through the kernel's cache (`State::pinned`).

@@ -21,6 +21,7 @@
 //!   - `fs/events.rs`: what pushed events change, and what the kernel must forget;
 //!   - `fs/namespace.rs`: mkdir, symlink, unlink, rmdir, rename, setattr;
 //!   - `fs/files.rs`: open files, descriptors and uploads of staged writes;
+//!     `fs/creating.rs`: creates sent without waiting for their answer;
 //!   - `fs/read.rs`: ranged reads with prefetch; `fs/write.rs`: staged writes and their
 //!     lazily fetched base; `fs/stream.rs`: sequential writes streamed as they happen;
 //!   - `fs/staging.rs`: the staging directory on disk and recovery of what a dead mount

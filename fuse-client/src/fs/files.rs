@@ -117,16 +117,16 @@ impl<R: Remote> FsCore<R> {
     pub async fn create(&self, parent: u64, name: &str, mode: u32) -> FsResult<(Attr, u64)> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
-        let target = UploadTarget {
-            mode: Some(mode & 0o7777),
-            ..UploadTarget::at(dir.id, name)
+        let ino = self.begin_create(parent, dir.id, name, mode);
+        let info = self.file_info(ino)?;
+        let staged = match self.stage(ino, &info, Start::Empty { dirty: false }).await {
+            Ok(staged) => staged,
+            Err(e) => {
+                // Nothing will upload it: wait for the create, so it is not half made.
+                let _ = self.create_answered(ino).await;
+                return Err(e);
+            }
         };
-        let info = self.remote.upload_bytes(&target, Bytes::new()).await?;
-        self.dir_changed(parent);
-        let ino = self.remember(&info).ok_or(FsError::NotFound)?;
-        let staged = self
-            .stage(ino, &info, Start::Empty { dirty: false })
-            .await?;
         let attr = self.staged_attr(ino, &info, &staged);
         let fh = self.insert_handle(Handle::Staged {
             ino,
@@ -383,9 +383,14 @@ impl<R: Remote> FsCore<R> {
     /// Where an upload of the staged file `ino` goes: its entry, wherever it now is, with
     /// the mode and times set on it meanwhile.
     fn upload_target(&self, ino: u64, staged: &StagedWrite) -> FsResult<UploadTarget> {
+        self.create_answered_now(ino);
         let st = self.state();
         let node = st.tree.get(ino).ok_or(FsError::NotFound)?;
         let parent = st.tree.get(node.parent).map_or(0, |p| p.id);
+        if st.creating.contains_key(&ino) {
+            // Not before the server made it (a stream waits and keeps what it has).
+            return Err(FsError::Io("the file's create is not answered yet".into()));
+        }
         let pending = staged.pending_attrs();
         Ok(UploadTarget {
             parent,
@@ -402,6 +407,11 @@ impl<R: Remote> FsCore<R> {
     /// of a fresh file and ending it at the first write out of sequence.
     async fn feed_stream(&self, ino: u64, staged: &StagedWrite, offset: u64, data: Bytes) {
         let len = data.len() as u64;
+        if offset + len >= u64::from(CHUNK_SIZE) {
+            // Worth streaming: not before the server made the file (if it refused, the
+            // stream's target fails and the staged upload reports it).
+            let _ = self.create_answered(ino).await;
+        }
         let target = self.upload_target(ino, staged);
         let send = {
             let Ok(mut st) = staged.stream.lock() else {
@@ -485,6 +495,7 @@ impl<R: Remote> FsCore<R> {
 
     /// [`FsCore::upload`] with the file's upload lock held by the caller.
     async fn upload_locked(&self, ino: u64, staged: &StagedWrite) -> FsResult<()> {
+        self.create_answered(ino).await?;
         if !staged.dirty() {
             return Ok(());
         }
@@ -573,7 +584,8 @@ impl<R: Remote> FsCore<R> {
             } => {
                 let _serial = staged.upload_lock.lock().await;
                 if !self.take_changed(fh) {
-                    return Ok(());
+                    // close() of a new file means it is made on the server.
+                    return self.create_answered(ino).await;
                 }
                 let result = self.upload_locked(ino, &staged).await;
                 if result.is_err() {

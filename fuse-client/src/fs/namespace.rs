@@ -29,6 +29,7 @@ impl<R: Remote> FsCore<R> {
         if owner != self.user {
             return Err(FsError::PermissionDenied);
         }
+        self.create_answered(ino).await?;
         if let Some(size) = set.size {
             match node.kind {
                 EntryKind::File => {}
@@ -125,6 +126,12 @@ impl<R: Remote> FsCore<R> {
     pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         let dir = self.own_dir(parent)?;
         let ino = self.state().tree.child(parent, name);
+        if let Some(i) = ino {
+            if self.create_answered(i).await.is_err() {
+                // Its create was refused: there is no such file.
+                return Err(FsError::NotFound);
+            }
+        }
         let local = ino.is_some_and(|i| self.state().tree.is_local(i));
         // A file created here and not uploaded yet exists here only: the server's entry
         // of that name, if any, is someone else's.
@@ -142,6 +149,23 @@ impl<R: Remote> FsCore<R> {
             return Err(FsError::PermissionDenied);
         }
         let dir = self.own_dir(parent)?;
+        // Creates inside it still travelling are answered first: the server then decides
+        // whether it is empty.
+        let inside: Vec<u64> = {
+            let st = self.state();
+            match st.tree.child(parent, name) {
+                Some(d) => st
+                    .creating
+                    .keys()
+                    .copied()
+                    .filter(|i| st.tree.get(*i).is_some_and(|n| n.parent == d))
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        for ino in inside {
+            let _ = self.create_answered(ino).await;
+        }
         // Files created inside it and not uploaded yet make it not empty.
         let busy = {
             let st = self.state();
@@ -176,7 +200,15 @@ impl<R: Remote> FsCore<R> {
         let to = self.own_dir(new_parent)?;
         Self::check_new_name(new_name)?;
         let moved = self.state().tree.child(parent, name);
+        // Both names as the server knows them: creates of them made here answered first.
+        let replaced = self.state().tree.child(new_parent, new_name);
+        if let Some(ino) = replaced {
+            let _ = self.create_answered(ino).await;
+        }
         if let Some(ino) = moved {
+            if self.create_answered(ino).await.is_err() {
+                return Err(FsError::NotFound);
+            }
             if let Some(staged) = self.staged_of(ino) {
                 self.upload(ino, &staged).await?;
             }

@@ -612,6 +612,8 @@ fn upload_errors_reach_flush_with_their_kind() {
             (ErrorCode::Internal, |e| matches!(e, FsError::Io(_))),
         ] {
             let (_, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
+            // Made on the server (fsync of a new file waits for it); its upload fails.
+            e.core.fsync(fh).await.unwrap();
             *e.core.remote.fail_uploads.lock().unwrap() = Some(code);
             e.core.write(fh, 0, b"hello").await.unwrap();
             let err = e.core.flush(fh).await.unwrap_err();
@@ -2108,13 +2110,15 @@ fn a_created_file_is_made_at_once_and_its_content_follows() {
         let home = folder(&e.core, "alice").await;
         let d = e.core.mkdir(home, "d", 0o755).await.unwrap();
         let (f, fh) = e.core.create(d.ino, "new", 0o640).await.unwrap();
-        assert_eq!(e.core.remote.content("alice", "d/new").unwrap(), b"");
-        assert_eq!(e.core.remote.info("alice", "d/new").mode, 0o640);
+        // Seen here at once; made on the server before anything needs it there (an
+        // rmdir of its directory waits for it, and is refused).
         assert_eq!(e.core.lookup(d.ino, "new").await.unwrap().ino, f.ino);
         assert!(matches!(
             e.core.rmdir(home, "d").await,
             Err(FsError::NotEmpty)
         ));
+        assert_eq!(e.core.remote.content("alice", "d/new").unwrap(), b"");
+        assert_eq!(e.core.remote.info("alice", "d/new").mode, 0o640);
         e.core.write(fh, 0, b"content").await.unwrap();
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
@@ -2151,5 +2155,39 @@ fn a_created_file_is_made_at_once_and_its_content_follows() {
         assert_eq!(a.perm, 0o600);
         assert_eq!(e.core.remote.content("alice", "touched").unwrap(), b"");
         assert_eq!(e.core.remote.info("alice", "touched").mode, 0o600);
+    });
+}
+
+#[test]
+fn a_create_the_server_refuses_fails_the_close_and_leaves_nothing() {
+    rt().block_on(async {
+        let e = env("alice");
+        let home = folder(&e.core, "alice").await;
+        // The create is sent without waiting; the server refuses it.
+        let (f, fh) = e.core.create(home, "refused", 0o644).await.unwrap();
+        *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::QuotaExceeded);
+        e.core.write(fh, 0, b"data").await.unwrap();
+        assert!(matches!(
+            e.core.flush(fh).await,
+            Err(FsError::QuotaExceeded)
+        ));
+        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        e.core.release(fh).await.unwrap();
+        assert!(e.core.remote.at("alice", "refused").is_none());
+        assert!(matches!(
+            e.core.lookup(home, "refused").await,
+            Err(FsError::NotFound)
+        ));
+        let listed = e.core.list(home).await.unwrap();
+        assert!(listed.iter().all(|d| d.name != "refused"), "{listed:?}");
+        assert!(
+            e.core.getattr(f.ino).await.is_ok_and(|a| a.unlinked)
+                || e.core.getattr(f.ino).await.is_err()
+        );
+        // A file created and closed without a write is made by its close.
+        let (_, fh) = e.core.create(home, "empty", 0o600).await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "empty").unwrap(), b"");
+        e.core.release(fh).await.unwrap();
     });
 }

@@ -152,8 +152,21 @@ impl Tree {
             }
             return known;
         };
-        let ino = match known {
-            Some(ino) => ino,
+        // A file created here whose create is still travelling: this is its entry.
+        let local = self
+            .children
+            .get(&(parent, info.name.clone()))
+            .copied()
+            .filter(|i| {
+                self.nodes.get(i).is_some_and(|n| {
+                    n.id == LOCAL_ID && n.kind == info.kind && n.owner.as_ref() == Some(&info.owner)
+                })
+            });
+        let ino = match known.or(local) {
+            Some(ino) => {
+                self.bind(ino, info);
+                ino
+            }
             None => {
                 let ino = self.alloc(Node {
                     owner: Some(info.owner.clone()),
