@@ -34,6 +34,7 @@
 //! - [`error`]: the server's errors and their one mapping to protocol error codes.
 //! - [`fsutil`]: durable file operations (temp file, fsync, rename, directory fsync).
 //! - [`tls`]: the server's certificate and TLS configuration.
+//! - [`units`]: sizes parsed from and written for people (`10G`, `10 GiB`).
 //!
 //! Tests and embedders bind their own listener and pass their own shutdown future to
 //! [`server::run`]; the binary binds the configured address and passes SIGINT/SIGTERM.
@@ -57,6 +58,7 @@ pub mod store;
 pub mod threads;
 pub mod throttle;
 pub mod tls;
+pub mod units;
 pub mod users;
 
 pub use config::ServerConfig;
