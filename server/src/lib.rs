@@ -30,6 +30,8 @@
 //! - [`hub`]: durable download notifications and the registry of live sessions.
 //! - [`users`]: accounts with argon2id password hashes in `users.json`.
 //! - [`accounts`]: ends the sessions of accounts removed or re-passworded meanwhile.
+//! - [`metrics`]: what the server counts, in Prometheus types; `metrics::endpoint` serves
+//!   them over HTTP, `metrics::counted` counts the bytes on each connection's socket.
 //! - [`config`]: settings and their defaults.
 //! - [`error`]: the server's errors and their one mapping to protocol error codes.
 //! - [`fsutil`]: durable file operations (temp file, fsync, rename, directory fsync).
@@ -46,6 +48,7 @@ pub mod error;
 pub mod fsutil;
 pub mod hub;
 pub mod login;
+pub mod metrics;
 pub mod outbox;
 pub mod ratelog;
 pub mod reservations;

@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the data directory until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage user accounts (works while the server runs: a removed user's or changed
     /// password's sessions end within a second; quotas apply from the next upload).
     #[command(subcommand)]
@@ -119,6 +119,9 @@ struct ServeArgs {
     /// Files one user may have open at once, across connections.
     #[arg(long, default_value_t = 4096, value_parser = in_range::<usize>(1, 10_000_000))]
     max_open_per_user: usize,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9470).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -205,7 +208,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let db = UserDb::new(&cli.data);
     match cli.command {
-        Command::Serve(args) => serve(cli.data, args),
+        Command::Serve(args) => serve(cli.data, *args),
         Command::User(UserCommand::Add {
             name,
             password_stdin,
@@ -365,6 +368,7 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.login.lockout_after = args.login_lockout_after;
         config.login.lockout = Duration::from_secs(args.login_lockout);
         config.login.delay_base = Duration::from_millis(args.login_delay_ms);
+        config.metrics = args.metrics;
         if args.open_registration {
             tracing::warn!("open registration: any unknown user name can create an account");
         }
