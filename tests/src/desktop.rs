@@ -55,9 +55,19 @@ pub struct BusAddress(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shown {
     pub app_name: String,
+    pub app_icon: String,
     pub summary: String,
     pub body: String,
+    /// Action keys and labels, alternating.
+    pub actions: Vec<String>,
+    /// The unique bus name of the connection that asked: one per client connection.
+    pub sender: String,
 }
+
+/// What the test daemon says it can do, as a minimal daemon does.
+pub const PLAIN: &[&str] = &["body"];
+/// ...and as a full one does (markup, action buttons), like dunst or GNOME Shell.
+pub const FULL: &[&str] = &["body", "body-markup", "actions", "icon-static"];
 
 type OnShow = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -65,6 +75,7 @@ struct Recorder {
     shown: Arc<Mutex<Vec<Shown>>>,
     next_id: u32,
     on_show: Option<OnShow>,
+    capabilities: Vec<String>,
 }
 
 #[zbus::interface(name = "org.freedesktop.Notifications")]
@@ -72,29 +83,34 @@ impl Recorder {
     #[allow(clippy::too_many_arguments)]
     fn notify(
         &mut self,
+        #[zbus(header)] header: zbus::message::Header<'_>,
         app_name: String,
         _replaces_id: u32,
-        _app_icon: String,
+        app_icon: String,
         summary: String,
         body: String,
-        _actions: Vec<String>,
+        actions: Vec<String>,
         _hints: HashMap<String, OwnedVariant>,
         _expire_timeout: i32,
     ) -> u32 {
         if let Some(f) = &self.on_show {
             f(&summary);
         }
+        let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
         self.shown.lock().unwrap().push(Shown {
             app_name,
+            app_icon,
             summary,
             body,
+            actions,
+            sender,
         });
         self.next_id += 1;
         self.next_id
     }
 
     fn get_capabilities(&self) -> Vec<String> {
-        vec!["body".into()]
+        self.capabilities.clone()
     }
 
     fn get_server_information(&self) -> (String, String, String, String) {
@@ -117,7 +133,12 @@ pub struct NotificationServer {
 
 impl NotificationServer {
     pub async fn start(bus: &TestBus) -> NotificationServer {
-        Self::serve(&bus.address, None).await
+        Self::serve(&bus.address, None, PLAIN).await
+    }
+
+    /// A daemon on `bus` that says it can do `capabilities` ([`PLAIN`], [`FULL`]).
+    pub async fn start_with(bus: &TestBus, capabilities: &[&str]) -> NotificationServer {
+        Self::serve(&bus.address, None, capabilities).await
     }
 
     /// Serves on a bus given by address, calling `on_show` with each summary.
@@ -125,15 +146,20 @@ impl NotificationServer {
         bus: &BusAddress,
         on_show: impl Fn(&str) + Send + Sync + 'static,
     ) -> NotificationServer {
-        Self::serve(&bus.0, Some(Box::new(on_show))).await
+        Self::serve(&bus.0, Some(Box::new(on_show)), PLAIN).await
     }
 
-    async fn serve(address: &str, on_show: Option<OnShow>) -> NotificationServer {
+    async fn serve(
+        address: &str,
+        on_show: Option<OnShow>,
+        capabilities: &[&str],
+    ) -> NotificationServer {
         let shown = Arc::new(Mutex::new(Vec::new()));
         let recorder = Recorder {
             shown: shown.clone(),
             next_id: 0,
             on_show,
+            capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
         };
         let conn = zbus::connection::Builder::address(address)
             .name("org.freedesktop.Notifications")
