@@ -32,6 +32,7 @@
 //! - [`desktop`]: desktop notifications of downloads, a burst gathered into one digest;
 //!   `desktop/text.rs` words the pop-ups (local times, markup escaped), `desktop/bus.rs`
 //!   keeps the one D-Bus connection to the notification daemon.
+//! - [`manual`]: shell completions and man pages generated from the command line.
 //! - [`quoting`]: text from the network made safe to print (GNU `ls` shell-escape).
 //! - [`error`]: the `ClientError` type.
 
@@ -40,6 +41,7 @@ pub mod desktop;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod manual;
 pub mod mount;
 pub mod mountpoint;
 pub mod paths;

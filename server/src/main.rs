@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use sharefs_protocol::{MAX_FRAME_LIMIT, MIN_FRAME};
+use sharefs_server::manual;
 use sharefs_server::units::{format_size, parse_size};
 use sharefs_server::users::UserDb;
 use sharefs_server::ServerConfig;
@@ -40,6 +41,8 @@ enum Command {
     /// password's sessions end within a second; quotas apply from the next upload).
     #[command(subcommand)]
     User(UserCommand),
+    #[command(flatten)]
+    Manual(manual::Manual),
 }
 
 #[derive(clap::Args)]
@@ -208,6 +211,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let db = UserDb::new(&cli.data);
     match cli.command {
+        Command::Manual(manual) => Ok(manual.write(Cli::command())?),
         Command::Serve(args) => serve(cli.data, *args),
         Command::User(UserCommand::Add {
             name,
