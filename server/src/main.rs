@@ -1,9 +1,11 @@
-//! `sharefs-server`: serve a data directory, manage its users.
+//! `sharefs-server`: serve a data directory, manage its users. `systemd` (beside this file)
+//! tells the service manager when it is ready and stopping.
 
 use std::io::{BufRead, IsTerminal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -13,6 +15,10 @@ use sharefs_server::manual;
 use sharefs_server::units::{format_size, parse_size};
 use sharefs_server::users::UserDb;
 use sharefs_server::ServerConfig;
+use tokio::sync::Notify;
+
+mod systemd;
+use systemd::NotifyState;
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +41,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the data directory until SIGINT or SIGTERM.
+    /// Serve the data directory until SIGINT or SIGTERM; SIGHUP re-reads the accounts.
     Serve(Box<ServeArgs>),
     /// Manage user accounts (works while the server runs: a removed user's or changed
     /// password's sessions end within a second; quotas apply from the next upload).
@@ -387,29 +393,47 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
             config.tls = Some(identity);
         }
         let addr = listener.local_addr()?;
-        sharefs_server::server::run_with(listener, config, shutdown_signal(), || {
+        let reload = Arc::new(Notify::new());
+        let hangups = reload_on_sighup(reload.clone())?;
+        let signalled = shutdown_signal()?;
+        let shutdown = async {
+            signalled.await;
+            systemd::notify(&[NotifyState::Stopping]);
+        };
+        sharefs_server::server::run_controlled(listener, config, shutdown, reload, || {
             // One line on stdout once serving, for scripts and test harnesses.
             println!("sharefs-server listening on {addr}");
+            systemd::notify(&[NotifyState::Ready]);
         })
         .await?;
+        hangups.abort();
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
+/// Notifies `reload` on every SIGHUP (`systemctl reload`), logging it.
+fn reload_on_sighup(reload: Arc<Notify>) -> Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
+    let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the accounts");
+            reload.notify_one();
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+    }))
+}
+
+/// Resolves at the first SIGINT or SIGTERM. The handlers are installed at once, before
+/// the server says it is ready: a SIGTERM right after READY stops it cleanly instead of
+/// killing it.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    }
+    })
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::SinkExt;
 use sharefs_protocol::{ErrorBody, ErrorCode, Frame, FrameCodec, ServerMessage};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::codec::Framed;
 
@@ -32,6 +32,18 @@ pub async fn run_with(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future,
+    on_ready: impl FnOnce(),
+) -> Result<()> {
+    run_controlled(listener, config, shutdown, Arc::default(), on_ready).await
+}
+
+/// [`run_with`], re-reading the accounts at once (and logging it) each time `reload` is
+/// notified, as the binary does on SIGHUP.
+pub async fn run_controlled(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future,
+    reload: Arc<Notify>,
     on_ready: impl FnOnce(),
 ) -> Result<()> {
     let shared = Shared::open(config)?;
@@ -69,6 +81,7 @@ pub async fn run_with(
         shared.users.clone(),
         shared.hub.clone(),
         crate::accounts::POLL,
+        reload,
     ));
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));

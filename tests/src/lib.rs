@@ -339,6 +339,11 @@ impl TestServer {
         self.signal(libc::SIGCONT);
     }
 
+    /// SIGHUP, as `systemctl reload` sends it.
+    pub fn hangup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
     fn signal(&self, sig: i32) {
         let pid = self.pid().expect("server running");
         // SAFETY: signalling our own child process.
