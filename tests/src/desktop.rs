@@ -54,6 +54,8 @@ pub struct BusAddress(pub String);
 /// One `Notify` call as received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shown {
+    /// The id the daemon gave the pop-up (from 1).
+    pub id: u32,
     pub app_name: String,
     pub app_icon: String,
     pub summary: String,
@@ -97,7 +99,9 @@ impl Recorder {
             f(&summary);
         }
         let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
+        self.next_id += 1;
         self.shown.lock().unwrap().push(Shown {
+            id: self.next_id,
             app_name,
             app_icon,
             summary,
@@ -105,9 +109,16 @@ impl Recorder {
             actions,
             sender,
         });
-        self.next_id += 1;
         self.next_id
     }
+
+    /// A click on an action button of pop-up `id`.
+    #[zbus(signal)]
+    async fn action_invoked(
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+        id: u32,
+        action_key: &str,
+    ) -> zbus::Result<()>;
 
     fn get_capabilities(&self) -> Vec<String> {
         self.capabilities.clone()
@@ -127,7 +138,7 @@ impl Recorder {
 
 /// A notification daemon on `bus`, recording every notification shown.
 pub struct NotificationServer {
-    _conn: zbus::Connection,
+    conn: zbus::Connection,
     shown: Arc<Mutex<Vec<Shown>>>,
 }
 
@@ -167,7 +178,20 @@ impl NotificationServer {
             .build()
             .await
             .expect("cannot serve org.freedesktop.Notifications on the test bus");
-        NotificationServer { _conn: conn, shown }
+        NotificationServer { conn, shown }
+    }
+
+    /// Clicks the action `key` of pop-up `id`, as a user would.
+    pub async fn click(&self, id: u32, key: &str) {
+        let recorder = self
+            .conn
+            .object_server()
+            .interface::<_, Recorder>("/org/freedesktop/Notifications")
+            .await
+            .unwrap();
+        Recorder::action_invoked(recorder.signal_emitter(), id, key)
+            .await
+            .unwrap();
     }
 
     pub fn shown(&self) -> Vec<Shown> {

@@ -136,6 +136,26 @@ async fn a_burst_of_downloads_is_one_digest_with_local_time_over_one_connection(
         ("DBUS_SESSION_BUS_ADDRESS", bus.address.as_str()),
         ("TZ", "UTC-5"),
     ];
+    // "Open folder" runs xdg-open: this one writes down what it was asked to open.
+    let bin_dir = tempfile::tempdir().unwrap();
+    let opened = bin_dir.path().join("opened");
+    let xdg_open = bin_dir.path().join("xdg-open");
+    std::fs::write(
+        &xdg_open,
+        format!("#!/bin/sh\necho \"$1\" >> '{}'\n", opened.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &xdg_open,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let env = [env[0], env[1], ("PATH", path.as_str())];
     let alice_mount = TestMount::with(&server, "alice", &[], &env);
     let (alice, _) = server.connect("alice").await;
     let odd = "a<b>&c.pdf";
@@ -188,4 +208,17 @@ async fn a_burst_of_downloads_is_one_digest_with_local_time_over_one_connection(
     assert!(shown[1].body.starts_with("4 B, "), "{}", shown[1].body);
     assert_eq!(shown[0].sender, shown[1].sender, "a new D-Bus connection");
     assert!(!shown[0].sender.is_empty());
+
+    // Clicking "Open folder" opens alice's folder in the mount.
+    daemon.click(shown[1].id, "open-folder").await;
+    let folder = std::fs::canonicalize(alice_mount.path(""))
+        .unwrap()
+        .join("alice");
+    eventually(TIMEOUT, "xdg-open run", || {
+        std::fs::read_to_string(&opened).is_ok_and(|s| s.ends_with('\n'))
+    });
+    assert_eq!(
+        std::fs::read_to_string(&opened).unwrap().trim(),
+        folder.to_str().unwrap()
+    );
 }
