@@ -30,7 +30,10 @@
 //! - [`fuse`]: the thin adapter from kernel requests to the core.
 //! - [`mount`]: `sharefs mount`: connect, mount, serve until unmounted.
 //! - [`mountpoint`]: what is mounted at the mount point already; clearing a dead mount.
-//! - [`desktop`]: desktop notifications of downloads.
+//! - [`desktop`]: desktop notifications of downloads, a burst gathered into one digest;
+//!   `desktop/text.rs` words the pop-ups (local times, markup escaped), `desktop/bus.rs`
+//!   keeps the one D-Bus connection to the notification daemon.
+//! - [`manual`]: shell completions and man pages generated from the command line.
 //! - [`quoting`]: text from the network made safe to print (GNU `ls` shell-escape).
 //! - [`error`]: the `ClientError` type.
 
@@ -39,6 +42,7 @@ pub mod desktop;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod manual;
 pub mod mount;
 pub mod mountpoint;
 pub mod paths;

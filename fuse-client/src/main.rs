@@ -77,10 +77,21 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    #[command(flatten)]
+    Manual(sharefs_client::manual::Manual),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Manual(manual) = &cli.command {
+        return match manual.write(<Cli as clap::CommandFactory>::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sharefs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let default_level = if matches!(cli.command, Command::Mount(_)) {
         "info"
     } else {
@@ -148,6 +159,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Mv { from, to } => mv(&cli.connect, &from, &to).await,
         Command::Notifications { follow } => notifications(&cli.connect, follow).await,
         Command::Mount(_) => bail!("mount runs outside the async runtime"),
+        Command::Manual(_) => bail!("written without a server"),
     }
 }
 

@@ -211,6 +211,9 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
     }
     config.n_threads = Some(args.threads.max(1));
     config.clone_fd = true;
+    // Resolved before mounting: afterwards resolving it would ask this very filesystem.
+    let folders =
+        std::fs::canonicalize(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone());
     let mut session = fuser::Session::new(adapter, &args.mountpoint, &config)
         .with_context(|| format!("cannot mount at {}", args.mountpoint.display()))?;
     raise_readahead(&args.mountpoint);
@@ -221,7 +224,7 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
     core.on_invalidation(move |inv| {
         sink.send(inv);
     });
-    runtime.spawn(event_loop(conn, core, events, invalidate));
+    runtime.spawn(event_loop(conn, core, events, invalidate, folders));
 
     let mut unmounter = session.unmount_callable();
     let mountpoint = args.mountpoint.clone();
@@ -278,17 +281,13 @@ async fn event_loop(
     core: Arc<FsCore<Connection>>,
     mut events: mpsc::UnboundedReceiver<ConnectionEvent>,
     invalidate: Invalidator,
+    mountpoint: PathBuf,
 ) {
     // Notifications wait on the desktop's daemon; they get their own task so file
     // changes are never delayed behind them.
-    let (notes_tx, mut notes_rx) = mpsc::unbounded_channel();
+    let (notes_tx, notes_rx) = mpsc::unbounded_channel();
     let notes_conn = conn.clone();
-    tokio::spawn(async move {
-        let mut desktop = desktop::Notifier::default();
-        while let Some(n) = notes_rx.recv().await {
-            desktop.handle(&notes_conn, n).await;
-        }
-    });
+    tokio::spawn(desktop::Notifier::new(Some(mountpoint)).run(notes_conn, notes_rx));
     while let Some(ev) = events.recv().await {
         let invalidations = match ev {
             ConnectionEvent::Server(Event::Notification { notification }) => {

@@ -6,8 +6,14 @@
 //! registered just after is caught by the next poll all the same.
 //!
 //! Quota changes need nothing here: every upload reads the owner's quota when it begins.
+//!
+//! A reload (SIGHUP, `systemctl reload`) re-reads the file at once, whatever its stamp,
+//! logs how many accounts it has and runs the comparison without waiting for the poll.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use crate::hub::Hub;
 use crate::users::UserDb;
@@ -22,15 +28,28 @@ pub const PASSWORD_CHANGED: &str = "your password was changed; log in again";
 
 /// Ends the sessions of removed accounts and of accounts whose password changed, every
 /// `every`, until dropped (the server aborts it at shutdown).
-pub async fn watch(users: UserDb, hub: Hub, every: Duration) {
+pub async fn watch(users: UserDb, hub: Hub, every: Duration, reload: Arc<Notify>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The last failure reported, so a broken file is logged once, not four times a second.
     let mut failing: Option<String> = None;
     loop {
-        tick.tick().await;
+        let reloading = tokio::select! {
+            _ = tick.tick() => false,
+            _ = reload.notified() => true,
+        };
         let db = users.clone();
-        let accounts = match tokio::task::spawn_blocking(move || db.accounts()).await {
+        let accounts = match tokio::task::spawn_blocking(move || {
+            if reloading {
+                match db.reload() {
+                    Ok(n) => tracing::info!(accounts = n, "reloaded the accounts"),
+                    Err(e) => tracing::error!(error = %e, "cannot reload the accounts"),
+                }
+            }
+            db.accounts()
+        })
+        .await
+        {
             Ok(Ok(accounts)) => accounts,
             Ok(Err(e)) => {
                 // Nobody is logged out on a file that cannot be read: it may be fixed.

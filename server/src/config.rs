@@ -1,5 +1,6 @@
 //! Server settings, with the defaults `sharefs-server serve` uses.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -54,6 +55,8 @@ pub struct ServerConfig {
     pub max_handles_per_connection: usize,
     /// Files one user may have open at once, across connections.
     pub max_handles_per_user: usize,
+    /// Where Prometheus metrics are served over HTTP (`GET /metrics`); `None`: nowhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -81,6 +84,7 @@ impl ServerConfig {
             reply_timeout: Duration::from_secs(20),
             max_handles_per_connection: 1024,
             max_handles_per_user: 4096,
+            metrics: None,
         }
     }
 }

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use sharefs_protocol::{Event, Notification};
 use tokio::sync::{mpsc, Notify};
 
@@ -149,6 +150,9 @@ pub struct Hub {
 
 #[derive(Debug)]
 struct HubInner {
+    /// Download notifications recorded, and acknowledged by their owner (for metrics).
+    recorded: Counter,
+    delivered: Counter,
     dir: PathBuf,
     tmp: PathBuf,
     window: Duration,
@@ -194,6 +198,8 @@ impl Hub {
         fsutil::create_dir_durable(&dir)?;
         Ok(Hub {
             inner: Arc::new(HubInner {
+                recorded: Counter::default(),
+                delivered: Counter::default(),
                 dir,
                 tmp: data_dir.join("tmp"),
                 window,
@@ -207,6 +213,12 @@ impl Hub {
                 index: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// The counters of notifications recorded and delivered (acknowledged), to be
+    /// registered as metrics.
+    pub fn counters(&self) -> (Counter, Counter) {
+        (self.inner.recorded.clone(), self.inner.delivered.clone())
     }
 
     fn pending_dir(&self, user: &str) -> PathBuf {
@@ -360,6 +372,7 @@ impl Hub {
         };
         recent.insert(key, (n.clone(), now));
         drop(recent);
+        self.inner.recorded.inc();
         match self.save(&n, true) {
             Ok(()) => {
                 tracing::info!(
@@ -683,7 +696,10 @@ impl Hub {
         let mut removed = false;
         for id in ids {
             match fs::remove_file(dir.join(pending_name(*id))) {
-                Ok(()) => removed = true,
+                Ok(()) => {
+                    removed = true;
+                    self.inner.delivered.inc();
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.into()),
             }

@@ -30,10 +30,14 @@
 //! - [`hub`]: durable download notifications and the registry of live sessions.
 //! - [`users`]: accounts with argon2id password hashes in `users.json`.
 //! - [`accounts`]: ends the sessions of accounts removed or re-passworded meanwhile.
+//! - [`manual`]: shell completions and man pages generated from the command line.
+//! - [`metrics`]: what the server counts, in Prometheus types; `metrics::endpoint` serves
+//!   them over HTTP, `metrics::counted` counts the bytes on each connection's socket.
 //! - [`config`]: settings and their defaults.
 //! - [`error`]: the server's errors and their one mapping to protocol error codes.
 //! - [`fsutil`]: durable file operations (temp file, fsync, rename, directory fsync).
 //! - [`tls`]: the server's certificate and TLS configuration.
+//! - [`units`]: sizes parsed from and written for people (`10G`, `10 GiB`).
 //!
 //! Tests and embedders bind their own listener and pass their own shutdown future to
 //! [`server::run`]; the binary binds the configured address and passes SIGINT/SIGTERM.
@@ -45,6 +49,8 @@ pub mod error;
 pub mod fsutil;
 pub mod hub;
 pub mod login;
+pub mod manual;
+pub mod metrics;
 pub mod outbox;
 pub mod ratelog;
 pub mod reservations;
@@ -57,6 +63,7 @@ pub mod store;
 pub mod threads;
 pub mod throttle;
 pub mod tls;
+pub mod units;
 pub mod users;
 
 pub use config::ServerConfig;

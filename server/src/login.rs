@@ -19,6 +19,7 @@ use sharefs_protocol::{ErrorBody, ErrorCode, Event, MAX_PASSWORD};
 use tokio::sync::Semaphore;
 
 use crate::error::ServerError;
+use crate::metrics::LoginOutcome;
 use crate::ratelog::RateLog;
 use crate::shared::Shared;
 use crate::throttle::{LoginPolicy, LoginThrottle, Refusal};
@@ -68,6 +69,7 @@ pub async fn login(
             let start: String = user.chars().take(MAX_USER_NAME).collect();
             tracing::warn!(%peer, len = user.len(), start = ?start, "login refused: invalid user name");
         }
+        shared.metrics.login(LoginOutcome::Failed);
         let why = if user.len() > MAX_USER_NAME {
             format!("user name longer than {MAX_USER_NAME} bytes")
         } else {
@@ -79,6 +81,7 @@ pub async fn login(
         if logins.log.allow() {
             tracing::warn!(%peer, user, len = password.len(), "login refused: password too long");
         }
+        shared.metrics.login(LoginOutcome::Failed);
         return Err(ErrorBody::new(
             ErrorCode::TooLarge,
             format!("password longer than {MAX_PASSWORD} bytes"),
@@ -97,6 +100,7 @@ pub async fn login(
                 if logins.log.allow() {
                     tracing::warn!(%peer, user, "login refused: too many failures");
                 }
+                shared.metrics.login(LoginOutcome::Throttled);
                 return Err(ErrorBody::new(
                     ErrorCode::Throttled,
                     format!(
@@ -127,6 +131,7 @@ pub async fn login(
             hash
         }
         Outcome::Failed => {
+            shared.metrics.login(LoginOutcome::Failed);
             let delay = logins.throttle.failed(peer.ip(), &user);
             if logins.log.allow() {
                 tracing::warn!(%peer, user, ?delay, "login failed");
@@ -138,6 +143,7 @@ pub async fn login(
             ));
         }
     };
+    shared.metrics.login(LoginOutcome::Ok);
     tracing::info!(%peer, user, "logged in");
     Ok((user, hash))
 }

@@ -1,16 +1,24 @@
-//! `sharefs-server`: serve a data directory, manage its users.
+//! `sharefs-server`: serve a data directory, manage its users. `systemd` (beside this file)
+//! tells the service manager when it is ready and stopping.
 
 use std::io::{BufRead, IsTerminal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use sharefs_protocol::{MAX_FRAME_LIMIT, MIN_FRAME};
+use sharefs_server::manual;
+use sharefs_server::units::{format_size, parse_size};
 use sharefs_server::users::UserDb;
 use sharefs_server::ServerConfig;
+use tokio::sync::Notify;
+
+mod systemd;
+use systemd::NotifyState;
 
 #[derive(Parser)]
 #[command(
@@ -33,12 +41,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the data directory until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    /// Serve the data directory until SIGINT or SIGTERM; SIGHUP re-reads the accounts.
+    Serve(Box<ServeArgs>),
     /// Manage user accounts (works while the server runs: a removed user's or changed
     /// password's sessions end within a second; quotas apply from the next upload).
     #[command(subcommand)]
     User(UserCommand),
+    #[command(flatten)]
+    Manual(manual::Manual),
 }
 
 #[derive(clap::Args)]
@@ -118,6 +128,9 @@ struct ServeArgs {
     /// Files one user may have open at once, across connections.
     #[arg(long, default_value_t = 4096, value_parser = in_range::<usize>(1, 10_000_000))]
     max_open_per_user: usize,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9470).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -131,7 +144,7 @@ enum UserCommand {
         #[arg(long, value_parser = parse_size)]
         quota: Option<u64>,
     },
-    /// List users.
+    /// List users with their quotas and the disk space their files take.
     List,
     /// Remove a user's account (their files stay unless --purge).
     Remove {
@@ -169,36 +182,6 @@ where
     }
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let mult: u64 = match s[i..]
-                .to_ascii_uppercase()
-                .trim_end_matches("IB")
-                .trim_end_matches('B')
-            {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                other => return Err(format!("unknown size unit '{other}' (use K, M, G, T)")),
-            };
-            (&s[..i], mult)
-        }
-        None => (s, 1),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 500M, 10G)"))?;
-    if !n.is_finite() || n < 0.0 {
-        return Err(format!("'{s}' is not a size"));
-    }
-    Ok((n * mult as f64) as u64)
-}
-
 fn read_password(stdin: bool, what: &str) -> Result<String> {
     let password = if stdin {
         let mut line = String::new();
@@ -234,7 +217,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let db = UserDb::new(&cli.data);
     match cli.command {
-        Command::Serve(args) => serve(cli.data, args),
+        Command::Manual(manual) => Ok(manual.write(Cli::command())?),
+        Command::Serve(args) => serve(cli.data, *args),
         Command::User(UserCommand::Add {
             name,
             password_stdin,
@@ -247,12 +231,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::User(UserCommand::List) => {
-            for (name, rec) in db.list()? {
-                match rec.quota {
-                    Some(q) => println!("{name}\tquota={q}"),
-                    None => println!("{name}"),
-                }
-            }
+            let rows: Vec<[String; 3]> = db
+                .list()?
+                .into_iter()
+                .map(|(name, rec)| {
+                    let quota = rec.quota.map_or_else(|| "none".into(), format_size);
+                    let stored = format_size(stored_bytes(&cli.data.join("files").join(&name)));
+                    [name, quota, stored]
+                })
+                .collect();
+            print_table(["USER", "QUOTA", "ON DISK"], &rows);
             Ok(())
         }
         Command::User(UserCommand::Remove { name, purge }) => {
@@ -294,6 +282,47 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Bytes the files under `dir` take (the user's contents, packs and metadata), without
+/// opening the store: `user list` runs beside a live server, which owns the store.
+fn stored_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => stored_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Prints rows under a header, each column as wide as its widest cell.
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{out}");
+    };
+    line(header);
+    for row in rows {
+        line(std::array::from_fn(|i| row[i].as_str()));
+    }
+}
+
 /// Lets 1 MiB file-data buffers be reused from the heap instead of being mapped and
 /// zero-filled by the kernel for every chunk (page faults were a large share of a
 /// transfer's CPU), while two arenas and a 16 MiB trim threshold keep the RSS flat instead
@@ -316,6 +345,8 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person watching; journald and log files get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     // This runtime only accepts connections; they are served on the session threads.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -347,6 +378,7 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.login.lockout_after = args.login_lockout_after;
         config.login.lockout = Duration::from_secs(args.login_lockout);
         config.login.delay_base = Duration::from_millis(args.login_delay_ms);
+        config.metrics = args.metrics;
         if args.open_registration {
             tracing::warn!("open registration: any unknown user name can create an account");
         }
@@ -361,44 +393,47 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
             config.tls = Some(identity);
         }
         let addr = listener.local_addr()?;
-        sharefs_server::server::run_with(listener, config, shutdown_signal(), || {
+        let reload = Arc::new(Notify::new());
+        let hangups = reload_on_sighup(reload.clone())?;
+        let signalled = shutdown_signal()?;
+        let shutdown = async {
+            signalled.await;
+            systemd::notify(&[NotifyState::Stopping]);
+        };
+        sharefs_server::server::run_controlled(listener, config, shutdown, reload, || {
             // One line on stdout once serving, for scripts and test harnesses.
             println!("sharefs-server listening on {addr}");
+            systemd::notify(&[NotifyState::Ready]);
         })
         .await?;
+        hangups.abort();
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
+/// Notifies `reload` on every SIGHUP (`systemctl reload`), logging it.
+fn reload_on_sighup(reload: Arc<Notify>) -> Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
+    let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the accounts");
+            reload.notify_one();
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1024"), Ok(1024));
-        assert_eq!(parse_size("10G"), Ok(10 << 30));
-        assert_eq!(parse_size("1.5K"), Ok(1536));
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert!(parse_size("ten").is_err());
-        assert!(parse_size("5X").is_err());
-    }
+/// Resolves at the first SIGINT or SIGTERM. The handlers are installed at once, before
+/// the server says it is ready: a SIGTERM right after READY stops it cleanly instead of
+/// killing it.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }

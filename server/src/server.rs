@@ -9,12 +9,13 @@ use std::time::Duration;
 use futures::SinkExt;
 use sharefs_protocol::{ErrorBody, ErrorCode, Frame, FrameCodec, ServerMessage};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::codec::Framed;
 
 use crate::config::ServerConfig;
 use crate::error::Result;
+use crate::metrics::counted::Counted;
 use crate::session;
 pub use crate::shared::raise_fd_limit;
 use crate::shared::{Shared, Slot};
@@ -33,10 +34,32 @@ pub async fn run_with(
     shutdown: impl Future,
     on_ready: impl FnOnce(),
 ) -> Result<()> {
+    run_controlled(listener, config, shutdown, Arc::default(), on_ready).await
+}
+
+/// [`run_with`], re-reading the accounts at once (and logging it) each time `reload` is
+/// notified, as the binary does on SIGHUP.
+pub async fn run_controlled(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future,
+    reload: Arc<Notify>,
+    on_ready: impl FnOnce(),
+) -> Result<()> {
     let shared = Shared::open(config)?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, data = %shared.config.data_dir.display(), "serving");
     }
+    let metrics_listener = match shared.config.metrics {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await?;
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "serving metrics on http://{addr}/metrics");
+            }
+            Some(l)
+        }
+        None => None,
+    };
     match &shared.config.tls {
         Some(id) => tracing::info!(
             fingerprint = %id.fingerprint,
@@ -45,13 +68,21 @@ pub async fn run_with(
         ),
         None => tracing::warn!("TLS off (--plaintext): traffic and passwords travel in the clear"),
     }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = metrics_listener.map(|l| {
+        tokio::spawn(crate::metrics::endpoint::serve(
+            l,
+            shared.clone(),
+            stop_rx.clone(),
+        ))
+    });
     on_ready();
     let accounts = tokio::spawn(crate::accounts::watch(
         shared.users.clone(),
         shared.hub.clone(),
         crate::accounts::POLL,
+        reload,
     ));
-    let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let threads = SessionThreads::start(shared.config.session_threads)?;
@@ -79,6 +110,7 @@ pub async fn run_with(
                 let addr_slot = Slot::take(&shared.per_addr, peer.ip(), shared.config.max_connections_per_addr);
                 match (limit.clone().try_acquire_owned(), addr_slot) {
                     (Ok(permit), Some(slot)) => {
+                        let open = shared.metrics.connection_accepted();
                         let (thread, placement) = threads.place();
                         // The connection lives on its session thread from here on, its
                         // socket registered with that thread's reactor: readiness then
@@ -99,16 +131,18 @@ pub async fn run_with(
                                 Ok(stream) => accept(stream, peer, shared, stop).await,
                                 Err(e) => tracing::warn!(%peer, error = %e, "cannot register the connection; closing"),
                             }
-                            drop((permit, slot, placement));
+                            drop((permit, slot, placement, open));
                         }, &thread);
                     }
                     (Ok(_), None) => {
+                        shared.metrics.connection_refused();
                         if crate::ratelog::REFUSALS.allow() {
                             tracing::warn!(%peer, "too many connections from this address; refusing");
                         }
                         sessions.spawn(refuse_busy(stream, peer, shared.clone(), "too many connections from your address", refusing.clone()));
                     }
                     (Err(_), _) => {
+                        shared.metrics.connection_refused();
                         if crate::ratelog::LIMIT.allow() {
                             tracing::warn!(%peer, "connection limit reached; refusing");
                         }
@@ -120,6 +154,9 @@ pub async fn run_with(
     }
     tracing::info!(sessions = sessions.len(), "shutting down");
     accounts.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = stop_tx.send(true);
     let drain = async { while sessions.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(10), drain)
@@ -156,8 +193,8 @@ async fn accept(stream: TcpStream, peer: SocketAddr, shared: Shared, stop: watch
 }
 
 enum Transport {
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<Counted<TcpStream>>>),
+    Plain(Counted<TcpStream>),
 }
 
 /// The transport the client asked for, if the server speaks it; `None` (after telling the
@@ -183,6 +220,7 @@ async fn transport(
         return None;
     }
     let looks_tls = first[0] == TLS_HANDSHAKE;
+    let stream = Counted::new(stream, &shared.metrics);
     match &shared.config.tls {
         Some(identity) => {
             if !looks_tls {

@@ -31,6 +31,7 @@ use tracing::Instrument;
 use crate::cutoff::Cutoff;
 use crate::error::ServerError;
 use crate::hub::{EndSignal, EventSink};
+use crate::metrics::op_name;
 use crate::outbox::{Outbox, Writer};
 use crate::shared::{Shared, Slot};
 use crate::storage::UploadTarget;
@@ -334,6 +335,8 @@ impl Session {
     }
 
     async fn dispatch(&mut self, id: u64, op: Request, payload: Bytes, cutoff: Cutoff) {
+        let kind = op_name(&op);
+        let arrived = Instant::now();
         match op {
             Request::UploadBegin {
                 owner,
@@ -354,7 +357,9 @@ impl Session {
                     mode,
                 };
                 let result = self.begin_upload(begin).await;
+                let failed = result.is_err();
                 self.reply(id, result).await;
+                self.shared.metrics.request(kind, arrived.elapsed(), failed);
             }
             Request::UploadCommit {
                 upload,
@@ -366,18 +371,25 @@ impl Session {
                     .await
             }
             // Answered at once, without an in-flight slot: a busy session is still alive.
-            Request::Ping => self.reply(id, Ok(Reply::Ok)).await,
-            Request::UploadAbort { upload } => self.abort_upload(id, upload).await,
+            Request::Ping => {
+                self.reply(id, Ok(Reply::Ok)).await;
+                self.shared.metrics.request(kind, arrived.elapsed(), false);
+            }
+            Request::UploadAbort { upload } => {
+                self.abort_upload(id, upload).await;
+                self.shared.metrics.request(kind, arrived.elapsed(), false);
+            }
             op => {
                 let ctx = self.context();
                 // A put's content is held until its reply is queued: it takes room too, so
                 // the puts a connection has in flight are bounded by its allowance.
                 let room = reply_room(&op) + payload.len();
-                self.spawn(
-                    id,
-                    room,
-                    async move { ctx.handle(op, payload, cutoff).await },
-                )
+                let metrics = self.shared.metrics.clone();
+                self.spawn(id, room, async move {
+                    let handled = ctx.handle(op, payload, cutoff).await;
+                    metrics.request(kind, arrived.elapsed(), handled.is_err());
+                    handled
+                })
                 .await
             }
         }

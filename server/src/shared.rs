@@ -15,6 +15,7 @@ use crate::config::ServerConfig;
 use crate::error::Result;
 use crate::hub::Hub;
 use crate::login::Logins;
+use crate::metrics::Metrics;
 use crate::storage::SharedStorage;
 use crate::store::Store;
 use crate::users::UserDb;
@@ -33,6 +34,8 @@ pub struct Shared {
     pub misses: Arc<ReadMisses>,
     /// Login throttling, password checks and their log.
     pub logins: Arc<Logins>,
+    /// What the server counts, scraped through `--metrics`.
+    pub metrics: Arc<Metrics>,
     /// Live connections per peer address.
     pub(crate) per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Uploads in progress per user, across connections.
@@ -179,6 +182,7 @@ impl Shared {
         let read_budget = Arc::new(Semaphore::new((config.read_buffer_budget / 1024).max(1)));
         let logins = Arc::new(Logins::new(config.login.clone()));
         let config_max_connections = config.max_connections;
+        let metrics = Arc::new(Metrics::new(hub.counters()));
         Ok(Shared {
             config: Arc::new(config),
             store: Arc::new(store),
@@ -187,6 +191,7 @@ impl Shared {
             read_budget,
             misses: Arc::default(),
             logins,
+            metrics,
             per_addr: Arc::default(),
             uploads: Arc::default(),
             handles: Arc::default(),
@@ -227,6 +232,11 @@ impl Shared {
         all.entry(user.to_string())
             .or_insert_with(|| Arc::new(Semaphore::new(size)))
             .clone()
+    }
+
+    /// Uploads in progress, all users together.
+    pub fn uploads_in_progress(&self) -> usize {
+        self.uploads.lock().map_or(0, |t| t.values().sum())
     }
 
     /// An upload slot for `user`, if under the per-user limit.

@@ -254,6 +254,16 @@ impl UserDb {
         Ok(self.current()?.users.get(name).cloned())
     }
 
+    /// Forgets the parsed copy, so the next read parses the file again whatever its stamp
+    /// (a file edited by hand within one ctime tick keeps its stamp); returns how many
+    /// accounts the file has now. Blocking.
+    pub fn reload(&self) -> Result<usize> {
+        if let Ok(mut c) = self.cached.lock() {
+            *c = None;
+        }
+        Ok(self.current()?.users.len())
+    }
+
     /// The current accounts (re-read only if the file changed). Blocking: a `stat`.
     pub fn accounts(&self) -> Result<Accounts> {
         Ok(Accounts(self.current()?))

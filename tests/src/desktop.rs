@@ -54,10 +54,22 @@ pub struct BusAddress(pub String);
 /// One `Notify` call as received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shown {
+    /// The id the daemon gave the pop-up (from 1).
+    pub id: u32,
     pub app_name: String,
+    pub app_icon: String,
     pub summary: String,
     pub body: String,
+    /// Action keys and labels, alternating.
+    pub actions: Vec<String>,
+    /// The unique bus name of the connection that asked: one per client connection.
+    pub sender: String,
 }
+
+/// What the test daemon says it can do, as a minimal daemon does.
+pub const PLAIN: &[&str] = &["body"];
+/// ...and as a full one does (markup, action buttons), like dunst or GNOME Shell.
+pub const FULL: &[&str] = &["body", "body-markup", "actions", "icon-static"];
 
 type OnShow = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -65,6 +77,7 @@ struct Recorder {
     shown: Arc<Mutex<Vec<Shown>>>,
     next_id: u32,
     on_show: Option<OnShow>,
+    capabilities: Vec<String>,
 }
 
 #[zbus::interface(name = "org.freedesktop.Notifications")]
@@ -72,29 +85,43 @@ impl Recorder {
     #[allow(clippy::too_many_arguments)]
     fn notify(
         &mut self,
+        #[zbus(header)] header: zbus::message::Header<'_>,
         app_name: String,
         _replaces_id: u32,
-        _app_icon: String,
+        app_icon: String,
         summary: String,
         body: String,
-        _actions: Vec<String>,
+        actions: Vec<String>,
         _hints: HashMap<String, OwnedVariant>,
         _expire_timeout: i32,
     ) -> u32 {
         if let Some(f) = &self.on_show {
             f(&summary);
         }
+        let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
+        self.next_id += 1;
         self.shown.lock().unwrap().push(Shown {
+            id: self.next_id,
             app_name,
+            app_icon,
             summary,
             body,
+            actions,
+            sender,
         });
-        self.next_id += 1;
         self.next_id
     }
 
+    /// A click on an action button of pop-up `id`.
+    #[zbus(signal)]
+    async fn action_invoked(
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+        id: u32,
+        action_key: &str,
+    ) -> zbus::Result<()>;
+
     fn get_capabilities(&self) -> Vec<String> {
-        vec!["body".into()]
+        self.capabilities.clone()
     }
 
     fn get_server_information(&self) -> (String, String, String, String) {
@@ -111,13 +138,18 @@ impl Recorder {
 
 /// A notification daemon on `bus`, recording every notification shown.
 pub struct NotificationServer {
-    _conn: zbus::Connection,
+    conn: zbus::Connection,
     shown: Arc<Mutex<Vec<Shown>>>,
 }
 
 impl NotificationServer {
     pub async fn start(bus: &TestBus) -> NotificationServer {
-        Self::serve(&bus.address, None).await
+        Self::serve(&bus.address, None, PLAIN).await
+    }
+
+    /// A daemon on `bus` that says it can do `capabilities` ([`PLAIN`], [`FULL`]).
+    pub async fn start_with(bus: &TestBus, capabilities: &[&str]) -> NotificationServer {
+        Self::serve(&bus.address, None, capabilities).await
     }
 
     /// Serves on a bus given by address, calling `on_show` with each summary.
@@ -125,15 +157,20 @@ impl NotificationServer {
         bus: &BusAddress,
         on_show: impl Fn(&str) + Send + Sync + 'static,
     ) -> NotificationServer {
-        Self::serve(&bus.0, Some(Box::new(on_show))).await
+        Self::serve(&bus.0, Some(Box::new(on_show)), PLAIN).await
     }
 
-    async fn serve(address: &str, on_show: Option<OnShow>) -> NotificationServer {
+    async fn serve(
+        address: &str,
+        on_show: Option<OnShow>,
+        capabilities: &[&str],
+    ) -> NotificationServer {
         let shown = Arc::new(Mutex::new(Vec::new()));
         let recorder = Recorder {
             shown: shown.clone(),
             next_id: 0,
             on_show,
+            capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
         };
         let conn = zbus::connection::Builder::address(address)
             .name("org.freedesktop.Notifications")
@@ -141,7 +178,20 @@ impl NotificationServer {
             .build()
             .await
             .expect("cannot serve org.freedesktop.Notifications on the test bus");
-        NotificationServer { _conn: conn, shown }
+        NotificationServer { conn, shown }
+    }
+
+    /// Clicks the action `key` of pop-up `id`, as a user would.
+    pub async fn click(&self, id: u32, key: &str) {
+        let recorder = self
+            .conn
+            .object_server()
+            .interface::<_, Recorder>("/org/freedesktop/Notifications")
+            .await
+            .unwrap();
+        Recorder::action_invoked(recorder.signal_emitter(), id, key)
+            .await
+            .unwrap();
     }
 
     pub fn shown(&self) -> Vec<Shown> {

@@ -66,6 +66,31 @@ pub fn bin(name: &str) -> PathBuf {
 
 pub const PASSWORD: &str = "correct horse";
 
+/// The program `name` on PATH or in `~/.cargo/bin`; `None` (and a loud skip) if missing,
+/// unless the environment variable `required_by` is set (as in CI): then the test fails,
+/// saying to `install`.
+pub fn tool(name: &str, required_by: &str, install: &str) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(Path::new(&home).join(".cargo/bin").join(name));
+    }
+    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
+        return Some(found);
+    }
+    assert!(
+        std::env::var_os(required_by).is_none(),
+        "{name} is required ({required_by}) but not installed: {install}"
+    );
+    eprintln!("\n*** SKIPPED: {name} not installed ({install}) ***\n");
+    None
+}
+
+/// Environment variable that makes the tests needing an outside tool (promtool,
+/// systemd-analyze, man) fail instead of skipping when it is missing; CI sets it.
+pub const REQUIRE_TOOLS: &str = "SHAREFS_REQUIRE_TOOLS";
+
 /// The first line a child prints, delivered on a channel so the caller can wait for it
 /// with a bound (`recv_timeout`) instead of blocking on the pipe.
 pub fn first_line(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
@@ -312,6 +337,11 @@ impl TestServer {
     /// SIGCONT after [`TestServer::pause`].
     pub fn resume(&self) {
         self.signal(libc::SIGCONT);
+    }
+
+    /// SIGHUP, as `systemctl reload` sends it.
+    pub fn hangup(&self) {
+        self.signal(libc::SIGHUP);
     }
 
     fn signal(&self, sig: i32) {

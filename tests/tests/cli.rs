@@ -203,7 +203,29 @@ fn user_commands() {
     let server = TestServer::start();
     let mut list = Command::new(bin("sharefs-server"));
     list.args(["user", "list", "--data"]).arg(&server.data);
-    assert_eq!(ok(list), "alice\nbob\ncarol\n");
+    let listed = ok(list);
+    let rows: Vec<Vec<&str>> = listed
+        .lines()
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows[0], ["USER", "QUOTA", "ON DISK"], "{listed}");
+    let names: Vec<&str> = rows[1..].iter().map(|r| r[0]).collect();
+    assert_eq!(names, ["alice", "bob", "carol"], "{listed}");
+    assert!(rows[1..].iter().all(|r| r[1] == "none"), "{listed}");
+
+    // Quotas are listed in the unit they were set in.
+    server.user(&["quota", "bob", "10G"], None);
+    let mut list = Command::new(bin("sharefs-server"));
+    list.args(["user", "list", "--data"]).arg(&server.data);
+    let listed = ok(list);
+    let bob = listed.lines().find(|l| l.starts_with("bob")).unwrap();
+    assert!(bob.contains("10 GiB"), "{listed}");
+    assert!(!listed.contains("10737418240"), "{listed}");
 
     // Added while the server runs: can log in at once.
     server.add_user("dave", "pw-dave");

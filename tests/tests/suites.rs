@@ -14,21 +14,11 @@ use sharefs_tests::*;
 
 /// The tool on PATH or in `~/.cargo/bin`; `None` (and a loud skip) if missing outside CI.
 fn tool(name: &str) -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(Path::new(&home).join(".cargo/bin").join(name));
-    }
-    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
-        return Some(found);
-    }
-    assert!(
-        std::env::var_os("SHAREFS_REQUIRE_SUITES").is_none(),
-        "{name} is required (SHAREFS_REQUIRE_SUITES) but not installed: cargo install {name}"
-    );
-    eprintln!("\n*** SKIPPED: {name} not installed (cargo install {name}) ***\n");
-    None
+    sharefs_tests::tool(
+        name,
+        "SHAREFS_REQUIRE_SUITES",
+        &format!("cargo install {name}"),
+    )
 }
 
 /// Runs `cmd` to its end or kills it after `limit`; returns (success, stdout + stderr).

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sharefs_protocol::Reply;
 
-use super::requests::ENTRY_REPLY;
+use super::requests::{Context, Handled, ENTRY_REPLY};
 use super::Session;
 use crate::cutoff::Cutoff;
 use crate::error::ServerError;
@@ -134,24 +134,14 @@ impl Session {
             return;
         };
         let ctx = self.context();
+        let arrived = Instant::now();
         self.spawn(id, ENTRY_REPLY, async move {
             // The upload counts against the user's limit until committed.
             let _slot = slot;
-            let up = state
-                .settle()
-                .await
-                .ok_or_else(|| ServerError::Internal("upload write failed".into()))?;
-            let owner = ctx.user.clone();
-            let (info, events) = ctx
-                .blocking(move |shared| {
-                    shared
-                        .store
-                        .commit_upload(up, size, &blake3, mtime_ns, &cutoff)
-                })
-                .await?;
-            tracing::info!(id = info.id, name = %info.name, size, "upload committed");
-            ctx.publish(&owner, &events);
-            Ok((Reply::File { file: info }, Bytes::new()))
+            let metrics = ctx.shared.metrics.clone();
+            let committed = commit(ctx, state, size, blake3, mtime_ns, cutoff).await;
+            metrics.request("upload_commit", arrived.elapsed(), committed.is_err());
+            committed
         })
         .await
     }
@@ -163,4 +153,30 @@ impl Session {
         }
         self.reply(id, Ok(Reply::Ok)).await;
     }
+}
+
+/// Settles an upload's last writes and commits it (the work of an `upload_commit`).
+async fn commit(
+    ctx: Context,
+    state: Upload,
+    size: u64,
+    blake3: String,
+    mtime_ns: Option<i64>,
+    cutoff: Cutoff,
+) -> Handled {
+    let up = state
+        .settle()
+        .await
+        .ok_or_else(|| ServerError::Internal("upload write failed".into()))?;
+    let owner = ctx.user.clone();
+    let (info, events) = ctx
+        .blocking(move |shared| {
+            shared
+                .store
+                .commit_upload(up, size, &blake3, mtime_ns, &cutoff)
+        })
+        .await?;
+    tracing::info!(id = info.id, name = %info.name, size, "upload committed");
+    ctx.publish(&owner, &events);
+    Ok((Reply::File { file: info }, Bytes::new()))
 }
