@@ -533,7 +533,8 @@ def main():
         # Notification latency: bob opens alice's (bench's) files; time from open() to the
         # Notify call reaching a notification service on a private session bus.
         notes = sizes["notes"]
-        bus = env.spawn(["dbus-daemon", "--config-file=/usr/share/dbus-1/session.conf", "--nofork", "--print-address=1"],
+        bus = env.spawn(["dbus-daemon", "--config-file=/usr/share/dbus-1/session.conf", "--nofork", "--print-address=1",
+                         f"--address=unix:dir={root}"],
                         stdout=subprocess.PIPE, text=True)
         address = bus.stdout.readline().strip()
         rec_bin = env.bin / "sharefs-bench-notify-recorder"

@@ -10,20 +10,24 @@ use zbus::OwnedVariant;
 
 use crate::TIMEOUT;
 
-/// A `dbus-daemon` with its own session bus, killed in `Drop`.
+/// A `dbus-daemon` with its own session bus, killed in `Drop`; its socket lives in a
+/// temp directory removed with it (not in /tmp, where a killed daemon leaves it).
 pub struct TestBus {
     child: Child,
     pub address: String,
+    _dir: tempfile::TempDir,
 }
 
 impl TestBus {
     pub fn start() -> TestBus {
+        let dir = tempfile::tempdir().expect("a temp dir for the bus socket");
         let mut child = Command::new("dbus-daemon")
             .args([
                 "--config-file=/usr/share/dbus-1/session.conf",
                 "--nofork",
                 "--print-address=1",
             ])
+            .arg(format!("--address=unix:dir={}", dir.path().display()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -37,6 +41,7 @@ impl TestBus {
         TestBus {
             child,
             address: address.trim().to_string(),
+            _dir: dir,
         }
     }
 }
