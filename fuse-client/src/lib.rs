@@ -12,7 +12,13 @@
 //! - [`transfer`]: whole-file upload and download with bounded memory.
 //! - [`paths`]: command-line paths (`OWNER/a/b`) and whole-tree operations (`mkdir -p`,
 //!   `put -r`, `get -r`, `rm -r`, `mv`) made of one-entry requests.
-//! - [`settings`]: connection settings from flags, environment, password file or prompt.
+//! - [`settings`]: connection settings from flags, environment, profile, password file,
+//!   stored login or prompt.
+//! - [`config`]: the configuration file and its profiles.
+//! - [`login`]: stored logins, in the Secret Service or a 0600 file.
+//! - [`display`]: how the command line shows entries (`ls -l`, human sizes, local time).
+//! - [`logging`]: the log on stderr, without colour in files, rotated for a background
+//!   mount.
 //! - [`fs`]: the filesystem core, free of fuser and the kernel:
 //!   - `fs/tree.rs`: the inode table, one inode per (owner, entry id), indexed by
 //!     (parent, name);
@@ -28,16 +34,23 @@
 //!     `fs/error.rs`: the core's errors.
 //! - [`fuse`]: the thin adapter from kernel requests to the core.
 //! - [`mount`]: `sharefs mount`: connect, mount, serve until unmounted.
+//! - [`fstab`]: the mount(8) helper convention (`mount -t fuse.sharefs`, /etc/fstab)
+//!   translated into `sharefs mount`.
 //! - [`mountpoint`]: what is mounted at the mount point already; clearing a dead mount.
 //! - [`desktop`]: desktop notifications of downloads.
 //! - [`quoting`]: text from the network made safe to print (GNU `ls` shell-escape).
 //! - [`error`]: the `ClientError` type.
 
+pub mod config;
 pub mod connection;
 pub mod desktop;
+pub mod display;
 pub mod error;
 pub mod fs;
+pub mod fstab;
 pub mod fuse;
+pub mod logging;
+pub mod login;
 pub mod mount;
 pub mod mountpoint;
 pub mod paths;
