@@ -119,21 +119,19 @@ fn on_bus<T: Send + 'static>(
     {
         return Err("no session bus".into());
     }
-    let worker = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            match tokio::time::timeout(BUS_DEADLINE, call).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer within {BUS_DEADLINE:?}")),
-            }
-        })
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(call).map_err(|e| e.to_string()));
+        let _ = tx.send(result);
     });
-    worker
-        .join()
-        .unwrap_or_else(|_| Err("Secret Service call panicked".into()))
+    // Waited for here rather than inside the thread's runtime, so that nothing the call
+    // blocks on can hold the command past the deadline (the thread is left behind).
+    rx.recv_timeout(BUS_DEADLINE)
+        .unwrap_or_else(|_| Err(format!("no answer within {BUS_DEADLINE:?}")))
 }
 
 fn attributes<'a>(server: &'a str, user: &'a str) -> HashMap<&'a str, &'a str> {

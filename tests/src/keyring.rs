@@ -78,14 +78,32 @@ impl TestKeyring {
                 .await
                 .unwrap();
             let name = zbus::names::BusName::try_from("org.freedesktop.secrets").unwrap();
-            if dbus.name_has_owner(name).await.unwrap() {
-                return;
-            }
             use futures::StreamExt;
-            tokio::time::timeout(TIMEOUT, changes.next())
-                .await
-                .expect("gnome-keyring-daemon did not take org.freedesktop.secrets")
-                .expect("bus closed");
+            if !dbus.name_has_owner(name).await.unwrap() {
+                tokio::time::timeout(TIMEOUT, changes.next())
+                    .await
+                    .expect("gnome-keyring-daemon did not take org.freedesktop.secrets")
+                    .expect("bus closed");
+            }
+            // The login keyring (the default collection) may be made after the name is
+            // taken: wait for it too, or a first store would ask to create one.
+            let service = zbus::Proxy::new(
+                &conn,
+                "org.freedesktop.secrets",
+                "/org/freedesktop/secrets",
+                "org.freedesktop.Secret.Service",
+            )
+            .await
+            .unwrap();
+            let mut created = service.receive_signal("CollectionCreated").await.unwrap();
+            let alias: zbus::OwnedObjectPath =
+                service.call("ReadAlias", &("default",)).await.unwrap();
+            if alias.as_str() == "/" {
+                tokio::time::timeout(TIMEOUT, created.next())
+                    .await
+                    .expect("gnome-keyring-daemon made no login keyring")
+                    .expect("bus closed");
+            }
         });
     }
 
