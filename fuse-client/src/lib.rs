@@ -31,7 +31,8 @@
 //!     lazily fetched base; `fs/stream.rs`: sequential writes streamed as they happen;
 //!   - `fs/staging.rs`: the staging directory on disk and recovery of what a dead mount
 //!     left; `fs/remote.rs`: the `Remote` trait the core needs of a server;
-//!     `fs/error.rs`: the core's errors.
+//!     `fs/error.rs`: the core's errors; `fs/room.rs`: whether a growing write fits
+//!     the space the server leaves (EDQUOT/ENOSPC on the write that crosses it).
 //! - [`fuse`]: the thin adapter from kernel requests to the core.
 //! - [`mount`]: `sharefs mount`: connect, mount, serve until unmounted.
 //! - [`fstab`]: the mount(8) helper convention (`mount -t fuse.sharefs`, /etc/fstab)
