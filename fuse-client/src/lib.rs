@@ -39,6 +39,7 @@
 //!   translated into `sharefs mount`.
 //! - [`mountpoint`]: what is mounted at the mount point already; clearing a dead mount.
 //! - [`desktop`]: desktop notifications of downloads.
+//! - [`failed`]: the uploads a mount kept in its cache's `failed/` folder.
 //! - [`quoting`]: text from the network made safe to print (GNU `ls` shell-escape).
 //! - [`error`]: the `ClientError` type.
 
@@ -47,6 +48,7 @@ pub mod connection;
 pub mod desktop;
 pub mod display;
 pub mod error;
+pub mod failed;
 pub mod fs;
 pub mod fstab;
 pub mod fuse;

@@ -106,11 +106,40 @@ enum Command {
         /// The configuration profile whose login to forget (default: --profile or [default]).
         profile: Option<String>,
     },
+    /// Uploads a mount could not make, whose data it kept locally: list, retry, discard.
+    Failed {
+        /// The mount's cache directory (default: the profile's, else
+        /// ~/.cache/sharefs/USER@SERVER).
+        #[arg(long, env = "SHAREFS_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: FailedAction,
+    },
     /// Show pending and recent notifications (and acknowledge the pending ones).
     Notifications {
         /// Keep running and print each notification as it arrives.
         #[arg(long)]
         follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FailedAction {
+    /// List them: id, size, when, and the name each was to have.
+    List,
+    /// Upload one again (to PATH in my tree, default its name in my folder); on
+    /// success its local copy goes.
+    Retry {
+        /// Its id, as `failed list` shows it.
+        id: String,
+        /// Where in my tree (default: its name in my folder).
+        path: Option<String>,
+    },
+    /// Delete local copies for good.
+    Discard {
+        /// Their ids, as `failed list` shows them.
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
 }
 
@@ -191,6 +220,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Mkdir { parents, path } => mkdir(&cli.connect, &path, parents).await,
         Command::Mv { from, to } => mv(&cli.connect, &from, &to).await,
         Command::Notifications { follow } => notifications(&cli.connect, follow).await,
+        Command::Failed { cache_dir, action } => failed(&cli.connect, cache_dir, action).await,
         Command::Login { profile } => login(cli.connect, profile).await,
         Command::Logout { profile } => logout(cli.connect, profile),
         Command::Mount(_) => bail!("mount runs outside the async runtime"),
@@ -384,6 +414,54 @@ async fn get(
     .map_err(|e| named(path, e))?;
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    Ok(())
+}
+
+async fn failed(
+    args: &ConnectArgs,
+    cache_dir: Option<PathBuf>,
+    action: FailedAction,
+) -> Result<()> {
+    let cache_dir =
+        match cache_dir {
+            Some(dir) => dir,
+            None => {
+                let who = args.identity().map_err(anyhow::Error::msg)?;
+                who.profile.mount.cache_dir.clone().unwrap_or_else(|| {
+                    sharefs_client::mount::default_cache_dir(&who.user, &who.server)
+                })
+            }
+        };
+    let dir = sharefs_client::failed::failed_dir(&cache_dir);
+    match action {
+        FailedAction::List => {
+            for k in sharefs_client::failed::list(&dir)? {
+                println!(
+                    "{}  {:>6}  {}  {}",
+                    shell_escape(&k.id),
+                    display::human_size(k.size),
+                    display::local_time(k.when),
+                    shell_escape(&k.name)
+                );
+            }
+        }
+        FailedAction::Retry { id, path } => {
+            let kept = sharefs_client::failed::find(&dir, &id).map_err(anyhow::Error::msg)?;
+            put(args, &kept.path, Some(path.unwrap_or(kept.name)), false).await?;
+            std::fs::remove_file(&kept.path)?;
+        }
+        FailedAction::Discard { ids } => {
+            for id in ids {
+                let kept = sharefs_client::failed::find(&dir, &id).map_err(anyhow::Error::msg)?;
+                std::fs::remove_file(&kept.path)?;
+                eprintln!(
+                    "discarded {} ({} bytes)",
+                    shell_escape(&kept.name),
+                    kept.size
+                );
+            }
+        }
     }
     Ok(())
 }

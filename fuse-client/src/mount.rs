@@ -81,13 +81,13 @@ impl MountArgs {
     }
 }
 
-fn default_cache_dir(opts: &ConnectOptions) -> PathBuf {
+/// `~/.cache/sharefs/<user>@<server>` (or under `$XDG_CACHE_HOME`).
+pub fn default_cache_dir(user: &str, server: &str) -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    let server: String = opts
-        .server
+    let server: String = server
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
@@ -97,7 +97,7 @@ fn default_cache_dir(opts: &ConnectOptions) -> PathBuf {
             }
         })
         .collect();
-    base.join("sharefs").join(format!("{}@{server}", opts.user))
+    base.join("sharefs").join(format!("{user}@{server}"))
 }
 
 pub fn run(opts: ConnectOptions, args: MountSettings) -> Result<()> {
@@ -110,7 +110,7 @@ pub fn run(opts: ConnectOptions, args: MountSettings) -> Result<()> {
     let cache_dir = args
         .cache_dir
         .clone()
-        .unwrap_or_else(|| default_cache_dir(&opts));
+        .unwrap_or_else(|| default_cache_dir(&opts.user, &opts.server));
     std::fs::create_dir_all(&cache_dir)
         .with_context(|| format!("cache directory {}", cache_dir.display()))?;
     if args.foreground {

@@ -476,3 +476,47 @@ fn mount_refuses_a_non_empty_or_mounted_directory() {
         "{err}"
     );
 }
+
+#[test]
+fn failed_uploads_are_listed_retried_and_discarded() {
+    let server = TestServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let failed = cache.path().join("failed");
+    std::fs::create_dir(&failed).unwrap();
+    // As a mount keeps them: <unix time>-<n>-<name>.
+    std::fs::write(failed.join("1767323045-0-report.txt"), content(7, 3 << 20)).unwrap();
+    std::fs::write(failed.join("1767323046-0-draft.txt"), b"draft").unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = server.cli("alice");
+        c.arg("failed")
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .args(args);
+        c
+    };
+    let listing = ok(cmd(&["list"]));
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 2, "{listing}");
+    assert!(
+        lines[0].starts_with("1767323045-0-report.txt") && lines[0].contains("3.0M"),
+        "{listing}"
+    );
+    assert!(lines[0].ends_with("report.txt") && lines[1].ends_with("draft.txt"));
+
+    ok(cmd(&["retry", "1767323045-0-report.txt"]));
+    assert_eq!(
+        server_content(&server, "alice", "report.txt").unwrap(),
+        content(7, 3 << 20)
+    );
+    ok(cmd(&["retry", "1767323046-0-draft.txt", "drafts.txt"]));
+    assert_eq!(
+        server_content(&server, "alice", "drafts.txt").unwrap(),
+        b"draft"
+    );
+    assert_eq!(ok(cmd(&["list"])), "");
+    std::fs::write(failed.join("1767323047-0-junk"), b"junk").unwrap();
+    let err = fails(cmd(&["discard", "nope"]));
+    assert!(err.contains("no such failed upload"), "{err}");
+    ok(cmd(&["discard", "1767323047-0-junk"]));
+    assert_eq!(std::fs::read_dir(&failed).unwrap().count(), 0);
+}
