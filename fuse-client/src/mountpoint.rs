@@ -130,7 +130,7 @@ pub fn prepare(mountpoint: &Path) -> Result<()> {
                     String::new()
                 };
                 bail!(
-                    "{} is already a mount point ({} {}){how}",
+                    "{} is already mounted ({} {}){how}",
                     mountpoint.display(),
                     entry.fstype,
                     entry.source,

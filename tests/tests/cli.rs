@@ -472,7 +472,7 @@ fn mount_refuses_a_non_empty_or_mounted_directory() {
     mount.arg("mount").arg(small.path()).arg("--foreground");
     let err = fails(mount);
     assert!(
-        err.contains("already a mount point") && err.contains("tmpfs"),
+        err.contains("already mounted") && err.contains("tmpfs"),
         "{err}"
     );
 }

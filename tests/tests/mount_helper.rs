@@ -191,7 +191,7 @@ fn mount_t_fuse_sharefs_mounts_in_the_background() {
     );
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("already a mount point"),
+        String::from_utf8_lossy(&out.stderr).contains("already mounted"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
