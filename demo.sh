@@ -13,7 +13,8 @@ cargo build --release --bins
 bin=${CARGO_TARGET_DIR:-target}/release
 data=${SHAREFS_DATA:-./sharefs-data}
 mnt=${1:-./Share}
-addr=127.0.0.1:7070
+# The port: SHAREFS_DEMO_PORT (default 7070), for a machine where 7070 is taken.
+addr=127.0.0.1:${SHAREFS_DEMO_PORT:-7070}
 
 if [ ! -f "$data/users.json" ]; then
     echo demo | "$bin/sharefs-server" user add demo --data "$data" --password-stdin

@@ -19,6 +19,7 @@ pub mod listing;
 mod namespace;
 mod read;
 pub mod remote;
+mod room;
 pub mod staging;
 mod stream;
 pub mod tree;
@@ -201,6 +202,8 @@ pub struct FsCore<R: Remote> {
     /// Where invalidations that are not the answer to an event go (the mount's
     /// invalidation thread); none in unit tests that do not ask.
     invalidations: std::sync::OnceLock<InvalidationSink>,
+    /// The space the server last said the user has left, for writes that grow files.
+    room: room::Room,
 }
 
 type InvalidationSink = Box<dyn Fn(Invalidation) + Send + Sync>;
@@ -273,6 +276,7 @@ impl<R: Remote> FsCore<R> {
             prefetch_budget: Arc::new(Semaphore::new(PREFETCH_BUDGET)),
             staged_memory: Arc::new(MemoryBudget::new(STAGED_MEMORY)),
             invalidations: std::sync::OnceLock::new(),
+            room: room::Room::default(),
         })
     }
 

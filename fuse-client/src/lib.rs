@@ -12,7 +12,13 @@
 //! - [`transfer`]: whole-file upload and download with bounded memory.
 //! - [`paths`]: command-line paths (`OWNER/a/b`) and whole-tree operations (`mkdir -p`,
 //!   `put -r`, `get -r`, `rm -r`, `mv`) made of one-entry requests.
-//! - [`settings`]: connection settings from flags, environment, password file or prompt.
+//! - [`settings`]: connection settings from flags, environment, profile, password file,
+//!   stored login or prompt.
+//! - [`config`]: the configuration file and its profiles.
+//! - [`login`]: stored logins, in the Secret Service or a 0600 file.
+//! - [`display`]: how the command line shows entries (`ls -l`, human sizes, local time).
+//! - [`logging`]: the log on stderr, without colour in files, rotated for a background
+//!   mount.
 //! - [`fs`]: the filesystem core, free of fuser and the kernel:
 //!   - `fs/tree.rs`: the inode table, one inode per (owner, entry id), indexed by
 //!     (parent, name);
@@ -26,22 +32,32 @@
 //!     lazily fetched base; `fs/stream.rs`: sequential writes streamed as they happen;
 //!   - `fs/staging.rs`: the staging directory on disk and recovery of what a dead mount
 //!     left; `fs/remote.rs`: the `Remote` trait the core needs of a server;
-//!     `fs/error.rs`: the core's errors.
+//!     `fs/error.rs`: the core's errors; `fs/room.rs`: whether a growing write fits
+//!     the space the server leaves (EDQUOT/ENOSPC on the write that crosses it).
 //! - [`fuse`]: the thin adapter from kernel requests to the core.
 //! - [`mount`]: `sharefs mount`: connect, mount, serve until unmounted.
+//! - [`fstab`]: the mount(8) helper convention (`mount -t fuse.sharefs`, /etc/fstab)
+//!   translated into `sharefs mount`.
 //! - [`mountpoint`]: what is mounted at the mount point already; clearing a dead mount.
 //! - [`desktop`]: desktop notifications of downloads, a burst gathered into one digest;
 //!   `desktop/text.rs` words the pop-ups (local times, markup escaped), `desktop/bus.rs`
 //!   keeps the one D-Bus connection to the notification daemon.
 //! - [`manual`]: shell completions and man pages generated from the command line.
+//! - [`failed`]: the uploads a mount kept in its cache's `failed/` folder.
 //! - [`quoting`]: text from the network made safe to print (GNU `ls` shell-escape).
 //! - [`error`]: the `ClientError` type.
 
+pub mod config;
 pub mod connection;
 pub mod desktop;
+pub mod display;
 pub mod error;
+pub mod failed;
 pub mod fs;
+pub mod fstab;
 pub mod fuse;
+pub mod logging;
+pub mod login;
 pub mod manual;
 pub mod mount;
 pub mod mountpoint;

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sharefs_client::quoting::shell_escape;
 use sharefs_client::settings::ConnectArgs;
+use sharefs_client::{display, fstab, login, settings};
 use sharefs_client::{paths, transfer, ClientError, RemoteClient};
 use sharefs_protocol::{EntryKind, ErrorCode, Event, FileInfo, Notification};
 
@@ -30,10 +31,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// List users, or a directory of a user's tree (OWNER or OWNER/PATH).
+    // -h is ls's human-readable sizes, so help is --help alone.
+    #[command(disable_help_flag = true)]
     Ls {
-        /// Long format: kind and mode, size, modification time, link target.
+        /// Print help.
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
+        /// Long format: kind and mode, size, modification time (local), link target.
         #[arg(short = 'l')]
         long: bool,
+        /// With -l, sizes in powers of 1024 (1.5K, 23M, 4.0G) instead of bytes.
+        #[arg(short = 'h', long = "human-readable")]
+        human: bool,
+        /// OWNER or OWNER/PATH to list (default: the list of users).
         path: Option<String>,
     },
     /// Upload SRC into my tree as PATH (default its name in my folder; a PATH that is a
@@ -42,7 +52,9 @@ enum Command {
         /// Upload a directory and everything in it (modes, times and links kept).
         #[arg(short = 'r', long)]
         recursive: bool,
+        /// Local file (or, with -r, directory) to upload.
         src: PathBuf,
+        /// Where in my tree (default: SRC's name in my folder).
         path: Option<String>,
     },
     /// Download OWNER/PATH to DEST (default ./NAME; "-" writes a file to stdout).
@@ -50,7 +62,12 @@ enum Command {
         /// Download a directory and everything in it (modes, times and links kept).
         #[arg(short = 'r', long)]
         recursive: bool,
+        /// Replace local files that exist already (without it, get refuses to).
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// OWNER/PATH to download.
         path: String,
+        /// Local file or directory to write to ("-": stdout).
         dest: Option<PathBuf>,
     },
     /// Delete a file, link or empty directory of my tree (PATH inside my folder).
@@ -58,6 +75,7 @@ enum Command {
         /// Delete a directory and everything in it.
         #[arg(short = 'r', long)]
         recursive: bool,
+        /// Path inside my folder (or OWNER/PATH with my name as OWNER).
         path: String,
     },
     /// Make a directory in my tree.
@@ -65,12 +83,38 @@ enum Command {
         /// Make missing parents too, and succeed if the directory exists.
         #[arg(short = 'p', long)]
         parents: bool,
+        /// The directory to make, inside my folder.
         path: String,
     },
     /// Move or rename FROM to TO within my tree (into TO if it is a directory).
-    Mv { from: String, to: String },
+    Mv {
+        /// What to move, inside my folder.
+        from: String,
+        /// The new name, or a directory to move it into.
+        to: String,
+    },
     /// Mount the share: one folder per user; yours is writable.
     Mount(sharefs_client::mount::MountArgs),
+    /// Store the password of PROFILE's user@server (asked for, then checked with the
+    /// server) in the desktop's Secret Service, or a 0600 file where there is none.
+    Login {
+        /// The configuration profile whose login this is (default: --profile or [default]).
+        profile: Option<String>,
+    },
+    /// Forget the stored password of PROFILE's user@server.
+    Logout {
+        /// The configuration profile whose login to forget (default: --profile or [default]).
+        profile: Option<String>,
+    },
+    /// Uploads a mount could not make, whose data it kept locally: list, retry, discard.
+    Failed {
+        /// The mount's cache directory (default: the profile's, else
+        /// ~/.cache/sharefs/USER@SERVER).
+        #[arg(long, env = "SHAREFS_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: FailedAction,
+    },
     /// Show pending and recent notifications (and acknowledge the pending ones).
     Notifications {
         /// Keep running and print each notification as it arrives.
@@ -81,8 +125,38 @@ enum Command {
     Manual(sharefs_client::manual::Manual),
 }
 
+#[derive(Subcommand)]
+enum FailedAction {
+    /// List them: id, size, when, and the name each was to have.
+    List,
+    /// Upload one again (to PATH in my tree, default its name in my folder); on
+    /// success its local copy goes.
+    Retry {
+        /// Its id, as `failed list` shows it.
+        id: String,
+        /// Where in my tree (default: its name in my folder).
+        path: Option<String>,
+    },
+    /// Delete local copies for good.
+    Discard {
+        /// Their ids, as `failed list` shows them.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // mount(8) and mount.fuse3 run us as `mount.fuse.sharefs SOURCE DIR -o OPTIONS`.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match fstab::translate(&argv) {
+        Ok(fstab::Invocation::Plain) => Cli::parse_from(argv),
+        Ok(fstab::Invocation::Mount(args)) => Cli::parse_from(args),
+        Ok(fstab::Invocation::Fake) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sharefs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Command::Manual(manual) = &cli.command {
         return match manual.write(<Cli as clap::CommandFactory>::command()) {
             Ok(()) => ExitCode::SUCCESS,
@@ -97,20 +171,16 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sharefs_client::logging::init(default_level);
     if let Command::Mount(args) = cli.command {
         // The mount runs its own runtime (the kernel session blocks this thread).
         let result = cli
             .connect
-            .resolve()
+            .resolve_with_profile()
             .map_err(anyhow::Error::msg)
-            .and_then(|opts| sharefs_client::mount::run(opts, args));
+            .and_then(|(opts, profile)| {
+                sharefs_client::mount::run(opts, args.settle(&profile.mount)?)
+            });
         return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -143,7 +213,9 @@ async fn connect(args: &ConnectArgs) -> Result<(RemoteClient, sharefs_client::Ev
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Ls { long, path } => ls(&cli.connect, long, path).await,
+        Command::Ls {
+            long, human, path, ..
+        } => ls(&cli.connect, long, human, path).await,
         Command::Put {
             recursive,
             src,
@@ -151,52 +223,23 @@ async fn run(cli: Cli) -> Result<()> {
         } => put(&cli.connect, &src, path, recursive).await,
         Command::Get {
             recursive,
+            force,
             path,
             dest,
-        } => get(&cli.connect, &path, dest, recursive).await,
+        } => get(&cli.connect, &path, dest, recursive, force).await,
         Command::Rm { recursive, path } => rm(&cli.connect, &path, recursive).await,
         Command::Mkdir { parents, path } => mkdir(&cli.connect, &path, parents).await,
         Command::Mv { from, to } => mv(&cli.connect, &from, &to).await,
         Command::Notifications { follow } => notifications(&cli.connect, follow).await,
+        Command::Failed { cache_dir, action } => failed(&cli.connect, cache_dir, action).await,
+        Command::Login { profile } => login(cli.connect, profile).await,
+        Command::Logout { profile } => logout(cli.connect, profile),
         Command::Mount(_) => bail!("mount runs outside the async runtime"),
         Command::Manual(_) => bail!("written without a server"),
     }
 }
 
-/// `ls -l`-like permission bits of an entry.
-fn mode_string(f: &FileInfo) -> String {
-    let kind = match f.kind {
-        EntryKind::Dir => 'd',
-        EntryKind::File => '-',
-        EntryKind::Symlink => 'l',
-    };
-    let mut s = String::from(kind);
-    for shift in [6, 3, 0] {
-        let bits = (f.mode >> shift) & 7;
-        s.push(if bits & 4 != 0 { 'r' } else { '-' });
-        s.push(if bits & 2 != 0 { 'w' } else { '-' });
-        s.push(if bits & 1 != 0 { 'x' } else { '-' });
-    }
-    s
-}
-
-fn print_entry(f: &FileInfo) {
-    let suffix = match (&f.kind, &f.target) {
-        (EntryKind::Dir, _) => "/".to_string(),
-        (EntryKind::Symlink, Some(t)) => format!(" -> {}", shell_escape(t)),
-        _ => String::new(),
-    };
-    println!(
-        "{}  {:>12}  {}  {}{}",
-        mode_string(f),
-        f.size,
-        format_time_ns(f.mtime_ns),
-        shell_escape(&f.name),
-        suffix
-    );
-}
-
-async fn ls(args: &ConnectArgs, long: bool, path: Option<String>) -> Result<()> {
+async fn ls(args: &ConnectArgs, long: bool, human: bool, path: Option<String>) -> Result<()> {
     let (client, _events) = connect(args).await?;
     let Some(path) = path else {
         for user in client.list_users().await? {
@@ -211,7 +254,7 @@ async fn ls(args: &ConnectArgs, long: bool, path: Option<String>) -> Result<()> 
         .map_err(|e| anyhow!("{path}: {e}"))?;
     let show = |f: &FileInfo| {
         if long {
-            print_entry(f);
+            println!("{}", display::long_line(f, human));
         } else {
             println!("{}", shell_escape(&f.name));
         }
@@ -331,7 +374,13 @@ async fn put(args: &ConnectArgs, src: &Path, path: Option<String>, recursive: bo
     Ok(())
 }
 
-async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>, recursive: bool) -> Result<()> {
+async fn get(
+    args: &ConnectArgs,
+    path: &str,
+    dest: Option<PathBuf>,
+    recursive: bool,
+    force: bool,
+) -> Result<()> {
     let (owner, inside) = paths::split_owner(path);
     if inside.is_empty() && !recursive {
         bail!("{path}: expected OWNER/PATH");
@@ -366,7 +415,7 @@ async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>, recursive: b
     } else {
         progress_bar(None, &name)
     };
-    paths::get(&client, owner, inside, &dest, recursive, |p| {
+    paths::get(&client, owner, inside, &dest, recursive, force, |p| {
         if recursive {
             show_progress(&bar, "downloading", p)
         } else if let Some(b) = &bar {
@@ -377,6 +426,110 @@ async fn get(args: &ConnectArgs, path: &str, dest: Option<PathBuf>, recursive: b
     .map_err(|e| named(path, e))?;
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    Ok(())
+}
+
+async fn failed(
+    args: &ConnectArgs,
+    cache_dir: Option<PathBuf>,
+    action: FailedAction,
+) -> Result<()> {
+    let cache_dir =
+        match cache_dir {
+            Some(dir) => dir,
+            None => {
+                let who = args.identity().map_err(anyhow::Error::msg)?;
+                who.profile.mount.cache_dir.clone().unwrap_or_else(|| {
+                    sharefs_client::mount::default_cache_dir(&who.user, &who.server)
+                })
+            }
+        };
+    let dir = sharefs_client::failed::failed_dir(&cache_dir);
+    match action {
+        FailedAction::List => {
+            for k in sharefs_client::failed::list(&dir)? {
+                println!(
+                    "{}  {:>6}  {}  {}",
+                    shell_escape(&k.id),
+                    display::human_size(k.size),
+                    display::local_time(k.when),
+                    shell_escape(&k.name)
+                );
+            }
+        }
+        FailedAction::Retry { id, path } => {
+            let kept = sharefs_client::failed::find(&dir, &id).map_err(anyhow::Error::msg)?;
+            put(args, &kept.path, Some(path.unwrap_or(kept.name)), false).await?;
+            std::fs::remove_file(&kept.path)?;
+        }
+        FailedAction::Discard { ids } => {
+            for id in ids {
+                let kept = sharefs_client::failed::find(&dir, &id).map_err(anyhow::Error::msg)?;
+                std::fs::remove_file(&kept.path)?;
+                eprintln!(
+                    "discarded {} ({} bytes)",
+                    shell_escape(&kept.name),
+                    kept.size
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `connect` with the positional PROFILE of login/logout, which wins over --profile.
+fn with_profile(mut args: ConnectArgs, profile: Option<String>) -> ConnectArgs {
+    if profile.is_some() {
+        args.profile = profile;
+    }
+    args
+}
+
+async fn login(args: ConnectArgs, profile: Option<String>) -> Result<()> {
+    let args = with_profile(args, profile);
+    let who = args.identity().map_err(anyhow::Error::msg)?;
+    let password = match &args.password_file {
+        Some(path) => settings::read_password_file(path).map_err(anyhow::Error::msg)?,
+        None if std::io::stdin().is_terminal() => {
+            rpassword::prompt_password(format!("Password for {}@{}: ", who.user, who.server))?
+        }
+        None => {
+            // Piped in (`... | sharefs login`), never on the command line.
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    // Checked before it is stored: a typo is caught now, not at the next mount.
+    let opts = args
+        .options(&who, password.clone())
+        .map_err(anyhow::Error::msg)?;
+    RemoteClient::connect(&opts).await?;
+    let store = tokio::task::spawn_blocking(move || {
+        login::store(&who.server, &who.user, &password).map(|s| (s, who))
+    })
+    .await??;
+    let (store, who) = store;
+    eprintln!(
+        "stored the password of {}@{} in {store}",
+        who.user, who.server
+    );
+    Ok(())
+}
+
+fn logout(args: ConnectArgs, profile: Option<String>) -> Result<()> {
+    let args = with_profile(args, profile);
+    let who = args.identity().map_err(anyhow::Error::msg)?;
+    let removed = login::remove(&who.server, &who.user)?;
+    if removed.is_empty() {
+        eprintln!("no stored password for {}@{}", who.user, who.server);
+    }
+    for store in removed {
+        eprintln!(
+            "removed the password of {}@{} from {store}",
+            who.user, who.server
+        );
     }
     Ok(())
 }
@@ -447,11 +600,6 @@ async fn mv(args: &ConnectArgs, from: &str, to: &str) -> Result<()> {
     }
 }
 
-fn format_time_ns(ns: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 fn format_notification(n: &Notification) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(n.last_ms.max(0) as u64);
     let times = if n.count > 1 {
@@ -461,7 +609,7 @@ fn format_notification(n: &Notification) -> String {
     };
     format!(
         "{}  {} downloaded {} ({} bytes){}",
-        humantime::format_rfc3339_seconds(t),
+        display::local_time(t),
         shell_escape(&n.downloader),
         shell_escape(&n.file),
         n.size,

@@ -18,6 +18,7 @@ use fuser::{MountOption, SessionACL};
 use sharefs_protocol::Event;
 use tokio::sync::mpsc;
 
+use crate::config::MountDefaults;
 use crate::connection::{Connection, ConnectionEvent};
 use crate::desktop;
 use crate::fs::FsCore;
@@ -30,32 +31,63 @@ const READY_ENV: &str = "SHAREFS_MOUNT_READY";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct MountArgs {
-    /// Where to mount (an existing empty directory).
-    pub mountpoint: PathBuf,
+    /// Where to mount: an existing empty directory (default: the profile's mountpoint).
+    pub mountpoint: Option<PathBuf>,
     /// Stay in the foreground (for tests, systemd, and seeing the log).
     #[arg(long)]
     pub foreground: bool,
     /// Let other local users use the mount (needs user_allow_other in /etc/fuse.conf).
     #[arg(long)]
     pub allow_other: bool,
-    /// Seconds an operation waits for an unreachable server before failing with EIO.
-    #[arg(long, default_value_t = 30)]
-    pub timeout: u64,
+    /// Seconds an operation waits for an unreachable server before failing with EIO
+    /// [default: 30].
+    #[arg(long)]
+    pub timeout: Option<u64>,
     /// Where writes are staged before upload and failed uploads are kept.
     #[arg(long, env = "SHAREFS_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Threads serving kernel requests.
-    #[arg(long, default_value_t = 8)]
+    /// Threads serving kernel requests [default: 8].
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// A mount's settings: the flags over the profile's mount defaults.
+#[derive(Debug, Clone)]
+pub struct MountSettings {
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub allow_other: bool,
+    pub timeout: u64,
+    pub cache_dir: Option<PathBuf>,
     pub threads: usize,
 }
 
-fn default_cache_dir(opts: &ConnectOptions) -> PathBuf {
+impl MountArgs {
+    pub fn settle(self, defaults: &MountDefaults) -> Result<MountSettings> {
+        let mountpoint = self
+            .mountpoint
+            .or_else(|| defaults.mountpoint.clone())
+            .ok_or_else(|| {
+                anyhow!("no mount point: give one, or set mount.mountpoint in the profile")
+            })?;
+        Ok(MountSettings {
+            mountpoint,
+            foreground: self.foreground,
+            allow_other: self.allow_other || defaults.allow_other.unwrap_or(false),
+            timeout: self.timeout.or(defaults.timeout).unwrap_or(30),
+            cache_dir: self.cache_dir.or_else(|| defaults.cache_dir.clone()),
+            threads: self.threads.or(defaults.threads).unwrap_or(8),
+        })
+    }
+}
+
+/// `~/.cache/sharefs/<user>@<server>` (or under `$XDG_CACHE_HOME`).
+pub fn default_cache_dir(user: &str, server: &str) -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    let server: String = opts
-        .server
+    let server: String = server
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
@@ -65,10 +97,10 @@ fn default_cache_dir(opts: &ConnectOptions) -> PathBuf {
             }
         })
         .collect();
-    base.join("sharefs").join(format!("{}@{server}", opts.user))
+    base.join("sharefs").join(format!("{user}@{server}"))
 }
 
-pub fn run(opts: ConnectOptions, args: MountArgs) -> Result<()> {
+pub fn run(opts: ConnectOptions, args: MountSettings) -> Result<()> {
     mountpoint::prepare(&args.mountpoint)?;
     let meta = std::fs::metadata(&args.mountpoint)
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
@@ -78,7 +110,7 @@ pub fn run(opts: ConnectOptions, args: MountArgs) -> Result<()> {
     let cache_dir = args
         .cache_dir
         .clone()
-        .unwrap_or_else(|| default_cache_dir(&opts));
+        .unwrap_or_else(|| default_cache_dir(&opts.user, &opts.server));
     std::fs::create_dir_all(&cache_dir)
         .with_context(|| format!("cache directory {}", cache_dir.display()))?;
     if args.foreground {
@@ -88,7 +120,7 @@ pub fn run(opts: ConnectOptions, args: MountArgs) -> Result<()> {
     }
 }
 
-fn background(opts: ConnectOptions, args: &MountArgs, cache_dir: &Path) -> Result<()> {
+fn background(opts: ConnectOptions, args: &MountSettings, cache_dir: &Path) -> Result<()> {
     let log_path = cache_dir.join("mount.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -131,6 +163,7 @@ fn background(opts: ConnectOptions, args: &MountArgs, cache_dir: &Path) -> Resul
     }
     cmd.env("SHAREFS_PASSWORD", &opts.password)
         .env(READY_ENV, "1")
+        .env(crate::logging::LOG_FILE_ENV, &log_path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -169,7 +202,7 @@ fn background(opts: ConnectOptions, args: &MountArgs, cache_dir: &Path) -> Resul
     bail!("{last}")
 }
 
-fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Result<()> {
+fn foreground(opts: ConnectOptions, args: MountSettings, cache_dir: PathBuf) -> Result<()> {
     // 1 MiB data buffers are reused from the heap instead of being mapped and zero-filled
     // by the kernel for every chunk (page faults were a large share of a transfer's CPU);
     // two arenas and a 16 MiB trim threshold bound what stays resident across threads.
@@ -206,6 +239,15 @@ fn foreground(opts: ConnectOptions, args: MountArgs, cache_dir: PathBuf) -> Resu
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
+    // As root, fuser mounts with mount(2) itself and gives the subtype to fusermount3
+    // only; the kernel takes it as a mount option too, so /proc/mounts says fuse.sharefs
+    // however the mount is made (mount(8) and fstab mounts run as root).
+    // SAFETY: geteuid only reads the process's credentials.
+    if unsafe { libc::geteuid() } == 0 {
+        config
+            .mount_options
+            .push(MountOption::CUSTOM("subtype=sharefs".into()));
+    }
     if args.allow_other {
         config.acl = SessionACL::All;
     }

@@ -5,8 +5,9 @@
 //! no one serving it: every access fails with ENOTCONN until someone unmounts it. `sharefs
 //! mount` on such a mount point detaches the dead mount (`fusermount3 -u -z`: lazily, so a
 //! process still holding a descriptor there does not block it) and mounts anew. Only a
-//! dead mount that is sharefs's own, at exactly that path, is cleared; a live sharefs
-//! mount there is refused, as is anything else that answers ENOTCONN.
+//! dead mount that is sharefs's own, at exactly that path, is cleared; any live mount
+//! there is refused (mounts do not stack), as is anything else that answers ENOTCONN,
+//! and so is a directory that is not empty (the mount would hide its content).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -116,15 +117,31 @@ pub fn prepare(mountpoint: &Path) -> Result<()> {
         Ok(_) => {
             // A path that cannot be resolved is no mount point we know of: the mount
             // itself will say what is wrong with it.
-            let live = resolved(mountpoint)
+            let mounted = resolved(mountpoint)
                 .ok()
-                .and_then(|target| mounted_at(&target))
-                .filter(MountEntry::is_sharefs);
-            if let Some(entry) = live {
+                .and_then(|target| mounted_at(&target));
+            if let Some(entry) = mounted {
+                let how = if entry.is_sharefs() {
+                    format!(
+                        "; unmount it first with fusermount3 -u {}",
+                        mountpoint.display()
+                    )
+                } else {
+                    String::new()
+                };
                 bail!(
-                    "{} is already mounted ({}); unmount it first with fusermount3 -u {}",
+                    "{} is already mounted ({} {}){how}",
                     mountpoint.display(),
+                    entry.fstype,
                     entry.source,
+                );
+            }
+            // Like fusermount: the mount would hide what the directory holds.
+            let mut entries = std::fs::read_dir(mountpoint)
+                .with_context(|| format!("mount point {}", mountpoint.display()))?;
+            if entries.next().is_some() {
+                bail!(
+                    "{} is not empty: mounting there would hide its content",
                     mountpoint.display()
                 );
             }

@@ -312,19 +312,21 @@ async fn put_one(
 /// Downloads `owner`'s entry at `path` to the local `dest` (a file, or with `recursive` a
 /// directory and all below it), keeping modes, mtimes and symbolic links. Files are
 /// written to a temp file and renamed into place, so an interruption leaves no partial
-/// file under a final name.
+/// file under a final name. An existing local file or link is replaced only with
+/// `overwrite`; without it the download stops there with `AlreadyExists`.
 pub async fn get(
     client: &RemoteClient,
     owner: &str,
     path: &str,
     dest: &Path,
     recursive: bool,
+    overwrite: bool,
     mut progress: impl FnMut(Progress),
 ) -> Result<Progress> {
     let entry = client.resolve(owner, path).await?;
     let mut done = Progress::default();
     if entry.kind != EntryKind::Dir {
-        get_one(client, owner, &entry, dest, &mut done).await?;
+        get_one(client, owner, &entry, dest, overwrite, &mut done).await?;
         progress(done);
         return Ok(done);
     }
@@ -348,7 +350,7 @@ pub async fn get(
             if child.kind == EntryKind::Dir {
                 stack.push((child, to));
             } else {
-                get_one(client, owner, &child, &to, &mut done).await?;
+                get_one(client, owner, &child, &to, overwrite, &mut done).await?;
                 progress(done);
             }
         }
@@ -365,11 +367,17 @@ async fn get_one(
     owner: &str,
     entry: &FileInfo,
     dest: &Path,
+    overwrite: bool,
     done: &mut Progress,
 ) -> Result<()> {
+    if !overwrite && tokio::fs::symlink_metadata(dest).await.is_ok() {
+        return Err(exists(dest));
+    }
     if entry.kind == EntryKind::Symlink {
         let target = entry.target.clone().unwrap_or_default();
-        let _ = tokio::fs::remove_file(dest).await;
+        if overwrite {
+            let _ = tokio::fs::remove_file(dest).await;
+        }
         tokio::fs::symlink(&target, dest).await?;
         done.links += 1;
         return Ok(());
@@ -391,12 +399,30 @@ async fn get_one(
     let file = out.into_inner();
     file.sync_all().await?;
     drop(file);
-    tmp_path
-        .persist(dest)
-        .map_err(|e| ClientError::Io(format!("{}: {}", dest.display(), e.error)))?;
+    // Without `overwrite`, a file that appeared during the download is not replaced.
+    let persisted = if overwrite {
+        tmp_path.persist(dest)
+    } else {
+        tmp_path.persist_noclobber(dest)
+    };
+    persisted.map_err(|e| {
+        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+            exists(dest)
+        } else {
+            ClientError::Io(format!("{}: {}", dest.display(), e.error))
+        }
+    })?;
     set_local_attrs(dest, &info)?;
     done.files += 1;
     Ok(())
+}
+
+/// The refusal to replace an existing local file.
+fn exists(dest: &Path) -> ClientError {
+    ClientError::Io(format!(
+        "{}: already exists (use --force to overwrite)",
+        dest.display()
+    ))
 }
 
 /// Gives a downloaded file or directory its mode (permission bits) and mtime.

@@ -429,6 +429,12 @@ pub struct Space {
     pub used: u64,
     /// Entries in the caller's tree (files, directories and symbolic links).
     pub files: u64,
+    /// Bytes the caller's quota still allows, when there is a quota (`available` is this
+    /// or the free disk, whichever is smaller): tells a client whether a write that does
+    /// not fit runs out of quota or of disk. Absent without a quota, and from servers
+    /// before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_available: Option<u64>,
 }
 
 /// Typed failure, carried as data.

@@ -218,19 +218,22 @@ impl Store {
         };
         let (total, disk_avail) = self.inner.space.usable()?;
         Ok(match quota {
-            Some(q) => Space {
-                total: q,
-                available: q
-                    .saturating_sub(used + self.inner.reservations.reserved(owner)?)
-                    .min(disk_avail),
-                used,
-                files,
-            },
+            Some(q) => {
+                let left = q.saturating_sub(used + self.inner.reservations.reserved(owner)?);
+                Space {
+                    total: q,
+                    available: left.min(disk_avail),
+                    used,
+                    files,
+                    quota_available: Some(left),
+                }
+            }
             None => Space {
                 total,
                 available: disk_avail,
                 used,
                 files,
+                quota_available: None,
             },
         })
     }

@@ -2,6 +2,15 @@
 //! temp data directory, real TCP, the real client library and binaries.
 //!
 //! Everything a test starts is stopped in `Drop`, also when the test panics.
+//!
+//! # Layout
+//! - this file: `TestServer`, binaries, bounded waits, content helpers;
+//! - [`mount`]: `TestMount`, a real FUSE mount of `sharefs mount --foreground`;
+//! - [`desktop`]: a private D-Bus bus and a recording notification daemon;
+//! - [`keyring`]: a real Secret Service (gnome-keyring-daemon) on a private bus;
+//! - [`proxy`]: a TCP proxy that stalls connections on demand;
+//! - [`raw`]: a raw-protocol client for the server tests;
+//! - [`smallfs`]: a small tmpfs, for a really full disk.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -13,6 +22,7 @@ use std::time::Duration;
 use sharefs_client::{ConnectOptions, EventStream, RemoteClient};
 
 pub mod desktop;
+pub mod keyring;
 #[cfg(feature = "client")]
 pub mod mount;
 pub mod proxy;
@@ -391,9 +401,17 @@ impl TestServer {
         let mut cmd = Command::new(bin("sharefs"));
         cmd.env("SHAREFS_SERVER", &self.addr)
             .env("SHAREFS_USER", user)
-            .env("SHAREFS_PASSWORD", PASSWORD);
+            .env("SHAREFS_PASSWORD", PASSWORD)
+            .env("XDG_CONFIG_HOME", self.config_home());
         self.transport_env(&mut cmd);
         cmd
+    }
+
+    /// A configuration directory of this server's own for the commands run against it
+    /// (nothing in it unless a test puts it there), so no user's configuration or stored
+    /// login takes part in a test.
+    pub fn config_home(&self) -> PathBuf {
+        self._dir.path().join("config")
     }
 
     /// Sets the environment that makes a `sharefs` command trust (or not use) TLS here.

@@ -90,6 +90,7 @@ impl TestMount {
         cmd.env("SHAREFS_SERVER", &server.addr)
             .env("SHAREFS_USER", user)
             .env("SHAREFS_PASSWORD", PASSWORD)
+            .env("XDG_CONFIG_HOME", server.config_home())
             .env(
                 "SHAREFS_KNOWN_SERVERS",
                 self.cache.path().join("known_servers"),

@@ -1,6 +1,7 @@
 //! The `sharefs` and `sharefs-server` binaries as a user runs them.
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use sharefs_tests::*;
@@ -332,4 +333,212 @@ fn whole_trees_go_up_and_down_move_and_go_away() {
     assert!(err.contains("permission denied"), "{err}");
     ok(cli("alice", &["rm", "-r", "work"]));
     assert_eq!(ok(cli("alice", &["ls", "alice"])), "");
+}
+
+#[test]
+fn get_keeps_the_mode_and_overwrites_only_with_force() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("notes.txt");
+    std::fs::write(&src, b"first").unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut put = server.cli("alice");
+    put.arg("put").arg(&src);
+    ok(put);
+
+    let dest = dir.path().join("got.txt");
+    let mut get = server.cli("bob");
+    get.args(["get", "alice/notes.txt"]).arg(&dest);
+    ok(get);
+    let mode = std::fs::metadata(&dest).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644, "mode {mode:o}");
+
+    // An existing file is left as it is, and so is a link (not followed).
+    std::fs::write(&dest, b"mine").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink("elsewhere", &link).unwrap();
+    for target in [&dest, &link] {
+        let mut get = server.cli("bob");
+        get.args(["get", "alice/notes.txt"]).arg(target);
+        let err = fails(get);
+        assert!(
+            err.contains("already exists") && err.contains("--force"),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read(&dest).unwrap(), b"mine");
+    assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("elsewhere"));
+    // Into a directory, the file of that name counts too.
+    std::fs::write(dir.path().join("notes.txt"), b"mine too").unwrap();
+    let mut get = server.cli("bob");
+    get.args(["get", "alice/notes.txt"]).arg(dir.path());
+    fails(get);
+    assert_eq!(
+        std::fs::read(dir.path().join("notes.txt")).unwrap(),
+        b"mine too"
+    );
+
+    let mut get = server.cli("bob");
+    get.args(["get", "--force", "alice/notes.txt"]).arg(&dest);
+    ok(get);
+    assert_eq!(std::fs::read(&dest).unwrap(), b"first");
+    let leftovers = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".sharefs-get")
+        })
+        .count();
+    assert_eq!(leftovers, 0);
+}
+
+#[test]
+fn ls_shows_human_sizes_and_local_times() {
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big.bin");
+    std::fs::write(&src, content(3, 3 << 20)).unwrap();
+    // 2026-01-02 03:04:05 UTC, which is 12:04 in Tokyo (no summer time there).
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_767_323_045);
+    std::fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_times(std::fs::FileTimes::new().set_modified(mtime))
+        .unwrap();
+    let mut put = server.cli("alice");
+    put.arg("put").arg(&src);
+    ok(put);
+
+    let mut ls = server.cli("alice");
+    ls.env("TZ", "Asia/Tokyo").args(["ls", "-l", "-h", "alice"]);
+    let line = ok(ls);
+    assert!(line.contains(" 3.0M "), "{line}");
+    assert!(line.contains("2026-01-02 12:04"), "{line}");
+    let mut ls = server.cli("alice");
+    ls.env("TZ", "UTC").args(["ls", "-l", "alice"]);
+    let line = ok(ls);
+    assert!(line.contains(&(3u64 << 20).to_string()), "{line}");
+    assert!(line.contains("2026-01-02 03:04"), "{line}");
+    // -h is not help for ls; --help still is.
+    let mut help = Command::new(bin("sharefs"));
+    help.args(["ls", "--help"]);
+    assert!(ok(help).contains("--human-readable"));
+}
+
+#[test]
+fn help_describes_every_positional_argument() {
+    let mut top = Command::new(bin("sharefs"));
+    top.arg("--help");
+    let text = ok(top);
+    let commands: Vec<String> = text
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .split("\n\n")
+        .next()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect();
+    assert!(commands.len() >= 8, "{commands:?}");
+    for command in &commands {
+        let mut help = Command::new(bin("sharefs"));
+        help.args([command, "--help"]);
+        let text = ok(help);
+        let Some(args) = text.split("Arguments:").nth(1) else {
+            continue;
+        };
+        let section = args.trim_start_matches('\n').split("\n\n").next().unwrap();
+        for line in section.lines() {
+            // "  <NAME>  description": a name alone has no description.
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert!(
+                words.len() >= 2,
+                "sharefs {command}: argument without a description: {line:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn logs_have_no_colour_codes_unless_stderr_is_a_terminal() {
+    let server = TestServer::start();
+    let mut ls = server.cli("alice");
+    ls.env("RUST_LOG", "debug").env_remove("NO_COLOR").arg("ls");
+    let out = run(ls);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DEBUG"), "no log lines to check: {err}");
+    assert!(!err.contains('\x1b'), "ANSI codes in a piped log: {err:?}");
+}
+
+#[test]
+fn mount_refuses_a_non_empty_or_mounted_directory() {
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mine.txt"), b"kept visible").unwrap();
+    let mut mount = server.cli("alice");
+    mount.arg("mount").arg(dir.path()).arg("--foreground");
+    let err = fails(mount);
+    assert!(err.contains("not empty"), "{err}");
+
+    // Any filesystem mounted there, not only a sharefs one: mounts do not stack.
+    let small = SmallFs::new(1);
+    let mut mount = server.cli("alice");
+    mount.arg("mount").arg(small.path()).arg("--foreground");
+    let err = fails(mount);
+    assert!(
+        err.contains("already mounted") && err.contains("tmpfs"),
+        "{err}"
+    );
+}
+
+#[test]
+fn failed_uploads_are_listed_retried_and_discarded() {
+    let server = TestServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let failed = cache.path().join("failed");
+    std::fs::create_dir(&failed).unwrap();
+    // As a mount keeps them: <unix time>-<n>-<name>.
+    std::fs::write(failed.join("1767323045-0-report.txt"), content(7, 3 << 20)).unwrap();
+    std::fs::write(failed.join("1767323046-0-draft.txt"), b"draft").unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = server.cli("alice");
+        c.arg("failed")
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .args(args);
+        c
+    };
+    let listing = ok(cmd(&["list"]));
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 2, "{listing}");
+    assert!(
+        lines[0].starts_with("1767323045-0-report.txt") && lines[0].contains("3.0M"),
+        "{listing}"
+    );
+    assert!(lines[0].ends_with("report.txt") && lines[1].ends_with("draft.txt"));
+
+    ok(cmd(&["retry", "1767323045-0-report.txt"]));
+    assert_eq!(
+        server_content(&server, "alice", "report.txt").unwrap(),
+        content(7, 3 << 20)
+    );
+    ok(cmd(&["retry", "1767323046-0-draft.txt", "drafts.txt"]));
+    assert_eq!(
+        server_content(&server, "alice", "drafts.txt").unwrap(),
+        b"draft"
+    );
+    assert_eq!(ok(cmd(&["list"])), "");
+    std::fs::write(failed.join("1767323047-0-junk"), b"junk").unwrap();
+    let err = fails(cmd(&["discard", "nope"]));
+    assert!(err.contains("no such failed upload"), "{err}");
+    ok(cmd(&["discard", "1767323047-0-junk"]));
+    assert_eq!(std::fs::read_dir(&failed).unwrap().count(), 0);
 }

@@ -410,30 +410,82 @@ fn large_file_round_trip_through_two_mounts() {
 }
 
 #[test]
-fn upload_failures_are_reported_by_close_and_fsync() {
+fn quota_errors_come_on_the_crossing_write_and_at_close() {
     if !fuse_available() {
         return;
     }
     let server = TestServer::start();
-    let mut quota = Command::new(bin("sharefs-server"));
-    quota
-        .args(["user", "quota", "alice", "1M", "--data"])
-        .arg(&server.data);
-    run_ok(&mut quota);
+    let quota = |size: &str| {
+        let mut cmd = Command::new(bin("sharefs-server"));
+        cmd.args(["user", "quota", "alice", size, "--data"])
+            .arg(&server.data);
+        run_ok(&mut cmd);
+    };
+    quota("1M");
     let alice = TestMount::new(&server, "alice");
     fs::write(alice.path("alice/keep.txt"), b"old content").unwrap();
 
-    // fsync reports it.
+    // The write that crosses the quota fails with EDQUOT (122), not the close after the
+    // whole file was staged; what was written before it fits and is uploaded.
     let mut f = OpenOptions::new()
         .write(true)
         .truncate(true)
         .open(alice.path("alice/keep.txt"))
         .unwrap();
-    f.write_all(&content(3, 2 << 20)).unwrap();
-    assert_errno(f.sync_all(), libc::EDQUOT, "fsync over quota");
+    let chunk = content(3, 64 << 10);
+    let mut written = 0usize;
+    let refused = loop {
+        match f.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) => break e,
+        }
+        assert!(written <= 2 << 20, "no write refused past the 1 MiB quota");
+    };
+    assert_eq!(refused.raw_os_error(), Some(libc::EDQUOT), "{refused}");
+    // Refused on the write that crosses: at most one chunk short of the quota.
+    assert!(
+        written > (1 << 20) - (128 << 10) && written <= 1 << 20,
+        "refused after {written} bytes"
+    );
+    f.sync_all().unwrap();
+    drop(f);
+    let fitted = content(3, 64 << 10).repeat(written / (64 << 10));
+    assert_eq!(
+        server_content(&server, "alice", "keep.txt").unwrap(),
+        fitted
+    );
+    // `dd` past the quota stops at the crossing block with the quota's message.
+    let out = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", alice.path("alice/dd.bin").display()))
+        .args(["bs=64k", "count=64"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Disk quota exceeded"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::remove_file(alice.path("alice/dd.bin")).unwrap();
+
+    // Two files growing at once each fit by what the server has left, not together:
+    // the second upload is refused, reported by fsync and by close; the data is kept.
+    fs::remove_file(alice.path("alice/keep.txt")).unwrap();
+    fs::write(alice.path("alice/keep.txt"), b"old content").unwrap();
+    let mut first = fs::File::create(alice.path("alice/first.bin")).unwrap();
+    let mut second = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(alice.path("alice/keep.txt"))
+        .unwrap();
+    first.write_all(&content(4, 600 << 10)).unwrap();
+    second.write_all(&content(5, 600 << 10)).unwrap();
+    first.sync_all().unwrap();
+    assert_errno(second.sync_all(), libc::EDQUOT, "fsync over quota");
     // close reports it too.
     use std::os::fd::IntoRawFd;
-    let fd = f.into_raw_fd();
+    let fd = second.into_raw_fd();
     // SAFETY: closing the descriptor we own.
     let rc = unsafe { libc::close(fd) };
     assert_eq!(rc, -1, "close over quota succeeded");
@@ -441,6 +493,7 @@ fn upload_failures_are_reported_by_close_and_fsync() {
         std::io::Error::last_os_error().raw_os_error(),
         Some(libc::EDQUOT)
     );
+    drop(first);
     // The server kept the old version; the staged data was kept locally.
     assert_eq!(
         server_content(&server, "alice", "keep.txt").unwrap(),
@@ -457,7 +510,7 @@ fn upload_failures_are_reported_by_close_and_fsync() {
         .unwrap()
         .unwrap()
         .path();
-    assert_eq!(fs::metadata(&kept).unwrap().len(), 2 << 20);
+    assert_eq!(fs::metadata(&kept).unwrap().len(), 600 << 10);
     assert!(
         alice.log_text().contains(&kept.display().to_string()),
         "kept path not logged"
@@ -494,6 +547,44 @@ fn upload_failures_are_reported_by_close_and_fsync() {
         st.f_files
     );
     assert!(st.f_files > 0);
+}
+
+#[test]
+fn a_full_server_disk_fails_the_crossing_write_with_enospc() {
+    if !fuse_available() {
+        return;
+    }
+    let small = SmallFs::new(16);
+    let server = TestServer::start_in(Some(&small.join("data")), &["--disk-reserve", "0"]);
+    // A first file (made without the mount) makes the folder's files exist.
+    rt().block_on(async {
+        let (c, _) = server.connect("alice").await;
+        upload(&c, "first", b"first").await;
+    });
+    let alice = TestMount::new(&server, "alice");
+    small.fill_leaving(2 << 20);
+    let mut f = fs::File::create(alice.path("alice/big")).unwrap();
+    let chunk = content(5, 64 << 10);
+    let mut written = 0usize;
+    let refused = loop {
+        match f.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) => break e,
+        }
+        assert!(
+            written <= 8 << 20,
+            "no write refused on a disk with 2 MiB free"
+        );
+    };
+    assert_eq!(refused.raw_os_error(), Some(libc::ENOSPC), "{refused}");
+    assert!(
+        written <= 2 << 20,
+        "{written} bytes accepted with 2 MiB free"
+    );
+    assert!(
+        alice.log_text().contains("no space"),
+        "the refused write is not logged"
+    );
 }
 
 /// statvfs(2) of a path.

@@ -47,34 +47,19 @@ pub fn escape_markup(text: &str) -> String {
 /// A time (milliseconds since the epoch) as a clock in the local time zone shows it:
 /// "17:37" today, "29 Nov 17:37" on another day.
 pub fn local_time(ms: i64, now_ms: i64) -> String {
-    let (Some(t), Some(now)) = (local(ms), local(now_ms)) else {
+    let tz = jiff::tz::TimeZone::system();
+    let at = |ms: i64| {
+        jiff::Timestamp::from_millisecond(ms)
+            .ok()
+            .map(|t| t.to_zoned(tz.clone()))
+    };
+    let (Some(t), Some(now)) = (at(ms), at(now_ms)) else {
         return String::from("?");
     };
-    let clock = format!("{:02}:{:02}", t.tm_hour, t.tm_min);
-    if (t.tm_year, t.tm_yday) == (now.tm_year, now.tm_yday) {
-        return clock;
+    if t.date() == now.date() {
+        return t.strftime("%H:%M").to_string();
     }
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = usize::try_from(t.tm_mon)
-        .ok()
-        .and_then(|m| MONTHS.get(m))
-        .copied()
-        .unwrap_or("?");
-    format!("{} {month} {clock}", t.tm_mday)
-}
-
-/// The broken-down local time of `ms`, as the C library computes it (TZ, /etc/localtime).
-fn local(ms: i64) -> Option<libc::tm> {
-    // time_t is 32 bits on some targets.
-    #[allow(clippy::useless_conversion)]
-    let secs: libc::time_t = ms.div_euclid(1000).try_into().ok()?;
-    // SAFETY: an all-zero tm is a valid value for localtime_r to overwrite.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers are valid for the call; localtime_r is thread-safe.
-    let out = unsafe { libc::localtime_r(&secs, &mut tm) };
-    (!out.is_null()).then_some(tm)
+    format!("{} {}", t.day(), t.strftime("%b %H:%M"))
 }
 
 /// Files a notification stands for: a server-side digest folds several.

@@ -18,6 +18,7 @@ use sharefs_protocol::{EntryKind, FileInfo, CHUNK_SIZE};
 use super::error::{FsError, FsResult};
 use super::read::ReadHandle;
 use super::remote::{AttrChange, Remote, UploadTarget};
+use super::room;
 use super::stream::{self, StreamState};
 use super::tree::LOCAL_ID;
 use super::write::{Base, Content, StagedWrite};
@@ -374,10 +375,50 @@ impl<R: Remote> FsCore<R> {
             Handle::Dir(_) => return Err(FsError::IsDir),
         };
         let _order = staged.stream_order.lock().await;
+        let end = offset + data.len() as u64;
+        if end > staged.size() {
+            self.check_room(ino, end).await?;
+        }
         let n = staged.write(offset, &data).await?;
         self.mark_changed(fh);
         self.feed_stream(ino, &staged, offset, data).await;
         Ok(n)
+    }
+
+    /// Fails a write that would make file `ino` `end` bytes long if the server has no
+    /// room for it (see `room.rs`).
+    async fn check_room(&self, ino: u64, end: u64) -> FsResult<()> {
+        // The version it replaces is counted as freed by the server.
+        let old = {
+            let st = self.state();
+            st.tree
+                .get(ino)
+                .filter(|n| n.id != LOCAL_ID)
+                .and_then(|n| n.info.as_ref())
+                .map_or(0, |i| i.size)
+        };
+        let need = end.saturating_sub(old);
+        if need == 0 {
+            return Ok(());
+        }
+        if let Some(space) = self.room.fresh() {
+            if room::refusal(&space, need).is_none() {
+                return Ok(());
+            }
+        }
+        let space = match self.remote.statfs().await {
+            Ok(space) => space,
+            Err(e) => {
+                tracing::debug!(error = %e, "statfs for a growing write failed; the upload will tell");
+                return Ok(());
+            }
+        };
+        let refused = room::refusal(&space, need);
+        self.room.store(space);
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Where an upload of the staged file `ino` goes: its entry, wherever it now is, with
@@ -519,6 +560,7 @@ impl<R: Remote> FsCore<R> {
             FsError::from(e)
         })?;
         staged.mark_uploaded(changes);
+        self.room.forget();
         tracing::info!(file = %name, size = info.size, "uploaded");
         // What the upload did not carry (a mode set after a stream began, an access
         // time) follows in one more request.

@@ -488,10 +488,11 @@ impl Remote for Fake {
     }
     async fn statfs(&self) -> Result<Space, ClientError> {
         Ok(Space {
-            total: 100,
-            available: 50,
-            used: 50,
+            total: 1 << 40,
+            available: 1 << 39,
+            used: 1 << 39,
             files: 1,
+            quota_available: None,
         })
     }
 }
