@@ -60,6 +60,7 @@ pub struct Connection {
 #[derive(Debug)]
 struct Inner {
     user: String,
+    server: String,
     /// The live client and its generation, or `None` while reconnecting.
     live: watch::Receiver<Option<(RemoteClient, u64)>>,
     op_timeout: Duration,
@@ -105,6 +106,7 @@ impl Connection {
         Ok((
             Connection {
                 inner: Arc::new(Inner {
+                    server: opts.server,
                     user: opts.user,
                     live,
                     op_timeout,
@@ -115,6 +117,20 @@ impl Connection {
             },
             ev_rx,
         ))
+    }
+
+    pub fn server(&self) -> &str {
+        &self.inner.server
+    }
+
+    /// Whether a connection is up now.
+    pub fn connected(&self) -> bool {
+        self.inner.live.borrow().is_some()
+    }
+
+    /// Changes when the connection goes down or comes back.
+    pub fn changes(&self) -> watch::Receiver<Option<(RemoteClient, u64)>> {
+        self.inner.live.clone()
     }
 
     pub fn user(&self) -> &str {

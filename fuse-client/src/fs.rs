@@ -297,6 +297,16 @@ impl<R: Remote> FsCore<R> {
         &self.user
     }
 
+    /// Files written here whose content is not on the server yet: name and size.
+    pub fn uploads_in_progress(&self) -> Vec<(String, u64)> {
+        self.state()
+            .staged
+            .values()
+            .filter(|s| s.dirty())
+            .map(|s| (s.name(), s.size()))
+            .collect()
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }

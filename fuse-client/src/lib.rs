@@ -44,6 +44,7 @@
 //!   keeps the one D-Bus connection to the notification daemon.
 //! - [`manual`]: shell completions and man pages generated from the command line.
 //! - [`failed`]: the uploads a mount kept in its cache's `failed/` folder.
+//! - [`status`]: what a running mount says of itself (`sharefs status`).
 //! - [`quoting`]: text from the network made safe to print (GNU `ls` shell-escape).
 //! - [`error`]: the `ClientError` type.
 
@@ -65,6 +66,7 @@ pub mod paths;
 pub mod quoting;
 pub mod remote;
 pub mod settings;
+pub mod status;
 pub mod tls;
 pub mod transfer;
 

@@ -115,6 +115,14 @@ enum Command {
         #[command(subcommand)]
         action: FailedAction,
     },
+    /// Show whether the mount is connected (and since when), its uploads in progress and
+    /// the failed uploads it kept locally.
+    Status {
+        /// The mount's cache directory (default: the profile's, else
+        /// ~/.cache/sharefs/USER@SERVER).
+        #[arg(long, env = "SHAREFS_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
     /// Show pending and recent notifications (and acknowledge the pending ones).
     Notifications {
         /// Keep running and print each notification as it arrives.
@@ -232,6 +240,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Mv { from, to } => mv(&cli.connect, &from, &to).await,
         Command::Notifications { follow } => notifications(&cli.connect, follow).await,
         Command::Failed { cache_dir, action } => failed(&cli.connect, cache_dir, action).await,
+        Command::Status { cache_dir } => status(&cli.connect, cache_dir),
         Command::Login { profile } => login(cli.connect, profile).await,
         Command::Logout { profile } => logout(cli.connect, profile),
         Command::Mount(_) => bail!("mount runs outside the async runtime"),
@@ -430,21 +439,86 @@ async fn get(
     Ok(())
 }
 
+/// The mount's cache directory: `given`, else the profile's, else the default one.
+fn cache_dir_of(args: &ConnectArgs, given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = given {
+        return Ok(dir);
+    }
+    let who = args.identity().map_err(anyhow::Error::msg)?;
+    Ok(who
+        .profile
+        .mount
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| sharefs_client::mount::default_cache_dir(&who.user, &who.server)))
+}
+
+fn status(args: &ConnectArgs, cache_dir: Option<PathBuf>) -> Result<()> {
+    let cache_dir = cache_dir_of(args, cache_dir)?;
+    match sharefs_client::status::read(&cache_dir) {
+        Some(s) => {
+            println!(
+                "mounted: {}@{} at {} (pid {})",
+                s.user,
+                s.server,
+                shell_escape(&s.mountpoint.to_string_lossy()),
+                s.pid
+            );
+            let since = UNIX_EPOCH + Duration::from_millis(s.since_ms.max(0) as u64);
+            println!(
+                "connection: {} since {}",
+                if s.connected {
+                    "up"
+                } else {
+                    "DOWN, reconnecting"
+                },
+                display::local_time(since)
+            );
+            println!("uploads in progress: {}", s.uploads);
+            for u in &s.uploading {
+                println!(
+                    "  {:>6}  {}",
+                    display::human_size(u.size),
+                    shell_escape(&u.name)
+                );
+            }
+        }
+        None => println!(
+            "not mounted (no running mount uses {})",
+            shell_escape(&cache_dir.to_string_lossy())
+        ),
+    }
+    let kept = sharefs_client::failed::list(&sharefs_client::failed::failed_dir(&cache_dir))?;
+    let bytes: u64 = kept.iter().map(|k| k.size).sum();
+    println!(
+        "failed uploads kept here: {}{}",
+        kept.len(),
+        if kept.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} in all; see `sharefs failed list`)",
+                display::human_size(bytes)
+            )
+        }
+    );
+    for k in &kept {
+        println!(
+            "  {:>6}  {}  {}",
+            display::human_size(k.size),
+            display::local_time(k.when),
+            shell_escape(&k.name)
+        );
+    }
+    Ok(())
+}
+
 async fn failed(
     args: &ConnectArgs,
     cache_dir: Option<PathBuf>,
     action: FailedAction,
 ) -> Result<()> {
-    let cache_dir =
-        match cache_dir {
-            Some(dir) => dir,
-            None => {
-                let who = args.identity().map_err(anyhow::Error::msg)?;
-                who.profile.mount.cache_dir.clone().unwrap_or_else(|| {
-                    sharefs_client::mount::default_cache_dir(&who.user, &who.server)
-                })
-            }
-        };
+    let cache_dir = cache_dir_of(args, cache_dir)?;
     let dir = sharefs_client::failed::failed_dir(&cache_dir);
     match action {
         FailedAction::List => {

@@ -221,7 +221,7 @@ fn foreground(opts: ConnectOptions, args: MountSettings, cache_dir: PathBuf) -> 
     let (conn, events) = runtime
         .block_on(Connection::start(opts.clone(), timeout))
         .map_err(|e| anyhow!("{e}"))?;
-    let core = Arc::new(FsCore::new(conn.clone(), cache_dir).map_err(|e| anyhow!("{e}"))?);
+    let core = Arc::new(FsCore::new(conn.clone(), cache_dir.clone()).map_err(|e| anyhow!("{e}"))?);
     let notifier = Arc::new(std::sync::OnceLock::new());
     let invalidator = Arc::new(std::sync::OnceLock::new());
     let adapter = FuseAdapter::new(
@@ -266,6 +266,12 @@ fn foreground(opts: ConnectOptions, args: MountSettings, cache_dir: PathBuf) -> 
     core.on_invalidation(move |inv| {
         sink.send(inv);
     });
+    runtime.spawn(crate::status::keep(
+        cache_dir.clone(),
+        folders.clone(),
+        conn.clone(),
+        core.clone(),
+    ));
     runtime.spawn(event_loop(conn, core, events, invalidate, folders));
 
     let mut unmounter = session.unmount_callable();
@@ -296,6 +302,7 @@ fn foreground(opts: ConnectOptions, args: MountSettings, cache_dir: PathBuf) -> 
         // The parent stops reading after this line.
     }
     let result = session.run();
+    crate::status::remove(&cache_dir);
     tracing::info!("unmounted");
     runtime.shutdown_timeout(Duration::from_secs(2));
     result.context("FUSE session failed")

@@ -542,3 +542,79 @@ fn failed_uploads_are_listed_retried_and_discarded() {
     ok(cmd(&["discard", "1767323047-0-junk"]));
     assert_eq!(std::fs::read_dir(&failed).unwrap().count(), 0);
 }
+
+#[test]
+fn status_shows_the_connection_uploads_in_progress_and_failed_uploads() {
+    use sharefs_tests::mount::{fuse_available, TestMount};
+    use std::time::Duration;
+    if !fuse_available() {
+        return;
+    }
+    let mut server = TestServer::start();
+    let mut mount = TestMount::new(&server, "alice");
+    let cache = mount.cache_dir().to_path_buf();
+    let status = |server: &TestServer| {
+        let mut cmd = server.cli("alice");
+        cmd.arg("status").arg("--cache-dir").arg(&cache);
+        ok(cmd)
+    };
+    let shows = |server: &TestServer, what: &[&str]| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let last = status(server);
+            if what.iter().all(|w| last.contains(w)) {
+                return last;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "status does not show {what:?} within 10 s:\n{last}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let text = shows(&server, &["connection: up since", "uploads in progress: 0"]);
+    assert!(text.contains("mounted: alice@"), "{text}");
+    assert!(text.contains(&mount.root().display().to_string()), "{text}");
+    assert!(text.contains("failed uploads kept here: 0"), "{text}");
+
+    // A file being written is an upload in progress until its close. Written by a shell
+    // whose standard output it is, with a builtin: any close of a copy of its descriptor
+    // (a process forked meanwhile, a redirection undone) uploads, as every close does.
+    let draft = mount.path("alice/draft.txt");
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec >"$0"; printf 'in progress'; read x"#)
+        .arg(&draft)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the shell wrote", || {
+        std::fs::metadata(&draft).is_ok_and(|m| m.len() == 11)
+    });
+    shows(&server, &["uploads in progress: 1", "draft.txt"]);
+    drop(writer.stdin.take());
+    // `read` meets the end of its input; the shell ends and its close uploads.
+    writer.wait().unwrap();
+    shows(&server, &["uploads in progress: 0"]);
+
+    // Failed uploads the mount kept, with their sizes.
+    std::fs::create_dir_all(mount.failed_dir()).unwrap();
+    std::fs::write(mount.failed_dir().join("1700000000-1-lost.txt"), b"12345").unwrap();
+    let text = status(&server);
+    assert!(
+        text.contains("failed uploads kept here: 1 (5 in all"),
+        "{text}"
+    );
+    assert!(text.contains("lost.txt"), "{text}");
+
+    // The connection down, and back.
+    server.kill9();
+    shows(&server, &["connection: DOWN, reconnecting since"]);
+    server.restart();
+    shows(&server, &["connection: up since"]);
+
+    mount.unmount();
+    let text = status(&server);
+    assert!(text.contains("not mounted"), "{text}");
+    assert!(text.contains("failed uploads kept here: 1"), "{text}");
+}
