@@ -143,6 +143,20 @@ impl Tree {
             return Some(ino);
         }
         let known = self.ino_of(&info.owner, info.id);
+        // Older than what the mount already has of the entry (an event overtaken by the
+        // reply to a later change): the server's ctime never goes back, so it is ignored.
+        if let Some(ino) = known {
+            let stale = self
+                .nodes
+                .get(&ino)
+                .and_then(|n| n.info.as_ref())
+                .is_some_and(|old| {
+                    old.id == info.id && old.owner == info.owner && old.ctime_ns > info.ctime_ns
+                });
+            if stale {
+                return Some(ino);
+            }
+        }
         let parent = self.ino_of(&info.owner, info.parent);
         let Some(parent) = parent else {
             // Somewhere the mount has not been: only the attributes are worth keeping.
