@@ -42,7 +42,6 @@
 //! - [`desktop`]: desktop notifications of downloads, a burst gathered into one digest;
 //!   `desktop/text.rs` words the pop-ups (local times, markup escaped), `desktop/bus.rs`
 //!   keeps the one D-Bus connection to the notification daemon.
-//! - [`manual`]: shell completions and man pages generated from the command line.
 //! - [`failed`]: the uploads a mount kept in its cache's `failed/` folder.
 //! - [`status`]: what a running mount says of itself (`sharefs status`).
 //! - [`quoting`]: text from the network made safe to print (GNU `ls` shell-escape).
@@ -59,7 +58,6 @@ pub mod fstab;
 pub mod fuse;
 pub mod logging;
 pub mod login;
-pub mod manual;
 pub mod mount;
 pub mod mountpoint;
 pub mod paths;

@@ -130,7 +130,7 @@ enum Command {
         follow: bool,
     },
     #[command(flatten)]
-    Manual(sharefs_client::manual::Manual),
+    Manual(sharefs_protocol::manual::Manual),
 }
 
 #[derive(Subcommand)]

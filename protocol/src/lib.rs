@@ -7,11 +7,16 @@
 //!   replies, pushed events) and the error codes that travel as data.
 //! - [`name`]: validation of user and file names; the server enforces it, clients use it to
 //!   fail early with the same words.
+//! - [`fingerprint`]: the SHA-256 fingerprints by which clients pin a server certificate.
+//! - `manual` (feature `cli`): the `completions` and `man` subcommands both binaries
+//!   offer, generated from each one's command-line definition.
 //!
 //! The protocol is documented for humans in `docs/PROTOCOL.md`.
 
 pub mod fingerprint;
 pub mod frame;
+#[cfg(feature = "cli")]
+pub mod manual;
 pub mod message;
 pub mod name;
 

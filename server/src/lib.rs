@@ -30,7 +30,6 @@
 //! - [`hub`]: durable download notifications and the registry of live sessions.
 //! - [`users`]: accounts with argon2id password hashes in `users.json`.
 //! - [`accounts`]: ends the sessions of accounts removed or re-passworded meanwhile.
-//! - [`manual`]: shell completions and man pages generated from the command line.
 //! - [`metrics`]: what the server counts, in Prometheus types; `metrics::endpoint` serves
 //!   them over HTTP, `metrics::counted` counts the bytes on each connection's socket.
 //! - [`config`]: settings and their defaults.
@@ -49,7 +48,6 @@ pub mod error;
 pub mod fsutil;
 pub mod hub;
 pub mod login;
-pub mod manual;
 pub mod metrics;
 pub mod outbox;
 pub mod ratelog;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
+use sharefs_protocol::manual;
 use sharefs_protocol::{MAX_FRAME_LIMIT, MIN_FRAME};
-use sharefs_server::manual;
 use sharefs_server::units::{format_size, parse_size};
 use sharefs_server::users::UserDb;
 use sharefs_server::ServerConfig;
