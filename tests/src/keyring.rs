@@ -11,20 +11,11 @@ use crate::TIMEOUT;
 /// Whether gnome-keyring-daemon is installed. Without it, Secret Service tests skip
 /// loudly, unless `SHAREFS_REQUIRE_KEYRING` is set (CI), where they fail.
 pub fn keyring_available() -> bool {
-    let ok = Command::new("gnome-keyring-daemon")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("SHAREFS_REQUIRE_KEYRING").is_none(),
-            "gnome-keyring-daemon is required (SHAREFS_REQUIRE_KEYRING) but missing"
-        );
-        eprintln!("\n*** SKIPPED: gnome-keyring-daemon missing: Secret Service test not run ***\n");
-    }
-    ok
+    crate::present_or_skip(
+        crate::runs("gnome-keyring-daemon"),
+        "SHAREFS_REQUIRE_KEYRING",
+        "gnome-keyring-daemon",
+    )
 }
 
 pub struct TestKeyring {

@@ -79,6 +79,29 @@ pub const PASSWORD: &str = "correct horse";
 /// The program `name` on PATH or in `~/.cargo/bin`; `None` (and a loud skip) if missing,
 /// unless the environment variable `required_by` is set (as in CI): then the test fails,
 /// saying to `install`.
+/// Whether what a test needs is here (`ok`). If not: a loud skip, or a failure where the
+/// environment variable `required_by` is set (CI).
+pub fn present_or_skip(ok: bool, required_by: &str, what: &str) -> bool {
+    if !ok {
+        assert!(
+            std::env::var_os(required_by).is_none(),
+            "{what} is required ({required_by}) but missing"
+        );
+        eprintln!("\n*** SKIPPED: {what} missing: test not run ***\n");
+    }
+    ok
+}
+
+/// Whether `program --version` runs and succeeds.
+pub fn runs(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 pub fn tool(name: &str, required_by: &str, install: &str) -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
@@ -86,15 +109,9 @@ pub fn tool(name: &str, required_by: &str, install: &str) -> Option<PathBuf> {
     if let Some(home) = std::env::var_os("HOME") {
         candidates.push(Path::new(&home).join(".cargo/bin").join(name));
     }
-    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
-        return Some(found);
-    }
-    assert!(
-        std::env::var_os(required_by).is_none(),
-        "{name} is required ({required_by}) but not installed: {install}"
-    );
-    eprintln!("\n*** SKIPPED: {name} not installed ({install}) ***\n");
-    None
+    let found = candidates.into_iter().find(|p| p.is_file());
+    present_or_skip(found.is_some(), required_by, &format!("{name} ({install})"));
+    found
 }
 
 /// Environment variable that makes the tests needing an outside tool (promtool,

@@ -9,21 +9,11 @@ use crate::{bin, TestServer, PASSWORD, TIMEOUT};
 /// Whether this machine can mount FUSE filesystems. Without it, mount tests skip loudly,
 /// unless `SHAREFS_REQUIRE_FUSE` is set (CI), where they fail.
 pub fn fuse_available() -> bool {
-    let ok = Path::new("/dev/fuse").exists()
-        && Command::new("fusermount3")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("SHAREFS_REQUIRE_FUSE").is_none(),
-            "FUSE is required (SHAREFS_REQUIRE_FUSE) but /dev/fuse or fusermount3 is missing"
-        );
-        eprintln!("\n*** SKIPPED: /dev/fuse or fusermount3 missing: FUSE mount test not run ***\n");
-    }
-    ok
+    crate::present_or_skip(
+        Path::new("/dev/fuse").exists() && crate::runs("fusermount3"),
+        "SHAREFS_REQUIRE_FUSE",
+        "FUSE (/dev/fuse and fusermount3)",
+    )
 }
 
 pub struct TestMount {
