@@ -459,6 +459,12 @@ impl Connection {
         self.retry(|c, _| async move { c.statfs().await }).await
     }
 
+    /// Makes the user's changes answered so far durable. After a reconnect it syncs what
+    /// the server has: lazy changes a server crash took away are gone either way.
+    pub async fn sync(&self) -> Result<()> {
+        self.retry(|c, _| async move { c.sync().await }).await
+    }
+
     pub async fn ack(&self, ids: Vec<u64>) -> Result<()> {
         self.retry(|c, _| {
             let ids = ids.clone();

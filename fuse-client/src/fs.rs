@@ -10,8 +10,11 @@
 //!   their "other" bits do not allow to read, the server refuses.
 //! - Open files, staged writes and their uploads are in [`files`]; names and attributes
 //!   (mkdir, symlink, unlink, rmdir, rename, setattr) in [`namespace`].
+//! - Changes that need not wait for the server's disk, and the points that make them
+//!   durable (`close()`, `fsync()`), are in [`durable`].
 
 mod creating;
+mod durable;
 mod error;
 mod events;
 mod files;
@@ -204,6 +207,8 @@ pub struct FsCore<R: Remote> {
     invalidations: std::sync::OnceLock<InvalidationSink>,
     /// The space the server last said the user has left, for writes that grow files.
     room: room::Room,
+    /// Changes answered before they were durable (see [`durable`]).
+    lazy: Arc<durable::LazyChanges>,
 }
 
 type InvalidationSink = Box<dyn Fn(Invalidation) + Send + Sync>;
@@ -277,6 +282,7 @@ impl<R: Remote> FsCore<R> {
             staged_memory: Arc::new(MemoryBudget::new(STAGED_MEMORY)),
             invalidations: std::sync::OnceLock::new(),
             room: room::Room::default(),
+            lazy: Arc::default(),
         })
     }
 

@@ -627,6 +627,19 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         );
     }
 
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.run_empty("fsyncdir", reply, move |core| async move {
+            core.fsync_dir().await
+        });
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.run(move |core, _, _| async move {
             match core.opendir(ino.0).await {

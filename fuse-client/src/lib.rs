@@ -28,6 +28,8 @@
 //!   - `fs/namespace.rs`: mkdir, symlink, unlink, rmdir, rename, setattr;
 //!   - `fs/files.rs`: open files, descriptors and uploads of staged writes;
 //!     `fs/creating.rs`: creates sent without waiting for their answer;
+//!     `fs/durable.rs`: changes answered before the server's fdatasync, and the
+//!     `close()`/`fsync()` points that make them durable;
 //!   - `fs/read.rs`: ranged reads with prefetch; `fs/write.rs`: staged writes and their
 //!     lazily fetched base; `fs/stream.rs`: sequential writes streamed as they happen;
 //!   - `fs/staging.rs`: the staging directory on disk and recovery of what a dead mount

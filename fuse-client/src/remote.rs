@@ -52,6 +52,25 @@ pub async fn with_deadline<F: std::future::Future>(deadline: Instant, fut: F) ->
     DEADLINE.scope(deadline, fut).await
 }
 
+tokio::task_local! {
+    /// Whether the changes the current task asks for may be answered before they are
+    /// durable (the protocol's `lazy`).
+    static LAZY: bool;
+}
+
+/// Runs `fut` with every change it asks for marked `lazy`: answered by the server once
+/// made, made durable by the next change that waits, a [`RemoteClient::sync`], or within
+/// the protocol's `LAZY_SYNC_MS`. The server makes content durable before it answers
+/// whatever this says.
+pub async fn lazily<F: std::future::Future>(fut: F) -> F::Output {
+    LAZY.scope(true, fut).await
+}
+
+/// Whether the current task runs inside [`lazily`].
+pub fn is_lazy() -> bool {
+    LAZY.try_with(|l| *l).unwrap_or(false)
+}
+
 /// What is left of a deadline for the server to finish a request it started, at most.
 const COMMIT_MARGIN: Duration = Duration::from_secs(1);
 
@@ -352,10 +371,12 @@ impl RemoteClient {
                 .saturating_duration_since(self.inner.hello_at)
                 .as_millis() as u64
         });
+        let lazy = is_lazy();
         let frame = Frame::new(
             &ClientMessage::Request {
                 id,
                 deadline_ms,
+                lazy,
                 op,
             },
             payload,
@@ -397,6 +418,14 @@ impl RemoteClient {
     /// A round trip that does nothing: proof the connection is alive.
     pub async fn ping(&self) -> Result<()> {
         self.call_empty(Request::Ping).await.map(|_| ())
+    }
+
+    /// Makes every change of the user's tree answered so far durable (see [`lazily`]).
+    pub async fn sync(&self) -> Result<()> {
+        match self.call_empty(Request::Sync).await? {
+            Reply::Ok => Ok(()),
+            other => Err(wrong_reply(other)),
+        }
     }
 
     pub async fn list_users(&self) -> Result<Vec<String>> {

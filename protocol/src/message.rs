@@ -37,6 +37,13 @@ pub enum ClientMessage {
         /// runs later.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deadline_ms: Option<u64>,
+        /// A change whose answer need not wait for the disk: the server answers once the
+        /// change is made and written, and makes it durable with the owner's next change
+        /// that waits, a `sync`, or within [`LAZY_SYNC_MS`], whichever comes first. Only
+        /// for changes that carry no file content (`mkdir`, `symlink`, `set_attr`, an
+        /// empty `put`); a change with content waits for the disk whatever this says.
+        #[serde(default, skip_serializing_if = "is_false")]
+        lazy: bool,
         #[serde(flatten)]
         op: Request,
     },
@@ -245,6 +252,9 @@ pub enum Request {
     StatFs,
     /// Keeps an idle connection alive; answered with `ok`.
     Ping,
+    /// Makes every change of the caller's own tree answered before it durable (the `lazy`
+    /// ones); answered with `ok` once they are.
+    Sync,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -254,6 +264,10 @@ fn is_zero(n: &u32) -> bool {
 fn is_false(b: &bool) -> bool {
     !*b
 }
+
+/// At most this many milliseconds pass between the answer to a `lazy` change and the
+/// server making it durable (when nothing else made it durable sooner).
+pub const LAZY_SYNC_MS: u64 = 10;
 
 /// Successful answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -601,11 +615,13 @@ mod tests {
             Request::Notifications { recent: 3 },
             Request::StatFs,
             Request::Ping,
+            Request::Sync,
         ];
-        for op in ops {
+        for (i, op) in ops.into_iter().enumerate() {
             let msg = ClientMessage::Request {
                 id: 99,
                 deadline_ms: Some(5),
+                lazy: i % 2 == 0,
                 op,
             };
             let json = serde_json::to_string(&msg).unwrap();

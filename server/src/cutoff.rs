@@ -8,6 +8,10 @@
 //! so a request it retries on the new one cannot also run from the old one. A mutation
 //! checks its cutoff under the folder's lock, right before its change is made durable:
 //! past that check it completes; before it, it has no effect.
+//!
+//! The cutoff also carries whether the client lets the change be answered before it
+//! reaches the disk (`lazy`, see the protocol): the change still happens in full or not
+//! at all, only its fdatasync is shared with a later one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +24,8 @@ pub struct Cutoff {
     deadline: Option<Instant>,
     /// Set when a newer connection of the same client logged in.
     fenced: Option<Arc<AtomicBool>>,
+    /// The answer need not wait for the disk.
+    lazy: bool,
 }
 
 impl Cutoff {
@@ -27,13 +33,25 @@ impl Cutoff {
     pub const NONE: Cutoff = Cutoff {
         deadline: None,
         fenced: None,
+        lazy: false,
     };
 
     pub fn new(deadline: Option<Instant>, fenced: Arc<AtomicBool>) -> Cutoff {
         Cutoff {
             deadline,
             fenced: Some(fenced),
+            lazy: false,
         }
+    }
+
+    /// The same cutoff, for a change whose answer need not wait for the disk.
+    pub fn lazy(self, lazy: bool) -> Cutoff {
+        Cutoff { lazy, ..self }
+    }
+
+    /// Whether the change may be answered before it is durable.
+    pub fn is_lazy(&self) -> bool {
+        self.lazy
     }
 
     /// Fails with `Expired` once the request must no longer run.

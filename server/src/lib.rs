@@ -23,7 +23,8 @@
 //!   received ([`store::upload`]), read handles ([`store::read`]), loading a folder
 //!   ([`store::folder`]) and migrating the flat layout of protocol 1 ([`store::migrate`]);
 //!   the operations on a tree are split into reading (`store::reading`), changing
-//!   (`store::changes`) and contents (`store::contents`).
+//!   (`store::changes`) and contents (`store::contents`); `store::flusher` makes lazy
+//!   changes durable when nothing else does.
 //!   Users ([`users`]) and notifications ([`hub`]) keep their own JSON files for now.
 //! - [`space`]: the disk reserve, claimed by every write so concurrent writers add up.
 //! - [`reservations`]: the quota held by uploads in progress, so they add up too.

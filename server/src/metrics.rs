@@ -303,6 +303,7 @@ pub fn op_name(op: &Request) -> &'static str {
         Request::Notifications { .. } => "notifications",
         Request::StatFs => "stat_fs",
         Request::Ping => "ping",
+        Request::Sync => "sync",
     }
 }
 

@@ -282,6 +282,7 @@ impl Session {
                 ClientMessage::Request {
                     id,
                     deadline_ms,
+                    lazy,
                     op,
                 } => {
                     if self.fenced.load(Ordering::SeqCst) {
@@ -291,7 +292,7 @@ impl Session {
                         return;
                     }
                     let deadline = deadline_ms.map(|ms| self.started + Duration::from_millis(ms));
-                    let cutoff = Cutoff::new(deadline, self.fenced.clone());
+                    let cutoff = Cutoff::new(deadline, self.fenced.clone()).lazy(lazy);
                     if let Err(e) = cutoff.check() {
                         tracing::info!(id, error = %e, "request arrived too late; not run");
                         self.reply(id, Err(e)).await;

@@ -129,6 +129,9 @@ pub trait MetaStore: Send + Sync {
     ) -> Result<(FileInfo, Vec<Published>)>;
     /// Bytes and entries used, and what is left under `quota`.
     fn usage(&self, owner: &str, quota: Option<u64>) -> Result<Space>;
+    /// Makes every change of `owner`'s tree answered so far durable, the ones made with a
+    /// `lazy` cutoff included (they are answered before they are).
+    fn sync(&self, owner: &str) -> Result<()>;
     /// Removes a user's whole tree and contents (account removal).
     fn remove_tree(&self, owner: &str) -> Result<()>;
 }
@@ -286,6 +289,9 @@ impl MetaStore for Store {
     }
     fn usage(&self, owner: &str, quota: Option<u64>) -> Result<Space> {
         Store::space(self, owner, quota)
+    }
+    fn sync(&self, owner: &str) -> Result<()> {
+        Store::sync(self, owner)
     }
     fn remove_tree(&self, owner: &str) -> Result<()> {
         Store::remove_folder(self, owner)

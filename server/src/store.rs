@@ -48,6 +48,11 @@
 //! of entries; in memory, lookups and listing pages are O(log n) and permission checks
 //! O(depth) (see [`tree`]).
 //!
+//! A change the client marks `lazy` (one without content: a directory, a link, modes and
+//! times, an empty file) is answered once its record is written, before the fdatasync,
+//! which the next durable change of the folder, a `sync` request or the [`flusher`]
+//! (within `LAZY_SYNC_MS`) does for it.
+//!
 //! Folders of the flat layout (protocol 1) are migrated on first load ([`migrate`]).
 
 use std::collections::HashMap;
@@ -68,6 +73,7 @@ use crate::space::DiskSpace;
 
 mod changes;
 mod contents;
+mod flusher;
 pub mod folder;
 pub mod journal;
 pub mod migrate;
@@ -134,6 +140,14 @@ struct StoreInner {
     space: DiskSpace,
     /// Quota held by uploads in progress, per owner.
     reservations: Reservations,
+    /// Folders whose lazy changes are not durable yet (see [`flusher`]).
+    flush: Arc<flusher::FlushQueue>,
+}
+
+impl Drop for StoreInner {
+    fn drop(&mut self) {
+        self.flush.close();
+    }
 }
 
 /// A new name: the rules of [`check_file_name`], too long ones told apart.
@@ -169,16 +183,25 @@ impl Store {
             fs::remove_dir_all(&tmp)?;
         }
         fsutil::create_dir_durable(&tmp)?;
-        Ok(Store {
-            inner: Arc::new(StoreInner {
-                root: root.to_path_buf(),
-                tmp,
-                folders: Mutex::new(HashMap::new()),
-                next_version: AtomicU64::new(fsutil::now_ns().max(1) as u64),
-                space: DiskSpace::new(root, reserve),
-                reservations: Reservations::default(),
-            }),
-        })
+        let flush = Arc::new(flusher::FlushQueue::default());
+        let inner = Arc::new(StoreInner {
+            root: root.to_path_buf(),
+            tmp,
+            folders: Mutex::new(HashMap::new()),
+            next_version: AtomicU64::new(fsutil::now_ns().max(1) as u64),
+            space: DiskSpace::new(root, reserve),
+            reservations: Reservations::default(),
+            flush: flush.clone(),
+        });
+        flusher::start(flush, Arc::downgrade(&inner));
+        Ok(Store { inner })
+    }
+
+    /// Makes every change of `owner`'s tree answered so far durable (see [`flusher`]).
+    pub fn sync(&self, owner: &str) -> Result<()> {
+        let folder = self.folder(owner)?;
+        let mut folder = lock(&folder)?;
+        folder.sync()
     }
 
     pub fn root(&self) -> &Path {

@@ -93,6 +93,7 @@ impl RawClient {
         let msg = ClientMessage::Request {
             id,
             deadline_ms: None,
+            lazy: false,
             op,
         };
         let frame = Frame::new(&msg, payload).unwrap();

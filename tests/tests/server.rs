@@ -322,6 +322,7 @@ async fn requests_before_login_are_refused() {
     let req = ClientMessage::Request {
         id: 1,
         deadline_ms: None,
+        lazy: false,
         op: Request::ListUsers,
     };
     framed

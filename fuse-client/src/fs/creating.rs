@@ -1,5 +1,5 @@
-//! Creates in flight. `create(2)` sends the new, empty file to the server and returns
-//! without waiting for the answer: the file is a local node of the inode table (no entry
+//! Creates in flight. `create(2)` sends the new, empty file to the server (lazily, see
+//! `durable`) and returns without waiting for the answer: the file is a local node of the inode table (no entry
 //! id yet) that lookups, listings and writes see at once, while the request travels. What
 //! needs the server to know the file (its upload at `close()`, `fsync`, a rename, an
 //! unlink, a mode or times) first waits for the answer here; by then it has usually
@@ -48,12 +48,15 @@ impl<R: Remote> FsCore<R> {
             ..UploadTarget::at(dir_id, name)
         };
         let remote = self.remote.clone();
-        // Spawned, so the request goes out now even if nothing awaits it yet.
+        let lazy = self.lazy.clone();
+        // Spawned, so the request goes out now even if nothing awaits it yet. Lazy: the
+        // upload at `close()` makes it durable (or a `sync`, see `durable`).
         let sent = tokio::spawn(async move {
-            remote
-                .upload_bytes(&target, Bytes::new())
-                .await
-                .map_err(FsError::from)
+            let made = crate::remote::lazily(remote.upload_bytes(&target, Bytes::new())).await;
+            if made.is_ok() {
+                lazy.answered();
+            }
+            made.map_err(FsError::from)
         });
         let answer: Creating = async move {
             sent.await

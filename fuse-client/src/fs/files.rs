@@ -547,6 +547,8 @@ impl<R: Remote> FsCore<R> {
             return Err(e);
         }
         let target = self.upload_target(ino, staged)?;
+        // The upload's fdatasync covers every lazy change answered before it is sent.
+        let lazy_mark = self.lazy.mark();
         let streamed = self.finish_stream(staged, target.mtime_ns).await;
         let mut info = match streamed {
             Some(info) => Ok(info),
@@ -560,7 +562,8 @@ impl<R: Remote> FsCore<R> {
             FsError::from(e)
         })?;
         staged.mark_uploaded(changes);
-        self.room.forget();
+        self.lazy.durable_up_to(lazy_mark);
+        self.room.spend(info.size);
         tracing::info!(file = %name, size = info.size, "uploaded");
         // What the upload did not carry (a mode set after a stream began, an access
         // time) follows in one more request.
@@ -626,8 +629,10 @@ impl<R: Remote> FsCore<R> {
             } => {
                 let _serial = staged.upload_lock.lock().await;
                 if !self.take_changed(fh) {
-                    // close() of a new file means it is made on the server.
-                    return self.create_answered(ino).await;
+                    // close() of a new file means it is made on the server, durably,
+                    // with what was done to it (a mode, times) since.
+                    self.create_answered(ino).await?;
+                    return self.make_durable().await;
                 }
                 let result = self.upload_locked(ino, &staged).await;
                 if result.is_err() {
@@ -655,10 +660,17 @@ impl<R: Remote> FsCore<R> {
                 if result.is_err() {
                     staged.report_failure();
                 }
-                result
+                result?;
+                // Its mode and times set lazily, its create, or a directory made for it.
+                self.make_durable().await
             }
-            _ => Ok(()),
+            _ => self.make_durable().await,
         }
+    }
+
+    /// fsync(2) of a directory: its entries made here are durable on the server.
+    pub async fn fsync_dir(&self) -> FsResult<()> {
+        self.make_durable().await
     }
 
     /// Last close of a handle. A staged file with changes no `close()` uploaded (one

@@ -61,7 +61,7 @@ impl<R: Remote> FsCore<R> {
                     // Created here, and its upload failed: it never existed.
                     return Err(FsError::NotFound);
                 }
-                let info = self.remote.setattr(id, change).await?;
+                let info = self.lazily(self.remote.setattr(id, change)).await?;
                 self.remember(&info);
             }
         }
@@ -78,7 +78,9 @@ impl<R: Remote> FsCore<R> {
     pub async fn mkdir(&self, parent: u64, name: &str, mode: u32) -> FsResult<Attr> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
-        let info = self.remote.mkdir(dir.id, name, mode & 0o7777).await?;
+        let info = self
+            .lazily(self.remote.mkdir(dir.id, name, mode & 0o7777))
+            .await?;
         self.dir_changed(parent);
         let attr = self.created(&info)?;
         // A new directory is empty: no need to ask.
@@ -97,7 +99,9 @@ impl<R: Remote> FsCore<R> {
             return Err(FsError::NameTooLong);
         }
         check_symlink_target(target).map_err(FsError::InvalidArgument)?;
-        let info = self.remote.symlink(dir.id, name, target).await?;
+        let info = self
+            .lazily(self.remote.symlink(dir.id, name, target))
+            .await?;
         self.dir_changed(parent);
         self.created(&info)
     }

@@ -90,6 +90,9 @@ pub trait Remote: Send + Sync + 'static {
     fn rename(&self, mv: &Move) -> impl Future<Output = R<FileInfo>> + Send;
     fn setattr(&self, id: u64, change: AttrChange) -> impl Future<Output = R<FileInfo>> + Send;
     fn statfs(&self) -> impl Future<Output = R<Space>> + Send;
+    /// Makes every change answered so far durable, the lazy ones included (see
+    /// `crate::remote::lazily`).
+    fn sync(&self) -> impl Future<Output = R<()>> + Send;
 }
 
 impl Remote for Connection {
@@ -161,5 +164,8 @@ impl Remote for Connection {
     }
     async fn statfs(&self) -> R<Space> {
         Connection::statfs(self).await
+    }
+    async fn sync(&self) -> R<()> {
+        Connection::sync(self).await
     }
 }

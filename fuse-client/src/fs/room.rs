@@ -5,9 +5,11 @@
 //!
 //! The check compares the file's growth over the version it replaces (what the server
 //! will count against the quota) with the server's last answer to statfs, asked again
-//! when that answer is more than [`FRESH`] old, when an upload of this mount committed
-//! since, or when the write would not fit by it. It is per file: several files growing at once can still pass the limit together, and then
-//! the server refuses the upload at `close()`, as before. A server that does not answer
+//! when that answer is more than [`FRESH`] old or when the write would not fit by it. An
+//! upload this mount commits takes its size off the answer kept (more than it uses when it
+//! replaces a version), so a run of small files costs no statfs each. The check is per
+//! file: several files growing at once can still pass the limit together, and then the
+//! server refuses the upload at `close()`, as before. A server that does not answer
 //! statfs is not a reason to refuse a write: the upload will tell.
 
 use std::sync::Mutex;
@@ -35,9 +37,14 @@ impl Room {
             .map(|(_, s)| s.clone())
     }
 
-    /// Forgets the last answer: an upload just committed used some of the space.
-    pub fn forget(&self) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    /// Takes `bytes` just committed by an upload off the last answer: what is left can
+    /// only be less than it says, so a write it refuses asks the server again.
+    pub fn spend(&self, bytes: u64) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, space)) = last.as_mut() {
+            space.available = space.available.saturating_sub(bytes);
+            space.quota_available = space.quota_available.map(|q| q.saturating_sub(bytes));
+        }
     }
 
     pub fn store(&self, space: Space) {

@@ -45,6 +45,9 @@ struct Fake {
     lists: AtomicU64,
     /// `setattr` calls.
     setattrs: AtomicU64,
+    /// Changes asked for lazily, and `sync` calls.
+    lazy_changes: AtomicU64,
+    syncs: AtomicU64,
     /// While held, `list` waits (a listing in flight).
     list_gate: tokio::sync::RwLock<()>,
 }
@@ -69,6 +72,13 @@ impl Fake {
                 .insert((u.into(), ROOT_ID), Entry { info, data: vec![] });
         }
         fake
+    }
+
+    /// Counts a change asked for inside `remote::lazily`.
+    fn count_lazy(&self) {
+        if crate::remote::is_lazy() {
+            self.lazy_changes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn tick(&self) -> u64 {
@@ -330,6 +340,7 @@ impl Remote for Fake {
         data: Bytes,
     ) -> Result<FileInfo, ClientError> {
         self.check_upload()?;
+        self.count_lazy();
         self.commit(&self.user.clone(), target, &data)
     }
     async fn upload_begin(&self, target: &UploadTarget) -> Result<RemoteHandle, ClientError> {
@@ -378,6 +389,7 @@ impl Remote for Fake {
         self.uploads.lock().unwrap().remove(&h.id);
     }
     async fn mkdir(&self, parent: u64, name: &str, mode: u32) -> Result<FileInfo, ClientError> {
+        self.count_lazy();
         if self.find(&self.user, parent, name).is_some() {
             return Err(remote_err(ErrorCode::Exists));
         }
@@ -389,6 +401,7 @@ impl Remote for Fake {
         name: &str,
         target: &str,
     ) -> Result<FileInfo, ClientError> {
+        self.count_lazy();
         if self.find(&self.user, parent, name).is_some() {
             return Err(remote_err(ErrorCode::Exists));
         }
@@ -471,6 +484,7 @@ impl Remote for Fake {
     }
     async fn setattr(&self, id: u64, change: AttrChange) -> Result<FileInfo, ClientError> {
         self.setattrs.fetch_add(1, Ordering::Relaxed);
+        self.count_lazy();
         let mut entries = self.entries.lock().unwrap();
         let e = entries
             .get_mut(&(self.user.clone(), id))
@@ -494,6 +508,10 @@ impl Remote for Fake {
             files: 1,
             quota_available: None,
         })
+    }
+    async fn sync(&self) -> Result<(), ClientError> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -596,6 +614,54 @@ fn others_folders_and_root_refuse_writes() {
         assert!(e.core.access(f.ino, false, true, false).await.is_err());
         assert!(e.core.access(f.ino, true, false, false).await.is_ok());
         assert_eq!(e.core.remote.content("alice", "f").unwrap(), b"data");
+    });
+}
+
+/// Creates, directories, links, modes and times go lazily (answered before the server's
+/// fdatasync); `close()`, `fsync()` and a directory's `fsync()` make them durable, with a
+/// `sync` only when no upload did since.
+#[test]
+fn lazy_changes_are_made_durable_at_close_and_fsync() {
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        let lazy = || e.core.remote.lazy_changes.load(Ordering::Relaxed);
+        let syncs = || e.core.remote.syncs.load(Ordering::Relaxed);
+        // A file written and closed: its upload covers its create.
+        let (_, fh) = e.core.create(dir, "written", 0o644).await.unwrap();
+        e.core.write(fh, 0, b"data").await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!((lazy(), syncs()), (1, 0));
+        // An empty file closed (`touch`): nothing to upload, so a sync.
+        let (_, fh) = e.core.create(dir, "empty", 0o644).await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        assert_eq!((lazy(), syncs()), (2, 1));
+        // Its second close has nothing new to make durable.
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(syncs(), 1);
+        // mkdir, symlink and chmod are lazy; a directory's fsync syncs them, once.
+        let sub = e.core.mkdir(dir, "sub", 0o755).await.unwrap();
+        e.core.symlink(sub.ino, "link", "../written").await.unwrap();
+        let chmod = SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        let f = e.core.lookup(dir, "written").await.unwrap();
+        e.core.setattr(f.ino, chmod, None).await.unwrap();
+        assert_eq!(lazy(), 5);
+        e.core.fsync_dir().await.unwrap();
+        e.core.fsync_dir().await.unwrap();
+        assert_eq!(syncs(), 2);
+        // A lazy change and then an upload: the upload covers it, no sync at close.
+        e.core.mkdir(dir, "other", 0o755).await.unwrap();
+        let (_, fh) = e.core.create(dir, "after", 0o644).await.unwrap();
+        e.core.write(fh, 0, b"x").await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.fsync(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!((lazy(), syncs()), (7, 2));
     });
 }
 

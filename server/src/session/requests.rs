@@ -61,6 +61,7 @@ pub(super) fn reply_room(op: &Request) -> usize {
         | Request::Remove { .. }
         | Request::Ack { .. }
         | Request::Ping
+        | Request::Sync
         | Request::StatFs
         | Request::UploadBegin { .. }
         | Request::UploadAbort { .. } => SMALL_REPLY,
@@ -342,6 +343,11 @@ impl Context {
                 Reply::Notifications { pending, recent }
             }
             Request::Ping => Reply::Ok,
+            Request::Sync => {
+                let user = self.user.clone();
+                self.blocking(move |s| s.store.sync(&user)).await?;
+                Reply::Ok
+            }
             Request::StatFs => {
                 let user = self.user.clone();
                 let space = self

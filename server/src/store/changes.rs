@@ -15,12 +15,14 @@ use crate::space::RECORD_ROOM;
 
 impl Store {
     /// Makes `ops` durable as one record and applies them; returns the events they make.
+    /// A `lazy` cutoff lets a change without content be answered before its fdatasync.
     pub(super) fn change(
         &self,
         folder: &mut Folder,
         owner: &str,
         ops: Vec<Op>,
         pending: Option<(u64, u64)>,
+        cutoff: &Cutoff,
     ) -> Result<Vec<Published>> {
         let before: Vec<(Option<Node>, bool)> = ops
             .iter()
@@ -47,7 +49,10 @@ impl Store {
         } else {
             None
         };
-        folder.commit(ops.clone(), pending)?;
+        folder.commit(ops.clone(), pending, cutoff.is_lazy())?;
+        if folder.unsynced() {
+            self.inner.flush.queue(owner);
+        }
         let tree = &folder.tree;
         let mut events = Vec::with_capacity(ops.len());
         for (op, (prior, was_visible)) in ops.into_iter().zip(before) {
@@ -156,7 +161,7 @@ impl Store {
         let id = folder.tree.allocate_id();
         let node = make(id, now);
         let ops = folder.tree.plan_create(node, now)?;
-        let events = self.change(&mut folder, owner, ops, None)?;
+        let events = self.change(&mut folder, owner, ops, None, cutoff)?;
         let info = folder
             .tree
             .get(id)
@@ -182,7 +187,7 @@ impl Store {
         let ops = folder.tree.plan_remove(parent, name, dir, now)?;
         // No claim on the disk: a removal makes room, and its record goes into journal
         // space preallocated ahead of it, so it is allowed however full the disk is.
-        self.change(&mut folder, owner, ops, None)
+        self.change(&mut folder, owner, ops, None, cutoff)
     }
 
     /// Moves `name` in `parent` to `new_name` in `new_parent` in one journal record (see
@@ -216,7 +221,7 @@ impl Store {
             return Ok((info, Vec::new()));
         };
         let _room = self.inner.space.claim(RECORD_ROOM)?;
-        let events = self.change(&mut folder, owner, ops, None)?;
+        let events = self.change(&mut folder, owner, ops, None, cutoff)?;
         let info = folder
             .tree
             .lookup(new_parent, new_name)
@@ -255,7 +260,7 @@ impl Store {
         node.ctime_ns = fsutil::now_ns();
         let _room = self.inner.space.claim(RECORD_ROOM)?;
         let info = node.info(owner);
-        let events = self.change(&mut folder, owner, vec![Op::Put(node)], None)?;
+        let events = self.change(&mut folder, owner, vec![Op::Put(node)], None, cutoff)?;
         Ok((info, events))
     }
 }

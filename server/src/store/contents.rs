@@ -247,7 +247,9 @@ impl Store {
         let blob = folder.dir.join(blob_name(blob_id));
         fs::rename(&upload.path, &blob)?;
         fsutil::sync_dir(&folder.dir)?;
-        let events = match self.change(&mut folder, owner, ops, None) {
+        // Content is never answered before it is durable.
+        let durable = cutoff.clone().lazy(false);
+        let events = match self.change(&mut folder, owner, ops, None, &durable) {
             Ok(events) => events,
             Err(e) => {
                 let _ = fs::remove_file(&blob);
@@ -330,7 +332,9 @@ impl Store {
         if let Some(Op::Put(node)) = ops.first_mut() {
             node.content = Some(Content::Pack(at));
         }
-        let events = match self.change(&mut folder, owner, ops, pending) {
+        // Only an empty file may be answered before it is durable: content never is.
+        let cutoff = cutoff.clone().lazy(cutoff.is_lazy() && size == 0);
+        let events = match self.change(&mut folder, owner, ops, pending, &cutoff) {
             Ok(events) => events,
             Err(e) => {
                 // The appended bytes are garbage now.

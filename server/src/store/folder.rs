@@ -236,14 +236,15 @@ impl Folder {
 
     /// Makes `ops` durable as one record (with the pack write `pending`, if any), then
     /// applies them and releases the contents they replace or remove. On failure nothing
-    /// changed.
-    pub fn commit(&mut self, ops: Vec<Op>, pending: Option<(u64, u64)>) -> Result<()> {
+    /// changed. With `lazy` (and no `pending`) the record is written but its fdatasync is
+    /// left to the next durable change or [`Folder::sync`].
+    pub fn commit(&mut self, ops: Vec<Op>, pending: Option<(u64, u64)>, lazy: bool) -> Result<()> {
         let record = Record { ops };
         let pending = match (pending, self.pack.as_ref()) {
             (Some((at, len)), Some(pack)) => Some((&pack.file, at, len)),
             _ => None,
         };
-        self.journal.append(&record, pending)?;
+        self.journal.append(&record, pending, lazy)?;
         for op in record.ops {
             let new_content = match &op {
                 Op::Put(n) => n.content,
@@ -268,6 +269,16 @@ impl Folder {
             Some(Content::Blob(b)) => remove_quietly(&self.dir.join(blob_name(b))),
             Some(Content::Pack(_)) | None => {}
         }
+    }
+
+    /// Makes the changes committed lazily durable.
+    pub fn sync(&mut self) -> Result<()> {
+        self.journal.sync()
+    }
+
+    /// Whether changes committed lazily are not durable yet.
+    pub fn unsynced(&self) -> bool {
+        self.journal.unsynced()
     }
 
     /// Counts `bytes` appended to the pack for a change that failed as garbage.

@@ -134,6 +134,8 @@ pub struct Journal {
     alloc: u64,
     /// Records in it (changes since the snapshot).
     pub records: u64,
+    /// Records written without an fdatasync since the last one (see [`Journal::append`]).
+    unsynced: bool,
     /// Zeros ahead leave the disk reserve alone.
     space: DiskSpace,
 }
@@ -155,17 +157,26 @@ impl Journal {
             len,
             alloc: len,
             records,
+            unsynced: false,
             space,
         }
     }
 
-    /// Appends one record and makes it durable. `pending` is a content write to a pack
-    /// still under way (see `Pack::write`): both writes go to the device together, the
-    /// content's is waited for, then the journal's fdatasync flushes the device cache for
-    /// both. If the record reaches the disk without its content (a crash before the flush:
-    /// neither was acknowledged), the next load drops it. On failure the journal is cut
+    /// Appends one record and makes it durable, with every record written before it.
+    /// `pending` is a content write to a pack still under way (see `Pack::write`): both
+    /// writes go to the device together, the content's is waited for, then the journal's
+    /// fdatasync flushes the device cache for both. If the record reaches the disk without
+    /// its content (a crash before the flush: neither was acknowledged), the next load
+    /// drops it. With `lazy` (and no `pending`) the record is only written: the next
+    /// durable append or [`Journal::sync`] makes it durable. On failure the journal is cut
     /// back so the next record does not follow a torn one.
-    pub fn append(&mut self, record: &Record, pending: Option<(&File, u64, u64)>) -> Result<()> {
+    pub fn append(
+        &mut self,
+        record: &Record,
+        pending: Option<(&File, u64, u64)>,
+        lazy: bool,
+    ) -> Result<()> {
+        let lazy = lazy && pending.is_none();
         let mut line = serde_json::to_vec(record)
             .map_err(|e| ServerError::Internal(format!("cannot encode a journal record: {e}")))?;
         line.push(b'\n');
@@ -187,13 +198,14 @@ impl Journal {
                 }
                 None => Ok(()),
             })
-            .and_then(|()| self.file.sync_data());
+            .and_then(|()| if lazy { Ok(()) } else { self.file.sync_data() });
         match result {
             Ok(()) => {
                 self.len = end;
                 // Without zeros ahead (no room for them) the record itself grew the file.
                 self.alloc = self.alloc.max(end);
                 self.records += 1;
+                self.unsynced = lazy;
                 Ok(())
             }
             Err(e) => {
@@ -203,6 +215,20 @@ impl Journal {
                 Err(e.into())
             }
         }
+    }
+
+    /// Whether records were written since the last fdatasync.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Makes the records written without an fdatasync durable.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        Ok(())
     }
 
     /// Writes a snapshot of `entries` continued by a new, empty journal, switches to it
@@ -224,11 +250,22 @@ impl Journal {
         self.len = 0;
         self.alloc = 0;
         self.records = 0;
+        // The snapshot holds every record, durably.
+        self.unsynced = false;
         Ok(())
     }
 
     #[cfg(test)]
     pub fn path(&self) -> PathBuf {
         self.dir.join(journal_name(self.epoch))
+    }
+}
+
+impl Drop for Journal {
+    /// A folder let go (the server stopping) leaves nothing answered and not durable.
+    fn drop(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::error!(dir = %self.dir.display(), error = %e, "cannot make the last changes durable");
+        }
     }
 }

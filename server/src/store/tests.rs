@@ -491,6 +491,66 @@ fn events_name_moves_and_removals_and_hide_closed_places() {
     );
 }
 
+/// A lazy change is answered before its fdatasync; the next durable change, a `sync` or
+/// the flusher (within `LAZY_SYNC_MS`) makes it durable. Content is never lazy.
+#[test]
+fn lazy_changes_are_made_durable_by_the_next_durable_one_a_sync_or_the_flusher() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let lazy = &Cutoff::NONE.lazy(true);
+    let unsynced = |store: &Store| lock(&store.folder("alice").unwrap()).unwrap().unsynced();
+    let d = store
+        .mkdir("alice", ROOT_ID, "d", 0o755, lazy)
+        .unwrap()
+        .0
+        .id;
+    assert!(
+        unsynced(&store),
+        "a lazy mkdir is answered before its fdatasync"
+    );
+    put_small(&store, d, "f", b"content");
+    assert!(!unsynced(&store), "a durable change syncs what came before");
+    store
+        .set_attr("alice", d, Some(0o700), None, Some(5), lazy)
+        .unwrap();
+    assert!(unsynced(&store));
+    store.sync("alice").unwrap();
+    assert!(!unsynced(&store));
+    let hash = blake3::hash(b"x").to_hex();
+    let g = at(d, "g");
+    store
+        .put("alice", g, b"x", hash.as_str(), None, None, None, lazy)
+        .unwrap();
+    assert!(!unsynced(&store), "content waits for the disk");
+    let empty = blake3::hash(b"").to_hex();
+    store
+        .put(
+            "alice",
+            at(d, "e"),
+            b"",
+            empty.as_str(),
+            None,
+            None,
+            None,
+            lazy,
+        )
+        .unwrap();
+    assert!(unsynced(&store));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while unsynced(&store) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flusher did not sync a lazy change"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    drop(store);
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_eq!(listed(&store, d), ["e", "f", "g"]);
+    // (Its mtime moved on with the entries made in it after.)
+    assert_eq!(store.stat("alice", d, Caller::Owner).unwrap().mode, 0o700);
+}
+
 #[test]
 fn small_files_live_in_the_pack_and_survive_reload() {
     let dir = tempfile::tempdir().unwrap();
