@@ -642,8 +642,13 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.run(move |core, _, _| async move {
+            // The kernel keeps what it read of a directory across opens: its own changes
+            // reset that cache (a new inode version), others' change the directory's
+            // mtime, whose event drops the kernel's attributes, and the kernel checks the
+            // mtime at the start of every cached read (see `events`).
+            let cached = FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE;
             match core.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => reply.opened(FileHandle(fh), cached),
                 Err(e) => reply.error(failed("opendir", &e)),
             }
         });

@@ -125,6 +125,9 @@ impl<R: Remote> FsCore<R> {
                 tracing::warn!(ino, error = %e, "the server refused a file created here; it is gone");
                 if let Some((parent, name)) = place {
                     self.invalidate(Invalidation::Entry { parent, name });
+                    // A listing the kernel kept may show it: the directory's mtime on
+                    // the server did not move, so that cache is dropped here.
+                    self.invalidate(Invalidation::Inode { ino: parent });
                 }
             }
         }

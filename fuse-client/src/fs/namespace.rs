@@ -63,6 +63,17 @@ impl<R: Remote> FsCore<R> {
                 }
                 let info = self.lazily(self.remote.setattr(id, change)).await?;
                 self.remember(&info);
+                // A descriptor reading this version through the cache shows its attributes
+                // until its last close; the mode and times set here are of that same
+                // version, and this mount's own change shows at once.
+                let mut st = self.state();
+                if let Some(p) = st
+                    .pinned
+                    .get_mut(&ino)
+                    .filter(|p| p.info.version == info.version)
+                {
+                    p.info = info;
+                }
             }
         }
         self.getattr(ino).await

@@ -866,6 +866,33 @@ fn pages_written_here_are_kept_for_the_version_they_became() {
     });
 }
 
+/// `utimes` or `chmod` through a descriptor reading the file (`File::open` then
+/// `set_modified`): the attributes shown are the new ones at once, not those of the
+/// version as it was opened.
+#[test]
+fn own_times_set_through_a_reading_descriptor_show_at_once() {
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        let (attr, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
+        e.core.write(fh, 0, b"mine").await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let o = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
+        let then = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let set = SetAttr {
+            mtime: Some(then),
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        let shown = e.core.setattr(attr.ino, set, Some(o.fh)).await.unwrap();
+        assert_eq!((shown.mtime, shown.perm), (then, 0o600));
+        let now = e.core.getattr(attr.ino).await.unwrap();
+        assert_eq!((now.mtime, now.perm), (then, 0o600));
+        e.core.release(o.fh).await.unwrap();
+    });
+}
+
 /// Writing one's own file while a descriptor here still reads an earlier version of it:
 /// the kernel's pages are then a mix of both, and go after the reader's last close.
 #[test]
