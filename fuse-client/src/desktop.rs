@@ -1,10 +1,10 @@
 //! Download notifications on the desktop. Each one pushed by the server is logged, shown
-//! as a freedesktop pop-up and acknowledged. A burst (twenty files copied at once) is
-//! gathered for a moment and shown as one digest, not twenty pop-ups running off the
-//! screen: notifications arriving within [`QUIET`] of each other are shown together, the
-//! first at most [`GATHER_AT_MOST`] after it came. With no D-Bus or no notification
-//! daemon they are logged and still acknowledged, so the server stops re-sending them;
-//! the mount works on regardless.
+//! as a freedesktop pop-up and acknowledged. The first of a burst is shown at once; what
+//! follows within [`QUIET`] of the previous one (for at most [`GATHER_AT_MOST`] after the
+//! first) joins it: the pop-up is replaced in place by one digest (twenty files copied at
+//! once are one pop-up, not twenty running off the screen). With no D-Bus or no
+//! notification daemon they are logged and still acknowledged, so the server stops
+//! re-sending them; the mount works on regardless.
 //!
 //! `desktop::text` words the pop-ups; `desktop::bus` keeps the one D-Bus connection.
 
@@ -28,12 +28,19 @@ pub use text::{human_size, popup, Popup};
 const SHOW_TIMEOUT: Duration = Duration::from_secs(5);
 /// A notification arriving within this of the previous one joins its pop-up.
 pub const QUIET: Duration = Duration::from_millis(300);
-/// ...but the first of a pop-up is never held longer than this.
+/// ...for this long after the first at most; later ones start a new pop-up.
 pub const GATHER_AT_MOST: Duration = Duration::from_secs(2);
 /// Notifications in one pop-up at most (a digest names a few and counts the rest).
 const MAX_BATCH: usize = 10_000;
 /// Ids remembered as shown (the server may re-send one until it has our ack).
 const REMEMBERED: usize = 100_000;
+
+/// The pop-up of one burst: the notifications it shows and the id the daemon gave it.
+#[derive(Debug, Default)]
+pub struct Burst {
+    notes: Vec<Notification>,
+    popup: u32,
+}
 
 /// Shows notifications and acknowledges them, each id once.
 pub struct Notifier {
@@ -56,21 +63,26 @@ impl Notifier {
     pub async fn run(mut self, conn: Connection, mut notes: mpsc::UnboundedReceiver<Notification>) {
         while let Some(first) = notes.recv().await {
             let until = Instant::now() + GATHER_AT_MOST;
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            let mut popup = Burst::default();
+            self.handle(&conn, &mut popup, vec![first]).await;
+            let mut more = Vec::new();
+            while popup.notes.len() + more.len() < MAX_BATCH {
                 let next = (Instant::now() + QUIET).min(until);
                 match tokio::time::timeout_at(next, notes.recv()).await {
-                    Ok(Some(n)) => batch.push(n),
+                    Ok(Some(n)) => more.push(n),
                     Ok(None) | Err(_) => break,
                 }
             }
-            self.handle(&conn, batch).await;
+            if !more.is_empty() {
+                self.handle(&conn, &mut popup, more).await;
+            }
         }
     }
 
-    /// Shows the notifications of `batch` not shown before as one pop-up, and
+    /// Shows the notifications of `batch` not shown before in `burst`'s pop-up (a new
+    /// one, or the burst's replaced by the digest of all its notifications), and
     /// acknowledges them all.
-    pub async fn handle(&mut self, conn: &Connection, batch: Vec<Notification>) {
+    pub async fn handle(&mut self, conn: &Connection, burst: &mut Burst, batch: Vec<Notification>) {
         if self.shown.len() > REMEMBERED {
             self.shown.clear();
         }
@@ -80,7 +92,16 @@ impl Notifier {
             .cloned()
             .collect();
         if !fresh.is_empty() {
-            self.show(&fresh).await;
+            let now_ms = now_ms();
+            for n in &fresh {
+                tracing::info!(
+                    id = n.id,
+                    "{}",
+                    popup(std::slice::from_ref(n), now_ms, false).summary
+                );
+            }
+            burst.notes.extend(fresh);
+            burst.popup = self.show(&burst.notes, burst.popup).await;
         }
         let ids: Vec<u64> = batch.iter().map(|n| n.id).collect();
         if let Err(e) = conn.ack(ids.clone()).await {
@@ -91,28 +112,28 @@ impl Notifier {
         }
     }
 
-    async fn show(&mut self, batch: &[Notification]) {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        for n in batch {
-            tracing::info!(
-                id = n.id,
-                "{}",
-                popup(std::slice::from_ref(n), now_ms, false).summary
-            );
-        }
+    /// Shows `batch` as one pop-up, replacing pop-up `replaces` (0: none); returns the
+    /// pop-up's id (0 if none was shown).
+    async fn show(&mut self, batch: &[Notification], replaces: u32) -> u32 {
+        let now_ms = now_ms();
         let folder = self.folder(batch);
         let bus = &mut self.bus;
         let shown = tokio::time::timeout(SHOW_TIMEOUT, async {
             let markup = bus.markup().await?;
-            bus.show(&popup(batch, now_ms, markup), folder).await
+            bus.show(&popup(batch, now_ms, markup), folder, replaces)
+                .await
         })
         .await;
         match shown {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "no desktop notification shown (logged only)"),
-            Err(_) => tracing::warn!("notification daemon did not answer; logged only"),
+            Ok(Ok(id)) => id,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "no desktop notification shown (logged only)");
+                0
+            }
+            Err(_) => {
+                tracing::warn!("notification daemon did not answer; logged only");
+                0
+            }
         }
     }
 
@@ -138,4 +159,11 @@ impl Notifier {
         }
         Some(owner)
     }
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

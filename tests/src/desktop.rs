@@ -92,7 +92,7 @@ impl Recorder {
         &mut self,
         #[zbus(header)] header: zbus::message::Header<'_>,
         app_name: String,
-        _replaces_id: u32,
+        replaces_id: u32,
         app_icon: String,
         summary: String,
         body: String,
@@ -104,9 +104,20 @@ impl Recorder {
             f(&summary);
         }
         let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
-        self.next_id += 1;
-        self.shown.lock().unwrap().push(Shown {
-            id: self.next_id,
+        let mut shown = self.shown.lock().unwrap();
+        // As a daemon does: a pop-up still shown is replaced in place, keeping its id.
+        let id = match shown.iter().position(|s| s.id == replaces_id) {
+            Some(i) if replaces_id != 0 => {
+                shown.remove(i);
+                replaces_id
+            }
+            _ => {
+                self.next_id += 1;
+                self.next_id
+            }
+        };
+        shown.push(Shown {
+            id,
             app_name,
             app_icon,
             summary,
@@ -114,7 +125,7 @@ impl Recorder {
             actions,
             sender,
         });
-        self.next_id
+        id
     }
 
     /// A click on an action button of pop-up `id`.

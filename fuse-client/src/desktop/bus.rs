@@ -107,9 +107,15 @@ impl DesktopBus {
             .any(|c| c == "body-markup"))
     }
 
-    /// Shows `popup`, with an "Open folder" action for `folder` where the daemon has
-    /// actions. A failed call drops the connection: the next pop-up opens a new one.
-    pub async fn show(&mut self, popup: &Popup, folder: Option<PathBuf>) -> zbus::Result<()> {
+    /// Shows `popup` (in place of pop-up `replaces`, if not 0), with an "Open folder"
+    /// action for `folder` where the daemon has actions; returns the pop-up's id. A
+    /// failed call drops the connection: the next pop-up opens a new one.
+    pub async fn show(
+        &mut self,
+        popup: &Popup,
+        folder: Option<PathBuf>,
+        replaces: u32,
+    ) -> zbus::Result<u32> {
         let open = self.connected().await?;
         let with_actions = folder.is_some() && open.actions.is_some();
         let actions: &[&str] = if with_actions {
@@ -125,7 +131,7 @@ impl DesktopBus {
             .proxy
             .notify(
                 APP_NAME,
-                0,
+                replaces,
                 APP_ICON,
                 &popup.summary,
                 &popup.body,
@@ -138,13 +144,15 @@ impl DesktopBus {
             Ok(id) => {
                 if let (true, Some(folder)) = (with_actions, folder) {
                     if let Ok(mut f) = self.folders.lock() {
+                        // A pop-up replaced in place opens the folder of what it shows now.
+                        f.retain(|(shown, _)| *shown != id);
                         if f.len() >= REMEMBERED {
                             f.pop_front();
                         }
                         f.push_back((id, folder));
                     }
                 }
-                Ok(())
+                Ok(id)
             }
             Err(e) => {
                 self.open = None;
