@@ -600,9 +600,10 @@ def main():
         extra["growth"] = growth
     finally:
         env.close()
+        # Also when stopped (SIGTERM, Ctrl-C): the run's files take gigabytes.
+        shutil.rmtree(root, ignore_errors=True)
 
     write_report(out_path, results, extra, sizes, rounds, short)
-    shutil.rmtree(root, ignore_errors=True)
     log("wrote", out_path)
 
 
