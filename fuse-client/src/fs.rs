@@ -178,6 +178,21 @@ struct Pinned {
     attrs_changed: bool,
 }
 
+impl Pinned {
+    /// Takes the new attributes of the version it holds (a mode, times), to report from
+    /// now on and to drop from the kernel at the last close; false for another version.
+    fn same_version_changed(&mut self, info: &FileInfo) -> bool {
+        if info.version != self.info.version {
+            return false;
+        }
+        if *info != self.info {
+            self.info = info.clone();
+            self.attrs_changed = true;
+        }
+        true
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

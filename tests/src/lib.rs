@@ -449,6 +449,19 @@ impl Drop for TestServer {
     }
 }
 
+/// Runs `cmd` (bounded, as [`output_within`]) and returns its standard output; fails the
+/// test with both outputs unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = output_within(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs `cmd` to its end, at most [`TIMEOUT`] (then kills it and fails the test).
 /// Its output goes through files, so a chatty command cannot fill a pipe and stall.
 pub fn output_within(cmd: &mut Command) -> std::process::Output {

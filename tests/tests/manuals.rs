@@ -26,16 +26,6 @@ const SUBCOMMANDS: [(&str, &[&str]); 2] = [
     ("sharefs-server", &["serve", "user", "completions", "man"]),
 ];
 
-fn run_ok(cmd: &mut Command) -> String {
-    let out = output_within(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn completion_scripts_are_valid_and_know_the_subcommands() {
     let dir = tempfile::tempdir().unwrap();

@@ -17,16 +17,6 @@ fn assert_errno<T: std::fmt::Debug>(r: std::io::Result<T>, errno: i32, what: &st
     }
 }
 
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn own_folder_supports_the_usual_write_patterns() {
     if !fuse_available() {

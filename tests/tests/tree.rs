@@ -20,18 +20,6 @@ fn assert_errno<T: std::fmt::Debug>(r: std::io::Result<T>, errno: i32, what: &st
     }
 }
 
-/// Runs `cmd` (bounded in time) and returns its stdout; panics with its stderr on failure.
-fn run_ok(cmd: &mut Command) -> String {
-    let out = output_within(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// What `cp -a`, `tar` and `rsync -a` must keep of a tree: each entry's kind, permission
 /// bits, mtime (whole seconds: tar keeps no more), size and content or link target.
 fn describe(root: &Path) -> BTreeMap<String, String> {

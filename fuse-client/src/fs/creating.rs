@@ -52,11 +52,9 @@ impl<R: Remote> FsCore<R> {
         // Spawned, so the request goes out now even if nothing awaits it yet. Lazy: the
         // upload at `close()` makes it durable (or a `sync`, see `durable`).
         let sent = tokio::spawn(async move {
-            let made = crate::remote::lazily(remote.upload_bytes(&target, Bytes::new())).await;
-            if made.is_ok() {
-                lazy.answered();
-            }
-            made.map_err(FsError::from)
+            lazy.lazily(remote.upload_bytes(&target, Bytes::new()))
+                .await
+                .map_err(FsError::from)
         });
         let answer: Creating = async move {
             sent.await

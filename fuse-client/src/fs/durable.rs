@@ -25,7 +25,7 @@ pub struct LazyChanges {
 
 impl LazyChanges {
     /// Counts one lazy change answered.
-    pub fn answered(&self) {
+    fn answered(&self) {
         self.answered.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -42,21 +42,18 @@ impl LazyChanges {
     fn all_durable(&self, mark: u64) -> bool {
         self.durable.load(Ordering::SeqCst) >= mark
     }
-}
 
-impl<R: Remote> FsCore<R> {
-    /// Runs a change that may be answered before it is durable.
-    pub(super) async fn lazily<T, E>(
-        &self,
-        change: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, E> {
+    /// Runs a change that may be answered before it is durable, and counts it.
+    pub async fn lazily<T, E>(&self, change: impl Future<Output = Result<T, E>>) -> Result<T, E> {
         let result = crate::remote::lazily(change).await;
         if result.is_ok() {
-            self.lazy.answered();
+            self.answered();
         }
         result
     }
+}
 
+impl<R: Remote> FsCore<R> {
     /// Makes the lazy changes answered so far durable, with a `sync` if no durable change
     /// has since.
     pub(super) async fn make_durable(&self) -> FsResult<()> {
@@ -64,10 +61,7 @@ impl<R: Remote> FsCore<R> {
         if self.lazy.all_durable(mark) {
             return Ok(());
         }
-        self.remote.sync().await.map_err(|e| {
-            tracing::warn!(error = %e, "cannot make the last changes durable on the server");
-            super::error::FsError::from(e)
-        })?;
+        self.remote.sync().await?;
         self.lazy.durable_up_to(mark);
         Ok(())
     }

@@ -151,16 +151,10 @@ impl<R: Remote> FsCore<R> {
         }
         let version = file.map(|f| f.version);
         if let Some(p) = st.pinned.get_mut(&ino) {
-            match file {
-                // Same content: its new attributes are reported from now on (the kernel
-                // asks when its own expire) and dropped from the kernel at the last close.
-                Some(f) if f.version == p.info.version => {
-                    if *f != p.info {
-                        p.info = f.clone();
-                        p.attrs_changed = true;
-                    }
-                }
-                _ => p.stale = true,
+            // Same content: its new attributes are reported from now on (the kernel asks
+            // when its own expire) and dropped from the kernel at the last close.
+            if !file.is_some_and(|f| p.same_version_changed(f)) {
+                p.stale = true;
             }
             return;
         }

@@ -61,18 +61,13 @@ impl<R: Remote> FsCore<R> {
                     // Created here, and its upload failed: it never existed.
                     return Err(FsError::NotFound);
                 }
-                let info = self.lazily(self.remote.setattr(id, change)).await?;
+                let info = self.lazy.lazily(self.remote.setattr(id, change)).await?;
                 self.remember(&info);
                 // A descriptor reading this version through the cache shows its attributes
                 // until its last close; the mode and times set here are of that same
                 // version, and this mount's own change shows at once.
-                let mut st = self.state();
-                if let Some(p) = st
-                    .pinned
-                    .get_mut(&ino)
-                    .filter(|p| p.info.version == info.version)
-                {
-                    p.info = info;
+                if let Some(p) = self.state().pinned.get_mut(&ino) {
+                    p.same_version_changed(&info);
                 }
             }
         }
@@ -90,6 +85,7 @@ impl<R: Remote> FsCore<R> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
         let info = self
+            .lazy
             .lazily(self.remote.mkdir(dir.id, name, mode & 0o7777))
             .await?;
         self.dir_changed(parent);
@@ -111,6 +107,7 @@ impl<R: Remote> FsCore<R> {
         }
         check_symlink_target(target).map_err(FsError::InvalidArgument)?;
         let info = self
+            .lazy
             .lazily(self.remote.symlink(dir.id, name, target))
             .await?;
         self.dir_changed(parent);

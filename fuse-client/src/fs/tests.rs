@@ -540,6 +540,15 @@ async fn folder(core: &FsCore<Fake>, owner: &str) -> u64 {
     core.lookup(ROOT, owner).await.unwrap().ino
 }
 
+/// Creates `name` in `dir` with `data`, closes it (uploading it) and returns its attributes.
+async fn written(core: &FsCore<Fake>, dir: u64, name: &str, data: &[u8]) -> Attr {
+    let (attr, fh) = core.create(dir, name, 0o644).await.unwrap();
+    core.write(fh, 0, data).await.unwrap();
+    core.flush(fh).await.unwrap();
+    core.release(fh).await.unwrap();
+    attr
+}
+
 async fn read_all(core: &FsCore<Fake>, ino: u64) -> Vec<u8> {
     let o = core.open(ino, OpenMode::default()).await.unwrap();
     let mut out = Vec::new();
@@ -628,10 +637,7 @@ fn lazy_changes_are_made_durable_at_close_and_fsync() {
         let lazy = || e.core.remote.lazy_changes.load(Ordering::Relaxed);
         let syncs = || e.core.remote.syncs.load(Ordering::Relaxed);
         // A file written and closed: its upload covers its create.
-        let (_, fh) = e.core.create(dir, "written", 0o644).await.unwrap();
-        e.core.write(fh, 0, b"data").await.unwrap();
-        e.core.flush(fh).await.unwrap();
-        e.core.release(fh).await.unwrap();
+        written(&e.core, dir, "written", b"data").await;
         assert_eq!((lazy(), syncs()), (1, 0));
         // An empty file closed (`touch`): nothing to upload, so a sync.
         let (_, fh) = e.core.create(dir, "empty", 0o644).await.unwrap();
@@ -847,10 +853,7 @@ fn pages_written_here_are_kept_for_the_version_they_became() {
     rt().block_on(async {
         let e = env("alice");
         let dir = folder(&e.core, "alice").await;
-        let (attr, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
-        e.core.write(fh, 0, b"mine").await.unwrap();
-        e.core.flush(fh).await.unwrap();
-        e.core.release(fh).await.unwrap();
+        let attr = written(&e.core, dir, "f", b"mine").await;
         let o = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
         assert!(o.keep_cache, "the pages are the uploaded version's");
         e.core.release(o.fh).await.unwrap();
@@ -874,10 +877,7 @@ fn own_times_set_through_a_reading_descriptor_show_at_once() {
     rt().block_on(async {
         let e = env("alice");
         let dir = folder(&e.core, "alice").await;
-        let (attr, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
-        e.core.write(fh, 0, b"mine").await.unwrap();
-        e.core.flush(fh).await.unwrap();
-        e.core.release(fh).await.unwrap();
+        let attr = written(&e.core, dir, "f", b"mine").await;
         let o = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
         let then = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let set = SetAttr {

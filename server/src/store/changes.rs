@@ -15,14 +15,15 @@ use crate::space::RECORD_ROOM;
 
 impl Store {
     /// Makes `ops` durable as one record and applies them; returns the events they make.
-    /// A `lazy` cutoff lets a change without content be answered before its fdatasync.
+    /// With `lazy` (a change without content whose client allows it) the record's
+    /// fdatasync is left to the folder's next durable change, a `sync` or the flusher.
     pub(super) fn change(
         &self,
         folder: &mut Folder,
         owner: &str,
         ops: Vec<Op>,
         pending: Option<(u64, u64)>,
-        cutoff: &Cutoff,
+        lazy: bool,
     ) -> Result<Vec<Published>> {
         let before: Vec<(Option<Node>, bool)> = ops
             .iter()
@@ -49,7 +50,7 @@ impl Store {
         } else {
             None
         };
-        folder.commit(ops.clone(), pending, cutoff.is_lazy())?;
+        folder.commit(ops.clone(), pending, lazy)?;
         if folder.unsynced() {
             self.inner.flush.queue(owner);
         }
@@ -161,7 +162,7 @@ impl Store {
         let id = folder.tree.allocate_id();
         let node = make(id, now);
         let ops = folder.tree.plan_create(node, now)?;
-        let events = self.change(&mut folder, owner, ops, None, cutoff)?;
+        let events = self.change(&mut folder, owner, ops, None, cutoff.is_lazy())?;
         let info = folder
             .tree
             .get(id)
@@ -186,8 +187,9 @@ impl Store {
         let now = fsutil::now_ns();
         let ops = folder.tree.plan_remove(parent, name, dir, now)?;
         // No claim on the disk: a removal makes room, and its record goes into journal
-        // space preallocated ahead of it, so it is allowed however full the disk is.
-        self.change(&mut folder, owner, ops, None, cutoff)
+        // space preallocated ahead of it, so it is allowed however full the disk is. Durable
+        // before its answer, whatever the client allows.
+        self.change(&mut folder, owner, ops, None, false)
     }
 
     /// Moves `name` in `parent` to `new_name` in `new_parent` in one journal record (see
@@ -221,7 +223,8 @@ impl Store {
             return Ok((info, Vec::new()));
         };
         let _room = self.inner.space.claim(RECORD_ROOM)?;
-        let events = self.change(&mut folder, owner, ops, None, cutoff)?;
+        // Durable before its answer, whatever the client allows.
+        let events = self.change(&mut folder, owner, ops, None, false)?;
         let info = folder
             .tree
             .lookup(new_parent, new_name)
@@ -260,7 +263,13 @@ impl Store {
         node.ctime_ns = fsutil::now_ns();
         let _room = self.inner.space.claim(RECORD_ROOM)?;
         let info = node.info(owner);
-        let events = self.change(&mut folder, owner, vec![Op::Put(node)], None, cutoff)?;
+        let events = self.change(
+            &mut folder,
+            owner,
+            vec![Op::Put(node)],
+            None,
+            cutoff.is_lazy(),
+        )?;
         Ok((info, events))
     }
 }

@@ -248,8 +248,7 @@ impl Store {
         fs::rename(&upload.path, &blob)?;
         fsutil::sync_dir(&folder.dir)?;
         // Content is never answered before it is durable.
-        let durable = cutoff.clone().lazy(false);
-        let events = match self.change(&mut folder, owner, ops, None, &durable) {
+        let events = match self.change(&mut folder, owner, ops, None, false) {
             Ok(events) => events,
             Err(e) => {
                 let _ = fs::remove_file(&blob);
@@ -333,8 +332,8 @@ impl Store {
             node.content = Some(Content::Pack(at));
         }
         // Only an empty file may be answered before it is durable: content never is.
-        let cutoff = cutoff.clone().lazy(cutoff.is_lazy() && size == 0);
-        let events = match self.change(&mut folder, owner, ops, pending, &cutoff) {
+        let lazy = cutoff.is_lazy() && size == 0;
+        let events = match self.change(&mut folder, owner, ops, pending, lazy) {
             Ok(events) => events,
             Err(e) => {
                 // The appended bytes are garbage now.

@@ -43,18 +43,13 @@ impl FlushQueue {
         self.wake.notify_one();
     }
 
-    /// Waits for owners to sync: `None` once closed.
-    fn next(&self) -> Option<()> {
+    /// Waits for owners to sync: false once closed.
+    fn wait(&self) -> bool {
         let mut q = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if q.closed {
-                return None;
-            }
-            if !q.owners.is_empty() {
-                return Some(());
-            }
+        while !q.closed && q.owners.is_empty() {
             q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
         }
+        !q.closed
     }
 
     fn take(&self) -> BTreeSet<String> {
@@ -74,7 +69,7 @@ pub fn start(queue: Arc<FlushQueue>, store: Weak<StoreInner>) {
 }
 
 fn run(queue: &FlushQueue, store: &Weak<StoreInner>) {
-    while queue.next().is_some() {
+    while queue.wait() {
         // Changes coming meanwhile share the fdatasync, or a durable change makes them
         // durable first and leaves nothing to do.
         std::thread::sleep(Duration::from_millis(LAZY_SYNC_MS));

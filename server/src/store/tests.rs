@@ -516,6 +516,15 @@ fn lazy_changes_are_made_durable_by_the_next_durable_one_a_sync_or_the_flusher()
     assert!(unsynced(&store));
     store.sync("alice").unwrap();
     assert!(!unsynced(&store));
+    // Removals and renames are durable before their answer, whatever the client allows.
+    store.mkdir("alice", d, "gone", 0o755, N).unwrap();
+    store.remove("alice", d, "gone", true, lazy).unwrap();
+    assert!(!unsynced(&store));
+    store.mkdir("alice", d, "moved", 0o755, N).unwrap();
+    store
+        .rename("alice", d, "moved", ROOT_ID, "moved", false, lazy)
+        .unwrap();
+    assert!(!unsynced(&store));
     let hash = blake3::hash(b"x").to_hex();
     let g = at(d, "g");
     store
