@@ -358,6 +358,57 @@ impl Connection {
             .await
     }
 
+    /// Makes what the server received of a streamed upload durable; how many bytes.
+    pub async fn upload_sync(&self, h: RemoteHandle) -> Result<u64> {
+        let client = self.client_of(h.generation)?;
+        self.bounded(client.upload_sync(h.id)).await
+    }
+
+    /// Takes up a streamed upload on a live connection after its own was lost: waits for
+    /// one (within the operation timeout), and while the server still holds the upload
+    /// for the connection that went (`busy`). Returns the upload on this connection and
+    /// where its chunks continue.
+    pub async fn upload_resume(&self, h: RemoteHandle) -> Result<(RemoteHandle, u64)> {
+        let deadline = self.upload_deadline();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let resumed = self
+                .retry_until(deadline, |c, generation| async move {
+                    let offset = c.upload_resume(h.id).await?;
+                    Ok((
+                        RemoteHandle {
+                            id: h.id,
+                            generation,
+                        },
+                        offset,
+                    ))
+                })
+                .await;
+            match resumed {
+                Err(e)
+                    if e.code() == Some(ErrorCode::Busy) && Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(upload = h.id, error = %e, "upload not let go yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads back bytes the server received of a streamed upload.
+    pub async fn upload_read(&self, h: RemoteHandle, offset: u64, len: u32) -> Result<Bytes> {
+        let client = self.client_of(h.generation)?;
+        self.bounded(client.upload_read(h.id, offset, len)).await
+    }
+
+    /// Version, size and BLAKE3 hash of one of the caller's files.
+    pub async fn content_hash(&self, id: u64) -> Result<(u64, u64, String)> {
+        self.retry(|c, _| async move { c.content_hash(id).await })
+            .await
+    }
+
     pub async fn upload_abort(&self, h: RemoteHandle) {
         if let Ok(client) = self.client_of(h.generation) {
             let _ = tokio::time::timeout(self.inner.op_timeout, client.upload_abort(h.id)).await;

@@ -216,6 +216,8 @@ pub struct FsCore<R: Remote> {
     changed_since_flush: Mutex<std::collections::HashSet<u64>>,
     next_fh: AtomicU64,
     prefetch_budget: Arc<Semaphore>,
+    /// Memory the streamed uploads keep for a resend, in KiB (see [`stream`]).
+    stream_budget: Arc<Semaphore>,
     staged_memory: Arc<MemoryBudget>,
     /// Where invalidations that are not the answer to an event go (the mount's
     /// invalidation thread); none in unit tests that do not ask.
@@ -294,6 +296,7 @@ impl<R: Remote> FsCore<R> {
             changed_since_flush: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
             prefetch_budget: Arc::new(Semaphore::new(PREFETCH_BUDGET)),
+            stream_budget: Arc::new(Semaphore::new((stream::STREAM_BUDGET / 1024) as usize)),
             staged_memory: Arc::new(MemoryBudget::new(STAGED_MEMORY)),
             invalidations: std::sync::OnceLock::new(),
             room: room::Room::default(),

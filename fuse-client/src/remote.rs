@@ -574,7 +574,60 @@ impl RemoteClient {
             })
             .await?
         {
-            Reply::UploadStarted { upload } => Ok(upload),
+            Reply::UploadStarted { upload, .. } => Ok(upload),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    /// Makes what the server received of `upload` durable; returns how many bytes that is.
+    pub async fn upload_sync(&self, upload: u64) -> Result<u64> {
+        match self.call_empty(Request::UploadSync { upload }).await? {
+            Reply::UploadDurable { durable } => Ok(durable),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    /// Takes up an upload a lost connection left; returns where its chunks continue.
+    pub async fn upload_resume(&self, upload: u64) -> Result<u64> {
+        match self.call_empty(Request::UploadResume { upload }).await? {
+            Reply::UploadStarted { offset, .. } => Ok(offset),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    /// Reads back up to `len` (at most one chunk) bytes the server received of `upload`.
+    pub async fn upload_read(&self, upload: u64, offset: u64, len: u32) -> Result<Bytes> {
+        let len = len.min(self.inner.chunk_size);
+        match self
+            .call(
+                Request::UploadRead {
+                    upload,
+                    offset,
+                    len,
+                },
+                Bytes::new(),
+            )
+            .await?
+        {
+            (Reply::Data, data) => Ok(data),
+            (other, _) => Err(wrong_reply(other)),
+        }
+    }
+
+    /// The version, size and hex BLAKE3 hash of one of the caller's files.
+    pub async fn content_hash(&self, id: u64) -> Result<(u64, u64, String)> {
+        match self
+            .call_empty(Request::ContentHash {
+                owner: self.inner.user.clone(),
+                id,
+            })
+            .await?
+        {
+            Reply::ContentHash {
+                version,
+                size,
+                blake3,
+            } => Ok((version, size, blake3)),
             other => Err(wrong_reply(other)),
         }
     }

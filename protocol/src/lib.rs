@@ -40,7 +40,12 @@ pub const MAGIC: &str = "sharefs";
 /// Protocol version spoken by this build. A peer with another version is refused with
 /// [`ErrorCode::VersionMismatch`], whose message tells the user which side to upgrade.
 /// Version 2 made each user's folder a tree addressed by entry ids; version 1 was flat.
-pub const VERSION: u32 = 2;
+/// Version 3 made uploads resumable (`upload_sync`, `upload_resume`, `upload_read`,
+/// `content_hash`); a server speaking it still serves version 2 clients, which never ask
+/// for those.
+pub const VERSION: u32 = 3;
+/// Oldest client protocol a server of this build serves.
+pub const MIN_CLIENT_VERSION: u32 = 2;
 /// Default cap on a whole frame (header and payload).
 pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;
 /// Largest data chunk a client asks for or sends in one frame; leaves room for the header

@@ -175,6 +175,36 @@ pub enum Request {
     UploadAbort {
         upload: u64,
     },
+    /// Makes every byte of `upload` received so far durable; answered with
+    /// `upload_durable` once it is. From then on the upload survives the loss of this
+    /// connection and a restart of the server: `upload_resume` picks it up from there.
+    UploadSync {
+        upload: u64,
+    },
+    /// Takes up an upload of the caller that a lost connection or a server restart left
+    /// behind (kept for the server's upload idle bound), answered with `upload_started`
+    /// whose `offset` is where its chunks go on: at least the last `upload_durable`
+    /// answer, at most what was sent. `busy` while the connection that had it has not
+    /// yet let it go or its commit is running; `not_found` once it is gone (committed,
+    /// aborted, failed or expired: `content_hash` tells whether a commit whose answer was
+    /// lost made it).
+    UploadResume {
+        upload: u64,
+    },
+    /// Reads back bytes of an upload in progress (everything sent before this request);
+    /// the data is the response payload, shorter at the end of what was received.
+    UploadRead {
+        upload: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// The BLAKE3 hash of the current content of one of the caller's own files.
+    ContentHash {
+        owner: String,
+        /// Sent as `entry` (see `stat`).
+        #[serde(rename = "entry")]
+        id: u64,
+    },
     /// Uploads a small file in one round trip: the payload is the whole content. Fields as
     /// in `upload_begin` and `upload_commit`.
     Put {
@@ -261,6 +291,10 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -294,6 +328,20 @@ pub enum Reply {
     Data,
     UploadStarted {
         upload: u64,
+        /// Where the upload's chunks continue: 0 for a new one, the resume point for a
+        /// resumed one.
+        #[serde(default, skip_serializing_if = "is_zero_u64")]
+        offset: u64,
+    },
+    /// Every byte of the upload before `durable` is on disk.
+    UploadDurable {
+        durable: u64,
+    },
+    /// A file's current content: its version, size and hex BLAKE3 hash.
+    ContentHash {
+        version: u64,
+        size: u64,
+        blake3: String,
     },
     Notifications {
         pending: Vec<Notification>,
@@ -569,6 +617,17 @@ mod tests {
                 mtime_ns: Some(4),
             },
             Request::UploadAbort { upload: 1 },
+            Request::UploadSync { upload: 1 },
+            Request::UploadResume { upload: 1 },
+            Request::UploadRead {
+                upload: 1,
+                offset: 2,
+                len: 3,
+            },
+            Request::ContentHash {
+                owner: owner(),
+                id: 5,
+            },
             Request::Put {
                 owner: owner(),
                 parent: 1,

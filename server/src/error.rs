@@ -40,6 +40,11 @@ pub enum ServerError {
     Protocol(String),
     #[error("too many {0}; try again later")]
     Busy(&'static str),
+    #[error("{0}; try again shortly")]
+    InUse(&'static str),
+    /// An earlier failure, reported again (an upload's, to each request that touches it).
+    #[error("{}", .0.message)]
+    Again(ErrorBody),
     #[error("too many open files: {0}")]
     TooManyOpen(String),
     #[error("reply too large: {0}")]
@@ -79,7 +84,8 @@ impl ServerError {
             ServerError::Stale => ErrorCode::Stale,
             ServerError::Expired(_) => ErrorCode::Expired,
             ServerError::Protocol(_) => ErrorCode::ProtocolError,
-            ServerError::Busy(_) => ErrorCode::Busy,
+            ServerError::Busy(_) | ServerError::InUse(_) => ErrorCode::Busy,
+            ServerError::Again(body) => body.code,
             ServerError::TooManyOpen(_) => ErrorCode::TooManyOpen,
             ServerError::TooLarge(_) => ErrorCode::TooLarge,
             ServerError::UserExists(_) => ErrorCode::InvalidName,

@@ -73,6 +73,9 @@ impl EndSignal {
     }
 }
 
+/// Why a session ends when a newer one of the same client logged in.
+pub const REPLACED: &str = "replaced by a newer connection of the same client";
+
 /// Where a live session receives events.
 #[derive(Debug)]
 pub struct EventSink {
@@ -236,6 +239,9 @@ impl Hub {
                     .filter(|o| o.user == sink.user && o.client == sink.client)
                 {
                     old.fenced.store(true, Ordering::SeqCst);
+                    // Its client gave up on it: end it now, letting go of its uploads for
+                    // the new one to resume.
+                    old.end.end(REPLACED);
                 }
             }
             s.insert(id, sink);

@@ -83,6 +83,7 @@ pub async fn run_controlled(
         crate::accounts::POLL,
         reload,
     ));
+    let expiry = tokio::spawn(expire_uploads(shared.clone()));
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let threads = SessionThreads::start(shared.config.session_threads)?;
@@ -154,6 +155,7 @@ pub async fn run_controlled(
     }
     tracing::info!(sessions = sessions.len(), "shutting down");
     accounts.abort();
+    expiry.abort();
     if let Some(m) = metrics {
         m.abort();
     }
@@ -309,5 +311,20 @@ where
             framed.close().await
         };
         let _ = tokio::time::timeout(REFUSAL_TIME, send).await;
+    }
+}
+
+/// Drops, every so often, the uploads no session resumed within the upload idle bound.
+async fn expire_uploads(shared: Shared) {
+    let bound = shared.config.upload_idle_timeout;
+    let period = (bound / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = shared.store.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || store.expire_uploads(bound)).await {
+            tracing::error!(error = %e, "upload expiry task failed");
+        }
     }
 }

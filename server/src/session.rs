@@ -38,7 +38,7 @@ use crate::storage::UploadTarget;
 pub use handshake::version_mismatch;
 use handshake::{frame_error_body, handshake};
 use requests::{reply_room, Context, Handled, Handles, SMALL_REPLY};
-use uploads::{idle_upload_sweep, Begin, Upload};
+use uploads::{idle_upload_sweep, Begin, Step, Upload};
 
 type Source<S> = Framed<tokio::io::ReadHalf<S>, FrameCodec>;
 
@@ -144,13 +144,14 @@ async fn serve_inner<S>(
     if session.greet().await {
         session.read_loop(source, stop).await;
     }
-    // Unfinished uploads are dropped here, which deletes their temp files.
-    let aborted = session.uploads.len();
+    // Unfinished uploads are dropped here, which keeps them for a resume (see
+    // `store::parts`).
+    let detached = session.uploads.len();
     session.tasks.abort_all();
     shared.hub.unregister(session_id);
     drop(session);
-    if aborted > 0 {
-        tracing::info!(aborted, "discarded unfinished uploads");
+    if detached > 0 {
+        tracing::info!(detached, "unfinished uploads kept for a resume");
     }
     outbox.finish();
     if tokio::time::timeout(Duration::from_secs(5), &mut writer)
@@ -243,7 +244,9 @@ impl Session {
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
                 reason = self.end.ended() => {
                     tracing::info!(reason, "closing session");
-                    self.fatal(ErrorBody::new(ErrorCode::AuthFailed, reason)).await;
+                    if reason != crate::hub::REPLACED {
+                        self.fatal(ErrorBody::new(ErrorCode::AuthFailed, reason)).await;
+                    }
                     return;
                 }
                 _ = idle_uploads.tick(), if !self.uploads.is_empty() => {
@@ -379,6 +382,24 @@ impl Session {
             Request::UploadAbort { upload } => {
                 self.abort_upload(id, upload).await;
                 self.shared.metrics.request(kind, arrived.elapsed(), false);
+            }
+            Request::UploadResume { upload } => {
+                let result = self.resume_upload(upload).await;
+                let failed = result.is_err();
+                self.reply(id, result).await;
+                self.shared.metrics.request(kind, arrived.elapsed(), failed);
+            }
+            Request::UploadSync { upload } => {
+                self.upload_step(id, upload, Step::Sync, arrived).await
+            }
+            Request::UploadRead {
+                upload,
+                offset,
+                len,
+            } => {
+                let len = len.min(sharefs_protocol::CHUNK_SIZE) as usize;
+                self.upload_step(id, upload, Step::Read { offset, len }, arrived)
+                    .await
             }
             op => {
                 let ctx = self.context();

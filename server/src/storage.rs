@@ -32,12 +32,21 @@ use crate::error::{Result, ServerError};
 pub use crate::store::{Caller, Published, UploadTarget};
 use crate::store::{OpenFile, StagedUpload, Store};
 
-/// A content being received, chunk by chunk, in order. Dropping it discards it.
+/// A content being received, chunk by chunk, in order. Dropping it without an outcome
+/// keeps it for a resume (for the upload idle bound); aborted or failed, it is discarded.
 pub trait ContentWriter: Send + Sync + Debug {
+    /// The upload's id, unique across restarts: what a resume names.
+    fn id(&self) -> u64;
     /// Appends a chunk at `offset`. Blocking. A failure is kept and reported by commit.
     fn write_chunk(&mut self, offset: u64, data: &[u8]);
     /// Bytes received so far.
     fn written(&self) -> u64;
+    /// Makes every byte received so far durable and resumable; returns how many. Blocking.
+    fn sync(&mut self) -> Result<u64>;
+    /// Up to `len` bytes received, from `offset`. Blocking.
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Discards the upload when it is dropped.
+    fn abort(&mut self);
     /// The writer as `Any`, for the store that made it to take it back at commit.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
 }
@@ -83,6 +92,8 @@ pub trait MetaStore: Send + Sync {
     ) -> Result<(Vec<FileInfo>, bool)>;
     /// The path of an entry from its owner's root.
     fn path_of(&self, owner: &str, id: u64) -> Result<String>;
+    /// Version, size and hex BLAKE3 hash of the current content of `owner`'s file `id`.
+    fn content_hash(&self, owner: &str, id: u64) -> Result<(u64, u64, String)>;
     fn mkdir(
         &self,
         owner: &str,
@@ -147,6 +158,15 @@ pub trait BlobStore: Send + Sync {
         mode: Option<u32>,
         quota: Option<u64>,
     ) -> Result<Box<dyn ContentWriter>>;
+    /// Takes up `owner`'s upload `id`, left by a lost connection or a restart.
+    fn resume_upload(
+        &self,
+        owner: &str,
+        id: u64,
+        quota: Option<u64>,
+    ) -> Result<Box<dyn ContentWriter>>;
+    /// Drops the uploads left without a session for longer than `bound`; how many.
+    fn expire_uploads(&self, bound: std::time::Duration) -> usize;
     /// Makes a received content the new version of its target, in the same transaction as
     /// the entry's row.
     fn commit_upload(
@@ -185,11 +205,23 @@ pub trait BlobStore: Send + Sync {
 }
 
 impl ContentWriter for StagedUpload {
+    fn id(&self) -> u64 {
+        StagedUpload::id(self)
+    }
     fn write_chunk(&mut self, offset: u64, data: &[u8]) {
         StagedUpload::write_chunk(self, offset, data)
     }
     fn written(&self) -> u64 {
         StagedUpload::written(self)
+    }
+    fn sync(&mut self) -> Result<u64> {
+        StagedUpload::sync(self)
+    }
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        StagedUpload::read(self, offset, len)
+    }
+    fn abort(&mut self) {
+        StagedUpload::abort(self)
     }
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
@@ -231,6 +263,9 @@ impl MetaStore for Store {
     }
     fn path_of(&self, owner: &str, id: u64) -> Result<String> {
         Store::path_of(self, owner, id)
+    }
+    fn content_hash(&self, owner: &str, id: u64) -> Result<(u64, u64, String)> {
+        Store::content_hash(self, owner, id)
     }
     fn mkdir(
         &self,
@@ -310,6 +345,17 @@ impl BlobStore for Store {
         Ok(Box::new(Store::begin_upload(
             self, owner, target, size, mode, quota,
         )?))
+    }
+    fn resume_upload(
+        &self,
+        owner: &str,
+        id: u64,
+        quota: Option<u64>,
+    ) -> Result<Box<dyn ContentWriter>> {
+        Ok(Box::new(Store::resume_upload(self, owner, id, quota)?))
+    }
+    fn expire_uploads(&self, bound: std::time::Duration) -> usize {
+        Store::expire_uploads(self, bound)
     }
     fn commit_upload(
         &self,

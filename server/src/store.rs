@@ -6,7 +6,7 @@
 //!
 //! Layout under the data directory:
 //! ```text
-//! tmp/                               uploads being received (emptied at start)
+//! tmp/part-<id>, tmp/part-<id>.json  uploads being received, kept for a resume ([`parts`])
 //! files/<user>/snapshot.json         {"format": 2, "journal": n, "next_id": k, "entries": [Node, ...]}
 //! files/<user>/journal-<n>.jsonl     one JSON record per change since that snapshot
 //! files/<user>/<version>.blob        content of one large file version
@@ -78,6 +78,7 @@ pub mod folder;
 pub mod journal;
 pub mod migrate;
 pub mod pack;
+pub mod parts;
 pub mod read;
 mod reading;
 pub mod tree;
@@ -140,6 +141,8 @@ struct StoreInner {
     space: DiskSpace,
     /// Quota held by uploads in progress, per owner.
     reservations: Reservations,
+    /// Uploads in progress, attached to a session or waiting for a resume.
+    parts: Arc<parts::Parts>,
     /// Folders whose lazy changes are not durable yet (see [`flusher`]).
     flush: Arc<flusher::FlushQueue>,
 }
@@ -175,14 +178,13 @@ fn denied(owner: &str, what: impl std::fmt::Display) -> ServerError {
 }
 
 impl Store {
-    /// Opens (creating if needed) the storage under `root` and clears leftover temp files.
+    /// Opens (creating if needed) the storage under `root` and clears leftover temp files,
+    /// keeping unfinished uploads for their clients to resume.
     pub fn open(root: &Path, reserve: u64) -> Result<Store> {
         let tmp = root.join("tmp");
         fsutil::create_dir_durable(&root.join("files"))?;
-        if tmp.is_dir() {
-            fs::remove_dir_all(&tmp)?;
-        }
         fsutil::create_dir_durable(&tmp)?;
+        let parts = Arc::new(parts::Parts::open(&tmp)?);
         let flush = Arc::new(flusher::FlushQueue::default());
         let inner = Arc::new(StoreInner {
             root: root.to_path_buf(),
@@ -191,6 +193,7 @@ impl Store {
             next_version: AtomicU64::new(fsutil::now_ns().max(1) as u64),
             space: DiskSpace::new(root, reserve),
             reservations: Reservations::default(),
+            parts,
             flush: flush.clone(),
         });
         flusher::start(flush, Arc::downgrade(&inner));

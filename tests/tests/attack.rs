@@ -191,7 +191,7 @@ async fn bad_writes(src: [u8; 4], addr: String) {
             name: format!("up{i}"),
             size: Some(1 << 20),
         };
-        if let Ok((Reply::UploadStarted { upload }, _)) = raw.call(op, Bytes::new()).await {
+        if let Ok((Reply::UploadStarted { upload, .. }, _)) = raw.call(op, Bytes::new()).await {
             uploads.push(upload);
         }
     }

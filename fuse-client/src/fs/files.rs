@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use sharefs_protocol::{EntryKind, FileInfo, CHUNK_SIZE};
+use tokio::sync::Semaphore;
 
 use super::error::{FsError, FsResult};
 use super::read::ReadHandle;
@@ -80,6 +81,68 @@ impl<R: Remote> Base for BaseReader<R> {
     fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(self.0.close())
     }
+}
+
+/// The version a stream just committed, as the base of its staged file: opened at its
+/// first read only (most files written by a stream are closed without another access).
+struct CommittedBase<R: Remote> {
+    remote: Arc<R>,
+    info: FileInfo,
+    budget: Arc<Semaphore>,
+    reader: tokio::sync::Mutex<Option<Arc<ReadHandle<R>>>>,
+}
+
+impl<R: Remote> CommittedBase<R> {
+    async fn reader(&self) -> FsResult<Arc<ReadHandle<R>>> {
+        let mut held = self.reader.lock().await;
+        if let Some(r) = held.as_ref() {
+            return Ok(r.clone());
+        }
+        let (handle, info, head) = self.remote.open(&self.info.owner, self.info.id, 0).await?;
+        let reader = Arc::new(ReadHandle::new(
+            self.remote.clone(),
+            handle,
+            info.clone(),
+            head,
+            self.budget.clone(),
+        ));
+        if info.version != self.info.version {
+            // Replaced since (by another mount of the same user).
+            reader.close().await;
+            return Err(FsError::Stale);
+        }
+        *held = Some(reader.clone());
+        Ok(reader)
+    }
+}
+
+impl<R: Remote> Base for CommittedBase<R> {
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = FsResult<Bytes>> + Send + '_>> {
+        Box::pin(async move { self.reader().await?.read(offset, len).await })
+    }
+
+    fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if let Some(r) = self.reader.lock().await.take() {
+                r.close().await;
+            }
+        })
+    }
+}
+
+/// What became of a write offered to the file's stream.
+enum Fed {
+    /// The stream took it: the staged content does not hold it.
+    Streamed,
+    /// The staged content takes it (kept there too while a stream may still start).
+    Staged,
+    /// Out of sequence: the stream must be recalled first, then the staged content takes
+    /// it.
+    Recall,
 }
 
 /// How a staged write starts.
@@ -259,7 +322,7 @@ impl<R: Remote> FsCore<R> {
             };
             let staged = self.stage(ino, &info, start).await?;
             if mode.truncate {
-                staged.truncate(0)?;
+                self.truncate_staged(&staged, 0).await?;
             }
             self.state().cached_version.remove(&ino);
             let fh = self.insert_handle(Handle::Staged {
@@ -352,7 +415,13 @@ impl<R: Remote> FsCore<R> {
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         match self.handle(fh)? {
             Handle::Read { reader, .. } => reader.read(offset, size).await,
-            Handle::Staged { staged, .. } => Ok(Bytes::from(staged.read(offset, size).await?)),
+            Handle::Staged { staged, .. } => {
+                if staged.streaming() {
+                    let _order = staged.stream_order.lock().await;
+                    self.recall_stream(&staged).await?;
+                }
+                Ok(Bytes::from(staged.read(offset, size).await?))
+            }
             Handle::Dir(_) => Err(FsError::IsDir),
         }
     }
@@ -379,10 +448,63 @@ impl<R: Remote> FsCore<R> {
         if end > staged.size() {
             self.check_room(ino, end).await?;
         }
-        let n = staged.write(offset, &data).await?;
+        let len = data.len();
+        let n = match self.feed_stream(ino, &staged, offset, data.clone()).await? {
+            Fed::Streamed => {
+                staged.write_streamed(offset, len as u64);
+                len as u32
+            }
+            Fed::Staged | Fed::Recall => staged.write(offset, &data).await?,
+        };
         self.mark_changed(fh);
-        self.feed_stream(ino, &staged, offset, data).await;
         Ok(n)
+    }
+
+    /// Truncates a staged file, first recalling its stream if the cut goes into it.
+    async fn truncate_staged(&self, staged: &Arc<StagedWrite>, size: u64) -> FsResult<()> {
+        if staged.truncate_cuts_stream(size) {
+            let _order = staged.stream_order.lock().await;
+            self.recall_stream(staged).await?;
+        }
+        staged.truncate(size)
+    }
+
+    /// Brings the bytes a stream of `staged` carried back into its staged content and
+    /// ends the stream (for whatever a stream cannot do: see `stream.rs`). The caller
+    /// holds the file's `stream_order`. If they cannot be brought back, the staged file
+    /// is marked broken and the error returned.
+    pub(super) async fn recall_stream(&self, staged: &Arc<StagedWrite>) -> FsResult<()> {
+        let tx = {
+            let Ok(mut st) = staged.stream.lock() else {
+                return Err(FsError::Io("stream state poisoned".into()));
+            };
+            match std::mem::take(&mut *st) {
+                StreamState::Active { tx, .. } => tx,
+                other => {
+                    *st = other;
+                    return Ok(());
+                }
+            }
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let into = staged.clone();
+        let fill: stream::Fill = Box::new(move |offset, data| into.fill_streamed(offset, data));
+        let result = match tx.send(stream::StreamMsg::Recall { fill, reply }).await {
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err(FsError::Io("the stream's task ended".into()))),
+            Err(_) => Err(FsError::Io("the stream's task ended".into())),
+        };
+        match &result {
+            Ok(()) => {
+                tracing::debug!(file = %staged.name(), "stream recalled into the staged file")
+            }
+            Err(e) => {
+                tracing::error!(file = %staged.name(), error = %e, "the streamed part of a file could not be brought back; the file cannot be saved");
+                staged.set_broken(&e.to_string());
+            }
+        }
+        result
     }
 
     /// Fails a write that would make file `ino` `end` bytes long if the server has no
@@ -444,9 +566,16 @@ impl<R: Remote> FsCore<R> {
         })
     }
 
-    /// Passes a write on to the file's streamed upload, starting one for the first write
-    /// of a fresh file and ending it at the first write out of sequence.
-    async fn feed_stream(&self, ino: u64, staged: &StagedWrite, offset: u64, data: Bytes) {
+    /// Offers a write to the file's streamed upload: starts one for the first write of a
+    /// fresh file past a chunk, feeds it while writes stay in sequence, and recalls it at
+    /// the first write out of sequence.
+    async fn feed_stream(
+        &self,
+        ino: u64,
+        staged: &Arc<StagedWrite>,
+        offset: u64,
+        data: Bytes,
+    ) -> FsResult<Fed> {
         let len = data.len() as u64;
         if offset + len >= u64::from(CHUNK_SIZE) {
             // Worth streaming: not before the server made the file (if it refused, the
@@ -454,9 +583,9 @@ impl<R: Remote> FsCore<R> {
             let _ = self.create_answered(ino).await;
         }
         let target = self.upload_target(ino, staged);
-        let send = {
+        let (send, fed) = {
             let Ok(mut st) = staged.stream.lock() else {
-                return;
+                return Ok(Fed::Staged);
             };
             match &mut *st {
                 StreamState::Eligible if offset == 0 => {
@@ -464,7 +593,7 @@ impl<R: Remote> FsCore<R> {
                         buf: bytes::BytesMut::from(&data[..]),
                         next: len,
                     };
-                    None
+                    (None, Fed::Staged)
                 }
                 StreamState::Pending { buf, next } if *next == offset => {
                     buf.extend_from_slice(&data);
@@ -475,70 +604,112 @@ impl<R: Remote> FsCore<R> {
                             let head = buf.split().freeze();
                             let next = *next;
                             let (tx, rx) = tokio::sync::mpsc::channel(stream::STREAM_QUEUE);
-                            tokio::spawn(stream::run(self.remote.clone(), target, rx));
+                            tokio::spawn(stream::run(
+                                self.remote.clone(),
+                                target,
+                                self.stream_budget.clone(),
+                                rx,
+                            ));
                             *st = StreamState::Active {
                                 tx: tx.clone(),
                                 next,
                             };
-                            Some((tx, head))
+                            (Some((tx, head)), Fed::Streamed)
                         }
-                        _ => None,
+                        _ => (None, Fed::Staged),
                     }
                 }
                 StreamState::Active { tx, next } if *next == offset => {
                     *next += len;
-                    Some((tx.clone(), data))
+                    (Some((tx.clone(), data)), Fed::Streamed)
                 }
-                StreamState::Eligible
-                | StreamState::Pending { .. }
-                | StreamState::Active { .. } => {
+                // Out of sequence: recalled below.
+                StreamState::Active { .. } => (None, Fed::Recall),
+                StreamState::Eligible | StreamState::Pending { .. } => {
                     *st = StreamState::Off;
-                    None
+                    (None, Fed::Staged)
                 }
-                StreamState::Off => None,
+                StreamState::Off => (None, Fed::Staged),
             }
         };
+        if let Fed::Recall = fed {
+            self.recall_stream(staged).await?;
+            return Ok(Fed::Staged);
+        }
         if let Some((tx, payload)) = send {
             if tx.send(stream::StreamMsg::Data(payload)).await.is_err() {
+                // The stream's task is gone with what it carried: nothing can bring it
+                // back.
                 staged.stop_stream();
+                staged.set_broken("the stream's task ended");
+                return Err(FsError::Io("the file's streamed upload ended".into()));
             }
         }
+        Ok(fed)
     }
 
-    /// Commits the file's stream if it carries exactly the staged content.
-    async fn finish_stream(&self, staged: &StagedWrite, mtime_ns: Option<i64>) -> Option<FileInfo> {
+    /// Commits the file's stream if it carries the whole content (`None` if there is no
+    /// stream); a stream that carries less is recalled first, for the whole staged file
+    /// to go up. A stream that fails has no fallback: its bytes are not staged.
+    async fn finish_stream(
+        &self,
+        staged: &Arc<StagedWrite>,
+        mtime_ns: Option<i64>,
+    ) -> FsResult<Option<FileInfo>> {
         let tx = {
-            let mut st = staged.stream.lock().ok()?;
+            let Ok(mut st) = staged.stream.lock() else {
+                return Err(FsError::Io("stream state poisoned".into()));
+            };
             match std::mem::take(&mut *st) {
-                StreamState::Active { tx, next } if next == staged.size() => tx,
-                _ => return None,
+                StreamState::Active { tx, next } if next == staged.size() => Some(tx),
+                active @ StreamState::Active { .. } => {
+                    *st = active;
+                    None
+                }
+                _ => return Ok(None),
             }
         };
+        let Some(tx) = tx else {
+            let _order = staged.stream_order.lock().await;
+            self.recall_stream(staged).await?;
+            return Ok(None);
+        };
         let (reply, answer) = tokio::sync::oneshot::channel();
+        let ended = || FsError::Io("the stream's task ended".into());
         tx.send(stream::StreamMsg::Finish { mtime_ns, reply })
             .await
-            .ok()?;
-        match answer.await {
-            Ok(Ok(info)) => Some(info),
-            Ok(Err(e)) => {
-                tracing::info!(error = %e, "streamed upload failed; uploading the staged file");
-                None
-            }
-            Err(_) => None,
-        }
+            .map_err(|_| ended())?;
+        let info = answer.await.map_err(|_| ended())??;
+        // The staged content never held what the stream carried: from now on the file's
+        // bytes come from the version just committed.
+        staged
+            .rebase(Arc::new(CommittedBase {
+                remote: self.remote.clone(),
+                info: info.clone(),
+                budget: self.prefetch_budget.clone(),
+                reader: tokio::sync::Mutex::new(None),
+            }))
+            .await;
+        Ok(Some(info))
     }
 
     /// Uploads a staged file if it changed; returns once the server committed it.
-    pub(super) async fn upload(&self, ino: u64, staged: &StagedWrite) -> FsResult<()> {
+    pub(super) async fn upload(&self, ino: u64, staged: &Arc<StagedWrite>) -> FsResult<()> {
         let _serial = staged.upload_lock.lock().await;
         self.upload_locked(ino, staged).await
     }
 
     /// [`FsCore::upload`] with the file's upload lock held by the caller.
-    async fn upload_locked(&self, ino: u64, staged: &StagedWrite) -> FsResult<()> {
+    async fn upload_locked(&self, ino: u64, staged: &Arc<StagedWrite>) -> FsResult<()> {
         self.create_answered(ino).await?;
         if !staged.dirty() {
             return Ok(());
+        }
+        if let Some(why) = staged.broken() {
+            return Err(FsError::Io(format!(
+                "{}: part of its content was lost ({why})",
+                staged.name()
+            )));
         }
         let changes = staged.changes();
         let name = staged.name();
@@ -551,8 +722,12 @@ impl<R: Remote> FsCore<R> {
         let lazy_mark = self.lazy.mark();
         let streamed = self.finish_stream(staged, target.mtime_ns).await;
         let mut info = match streamed {
-            Some(info) => Ok(info),
-            None => match staged.content() {
+            Ok(Some(info)) => Ok(info),
+            Err(e) => {
+                tracing::warn!(file = %name, error = %e, "streamed upload failed");
+                return Err(e);
+            }
+            Ok(None) => match staged.content() {
                 Content::Memory(data) => self.remote.upload_bytes(&target, data).await,
                 Content::File(path) => self.remote.upload_file(&target, &path).await,
             },
@@ -737,7 +912,7 @@ impl<R: Remote> FsCore<R> {
         if let Some((fh, Handle::Staged { staged, .. })) =
             fh.and_then(|fh| self.handle(fh).ok().map(|h| (fh, h)))
         {
-            staged.truncate(size)?;
+            self.truncate_staged(&staged, size).await?;
             self.mark_changed(fh);
             return Ok(self.staged_attr(ino, &info, &staged));
         }
@@ -747,7 +922,7 @@ impl<R: Remote> FsCore<R> {
             Start::Based
         };
         let staged = self.stage(ino, &info, start).await?;
-        staged.truncate(size)?;
+        self.truncate_staged(&staged, size).await?;
         let fh = self.insert_handle(Handle::Staged {
             ino,
             staged: staged.clone(),

@@ -77,6 +77,21 @@ pub trait Remote: Send + Sync + 'static {
         mtime_ns: Option<i64>,
     ) -> impl Future<Output = R<FileInfo>> + Send;
     fn upload_abort(&self, h: RemoteHandle) -> impl Future<Output = ()> + Send;
+    /// Makes what the server received of a streamed upload durable; how many bytes.
+    fn upload_sync(&self, h: RemoteHandle) -> impl Future<Output = R<u64>> + Send;
+    /// Takes up a streamed upload whose connection was lost: the upload on the live
+    /// connection and where its chunks continue.
+    fn upload_resume(&self, h: RemoteHandle)
+        -> impl Future<Output = R<(RemoteHandle, u64)>> + Send;
+    /// Reads back what the server received of a streamed upload.
+    fn upload_read(
+        &self,
+        h: RemoteHandle,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = R<Bytes>> + Send;
+    /// Version, size and hex BLAKE3 hash of one of the user's files.
+    fn content_hash(&self, id: u64) -> impl Future<Output = R<(u64, u64, String)>> + Send;
     fn mkdir(&self, parent: u64, name: &str, mode: u32)
         -> impl Future<Output = R<FileInfo>> + Send;
     fn symlink(
@@ -146,6 +161,18 @@ impl Remote for Connection {
     }
     async fn upload_abort(&self, h: RemoteHandle) {
         Connection::upload_abort(self, h).await
+    }
+    async fn upload_sync(&self, h: RemoteHandle) -> R<u64> {
+        Connection::upload_sync(self, h).await
+    }
+    async fn upload_resume(&self, h: RemoteHandle) -> R<(RemoteHandle, u64)> {
+        Connection::upload_resume(self, h).await
+    }
+    async fn upload_read(&self, h: RemoteHandle, offset: u64, len: u32) -> R<Bytes> {
+        Connection::upload_read(self, h, offset, len).await
+    }
+    async fn content_hash(&self, id: u64) -> R<(u64, u64, String)> {
+        Connection::content_hash(self, id).await
     }
     async fn mkdir(&self, parent: u64, name: &str, mode: u32) -> R<FileInfo> {
         Connection::mkdir(self, parent, name, mode).await

@@ -1,22 +1,43 @@
 //! Streaming sequential writes to the server while they happen.
 //!
 //! A file written through the mount strictly sequentially from offset 0 — `cp`, `dd`, most
-//! editors' saves, `fio`'s rewrite of an existing file — is sent to the server chunk by chunk as
-//! the writes arrive, so `close()` only waits for the tail and the commit, instead of
-//! uploading the whole file after the last write. The staged local copy is still written:
-//! it remains the source of truth, and any deviation (a write elsewhere, a truncate, a
-//! lost connection, a failed stream) drops the stream and falls back to uploading the
-//! staged file whole at close. Only a stream that covers exactly the staged content from
-//! byte 0 to its end is ever committed.
+//! editors' saves, `fio`'s rewrite of an existing file — is sent to the server chunk by
+//! chunk as the writes arrive, so `close()` only waits for the tail and the commit. Its
+//! bytes are not staged locally: the stream keeps only what the server has not yet made
+//! durable, in memory ([`WINDOW`] per file, [`STREAM_BUDGET`] per mount), and asks for a
+//! sync every [`SYNC_EVERY`] bytes to let go of what came before. When the connection
+//! drops, or the server restarts, the stream takes its upload up again on the next
+//! connection (`upload_resume`), sends again what the server did not keep, and goes on;
+//! a commit whose answer was lost is confirmed by the file's content hash. Whatever the
+//! writer does out of sequence (a write elsewhere, a read, a truncate into streamed
+//! bytes, a close while the file is longer than the stream) first brings the streamed
+//! bytes back into the staged file ([`StreamMsg::Recall`]); from there the staged file
+//! is the source of truth and is uploaded whole at close.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use sharefs_protocol::{FileInfo, CHUNK_SIZE};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
-use super::error::FsError;
+use super::error::{FsError, FsResult};
 use super::remote::{Remote, UploadTarget};
+use crate::connection::RemoteHandle;
+use crate::error::ClientError;
+
+/// Bytes sent and not yet durable that one stream keeps for a resend.
+pub const WINDOW: u64 = 32 << 20;
+/// A stream asks the server for a sync every this many bytes.
+pub const SYNC_EVERY: u64 = 8 << 20;
+/// Bytes all streams of a mount keep together, in KiB permits.
+pub const STREAM_BUDGET: u64 = 128 << 20;
+/// Times a stream takes its upload up again before it gives up.
+const RESUMES: u32 = 8;
+
+/// Writes the recalled bytes of a stream into the staged file, at an offset.
+pub type Fill = Box<dyn FnMut(u64, &[u8]) -> FsResult<()> + Send>;
 
 pub enum StreamMsg {
     Data(Bytes),
@@ -25,6 +46,11 @@ pub enum StreamMsg {
         mtime_ns: Option<i64>,
         reply: oneshot::Sender<Result<FileInfo, FsError>>,
     },
+    /// Give every byte streamed so far back through `fill`, then abort the upload.
+    Recall {
+        fill: Fill,
+        reply: oneshot::Sender<FsResult<()>>,
+    },
 }
 
 /// Where a staged file's stream stands.
@@ -32,15 +58,17 @@ pub enum StreamMsg {
 pub enum StreamState {
     /// Not written yet: a first write at offset 0 starts a stream.
     Eligible,
-    /// Written sequentially but less than a chunk so far: kept here, and streamed only if
-    /// the file grows past a chunk (small files go up in one `put` at close instead).
+    /// Written sequentially but less than a chunk so far: kept here (and staged), and
+    /// streamed only if the file grows past a chunk (small files go up in one `put` at
+    /// close instead).
     Pending { buf: BytesMut, next: u64 },
-    /// Streaming; `next` is the offset the next sequential write must have.
+    /// Streaming; `next` is the offset the next sequential write must have. The staged
+    /// file does not hold bytes `0..next`: the stream does.
     Active {
         tx: mpsc::Sender<StreamMsg>,
         next: u64,
     },
-    /// Not streaming (never eligible, broken, or finished): upload whole at close.
+    /// Not streaming (never eligible, recalled, or finished): upload whole at close.
     #[default]
     Off,
 }
@@ -48,89 +76,425 @@ pub enum StreamState {
 /// Messages buffered between the writer and the uploader (each up to one FUSE write).
 pub const STREAM_QUEUE: usize = 2;
 
+/// Whether a failure is the connection's (the upload may be resumed) rather than the
+/// server's answer.
+fn lost(e: &ClientError) -> bool {
+    e.is_connection_error()
+}
+
+/// The answer of the sync in flight; never, without one.
+async fn sync_done(
+    sync: &mut Option<JoinHandle<Result<u64, ClientError>>>,
+) -> Result<u64, ClientError> {
+    match sync {
+        Some(task) => task
+            .await
+            .unwrap_or_else(|e| Err(ClientError::Io(format!("sync task: {e}")))),
+        None => std::future::pending().await,
+    }
+}
+
+/// What the stream's loop wakes up for.
+enum Next {
+    Msg(Option<StreamMsg>),
+    Synced(Result<u64, ClientError>),
+}
+
+/// One chunk sent and not yet durable, with its share of the mount's budget.
+struct Unsynced {
+    offset: u64,
+    data: Bytes,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+struct Uploader<R: Remote> {
+    remote: Arc<R>,
+    target: UploadTarget,
+    handle: RemoteHandle,
+    budget: Arc<Semaphore>,
+    hasher: blake3::Hasher,
+    /// The unsent end of the data: less than a chunk.
+    buf: BytesMut,
+    /// Bytes handed to the server.
+    sent: u64,
+    /// Bytes the server said are durable.
+    durable: u64,
+    window: VecDeque<Unsynced>,
+    /// Where the last sync was asked for, and the sync in flight.
+    asked: u64,
+    sync: Option<JoinHandle<Result<u64, ClientError>>>,
+}
+
 /// Receives the written data in order, uploads it in chunks, commits on `Finish`; aborts
 /// the server-side upload if the sender goes away without finishing.
 pub async fn run<R: Remote>(
     remote: Arc<R>,
     target: UploadTarget,
+    budget: Arc<Semaphore>,
     mut rx: mpsc::Receiver<StreamMsg>,
 ) {
-    let handle = remote.upload_begin(&target).await;
-    let mut failed: Option<FsError> = handle.as_ref().err().map(|e| FsError::from(e.clone()));
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = BytesMut::new();
-    let mut sent = 0u64;
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            StreamMsg::Data(data) => {
-                let Ok(h) = &handle else { continue };
-                if failed.is_some() {
-                    continue;
-                }
-                hasher.update(&data);
-                // Chunks of exactly CHUNK_SIZE; whole-chunk pieces of a write (the kernel's
-                // usual 1 MiB) go out without a copy.
-                let chunk = CHUNK_SIZE as usize;
-                let mut data = data;
-                let mut out = Vec::new();
-                if !buf.is_empty() {
-                    let take = (chunk - buf.len()).min(data.len());
-                    buf.extend_from_slice(&data[..take]);
-                    data = data.slice(take..);
-                    if buf.len() == chunk {
-                        out.push(buf.split().freeze());
+    let begun = remote.upload_begin(&target).await;
+    let mut up = match begun {
+        Ok(handle) => Uploader {
+            remote,
+            target,
+            handle,
+            budget,
+            hasher: blake3::Hasher::new(),
+            buf: BytesMut::new(),
+            sent: 0,
+            durable: 0,
+            window: VecDeque::new(),
+            asked: 0,
+            sync: None,
+        },
+        Err(e) => {
+            // Answer whatever comes, then end.
+            while let Some(msg) = rx.recv().await {
+                match msg {
+                    StreamMsg::Data(_) => {}
+                    StreamMsg::Finish { reply, .. } => {
+                        let _ = reply.send(Err(FsError::from(e.clone())));
+                        return;
                     }
-                }
-                while data.len() >= chunk {
-                    out.push(data.split_to(chunk));
-                }
-                buf.extend_from_slice(&data);
-                for piece in out {
-                    let len = piece.len() as u64;
-                    match remote.upload_chunk(*h, sent, piece).await {
-                        Ok(()) => sent += len,
-                        Err(e) => {
-                            failed = Some(e.into());
-                            break;
-                        }
+                    StreamMsg::Recall { reply, .. } => {
+                        // Nothing was streamed: nothing to give back.
+                        let _ = reply.send(Ok(()));
+                        return;
                     }
                 }
             }
-            StreamMsg::Finish { mtime_ns, reply } => {
-                let result = match (&handle, failed.take()) {
-                    (_, Some(e)) => Err(e),
-                    (Err(e), None) => Err(FsError::from(e.clone())),
-                    (Ok(h), None) => {
-                        let tail = buf.split().freeze();
-                        let len = tail.len() as u64;
-                        let tail_sent = if tail.is_empty() {
-                            Ok(())
-                        } else {
-                            remote.upload_chunk(*h, sent, tail).await
-                        };
-                        match tail_sent {
-                            Ok(()) => {
-                                let hash = hasher.finalize().to_hex();
-                                remote
-                                    .upload_commit(*h, sent + len, hash.as_str(), mtime_ns)
-                                    .await
-                                    .map_err(FsError::from)
-                            }
-                            Err(e) => Err(e.into()),
-                        }
-                    }
-                };
-                if result.is_err() {
-                    if let Ok(h) = &handle {
-                        remote.upload_abort(*h).await;
+            return;
+        }
+    };
+    let mut failed: Option<FsError> = None;
+    loop {
+        let next = tokio::select! {
+            msg = rx.recv() => Next::Msg(msg),
+            done = sync_done(&mut up.sync) => Next::Synced(done),
+        };
+        let msg = match next {
+            Next::Msg(msg) => msg,
+            Next::Synced(done) => {
+                up.sync = None;
+                if failed.is_none() {
+                    if let Err(e) = up.synced(done).await {
+                        failed = Some(e);
                     }
                 }
+                continue;
+            }
+        };
+        match msg {
+            None => break,
+            Some(StreamMsg::Data(data)) => {
+                if failed.is_none() {
+                    if let Err(e) = up.data(data).await {
+                        failed = Some(e);
+                    }
+                }
+            }
+            Some(StreamMsg::Finish { mtime_ns, reply }) => {
+                let result = match failed.take() {
+                    Some(e) => Err(e),
+                    None => up.finish(mtime_ns).await,
+                };
+                if result.is_err() {
+                    up.abort().await;
+                }
+                let _ = reply.send(result);
+                return;
+            }
+            Some(StreamMsg::Recall { fill, reply }) => {
+                let result = match failed.take() {
+                    Some(e) => Err(e),
+                    None => up.recall(fill).await,
+                };
+                up.abort().await;
                 let _ = reply.send(result);
                 return;
             }
         }
     }
-    if let Ok(h) = handle {
-        remote.upload_abort(h).await;
+    up.abort().await;
+}
+
+impl<R: Remote> Uploader<R> {
+    /// Hashes and sends written bytes, in chunks of exactly [`CHUNK_SIZE`]; whole-chunk
+    /// pieces of a write (the kernel's usual 1 MiB) go out without a copy.
+    async fn data(&mut self, data: Bytes) -> FsResult<()> {
+        self.hasher.update(&data);
+        let chunk = CHUNK_SIZE as usize;
+        let mut data = data;
+        if !self.buf.is_empty() {
+            let take = (chunk - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = data.slice(take..);
+            if self.buf.len() == chunk {
+                let piece = self.buf.split().freeze();
+                self.send(piece).await?;
+            }
+        }
+        while data.len() >= chunk {
+            let piece = data.split_to(chunk);
+            self.send(piece).await?;
+        }
+        self.buf.extend_from_slice(&data);
+        Ok(())
+    }
+
+    /// Sends one chunk, keeping it until the server makes it durable.
+    async fn send(&mut self, data: Bytes) -> FsResult<()> {
+        let len = data.len() as u64;
+        let kib = len.div_ceil(1024).min(u64::from(u32::MAX)) as u32;
+        let permit = loop {
+            match self.budget.clone().try_acquire_many_owned(kib) {
+                Ok(p) => break Some(p),
+                Err(tokio::sync::TryAcquireError::Closed) => break None,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    // Other streams hold the budget: let go of what this one can, and
+                    // wait for theirs to go.
+                    if !self.window.is_empty() {
+                        self.wait_sync().await?;
+                        continue;
+                    }
+                    match self.budget.clone().acquire_many_owned(kib).await {
+                        Ok(p) => break Some(p),
+                        Err(_) => break None,
+                    }
+                }
+            }
+        };
+        let offset = self.sent;
+        if let Err(e) = self
+            .remote
+            .upload_chunk(self.handle, offset, data.clone())
+            .await
+        {
+            if !lost(&e) {
+                return Err(e.into());
+            }
+            // Kept with the rest, and sent again on the next connection.
+            self.window.push_back(Unsynced {
+                offset,
+                data,
+                _permit: permit,
+            });
+            self.sent += len;
+            return self.resume(e).await;
+        }
+        self.window.push_back(Unsynced {
+            offset,
+            data,
+            _permit: permit,
+        });
+        self.sent += len;
+        if self.sync.is_none() && self.sent - self.asked >= SYNC_EVERY {
+            self.ask_sync();
+        }
+        if self.sent - self.durable > WINDOW {
+            self.wait_sync().await?;
+        }
+        Ok(())
+    }
+
+    fn ask_sync(&mut self) {
+        let (remote, handle) = (self.remote.clone(), self.handle);
+        self.asked = self.sent;
+        self.sync = Some(tokio::spawn(
+            async move { remote.upload_sync(handle).await },
+        ));
+    }
+
+    /// Waits for a sync of everything sent so far (asking for one if none is in flight).
+    async fn wait_sync(&mut self) -> FsResult<()> {
+        if self.sync.is_none() {
+            self.ask_sync();
+        }
+        let Some(task) = self.sync.take() else {
+            return Ok(());
+        };
+        let mut task = Some(task);
+        let done = sync_done(&mut task).await;
+        self.synced(done).await
+    }
+
+    /// The answer to a sync: lets go of the bytes now durable.
+    async fn synced(&mut self, done: Result<u64, ClientError>) -> FsResult<()> {
+        match done {
+            Ok(durable) => {
+                self.release(durable);
+                Ok(())
+            }
+            Err(e) if lost(&e) => self.resume(e).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Drops the kept chunks that end at or before `durable`.
+    fn release(&mut self, durable: u64) {
+        self.durable = self.durable.max(durable.min(self.sent));
+        while let Some(front) = self.window.front() {
+            if front.offset + front.data.len() as u64 > self.durable {
+                break;
+            }
+            self.window.pop_front();
+        }
+    }
+
+    /// Takes the upload up again after its connection was lost, and sends again what the
+    /// server did not keep.
+    async fn resume(&mut self, mut cause: ClientError) -> FsResult<()> {
+        for _ in 0..RESUMES {
+            tracing::info!(upload = self.handle.id, error = %cause, "upload's connection lost; resuming");
+            // A sync in flight went with the connection.
+            if let Some(task) = self.sync.take() {
+                task.abort();
+            }
+            let (handle, offset) = match self.remote.upload_resume(self.handle).await {
+                Ok(r) => r,
+                Err(e) if lost(&e) => {
+                    cause = e;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.handle = handle;
+            let kept_from = self.window.front().map_or(self.sent, |c| c.offset);
+            if offset < kept_from || offset > self.sent {
+                return Err(FsError::Io(format!(
+                    "the server resumed the upload at byte {offset}, but this mount kept \
+                     bytes {kept_from}..{} of it",
+                    self.sent
+                )));
+            }
+            self.release(offset);
+            match self.resend(offset).await {
+                Ok(()) => {
+                    tracing::info!(upload = handle.id, offset, "upload resumed");
+                    return Ok(());
+                }
+                Err(e) if lost(&e) => cause = e,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FsError::from(cause))
+    }
+
+    /// Sends the kept chunks again from `offset` on.
+    async fn resend(&self, offset: u64) -> Result<(), ClientError> {
+        for chunk in &self.window {
+            let end = chunk.offset + chunk.data.len() as u64;
+            if end <= offset {
+                continue;
+            }
+            let skip = offset.saturating_sub(chunk.offset) as usize;
+            self.remote
+                .upload_chunk(
+                    self.handle,
+                    chunk.offset + skip as u64,
+                    chunk.data.slice(skip..),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the tail and commits; a commit whose answer the connection lost is taken up
+    /// again, or found done by the file's content hash.
+    async fn finish(&mut self, mtime_ns: Option<i64>) -> Result<FileInfo, FsError> {
+        if !self.buf.is_empty() {
+            let tail = self.buf.split().freeze();
+            self.send(tail).await?;
+        }
+        let hash = self.hasher.finalize().to_hex();
+        for _ in 0..RESUMES {
+            let committed = self
+                .remote
+                .upload_commit(self.handle, self.sent, hash.as_str(), mtime_ns)
+                .await;
+            let cause = match committed {
+                Ok(info) => return Ok(info),
+                Err(e) if lost(&e) => e,
+                Err(e) => return Err(e.into()),
+            };
+            match self.resume(cause).await {
+                Ok(()) => continue,
+                Err(FsError::NotFound) => return self.committed_meanwhile(hash.as_str()).await,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(FsError::Io(
+            "upload commit: connection lost too often".into(),
+        ))
+    }
+
+    /// After a commit's answer was lost and the server no longer has the upload: whether
+    /// the commit made it (the file holds exactly this content).
+    async fn committed_meanwhile(&self, hash: &str) -> Result<FileInfo, FsError> {
+        let owner = self.remote.user().to_string();
+        let gone = |e: ClientError| {
+            FsError::Io(format!(
+                "{}: the upload's connection was lost during its commit, and the file \
+                 cannot be checked: {e}",
+                self.target.name
+            ))
+        };
+        let info = match self.target.replace {
+            Some(id) => self.remote.stat(&owner, id).await,
+            None => {
+                self.remote
+                    .lookup(&owner, self.target.parent, &self.target.name)
+                    .await
+            }
+        }
+        .map_err(gone)?;
+        let (version, size, blake3) = self.remote.content_hash(info.id).await.map_err(gone)?;
+        if size == self.sent && blake3.eq_ignore_ascii_case(hash) {
+            tracing::info!(file = %info.name, version, "upload commit's answer was lost; the commit made it");
+            return Ok(info);
+        }
+        Err(FsError::Io(format!(
+            "{}: the upload was lost with the connection before its commit",
+            info.name
+        )))
+    }
+
+    /// Hands every byte streamed so far to `fill`, read back from the server.
+    async fn recall(&mut self, mut fill: Fill) -> FsResult<()> {
+        if !self.buf.is_empty() {
+            let tail = self.buf.split().freeze();
+            self.send(tail).await?;
+        }
+        let mut pos = 0u64;
+        let mut resumes = 0;
+        while pos < self.sent {
+            let want = (self.sent - pos).min(u64::from(CHUNK_SIZE)) as u32;
+            let data = match self.remote.upload_read(self.handle, pos, want).await {
+                Ok(data) => data,
+                Err(e) if lost(&e) && resumes < RESUMES => {
+                    resumes += 1;
+                    self.resume(e).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if data.is_empty() {
+                return Err(FsError::Io(format!(
+                    "the server holds {pos} of the {} bytes streamed",
+                    self.sent
+                )));
+            }
+            fill(pos, &data)?;
+            pos += data.len() as u64;
+        }
+        Ok(())
+    }
+
+    async fn abort(&mut self) {
+        if let Some(task) = self.sync.take() {
+            task.abort();
+        }
+        self.remote.upload_abort(self.handle).await;
     }
 }

@@ -38,6 +38,13 @@ struct Fake {
     uploads: Mutex<HashMap<u64, (UploadTarget, Vec<u8>)>>,
     /// Streamed uploads committed.
     streamed: Mutex<usize>,
+    /// Bytes of each streamed upload made durable by a sync.
+    synced: Mutex<HashMap<u64, u64>>,
+    /// Chunks still to be taken before the "server" restarts: the chunk that hits zero
+    /// fails as a lost connection, and every upload loses what was not synced.
+    restart_after_chunks: Mutex<Option<u64>>,
+    /// The next commit of a streamed upload is made but its answer lost.
+    lose_commit_answer: Mutex<bool>,
     /// Bytes served by `read` (not counting the head that comes with an open).
     read_bytes: AtomicU64,
     /// `lookup` and `list` calls (started).
@@ -358,6 +365,20 @@ impl Remote for Fake {
         offset: u64,
         data: Bytes,
     ) -> Result<(), ClientError> {
+        {
+            let mut left = self.restart_after_chunks.lock().unwrap();
+            if let Some(n) = left.as_mut() {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    *left = None;
+                    let synced = self.synced.lock().unwrap().clone();
+                    for (id, (_, buf)) in self.uploads.lock().unwrap().iter_mut() {
+                        buf.truncate(synced.get(id).copied().unwrap_or(0) as usize);
+                    }
+                    return Err(ClientError::Disconnected("server restarted".into()));
+                }
+            }
+        }
         let mut ups = self.uploads.lock().unwrap();
         let (_, buf) = ups
             .get_mut(&h.id)
@@ -365,6 +386,58 @@ impl Remote for Fake {
         assert_eq!(buf.len() as u64, offset, "chunks out of order");
         buf.extend_from_slice(&data);
         Ok(())
+    }
+    async fn upload_sync(&self, h: RemoteHandle) -> Result<u64, ClientError> {
+        let len = self
+            .uploads
+            .lock()
+            .unwrap()
+            .get(&h.id)
+            .map(|(_, buf)| buf.len() as u64)
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        self.synced.lock().unwrap().insert(h.id, len);
+        Ok(len)
+    }
+    async fn upload_resume(&self, h: RemoteHandle) -> Result<(RemoteHandle, u64), ClientError> {
+        let len = self
+            .uploads
+            .lock()
+            .unwrap()
+            .get(&h.id)
+            .map(|(_, buf)| buf.len() as u64)
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        Ok((
+            RemoteHandle {
+                id: h.id,
+                generation: h.generation + 1,
+            },
+            len,
+        ))
+    }
+    async fn upload_read(
+        &self,
+        h: RemoteHandle,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
+        let ups = self.uploads.lock().unwrap();
+        let (_, buf) = ups
+            .get(&h.id)
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        let start = (offset as usize).min(buf.len());
+        let end = (start + len as usize).min(buf.len());
+        Ok(Bytes::copy_from_slice(&buf[start..end]))
+    }
+    async fn content_hash(&self, id: u64) -> Result<(u64, u64, String), ClientError> {
+        let entries = self.entries.lock().unwrap();
+        let e = entries
+            .get(&(self.user.clone(), id))
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        Ok((
+            e.info.version,
+            e.data.len() as u64,
+            blake3::hash(&e.data).to_hex().to_string(),
+        ))
     }
     async fn upload_commit(
         &self,
@@ -383,7 +456,11 @@ impl Remote for Fake {
         assert_eq!(blake3::hash(&data).to_hex().as_str(), blake3_hex);
         *self.streamed.lock().unwrap() += 1;
         target.mtime_ns = mtime_ns;
-        self.commit(&self.user.clone(), &target, &data)
+        let info = self.commit(&self.user.clone(), &target, &data)?;
+        if std::mem::take(&mut *self.lose_commit_answer.lock().unwrap()) {
+            return Err(ClientError::Disconnected("answer lost".into()));
+        }
+        Ok(info)
     }
     async fn upload_abort(&self, h: RemoteHandle) {
         self.uploads.lock().unwrap().remove(&h.id);
@@ -1309,6 +1386,97 @@ fn sequential_writes_stream_and_anything_else_falls_back_to_the_staged_file() {
     });
 }
 
+/// A streamed file is not staged: its bytes live in the stream's window until the server
+/// syncs them; a "server restart" mid-stream is resumed from what it synced, a commit
+/// whose answer is lost is found made by its hash, and reads, writes out of sequence and
+/// truncations bring the streamed bytes back first.
+#[test]
+fn streams_keep_only_what_is_not_durable_and_resume() {
+    use std::os::unix::fs::MetadataExt;
+    rt().block_on(async {
+        let e = env("alice");
+        let dir = folder(&e.core, "alice").await;
+        let data: Vec<u8> = (0..20_000_000u32).map(|i| (i % 251) as u8).collect();
+        let write_all = |fh: u64, data: Vec<u8>| {
+            let core = &e.core;
+            async move {
+                for (i, chunk) in data.chunks(1 << 20).enumerate() {
+                    core.write(fh, (i << 20) as u64, chunk).await.unwrap();
+                }
+            }
+        };
+        let staged_bytes = || -> u64 {
+            std::fs::read_dir(e.core.staging.dir())
+                .unwrap()
+                .map(|f| f.unwrap().metadata().unwrap().blocks() * 512)
+                .sum()
+        };
+
+        // The server restarts after 13 chunks (it synced 8 MiB of them): resumed.
+        *e.core.remote.restart_after_chunks.lock().unwrap() = Some(13);
+        let (_, fh) = e.core.create(dir, "big", 0o644).await.unwrap();
+        write_all(fh, data.clone()).await;
+        assert!(staged_bytes() < 2 << 20, "a stream staged its bytes");
+        e.core.flush(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "big").unwrap(), data);
+        // Read back through the same descriptor: from the version just committed.
+        let back = e.core.read(fh, 5 << 20, 1000).await.unwrap();
+        assert_eq!(&back[..], &data[5 << 20..(5 << 20) + 1000]);
+        e.core.release(fh).await.unwrap();
+        assert!(e.core.remote.restart_after_chunks.lock().unwrap().is_none());
+
+        // The commit is made but its answer lost: found by its hash.
+        *e.core.remote.lose_commit_answer.lock().unwrap() = true;
+        let (_, fh) = e.core.create(dir, "lost", 0o644).await.unwrap();
+        write_all(fh, data[..3_000_000].to_vec()).await;
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(
+            e.core.remote.content("alice", "lost").unwrap(),
+            &data[..3_000_000]
+        );
+
+        // A read, a patch before the end and a cut into the stream each bring the
+        // streamed bytes back; the result is right.
+        let (attr, fh) = e.core.create(dir, "mixed", 0o644).await.unwrap();
+        write_all(fh, data[..4_000_000].to_vec()).await;
+        let back = e.core.read(fh, 1_000_000, 10).await.unwrap();
+        assert_eq!(&back[..], &data[1_000_000..1_000_010]);
+        e.core
+            .write(fh, 4_000_000, &data[4_000_000..6_000_000])
+            .await
+            .unwrap();
+        e.core.write(fh, 10, b"patch").await.unwrap();
+        e.core
+            .setattr(attr.ino, size(5_000_000), Some(fh))
+            .await
+            .unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let mut want = data[..5_000_000].to_vec();
+        want[10..15].copy_from_slice(b"patch");
+        assert_eq!(e.core.remote.content("alice", "mixed").unwrap(), want);
+        let (_, fh) = e.core.create(dir, "cut", 0o644).await.unwrap();
+        write_all(fh, data[..3_000_000].to_vec()).await;
+        let ino = e.core.lookup(dir, "cut").await.unwrap().ino;
+        e.core
+            .setattr(ino, size(1_500_000), Some(fh))
+            .await
+            .unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(
+            e.core.remote.content("alice", "cut").unwrap(),
+            &data[..1_500_000]
+        );
+        assert!(
+            e.core.remote.uploads.lock().unwrap().is_empty(),
+            "a recalled stream left its upload"
+        );
+        assert_eq!(std::fs::read_dir(e.core.staging.dir()).unwrap().count(), 0);
+    });
+}
+
 #[test]
 fn opening_without_truncate_fetches_only_what_is_not_overwritten() {
     rt().block_on(async {
@@ -1404,13 +1572,25 @@ fn small_files_are_staged_in_memory_and_large_ones_spill() {
         e.core.write(fh, 0, &[7u8; 4096]).await.unwrap();
         let staged = e.core.state().staged.get(&attr.ino).cloned().unwrap();
         assert!(staged.in_memory());
+        // Written in sequence, it streams: the staged content does not take it.
         e.core.write(fh, 4096, &vec![8u8; 2 << 20]).await.unwrap();
-        assert!(!staged.in_memory(), "2 MiB still in memory");
+        assert!(staged.in_memory(), "a stream's bytes were staged");
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
         let mut want = vec![7u8; 4096];
         want.extend(vec![8u8; 2 << 20]);
         assert_eq!(e.core.remote.content("alice", "small").unwrap(), want);
+        assert_eq!(e.core.staged_memory.used(), 0, "memory budget not returned");
+
+        // Written out of sequence, it is staged, and spills past the memory limit.
+        let (attr, fh) = e.core.create(dir, "spilled", 0o644).await.unwrap();
+        e.core.write(fh, 4096, &vec![8u8; 2 << 20]).await.unwrap();
+        let staged = e.core.state().staged.get(&attr.ino).cloned().unwrap();
+        assert!(!staged.in_memory(), "2 MiB still in memory");
+        e.core.write(fh, 0, &[7u8; 4096]).await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "spilled").unwrap(), want);
         assert_eq!(e.core.staged_memory.used(), 0, "memory budget not returned");
 
         // Growing by truncate past the memory limit spills without writing the zeros.

@@ -128,6 +128,9 @@ struct State {
     /// A `close()` or `fsync()` reported that the staged content could not be uploaded,
     /// and no upload succeeded since: only another such caller may try again.
     failure_reported: bool,
+    /// Bytes a stream carried could not be brought back (see `stream.rs`): the staged
+    /// content is incomplete and is never uploaded.
+    broken: Option<String>,
 }
 
 pub struct StagedWrite {
@@ -236,6 +239,7 @@ impl StagedWrite {
                 refs: 0,
                 unlinked: false,
                 failure_reported: false,
+                broken: None,
             }),
             lazy: Mutex::new(None),
             base: tokio::sync::Mutex::new(None),
@@ -246,6 +250,17 @@ impl StagedWrite {
             written_ns: std::sync::atomic::AtomicI64::new(now_ns()),
             finished: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Whether a stream carries part of the content (which the staged content then
+    /// does not hold).
+    pub fn streaming(&self) -> bool {
+        matches!(*guard(&self.stream), StreamState::Active { .. })
+    }
+
+    /// Whether a truncation to `size` cuts into bytes a stream carries.
+    pub fn truncate_cuts_stream(&self, size: u64) -> bool {
+        matches!(*guard(&self.stream), StreamState::Active { next, .. } if size < next)
     }
 
     /// Stops streaming (the stream's task then aborts its server-side upload).
@@ -463,6 +478,76 @@ impl StagedWrite {
             self.put(from, slice)?;
         }
         Ok(())
+    }
+
+    /// A write at `offset` of `len` bytes that the file's stream took: the staged
+    /// content does not hold it (see `stream.rs`), everything else is as for
+    /// [`StagedWrite::write`].
+    pub fn write_streamed(&self, offset: u64, len: u64) {
+        {
+            let mut lazy = guard(&self.lazy);
+            if let Some(l) = &mut *lazy {
+                // A stream writes from byte 0 on, so it never passes what it overwrote.
+                if offset <= l.prefix {
+                    l.prefix = l.prefix.max(offset + len);
+                    if l.prefix >= l.end {
+                        *lazy = None;
+                    }
+                }
+            }
+        }
+        guard(&self.attrs).mtime_ns = None;
+        self.touch();
+        let mut s = self.state();
+        s.size = s.size.max(offset + len);
+        s.changes += 1;
+    }
+
+    /// Bytes a stream carried, brought back into the staged content.
+    pub fn fill_streamed(&self, offset: u64, data: &[u8]) -> FsResult<()> {
+        self.put(offset, data)
+    }
+
+    /// The stream's bytes could not be brought back: the staged content is incomplete.
+    pub fn set_broken(&self, why: &str) {
+        self.state().broken = Some(why.to_string());
+    }
+
+    /// Why the staged content is incomplete, if it is.
+    pub fn broken(&self) -> Option<String> {
+        self.state().broken.clone()
+    }
+
+    /// The whole content is now the server's version that `base` reads (a stream just
+    /// committed it, and the staged content never held it): the staged content is
+    /// emptied, and what is read or kept of the file comes from `base`, as for
+    /// [`StagedWrite::based_on`].
+    pub async fn rebase(&self, base: Arc<dyn Base>) {
+        let mut held = self.base.lock().await;
+        close(&mut held).await;
+        let size = self.size();
+        {
+            let mut backing = guard(&self.backing);
+            match &mut *backing {
+                Backing::Memory { data, reserved } => {
+                    self.budget.give(*reserved);
+                    *reserved = 0;
+                    *data = Vec::new();
+                }
+                Backing::File { file, path } => {
+                    if let Err(e) = file.set_len(0) {
+                        tracing::debug!(path = %path.display(), error = %e, "cannot empty a staged file");
+                    }
+                }
+            }
+        }
+        if size > 0 {
+            *guard(&self.lazy) = Some(Lazy {
+                prefix: 0,
+                end: size,
+            });
+            *held = Some(base);
+        }
     }
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> FsResult<u32> {

@@ -57,6 +57,7 @@ pub(super) fn reply_room(op: &Request) -> usize {
         | Request::Rename { .. }
         | Request::SetAttr { .. }
         | Request::UploadCommit { .. } => ENTRY_REPLY,
+        Request::UploadRead { len, .. } => (*len).min(CHUNK_SIZE) as usize + SMALL_REPLY,
         Request::Close { .. }
         | Request::Remove { .. }
         | Request::Ack { .. }
@@ -64,7 +65,10 @@ pub(super) fn reply_room(op: &Request) -> usize {
         | Request::Sync
         | Request::StatFs
         | Request::UploadBegin { .. }
-        | Request::UploadAbort { .. } => SMALL_REPLY,
+        | Request::UploadAbort { .. }
+        | Request::UploadSync { .. }
+        | Request::UploadResume { .. }
+        | Request::ContentHash { .. } => SMALL_REPLY,
     }
 }
 
@@ -358,9 +362,23 @@ impl Context {
                     .await?;
                 Reply::Space(space)
             }
+            Request::ContentHash { owner, id } => {
+                self.own(&owner)?;
+                let (version, size, blake3) = self
+                    .blocking(move |shared| shared.store.content_hash(&owner, id))
+                    .await?;
+                Reply::ContentHash {
+                    version,
+                    size,
+                    blake3,
+                }
+            }
             Request::UploadBegin { .. }
             | Request::UploadCommit { .. }
-            | Request::UploadAbort { .. } => {
+            | Request::UploadAbort { .. }
+            | Request::UploadSync { .. }
+            | Request::UploadResume { .. }
+            | Request::UploadRead { .. } => {
                 return Err(ServerError::Internal("upload request misrouted".into()))
             }
         };

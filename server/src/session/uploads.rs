@@ -1,15 +1,16 @@
-//! A session's uploads: begun with a slot of the per-user limit, fed by chunks in arrival
-//! order by the reader loop itself (natural back-pressure: a client cannot send faster
-//! than the disk takes it, and a commit that follows its chunks knows they are on disk),
-//! committed by a request task, dropped (deleting the temp file) when aborted, idle past
-//! the bound, or left behind by the connection.
+//! A session's uploads: begun (or resumed) with a slot of the per-user limit, fed by
+//! chunks in arrival order by the reader loop itself (natural back-pressure: a client
+//! cannot send faster than the disk takes it, and a sync, read or commit that follows its
+//! chunks knows they are written), committed by a request task, discarded when aborted,
+//! and let go for a resume (see `store::parts`) when idle past the bound or left behind
+//! by the connection.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sharefs_protocol::Reply;
 
-use super::requests::{Context, Handled, ENTRY_REPLY};
+use super::requests::{Context, Handled, ENTRY_REPLY, SMALL_REPLY};
 use super::Session;
 use crate::cutoff::Cutoff;
 use crate::error::ServerError;
@@ -46,6 +47,12 @@ impl Upload {
     }
 }
 
+/// What an `upload_sync` or `upload_read` does, after the chunks sent before it.
+pub(super) enum Step {
+    Sync,
+    Read { offset: u64, len: usize },
+}
+
 /// What an `upload_begin` asks for.
 pub(super) struct Begin {
     pub owner: String,
@@ -66,7 +73,7 @@ impl Session {
                 tracing::info!(
                     upload,
                     ?bound,
-                    "upload received no data for too long; dropped"
+                    "upload received no data for too long; let go for a resume"
                 );
             }
             keep
@@ -106,12 +113,78 @@ impl Session {
                     .begin_upload(&begin.owner, begin.target, begin.size, begin.mode, quota)
             })
             .await?;
-        let upload = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let upload = up.id();
         self.uploads
             .insert(upload, (Upload::Idle(up), slot, Instant::now()));
-        Ok(Reply::UploadStarted { upload })
+        Ok(Reply::UploadStarted { upload, offset: 0 })
+    }
+
+    /// Takes up an upload of this user left by a lost connection or a restart.
+    pub(super) async fn resume_upload(&mut self, upload: u64) -> Result<Reply, ServerError> {
+        if self.uploads.contains_key(&upload) {
+            return Err(ServerError::InUse(
+                "the upload is attached to this connection",
+            ));
+        }
+        let slot = self
+            .shared
+            .upload_slot(&self.user)
+            .ok_or(ServerError::Busy("uploads in progress for this user"))?;
+        let user = self.user.clone();
+        let up = self
+            .context()
+            .blocking(move |shared| {
+                let quota = shared.users.get(&user)?.and_then(|u| u.quota);
+                shared.store.resume_upload(&user, upload, quota)
+            })
+            .await?;
+        let offset = up.written();
+        tracing::info!(upload, offset, "upload resumed");
+        self.uploads
+            .insert(upload, (Upload::Idle(up), slot, Instant::now()));
+        Ok(Reply::UploadStarted { upload, offset })
+    }
+
+    /// Runs `step` on an upload once the chunks before it are written, answering request
+    /// `id` from a task of its own (a sync waits for the disk).
+    pub(super) async fn upload_step(&mut self, id: u64, upload: u64, step: Step, arrived: Instant) {
+        let Some((state, slot, _)) = self.uploads.remove(&upload) else {
+            self.reply(id, Err(not_here(upload))).await;
+            return;
+        };
+        let Some(mut up) = state.settle().await else {
+            let e = ServerError::Internal("upload write failed".into());
+            self.reply(id, Err(e)).await;
+            return;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (kind, room) = match step {
+            Step::Sync => ("upload_sync", SMALL_REPLY),
+            Step::Read { len, .. } => ("upload_read", len + SMALL_REPLY),
+        };
+        let task = tokio::task::spawn_blocking(move || {
+            let done = match step {
+                Step::Sync => up
+                    .sync()
+                    .map(|durable| (Reply::UploadDurable { durable }, Bytes::new())),
+                Step::Read { offset, len } => up
+                    .read(offset, len)
+                    .map(|data| (Reply::Data, Bytes::from(data))),
+            };
+            let _ = tx.send(done);
+            up
+        });
+        self.uploads
+            .insert(upload, (Upload::Writing(task), slot, Instant::now()));
+        let metrics = self.shared.metrics.clone();
+        self.spawn(id, room, async move {
+            let done = rx
+                .await
+                .unwrap_or_else(|_| Err(ServerError::Internal("upload step failed".into())));
+            metrics.request(kind, arrived.elapsed(), done.is_err());
+            done
+        })
+        .await
     }
 
     /// Commits upload `upload` as request `id` (a task of its own: it fsyncs).
@@ -125,12 +198,7 @@ impl Session {
         cutoff: Cutoff,
     ) {
         let Some((state, slot, _)) = self.uploads.remove(&upload) else {
-            let e = ServerError::Protocol(format!(
-                "no upload {upload} in progress (never begun, aborted, failed, or \
-                 dropped after {} s without data)",
-                self.shared.config.upload_idle_timeout.as_secs()
-            ));
-            self.reply(id, Err(e)).await;
+            self.reply(id, Err(not_here(upload))).await;
             return;
         };
         let ctx = self.context();
@@ -147,12 +215,22 @@ impl Session {
     }
 
     pub(super) async fn abort_upload(&mut self, id: u64, upload: u64) {
-        let existed = self.uploads.remove(&upload).is_some();
-        if existed {
+        if let Some((state, _, _)) = self.uploads.remove(&upload) {
+            if let Some(mut up) = state.settle().await {
+                up.abort();
+            }
             tracing::info!(upload, "upload aborted");
         }
         self.reply(id, Ok(Reply::Ok)).await;
     }
+}
+
+/// The error for an upload this connection does not have.
+fn not_here(upload: u64) -> ServerError {
+    ServerError::NotFound(format!(
+        "upload {upload} on this connection (never begun or resumed here, aborted, failed, \
+         or let go after going without data)"
+    ))
 }
 
 /// Settles an upload's last writes and commits it (the work of an `upload_commit`).

@@ -7,6 +7,9 @@ use std::fs;
 use sharefs_protocol::{EntryKind, FileInfo, DEFAULT_FILE_MODE, MODE_MASK};
 
 use super::tree::{Content, Node, Op, PackRef, Tree};
+use std::os::unix::fs::FileExt;
+
+use super::parts::PartMeta;
 use super::upload::{self, StagedUpload, UploadTarget};
 use super::{blob_name, check_new_name, lock, Published, Store, PACK_MAX};
 use crate::cutoff::Cutoff;
@@ -128,33 +131,38 @@ impl Store {
         if let UploadTarget::At { name, .. } = &target {
             check_new_name(name)?;
         }
-        let folder = self.folder(owner)?;
-        let (allowance, held) = {
-            // Reserved under the folder lock, which commits hold while they turn their
-            // reservation into used bytes: no upload is counted twice, or not at all.
-            let f = lock(&folder)?;
-            // The old version's bytes are freed by the commit, so they count as available.
-            let old = Store::replaced_size(&f.tree, owner, &target)?;
-            let (allowance, _) = Store::allowance(f.tree.used().saturating_sub(old), quota);
-            let held = match quota {
-                Some(_) => Some(self.inner.reservations.reserve(
-                    owner,
-                    size.unwrap_or(0),
-                    allowance,
-                )?),
-                None => None,
-            };
-            (allowance, held)
-        };
+        let (allowance, held) = self.hold_quota(owner, &target, size.unwrap_or(0), quota)?;
         let room = self.inner.space.claim(size.unwrap_or(0))?;
-        let path = self.inner.tmp.join(fsutil::temp_name("upload"));
-        let file = fsutil::create_new(&path)?;
+        let parts = self.inner.parts.clone();
+        let id = parts.create(owner)?;
+        let meta = PartMeta {
+            owner: owner.to_string(),
+            target: target.clone(),
+            mode,
+            size,
+        };
+        let path = parts.path(id);
+        let created = serde_json::to_vec(&meta)
+            .map_err(|e| ServerError::Internal(e.to_string()))
+            .and_then(|json| Ok(fs::write(parts.meta_path(id), json)?))
+            .and_then(|()| Ok(fsutil::create_new(&path)?));
+        let file = match created {
+            Ok(file) => file,
+            Err(e) => {
+                parts.finish(id);
+                return Err(e);
+            }
+        };
         // Small uploads stay buffered: they may be read back from the cache.
         let direct = match size {
             Some(size) if size <= PACK_MAX => None,
             _ => upload::DirectWriter::open(&path),
         };
         Ok(StagedUpload {
+            id,
+            parts,
+            anchored: false,
+            discard: false,
             owner: owner.to_string(),
             target,
             mode,
@@ -172,6 +180,94 @@ impl Store {
         })
     }
 
+    /// Takes up the upload `id` of `owner` that its connection (or the server before a
+    /// restart) left behind, from the bytes its part holds. Blocking: it hashes them.
+    pub fn resume_upload(&self, owner: &str, id: u64, quota: Option<u64>) -> Result<StagedUpload> {
+        let parts = self.inner.parts.clone();
+        parts.attach(owner, id)?;
+        let resumed = (|| {
+            let meta = parts.meta(id)?;
+            let path = parts.path(id);
+            let file = fsutil::open_rw(&path, false)?;
+            let written = file.metadata()?.len();
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut pos = 0u64;
+            while pos < written {
+                let n = (written - pos).min(buf.len() as u64) as usize;
+                file.read_exact_at(&mut buf[..n], pos)?;
+                hasher.update(&buf[..n]);
+                pos += n as u64;
+            }
+            let declared = meta.size.unwrap_or(0);
+            let (allowance, held) =
+                self.hold_quota(owner, &meta.target, declared.max(written), quota)?;
+            let room = self.inner.space.claim(declared.saturating_sub(written))?;
+            let direct = match meta.size {
+                Some(size) if size <= PACK_MAX => None,
+                _ => upload::DirectWriter::resume(&path, &file, written),
+            };
+            Ok(StagedUpload {
+                id,
+                parts: parts.clone(),
+                anchored: false,
+                discard: false,
+                owner: owner.to_string(),
+                target: meta.target,
+                mode: meta.mode,
+                file: Some(file),
+                direct,
+                path,
+                hasher,
+                written,
+                writeback_from: written,
+                allowance,
+                held,
+                quota,
+                room,
+                failed: None,
+            })
+        })();
+        if let Err(e) = &resumed {
+            tracing::warn!(upload = id, error = %e, "cannot resume an upload");
+            parts.detach(id);
+        }
+        resumed
+    }
+
+    /// Holds `bytes` of `owner`'s quota for an upload to `target`: the allowance it may
+    /// grow into and the reservation (none without a quota).
+    fn hold_quota(
+        &self,
+        owner: &str,
+        target: &UploadTarget,
+        bytes: u64,
+        quota: Option<u64>,
+    ) -> Result<(u64, Option<Reservation>)> {
+        let folder = self.folder(owner)?;
+        // Reserved under the folder lock, which commits hold while they turn their
+        // reservation into used bytes: no upload is counted twice, or not at all.
+        let f = lock(&folder)?;
+        // The old version's bytes are freed by the commit, so they count as available.
+        let old = Store::replaced_size(&f.tree, owner, target)?;
+        let (allowance, _) = Store::allowance(f.tree.used().saturating_sub(old), quota);
+        let held = match quota {
+            Some(_) => Some(self.inner.reservations.reserve(owner, bytes, allowance)?),
+            None => None,
+        };
+        Ok((allowance, held))
+    }
+
+    /// Drops the uploads left without a session for longer than `bound`.
+    pub fn expire_uploads(&self, bound: std::time::Duration) -> usize {
+        self.inner.parts.expire(bound)
+    }
+
+    /// Uploads waiting for a resume.
+    pub fn detached_uploads(&self) -> usize {
+        self.inner.parts.detached()
+    }
+
     /// Makes an upload the current version of its file. Blocking; fsyncs.
     pub fn commit_upload(
         &self,
@@ -181,6 +277,9 @@ impl Store {
         mtime_ns: Option<i64>,
         cutoff: &Cutoff,
     ) -> Result<(FileInfo, Vec<Published>)> {
+        // Whatever the outcome, the upload ends here: a failed commit changes nothing and
+        // leaves nothing to resume.
+        upload.discard = true;
         if let Some(e) = upload.failed.take() {
             return Err(e);
         }
@@ -200,10 +299,12 @@ impl Store {
             .take()
             .ok_or_else(|| ServerError::Internal("upload already finished".into()))?;
         let held = upload.held.take();
+        let parts = self.inner.parts.clone();
+        parts.committing(upload.id);
         let result = self.install(&upload, &file, size, hash.as_str(), mtime_ns, held, cutoff);
-        if result.is_err() {
-            let _ = fs::remove_file(&upload.path);
-        }
+        // Committed or not, nothing of the upload remains: its part became the blob, or
+        // is removed here with its sidecar.
+        parts.finish(upload.id);
         result
     }
 

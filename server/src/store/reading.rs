@@ -25,6 +25,23 @@ impl Store {
         Ok(node.info(owner))
     }
 
+    /// The version, size and hex BLAKE3 hash of the current content of `owner`'s file
+    /// `id` (the owner's own question: others are not told hashes).
+    pub fn content_hash(&self, owner: &str, id: u64) -> Result<(u64, u64, String)> {
+        let folder = self.folder(owner)?;
+        let folder = lock(&folder)?;
+        let node = folder
+            .tree
+            .get(id)
+            .ok_or_else(|| ServerError::NotFound(format!("{owner}/#{id}")))?;
+        if node.kind != EntryKind::File {
+            return Err(ServerError::InvalidArgument(format!(
+                "{owner}/#{id} is not a regular file"
+            )));
+        }
+        Ok((node.version, node.size, node.blake3.clone()))
+    }
+
     /// The entry `name` in directory `parent`. Others need search permission on `parent`
     /// and its every ancestor.
     pub fn lookup(&self, owner: &str, parent: u64, name: &str, caller: Caller) -> Result<FileInfo> {

@@ -985,3 +985,106 @@ fn entries_load_from_arrays_and_from_named_fields() {
     assert!(text.contains(r#"{"pack":[1,0]}"#), "{text}");
     assert_eq!(serde_json::from_str::<Vec<Node>>(&text).unwrap(), nodes);
 }
+
+/// An upload outlives its session and the server: detached when dropped, resumed from
+/// what its part holds (after a restart, rehashed from disk, its unaligned tail gathered
+/// again for direct writes), committed with the whole content's hash; aborted, failed or
+/// expired uploads leave nothing behind, and nobody else can resume one.
+#[test]
+fn uploads_resume_after_a_lost_session_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..3 * DIRECT_BLOCK + 12_345)
+        .map(|i| (i * 31 + i / 7919) as u8)
+        .collect();
+    let hash = blake3::hash(&data).to_hex();
+    let tmp_entries = |dir: &Path| fs::read_dir(dir.join("tmp")).unwrap().count();
+    let id = {
+        let store = Store::open(dir.path(), 0).unwrap();
+        let mut up = store
+            .begin_upload("alice", at(ROOT_ID, "big"), None, None, None)
+            .unwrap();
+        let cut = DIRECT_BLOCK + 5000;
+        up.write_chunk(0, &data[..cut]);
+        assert_eq!(up.sync().unwrap(), cut as u64);
+        assert_eq!(
+            up.read(DIRECT_BLOCK as u64 - 10, 20).unwrap(),
+            &data[DIRECT_BLOCK - 10..DIRECT_BLOCK + 10]
+        );
+        let id = up.id();
+        // The session goes: kept for a resume, by its owner only.
+        drop(up);
+        assert_eq!(store.detached_uploads(), 1);
+        assert_eq!(
+            store.resume_upload("bob", id, None).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        let mut up = store.resume_upload("alice", id, None).unwrap();
+        assert_eq!(up.written(), cut as u64);
+        // Attached: a second resume waits for it.
+        assert_eq!(
+            store.resume_upload("alice", id, None).unwrap_err().code(),
+            ErrorCode::Busy
+        );
+        let more = 2 * DIRECT_BLOCK + 100;
+        up.write_chunk(cut as u64, &data[cut..more]);
+        assert_eq!(up.sync().unwrap(), more as u64);
+        id
+        // The server stops with the upload attached.
+    };
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_eq!(store.detached_uploads(), 1);
+    let mut up = store.resume_upload("alice", id, None).unwrap();
+    let at_ = up.written() as usize;
+    assert_eq!(at_, 2 * DIRECT_BLOCK + 100);
+    up.write_chunk(at_ as u64, &data[at_..]);
+    let wrong = blake3::hash(b"other").to_hex();
+    let info = store
+        .commit_upload(up, data.len() as u64, hash.as_str(), None, N)
+        .unwrap()
+        .0;
+    assert!(read(&store, "big") == data);
+    assert_eq!(
+        store.content_hash("alice", info.id).unwrap(),
+        (info.version, data.len() as u64, hash.to_string())
+    );
+    assert_eq!(
+        store.resume_upload("alice", id, None).unwrap_err().code(),
+        ErrorCode::NotFound
+    );
+    assert_eq!(tmp_entries(dir.path()), 0);
+
+    // A failed commit ends the upload; an abort too; a detached one expires.
+    let mut up = store
+        .begin_upload("alice", at(ROOT_ID, "bad"), None, None, None)
+        .unwrap();
+    up.write_chunk(0, b"abc");
+    let failed = up.id();
+    assert_eq!(
+        store
+            .commit_upload(up, 3, wrong.as_str(), None, N)
+            .unwrap_err()
+            .code(),
+        ErrorCode::ChecksumMismatch
+    );
+    assert_eq!(
+        store
+            .resume_upload("alice", failed, None)
+            .unwrap_err()
+            .code(),
+        ErrorCode::NotFound
+    );
+    let mut up = store
+        .begin_upload("alice", at(ROOT_ID, "gone"), None, None, None)
+        .unwrap();
+    up.abort();
+    drop(up);
+    let kept = store
+        .begin_upload("alice", at(ROOT_ID, "later"), None, None, None)
+        .unwrap();
+    drop(kept);
+    assert_eq!(store.detached_uploads(), 1);
+    assert_eq!(tmp_entries(dir.path()), 2);
+    assert_eq!(store.expire_uploads(std::time::Duration::ZERO), 1);
+    assert_eq!(tmp_entries(dir.path()), 0);
+    assert!(store.resolve("alice", "bad", Caller::Owner).is_err());
+}

@@ -1,14 +1,21 @@
-//! Uploads being received: a temp file under `tmp/` written chunk by chunk (large ones
+//! Uploads being received: a part file under `tmp/` written chunk by chunk (large ones
 //! with direct I/O in aligned blocks), hashed as it comes, holding its share of the quota
-//! and of the disk from the start, so concurrent uploads add up. Dropping one (abort,
-//! disconnect, shutdown) removes its temp file; committing it is the store's job.
+//! and of the disk from the start, so concurrent uploads add up. `sync` makes what came
+//! durable, after which the upload survives its connection and a restart (see `parts`).
+//! Dropping one without an outcome (disconnect, shutdown) detaches it for a resume;
+//! aborting or failing it removes its part; committing it is the store's job.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
+use super::parts::Parts;
 use crate::error::{Result, ServerError};
+use crate::fsutil;
 use crate::reservations::Reservation;
 use crate::space::Claim;
 
@@ -22,7 +29,8 @@ pub const DIRECT_BLOCK: usize = 1 << 20;
 const CLAIM_STEP: u64 = 16 << 20;
 
 /// Where a committed upload goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum UploadTarget {
     /// A new version of this file, wherever it then is.
     Replace(u64),
@@ -30,10 +38,18 @@ pub enum UploadTarget {
     At { parent: u64, name: String },
 }
 
-/// An upload being received into a temp file. Dropping it (abort, disconnect, shutdown)
-/// removes the temp file.
+/// An upload being received into a part file. Dropping it detaches it (see `parts`),
+/// unless it was aborted or failed: then its part is removed.
 #[derive(Debug)]
 pub struct StagedUpload {
+    /// Its id, unique across restarts (see `parts`).
+    pub(super) id: u64,
+    pub(super) parts: Arc<Parts>,
+    /// Whether the part's sidecar and directory entry were made durable (by the first
+    /// `sync`).
+    pub(super) anchored: bool,
+    /// Aborted: dropping it removes the part instead of keeping it for a resume.
+    pub(super) discard: bool,
     pub(super) owner: String,
     pub(super) target: UploadTarget,
     /// Permission bits for the file, if the client gave them.
@@ -88,6 +104,18 @@ impl std::fmt::Debug for DirectWriter {
 }
 
 impl DirectWriter {
+    /// A writer of the part at `path` whose first `written` bytes are there: the last,
+    /// unaligned ones are gathered again from the file.
+    pub(super) fn resume(path: &Path, file: &File, written: u64) -> Option<DirectWriter> {
+        let mut direct = DirectWriter::open(path)?;
+        direct.base = written - written % DIRECT_BLOCK as u64;
+        direct.len = (written - direct.base) as usize;
+        let (from, len) = (direct.start, direct.len);
+        file.read_exact_at(&mut direct.buf[from..from + len], direct.base)
+            .ok()?;
+        Some(direct)
+    }
+
     pub(super) fn open(path: &Path) -> Option<DirectWriter> {
         let file = OpenOptions::new()
             .write(true)
@@ -129,8 +157,58 @@ impl DirectWriter {
 }
 
 impl StagedUpload {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub fn target(&self) -> &UploadTarget {
         &self.target
+    }
+
+    /// Makes every byte received so far durable, the part's sidecar and name included;
+    /// returns how many. Blocking.
+    pub fn sync(&mut self) -> Result<u64> {
+        if let Some(e) = &self.failed {
+            return Err(ServerError::Again(e.body()));
+        }
+        self.write_gathered()?;
+        if let Some(file) = self.file.as_ref() {
+            file.sync_data()?;
+        }
+        if !self.anchored {
+            File::open(self.parts.meta_path(self.id))?.sync_all()?;
+            fsutil::sync_dir(self.parts.path(self.id).parent().unwrap_or(Path::new(".")))?;
+            self.anchored = true;
+        }
+        Ok(self.written)
+    }
+
+    /// Up to `len` bytes of what was received, from `offset`. Blocking.
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        if let Some(e) = &self.failed {
+            return Err(ServerError::Again(e.body()));
+        }
+        self.write_gathered()?;
+        let end = self.written.min(offset.saturating_add(len as u64));
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        if let Some(file) = self.file.as_ref() {
+            file.read_exact_at(&mut buf, offset)?;
+        }
+        Ok(buf)
+    }
+
+    /// Writes the bytes the direct writer gathers through the page cache, keeping them
+    /// gathered: its next whole block rewrites them, with the same bytes.
+    fn write_gathered(&self) -> Result<()> {
+        if let (Some(file), Some(direct)) = (self.file.as_ref(), self.direct.as_ref()) {
+            file.write_all_at(direct.block(), direct.base)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the upload with nothing kept: its part is removed when it is dropped.
+    pub fn abort(&mut self) {
+        self.discard = true;
     }
 
     pub fn written(&self) -> u64 {
@@ -237,8 +315,14 @@ impl StagedUpload {
 
 impl Drop for StagedUpload {
     fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = fs::remove_file(&self.path);
+        if self.file.is_none() {
+            // Committed, or its commit failed: that path settled the part.
+            return;
+        }
+        if self.discard || self.failed.is_some() {
+            self.parts.finish(self.id);
+        } else {
+            self.parts.detach(self.id);
         }
     }
 }
