@@ -822,10 +822,15 @@ fn a_killed_mount_is_mounted_again_and_its_unsaved_data_kept() {
     }
     let server = TestServer::start();
     let mut alice = TestMount::new(&server, "alice");
-    // A large file is being written (staged on disk) when the mount process dies.
+    // A large file is being written out of sequence (so staged on disk: a sequential
+    // one would be streamed, its bytes on the server, see docs/SEMANTICS.md) when the
+    // mount process dies.
     let data = content(21, 3 << 20);
     let mut f = fs::File::create(alice.path("alice/big.bin")).unwrap();
-    f.write_all(&data).unwrap();
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(&data[1 << 20..]).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(&data[..1 << 20]).unwrap();
     alice.kill9();
     drop(f);
     assert_errno(

@@ -560,11 +560,88 @@ async fn kill_9_during_uploads_leaves_old_or_new_versions() {
     assert_eq!(blobs as u64, FILES, "orphaned blobs after recovery");
 }
 
+/// Takes up `upload` on `client`, waiting (bounded) while the server still holds it for
+/// the connection that went.
+async fn resume(client: &sharefs_client::RemoteClient, upload: u64) -> u64 {
+    within("resume", async {
+        loop {
+            match client.upload_resume(upload).await {
+                Err(e) if e.code() == Some(ErrorCode::Busy) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                r => return r.unwrap(),
+            }
+        }
+    })
+    .await
+}
+
+/// A client that vanishes mid-upload leaves the upload for a resume within the upload
+/// idle bound (over a server restart too), and nothing once that is past.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_vanishing_mid_upload_leaves_nothing() {
-    let server = TestServer::start();
+async fn an_upload_outlives_its_connection_and_the_server_for_the_idle_bound() {
+    let mut server = TestServer::start_with(&["--upload-idle-timeout", "2"]);
+    let tmp_files =
+        |server: &TestServer| std::fs::read_dir(server.data.join("tmp")).unwrap().count();
     let (alice, _) = server.connect("alice").await;
     upload(&alice, "keep", b"old").await;
+    let data = content(5, (3 << 20) + 4321);
+    let hash = blake3::hash(&data).to_hex().to_string();
+    let upload_id = {
+        let (vanishing, _) = server.connect("alice").await;
+        let up = vanishing.upload_begin(&at("keep"), None).await.unwrap();
+        vanishing
+            .send_chunk(up, 0, Bytes::copy_from_slice(&data[..1 << 20]))
+            .await
+            .unwrap();
+        assert_eq!(vanishing.upload_sync(up).await.unwrap(), 1 << 20);
+        up
+    };
+    // Another user cannot take it; its owner can, from where it was made durable.
+    let (bob, _) = server.connect("bob").await;
+    assert_eq!(
+        bob.upload_resume(upload_id).await.unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+    let (alice2, _) = server.connect("alice").await;
+    assert_eq!(resume(&alice2, upload_id).await, 1 << 20);
+    alice2
+        .send_chunk(
+            upload_id,
+            1 << 20,
+            Bytes::copy_from_slice(&data[1 << 20..2 << 20]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(alice2.upload_sync(upload_id).await.unwrap(), 2 << 20);
+    drop((alice, alice2, bob));
+
+    // kill -9 of the server: the upload is still there after the restart.
+    server.kill9();
+    server.restart();
+    let (alice, _) = server.connect("alice").await;
+    assert_eq!(resume(&alice, upload_id).await, 2 << 20);
+    assert_eq!(
+        alice
+            .upload_read(upload_id, (1 << 20) - 3, 6)
+            .await
+            .unwrap(),
+        &data[(1 << 20) - 3..(1 << 20) + 3]
+    );
+    alice
+        .send_chunk(upload_id, 2 << 20, Bytes::copy_from_slice(&data[2 << 20..]))
+        .await
+        .unwrap();
+    let info = alice
+        .upload_commit(upload_id, data.len() as u64, &hash, None)
+        .await
+        .unwrap();
+    assert_eq!(download(&alice, "alice", "keep").await.unwrap(), data);
+    let (_, size, blake3) = alice.content_hash(info.id).await.unwrap();
+    assert_eq!((size, blake3), (data.len() as u64, hash));
+    assert_eq!(tmp_files(&server), 0, "a committed upload left files");
+
+    // One that nobody resumes is discarded after the bound.
     {
         let (vanishing, _) = server.connect("alice").await;
         let up = vanishing.upload_begin(&at("keep"), None).await.unwrap();
@@ -572,21 +649,16 @@ async fn client_vanishing_mid_upload_leaves_nothing() {
             .send_chunk(up, 0, Bytes::from(vec![1u8; 1 << 20]))
             .await
             .unwrap();
-        // Round trip so the chunk is surely on the server.
         vanishing.list_users().await.unwrap();
-        assert_eq!(
-            std::fs::read_dir(server.data.join("tmp")).unwrap().count(),
-            1
-        );
+        assert_eq!(tmp_files(&server), 2);
     }
-    // Wait (bounded) for the server to notice and discard the temp file.
-    within("temp discarded", async {
-        while std::fs::read_dir(server.data.join("tmp")).unwrap().count() != 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    within("unresumed upload discarded", async {
+        while tmp_files(&server) != 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
-    assert_eq!(download(&alice, "alice", "keep").await.unwrap(), b"old");
+    assert_eq!(download(&alice, "alice", "keep").await.unwrap(), data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -676,10 +676,24 @@ impl<R: Remote> FsCore<R> {
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let ended = || FsError::Io("the stream's task ended".into());
-        tx.send(stream::StreamMsg::Finish { mtime_ns, reply })
-            .await
-            .map_err(|_| ended())?;
-        let info = answer.await.map_err(|_| ended())??;
+        let into = staged.clone();
+        let fill: stream::Fill = Box::new(move |offset, data| into.fill_streamed(offset, data));
+        tx.send(stream::StreamMsg::Finish {
+            mtime_ns,
+            fill,
+            reply,
+        })
+        .await
+        .map_err(|_| ended())?;
+        let info = match answer.await.map_err(|_| ended())? {
+            Ok(info) => info,
+            Err(unfinished) => {
+                if !unfinished.given_back {
+                    staged.set_broken(&unfinished.error.to_string());
+                }
+                return Err(unfinished.error);
+            }
+        };
         // The staged content never held what the stream carried: from now on the file's
         // bytes come from the version just committed.
         staged

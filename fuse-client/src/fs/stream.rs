@@ -39,12 +39,24 @@ const RESUMES: u32 = 8;
 /// Writes the recalled bytes of a stream into the staged file, at an offset.
 pub type Fill = Box<dyn FnMut(u64, &[u8]) -> FsResult<()> + Send>;
 
+/// A stream that could not commit: why, and whether every byte it carried went back
+/// into the staged file (true while the server had made none of them durable: the
+/// stream still held them all).
+#[derive(Debug)]
+pub struct Unfinished {
+    pub error: FsError,
+    pub given_back: bool,
+}
+
 pub enum StreamMsg {
     Data(Bytes),
-    /// All data was sent: commit (with this modification time) and answer.
+    /// All data was sent: commit (with this modification time) and answer. If that
+    /// fails, what the stream still holds from byte 0 on goes back through `fill`, and the
+    /// error says whether that was everything.
     Finish {
         mtime_ns: Option<i64>,
-        reply: oneshot::Sender<Result<FileInfo, FsError>>,
+        fill: Fill,
+        reply: oneshot::Sender<Result<FileInfo, Unfinished>>,
     },
     /// Give every byte streamed so far back through `fill`, then abort the upload.
     Recall {
@@ -148,24 +160,7 @@ pub async fn run<R: Remote>(
             asked: 0,
             sync: None,
         },
-        Err(e) => {
-            // Answer whatever comes, then end.
-            while let Some(msg) = rx.recv().await {
-                match msg {
-                    StreamMsg::Data(_) => {}
-                    StreamMsg::Finish { reply, .. } => {
-                        let _ = reply.send(Err(FsError::from(e.clone())));
-                        return;
-                    }
-                    StreamMsg::Recall { reply, .. } => {
-                        // Nothing was streamed: nothing to give back.
-                        let _ = reply.send(Ok(()));
-                        return;
-                    }
-                }
-            }
-            return;
-        }
+        Err(e) => return hold(FsError::from(e), rx).await,
     };
     let mut failed: Option<FsError> = None;
     loop {
@@ -194,14 +189,23 @@ pub async fn run<R: Remote>(
                     }
                 }
             }
-            Some(StreamMsg::Finish { mtime_ns, reply }) => {
+            Some(StreamMsg::Finish {
+                mtime_ns,
+                fill,
+                reply,
+            }) => {
                 let result = match failed.take() {
                     Some(e) => Err(e),
                     None => up.finish(mtime_ns).await,
                 };
-                if result.is_err() {
-                    up.abort().await;
-                }
+                let result = match result {
+                    Ok(info) => Ok(info),
+                    Err(error) => {
+                        up.abort().await;
+                        let given_back = up.give_back(fill);
+                        Err(Unfinished { error, given_back })
+                    }
+                };
                 let _ = reply.send(result);
                 return;
             }
@@ -217,6 +221,50 @@ pub async fn run<R: Remote>(
         }
     }
     up.abort().await;
+}
+
+/// A stream whose upload could not begin: keeps what it is given (up to [`WINDOW`]) to
+/// give it back at the end, and answers with the error.
+async fn hold(error: FsError, mut rx: mpsc::Receiver<StreamMsg>) {
+    let mut kept: Vec<Bytes> = Vec::new();
+    let mut held = 0u64;
+    let mut complete = true;
+    let give_back = |kept: &[Bytes], fill: &mut Fill| {
+        let mut pos = 0u64;
+        for data in kept {
+            fill(pos, data)?;
+            pos += data.len() as u64;
+        }
+        Ok::<(), FsError>(())
+    };
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            StreamMsg::Data(data) => {
+                held += data.len() as u64;
+                if complete && held <= WINDOW {
+                    kept.push(data);
+                } else {
+                    complete = false;
+                    kept = Vec::new();
+                }
+            }
+            StreamMsg::Finish {
+                mut fill, reply, ..
+            } => {
+                let given_back = complete && give_back(&kept, &mut fill).is_ok();
+                let _ = reply.send(Err(Unfinished { error, given_back }));
+                return;
+            }
+            StreamMsg::Recall { mut fill, reply } => {
+                let result = match complete {
+                    true => give_back(&kept, &mut fill),
+                    false => Err(error),
+                };
+                let _ = reply.send(result);
+                return;
+            }
+        }
+    }
 }
 
 impl<R: Remote> Uploader<R> {
@@ -489,6 +537,20 @@ impl<R: Remote> Uploader<R> {
             pos += data.len() as u64;
         }
         Ok(())
+    }
+
+    /// Hands what the stream holds to `fill` if that is every byte from 0 on (nothing
+    /// durable yet, so nothing let go); true if so.
+    fn give_back(&mut self, mut fill: Fill) -> bool {
+        if self.window.front().map_or(self.sent, |c| c.offset) != 0 {
+            return false;
+        }
+        for chunk in &self.window {
+            if fill(chunk.offset, &chunk.data).is_err() {
+                return false;
+            }
+        }
+        self.buf.is_empty() || fill(self.sent, &self.buf).is_ok()
     }
 
     async fn abort(&mut self) {

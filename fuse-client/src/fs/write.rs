@@ -738,7 +738,20 @@ impl StagedWrite {
     /// `failed_dir` when it never reached the server.
     pub fn finish(&self, failed_dir: &Path) {
         let mut backing = guard(&self.backing);
-        if self.dirty() {
+        let broken = self.broken();
+        if let (true, Some(why)) = (self.dirty(), &broken) {
+            tracing::error!(
+                file = %self.name(),
+                cause = %why,
+                "upload never succeeded, and part of the data was only on the server: \
+                 nothing of it is kept locally"
+            );
+            if let Backing::File { path, .. } = &*backing {
+                if let Err(e) = staging::remove(path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove staged file");
+                }
+            }
+        } else if self.dirty() {
             let name = self.name();
             let kept = match &*backing {
                 Backing::Memory { data, .. } => {
