@@ -152,9 +152,9 @@ async fn parallel_uploads_add_up_against_the_disk_reserve() {
     assert!(fs.free() >= 40 << 20, "only {} bytes left free", fs.free());
 }
 
-/// An upload that receives nothing is dropped after `--upload-idle-timeout`, giving back
-/// its disk claim and its quota reservation; its commit then fails. Meanwhile a normal
-/// user is served.
+/// An upload that receives nothing is let go after `--upload-idle-timeout`, giving back
+/// its disk claim and its quota reservation; its commit on that connection then fails.
+/// Meanwhile a normal user is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upload_gives_back_its_disk_and_quota() {
     let fs = SmallFs::new(64);
@@ -229,7 +229,7 @@ async fn a_stalled_upload_gives_back_its_disk_and_quota() {
         let e = within("commit", client.upload_commit(upload, 0, "x", None))
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Some(ErrorCode::ProtocolError), "{e}");
+        assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
         assert!(e.to_string().contains("without data"), "{e}");
     }
     assert!(server

@@ -347,26 +347,40 @@ async fn requests_before_login_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_mismatch_is_a_clear_error() {
     let server = TestServer::start_with(&["--plaintext"]);
-    let stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
-    let mut framed = Framed::new(stream, FrameCodec::new(1 << 20));
-    let hello = ClientMessage::Hello {
-        magic: sharefs_protocol::MAGIC.into(),
-        version: 99,
-        max_frame: 1 << 20,
-    };
-    framed
-        .send(Frame::new(&hello, Bytes::new()).unwrap())
-        .await
-        .unwrap();
-    let frame = within("reply", futures::StreamExt::next(&mut framed))
-        .await
-        .unwrap()
-        .unwrap();
-    match frame.message().unwrap() {
-        sharefs_protocol::ServerMessage::Error { error, .. } => {
-            assert_eq!(error.code, ErrorCode::VersionMismatch);
-            assert!(error.message.contains("version"), "{}", error.message);
+    // The server's first answer to a hello of `version`.
+    let answer = |version: u32| {
+        let addr = server.addr.clone();
+        async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let mut framed = Framed::new(stream, FrameCodec::new(1 << 20));
+            let hello = ClientMessage::Hello {
+                magic: sharefs_protocol::MAGIC.into(),
+                version,
+                max_frame: 1 << 20,
+            };
+            framed
+                .send(Frame::new(&hello, Bytes::new()).unwrap())
+                .await
+                .unwrap();
+            let frame = within("reply", futures::StreamExt::next(&mut framed))
+                .await
+                .unwrap()
+                .unwrap();
+            frame.message::<sharefs_protocol::ServerMessage>().unwrap()
         }
+    };
+    for (version, upgrade) in [(99, "upgrade the server"), (1, "upgrade the client")] {
+        match answer(version).await {
+            sharefs_protocol::ServerMessage::Error { error, .. } => {
+                assert_eq!(error.code, ErrorCode::VersionMismatch);
+                assert!(error.message.contains(upgrade), "{}", error.message);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Version 2 clients are still served, in their version.
+    match answer(2).await {
+        sharefs_protocol::ServerMessage::Hello { version, .. } => assert_eq!(version, 2),
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -544,9 +558,21 @@ async fn kill_9_during_uploads_leaves_old_or_new_versions() {
         new_versions < FILES as usize,
         "kill came too late to test anything"
     );
-    // No temp or orphaned blob survives the restart's recovery.
-    let tmp = std::fs::read_dir(server.data.join("tmp")).unwrap().count();
-    assert_eq!(tmp, 0, "temp files left after restart");
+    // No temp file or orphaned blob survives the restart's recovery: only the parts of
+    // the uploads cut short, kept for their clients to resume (each with its sidecar).
+    let tmp: Vec<String> = std::fs::read_dir(server.data.join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for name in &tmp {
+        let part = name.strip_suffix(".json").unwrap_or(name);
+        assert!(
+            part.starts_with("part-")
+                && tmp.contains(&part.to_string())
+                && tmp.contains(&format!("{part}.json")),
+            "left after restart: {name} ({tmp:?})"
+        );
+    }
     let blobs = std::fs::read_dir(server.data.join("files/alice"))
         .unwrap()
         .filter(|e| {

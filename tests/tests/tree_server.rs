@@ -713,10 +713,10 @@ async fn a_protocol_1_client_is_told_to_upgrade() {
     assert_eq!(err.code, ErrorCode::VersionMismatch);
     assert_eq!(
         err.message,
-        "this server speaks sharefs protocol 2 and the client 1: upgrade the client (sharefs --version)"
+        "this server speaks sharefs protocol 3 and the client 1: upgrade the client (sharefs --version)"
     );
     let stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
-    let err = RawClient::hello_as(stream, 3).await.err().unwrap();
+    let err = RawClient::hello_as(stream, 4).await.err().unwrap();
     assert!(
         err.message.contains("upgrade the server"),
         "{}",

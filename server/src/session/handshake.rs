@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use sharefs_protocol::{
     ClientMessage, ErrorBody, ErrorCode, Frame, FrameCodec, FrameError, ServerMessage, MAGIC,
-    MIN_FRAME, VERSION,
+    MIN_CLIENT_VERSION, MIN_FRAME, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::Framed;
@@ -18,7 +18,7 @@ use crate::shared::Shared;
 
 /// The refusal of a client speaking protocol `version`, saying which side to upgrade.
 pub fn version_mismatch(version: u32) -> ErrorBody {
-    let (side, command) = if version < VERSION {
+    let (side, command) = if version < MIN_CLIENT_VERSION {
         ("client", "sharefs --version")
     } else {
         ("server", "sharefs-server --version")
@@ -43,7 +43,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let protocol = |m: &str| ErrorBody::new(ErrorCode::ProtocolError, m);
-    let max_frame = match next_message(framed).await? {
+    let (max_frame, version) = match next_message(framed).await? {
         ClientMessage::Hello {
             magic,
             version,
@@ -52,7 +52,7 @@ where
             if magic != MAGIC {
                 return Err(protocol("not a sharefs client"));
             }
-            if version != VERSION {
+            if !(MIN_CLIENT_VERSION..=VERSION).contains(&version) {
                 if crate::ratelog::CONNECTIONS.allow() {
                     tracing::info!(version, "client speaks another protocol version");
                 }
@@ -60,7 +60,10 @@ where
             }
             // Never panics, whatever the configuration: at least the smallest frame a
             // chunk fits in, at most what the server allows.
-            max_frame.max(MIN_FRAME).min(shared.config.max_frame)
+            (
+                max_frame.max(MIN_FRAME).min(shared.config.max_frame),
+                version,
+            )
         }
         _ => return Err(protocol("expected hello")),
     };
@@ -69,7 +72,8 @@ where
         framed,
         &ServerMessage::Hello {
             magic: MAGIC.into(),
-            version: VERSION,
+            // The client's own: an older client is served as it speaks.
+            version,
             max_frame,
         },
     )
@@ -128,9 +132,9 @@ mod tests {
         let old = super::version_mismatch(1).message;
         assert_eq!(
             old,
-            "this server speaks sharefs protocol 2 and the client 1: upgrade the client (sharefs --version)"
+            "this server speaks sharefs protocol 3 and the client 1: upgrade the client (sharefs --version)"
         );
-        let new = super::version_mismatch(3).message;
+        let new = super::version_mismatch(4).message;
         assert!(new.contains("upgrade the server"), "{new}");
     }
 }
