@@ -41,8 +41,10 @@ pub trait ContentWriter: Send + Sync + Debug {
     fn write_chunk(&mut self, offset: u64, data: &[u8]);
     /// Bytes received so far.
     fn written(&self) -> u64;
-    /// Makes every byte received so far durable and resumable; returns how many. Blocking.
-    fn sync(&mut self) -> Result<u64>;
+    /// Starts making every byte received so far durable and resumable: the returned
+    /// work (blocking, and free to run while more chunks are written) finishes it and
+    /// says how many bytes that was.
+    fn sync_point(&mut self) -> Result<Box<dyn FnOnce() -> Result<u64> + Send>>;
     /// Up to `len` bytes received, from `offset`. Blocking.
     fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>>;
     /// Discards the upload when it is dropped.
@@ -214,8 +216,8 @@ impl ContentWriter for StagedUpload {
     fn written(&self) -> u64 {
         StagedUpload::written(self)
     }
-    fn sync(&mut self) -> Result<u64> {
-        StagedUpload::sync(self)
+    fn sync_point(&mut self) -> Result<Box<dyn FnOnce() -> Result<u64> + Send>> {
+        StagedUpload::sync_point(self)
     }
     fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
         StagedUpload::read(self, offset, len)

@@ -163,15 +163,27 @@ impl Session {
             Step::Read { len, .. } => ("upload_read", len + SMALL_REPLY),
         };
         let task = tokio::task::spawn_blocking(move || {
-            let done = match step {
-                Step::Sync => up
-                    .sync()
-                    .map(|durable| (Reply::UploadDurable { durable }, Bytes::new())),
-                Step::Read { offset, len } => up
-                    .read(offset, len)
-                    .map(|data| (Reply::Data, Bytes::from(data))),
-            };
-            let _ = tx.send(done);
+            match step {
+                // The flush runs beside the chunks that follow, not in their way.
+                Step::Sync => match up.sync_point() {
+                    Ok(flush) => {
+                        tokio::task::spawn_blocking(move || {
+                            let done = flush()
+                                .map(|durable| (Reply::UploadDurable { durable }, Bytes::new()));
+                            let _ = tx.send(done);
+                        });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                },
+                Step::Read { offset, len } => {
+                    let done = up
+                        .read(offset, len)
+                        .map(|data| (Reply::Data, Bytes::from(data)));
+                    let _ = tx.send(done);
+                }
+            }
             up
         });
         self.uploads

@@ -168,19 +168,36 @@ impl StagedUpload {
     /// Makes every byte received so far durable, the part's sidecar and name included;
     /// returns how many. Blocking.
     pub fn sync(&mut self) -> Result<u64> {
+        self.sync_point()?()
+    }
+
+    /// Writes out what is gathered and returns the rest of a [`StagedUpload::sync`]: the
+    /// flush of the bytes received so far, which may run while more are written (a flush
+    /// covers every write completed before it).
+    pub fn sync_point(&mut self) -> Result<Box<dyn FnOnce() -> Result<u64> + Send>> {
         if let Some(e) = &self.failed {
             return Err(ServerError::Again(e.body()));
         }
         self.write_gathered()?;
-        if let Some(file) = self.file.as_ref() {
-            file.sync_data()?;
-        }
-        if !self.anchored {
-            File::open(self.parts.meta_path(self.id))?.sync_all()?;
-            fsutil::sync_dir(self.parts.path(self.id).parent().unwrap_or(Path::new(".")))?;
+        let file = match self.file.as_ref() {
+            Some(f) => Some(f.try_clone()?),
+            None => None,
+        };
+        let anchor = (!self.anchored).then(|| {
             self.anchored = true;
-        }
-        Ok(self.written)
+            (self.parts.meta_path(self.id), self.parts.path(self.id))
+        });
+        let written = self.written;
+        Ok(Box::new(move || {
+            if let Some(file) = file {
+                file.sync_data()?;
+            }
+            if let Some((meta, part)) = anchor {
+                File::open(meta)?.sync_all()?;
+                fsutil::sync_dir(part.parent().unwrap_or(Path::new(".")))?;
+            }
+            Ok(written)
+        }))
     }
 
     /// Up to `len` bytes of what was received, from `offset`. Blocking.
