@@ -31,7 +31,8 @@
 //!     `fs/durable.rs`: changes answered before the server's fdatasync, and the
 //!     `close()`/`fsync()` points that make them durable;
 //!   - `fs/read.rs`: ranged reads with prefetch; `fs/write.rs`: staged writes and their
-//!     lazily fetched base; `fs/stream.rs`: sequential writes streamed as they happen;
+//!     lazily fetched base; `fs/stream.rs`: sequential writes streamed as they happen,
+//!     kept only until the server has them durable, resumed after a lost connection;
 //!   - `fs/staging.rs`: the staging directory on disk and recovery of what a dead mount
 //!     left; `fs/remote.rs`: the `Remote` trait the core needs of a server;
 //!     `fs/error.rs`: the core's errors; `fs/room.rs`: whether a growing write fits

@@ -9,7 +9,8 @@
 //! - [`threads`]: the session threads connections are spread over, one per core.
 //! - [`session`]: one connection: its reader loop and dispatch; `session::handshake`
 //!   (hello, version, login), `session::requests` (tree reads and writes, open handles
-//!   and their limits, reply rooms), `session::uploads` (chunked uploads).
+//!   and their limits, reply rooms), `session::uploads` (chunked uploads,
+//!   their syncs and resumes).
 //! - [`outbox`]: a connection's replies, queued within its and its user's byte allowance,
 //!   and the writer that sends them and pushed events (closing a peer that stops reading).
 //! - [`login`]: login checks: bounded names and passwords, throttling ([`throttle`]),
@@ -20,7 +21,8 @@
 //! - [`store`]: their embedded implementation, crash-safe: per user, a tree of entries
 //!   ([`store::tree`]) kept in a JSON journal with snapshots ([`store::journal`]), small
 //!   contents appended to a pack ([`store::pack`]), large ones as blobs; uploads being
-//!   received ([`store::upload`]), read handles ([`store::read`]), loading a folder
+//!   received ([`store::upload`]) and kept for a resume across lost connections and
+//!   restarts ([`store::parts`]), read handles ([`store::read`]), loading a folder
 //!   ([`store::folder`]) and migrating the flat layout of protocol 1 ([`store::migrate`]);
 //!   the operations on a tree are split into reading (`store::reading`), changing
 //!   (`store::changes`) and contents (`store::contents`); `store::flusher` makes lazy

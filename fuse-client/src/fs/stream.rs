@@ -32,7 +32,7 @@ pub const WINDOW: u64 = 32 << 20;
 /// A stream asks the server for a sync every this many bytes.
 pub const SYNC_EVERY: u64 = 8 << 20;
 /// Bytes all streams of a mount keep together, in KiB permits.
-pub const STREAM_BUDGET: u64 = 128 << 20;
+pub const STREAM_BUDGET: u64 = 32 << 20;
 /// Times a stream takes its upload up again before it gives up.
 const RESUMES: u32 = 8;
 
@@ -92,6 +92,13 @@ pub const STREAM_QUEUE: usize = 2;
 /// server's answer.
 fn lost(e: &ClientError) -> bool {
     e.is_connection_error()
+}
+
+/// Whether a failure of a sync or commit means the upload may be taken up again: its
+/// connection was lost, or the server let it go (it went without data for the server's
+/// idle bound: a writer that paused) and keeps it for a resume.
+fn resumable(e: &ClientError) -> bool {
+    lost(e) || e.code() == Some(sharefs_protocol::ErrorCode::NotFound)
 }
 
 /// The answer of the sync in flight; never, without one.
@@ -374,7 +381,7 @@ impl<R: Remote> Uploader<R> {
                 self.release(durable);
                 Ok(())
             }
-            Err(e) if lost(&e) => self.resume(e).await,
+            Err(e) if resumable(&e) => self.resume(e).await,
             Err(e) => Err(e.into()),
         }
     }
@@ -416,7 +423,8 @@ impl<R: Remote> Uploader<R> {
                     self.sent
                 )));
             }
-            self.release(offset);
+            // What the server has is let go of at its next sync, not before: after a
+            // restart of its machine it may hold less than it says now.
             match self.resend(offset).await {
                 Ok(()) => {
                     tracing::info!(upload = handle.id, offset, "upload resumed");
@@ -463,7 +471,7 @@ impl<R: Remote> Uploader<R> {
                 .await;
             let cause = match committed {
                 Ok(info) => return Ok(info),
-                Err(e) if lost(&e) => e,
+                Err(e) if resumable(&e) => e,
                 Err(e) => return Err(e.into()),
             };
             match self.resume(cause).await {

@@ -45,6 +45,9 @@ struct Fake {
     restart_after_chunks: Mutex<Option<u64>>,
     /// The next commit of a streamed upload is made but its answer lost.
     lose_commit_answer: Mutex<bool>,
+    /// The next sync finds its upload let go (as after the server's idle bound): it is
+    /// still there for a resume.
+    let_go_next_sync: Mutex<bool>,
     /// Bytes served by `read` (not counting the head that comes with an open).
     read_bytes: AtomicU64,
     /// `lookup` and `list` calls (started).
@@ -388,6 +391,9 @@ impl Remote for Fake {
         Ok(())
     }
     async fn upload_sync(&self, h: RemoteHandle) -> Result<u64, ClientError> {
+        if std::mem::take(&mut *self.let_go_next_sync.lock().unwrap()) {
+            return Err(remote_err(ErrorCode::NotFound));
+        }
         let len = self
             .uploads
             .lock()
@@ -1424,6 +1430,15 @@ fn streams_keep_only_what_is_not_durable_and_resume() {
         assert_eq!(&back[..], &data[5 << 20..(5 << 20) + 1000]);
         e.core.release(fh).await.unwrap();
         assert!(e.core.remote.restart_after_chunks.lock().unwrap().is_none());
+
+        // A sync finds the upload let go (the writer paused too long): resumed.
+        *e.core.remote.let_go_next_sync.lock().unwrap() = true;
+        let (_, fh) = e.core.create(dir, "paused", 0o644).await.unwrap();
+        write_all(fh, data.clone()).await;
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "paused").unwrap(), data);
+        assert!(!*e.core.remote.let_go_next_sync.lock().unwrap());
 
         // The commit is made but its answer lost: found by its hash.
         *e.core.remote.lose_commit_answer.lock().unwrap() = true;
