@@ -462,8 +462,10 @@ impl<R: Remote> FsCore<R> {
 
     /// Truncates a staged file, first recalling its stream if the cut goes into it.
     async fn truncate_staged(&self, staged: &Arc<StagedWrite>, size: u64) -> FsResult<()> {
+        // Under the stream's order: a write starting a stream meanwhile would otherwise be
+        // dropped with it.
+        let _order = staged.stream_order.lock().await;
         if staged.truncate_cuts_stream(size) {
-            let _order = staged.stream_order.lock().await;
             self.recall_stream(staged).await?;
         }
         staged.truncate(size)
@@ -487,9 +489,7 @@ impl<R: Remote> FsCore<R> {
             }
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let into = staged.clone();
-        let fill: stream::Fill = Box::new(move |offset, data| into.fill_streamed(offset, data));
-        let result = match tx.send(stream::StreamMsg::Recall { fill, reply }).await {
+        let result = match tx.send(stream::StreamMsg::Recall { reply }).await {
             Ok(()) => answer
                 .await
                 .unwrap_or_else(|_| Err(FsError::Io("the stream's task ended".into()))),
@@ -604,10 +604,14 @@ impl<R: Remote> FsCore<R> {
                             let head = buf.split().freeze();
                             let next = *next;
                             let (tx, rx) = tokio::sync::mpsc::channel(stream::STREAM_QUEUE);
+                            let into = staged.clone();
+                            let fill: stream::Fill =
+                                Box::new(move |offset, data| into.fill_streamed(offset, data));
                             tokio::spawn(stream::run(
                                 self.remote.clone(),
                                 target,
                                 self.stream_budget.clone(),
+                                fill,
                                 rx,
                             ));
                             *st = StreamState::Active {
@@ -656,6 +660,10 @@ impl<R: Remote> FsCore<R> {
         staged: &Arc<StagedWrite>,
         mtime_ns: Option<i64>,
     ) -> FsResult<Option<FileInfo>> {
+        // No write, read or truncation of the file meanwhile: each would see the stream
+        // gone before its bytes are anywhere (a write would land in the staged content
+        // that the rebase below empties).
+        let _order = staged.stream_order.lock().await;
         let tx = {
             let Ok(mut st) = staged.stream.lock() else {
                 return Err(FsError::Io("stream state poisoned".into()));
@@ -670,21 +678,14 @@ impl<R: Remote> FsCore<R> {
             }
         };
         let Some(tx) = tx else {
-            let _order = staged.stream_order.lock().await;
             self.recall_stream(staged).await?;
             return Ok(None);
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let ended = || FsError::Io("the stream's task ended".into());
-        let into = staged.clone();
-        let fill: stream::Fill = Box::new(move |offset, data| into.fill_streamed(offset, data));
-        tx.send(stream::StreamMsg::Finish {
-            mtime_ns,
-            fill,
-            reply,
-        })
-        .await
-        .map_err(|_| ended())?;
+        tx.send(stream::StreamMsg::Finish { mtime_ns, reply })
+            .await
+            .map_err(|_| ended())?;
         let info = match answer.await.map_err(|_| ended())? {
             Ok(info) => info,
             Err(unfinished) => {

@@ -35,6 +35,11 @@ pub const SYNC_EVERY: u64 = 8 << 20;
 pub const STREAM_BUDGET: u64 = 32 << 20;
 /// Times a stream takes its upload up again before it gives up.
 const RESUMES: u32 = 8;
+/// A stream that received nothing for this long syncs what it holds.
+const IDLE_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
+/// A stream that holds nothing unsynced syncs this often all the same, which keeps the
+/// server from letting its upload go (its idle bound is 120 s by default).
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Writes the recalled bytes of a stream into the staged file, at an offset.
 pub type Fill = Box<dyn FnMut(u64, &[u8]) -> FsResult<()> + Send>;
@@ -51,16 +56,14 @@ pub struct Unfinished {
 pub enum StreamMsg {
     Data(Bytes),
     /// All data was sent: commit (with this modification time) and answer. If that
-    /// fails, what the stream still holds from byte 0 on goes back through `fill`, and the
-    /// error says whether that was everything.
+    /// fails, what the stream still holds from byte 0 on goes back to the staged file,
+    /// and the error says whether that was everything.
     Finish {
         mtime_ns: Option<i64>,
-        fill: Fill,
         reply: oneshot::Sender<Result<FileInfo, Unfinished>>,
     },
-    /// Give every byte streamed so far back through `fill`, then abort the upload.
+    /// Give every byte streamed so far back to the staged file, then abort the upload.
     Recall {
-        fill: Fill,
         reply: oneshot::Sender<FsResult<()>>,
     },
 }
@@ -150,6 +153,7 @@ pub async fn run<R: Remote>(
     remote: Arc<R>,
     target: UploadTarget,
     budget: Arc<Semaphore>,
+    fill: Fill,
     mut rx: mpsc::Receiver<StreamMsg>,
 ) {
     let begun = remote.upload_begin(&target).await;
@@ -167,13 +171,28 @@ pub async fn run<R: Remote>(
             asked: 0,
             sync: None,
         },
-        Err(e) => return hold(FsError::from(e), rx).await,
+        Err(e) => return hold(FsError::from(e), fill, rx).await,
     };
+    let mut fill = fill;
     let mut failed: Option<FsError> = None;
+    // Bytes given to the stream after it failed: gone, so nothing can be handed back
+    // whole.
+    let mut dropped = false;
     loop {
+        // An idle stream still syncs: what it holds is let go of (for other streams'
+        // memory), and the server keeps its upload attached past its idle bound.
+        let idle = if up.window.is_empty() {
+            KEEPALIVE
+        } else {
+            IDLE_SYNC
+        };
         let next = tokio::select! {
             msg = rx.recv() => Next::Msg(msg),
             done = sync_done(&mut up.sync) => Next::Synced(done),
+            () = tokio::time::sleep(idle), if up.sync.is_none() && failed.is_none() => {
+                up.ask_sync();
+                continue;
+            }
         };
         let msg = match next {
             Next::Msg(msg) => msg,
@@ -192,15 +211,15 @@ pub async fn run<R: Remote>(
             Some(StreamMsg::Data(data)) => {
                 if failed.is_none() {
                     if let Err(e) = up.data(data).await {
+                        // Part of this write may not have gone out.
+                        dropped = true;
                         failed = Some(e);
                     }
+                } else {
+                    dropped = true;
                 }
             }
-            Some(StreamMsg::Finish {
-                mtime_ns,
-                fill,
-                reply,
-            }) => {
+            Some(StreamMsg::Finish { mtime_ns, reply }) => {
                 let result = match failed.take() {
                     Some(e) => Err(e),
                     None => up.finish(mtime_ns).await,
@@ -209,17 +228,17 @@ pub async fn run<R: Remote>(
                     Ok(info) => Ok(info),
                     Err(error) => {
                         up.abort().await;
-                        let given_back = up.give_back(fill);
+                        let given_back = !dropped && up.give_back(&mut fill);
                         Err(Unfinished { error, given_back })
                     }
                 };
                 let _ = reply.send(result);
                 return;
             }
-            Some(StreamMsg::Recall { fill, reply }) => {
+            Some(StreamMsg::Recall { reply }) => {
                 let result = match failed.take() {
                     Some(e) => Err(e),
-                    None => up.recall(fill).await,
+                    None => up.recall(&mut fill).await,
                 };
                 up.abort().await;
                 let _ = reply.send(result);
@@ -230,44 +249,29 @@ pub async fn run<R: Remote>(
     up.abort().await;
 }
 
-/// A stream whose upload could not begin: keeps what it is given (up to [`WINDOW`]) to
-/// give it back at the end, and answers with the error.
-async fn hold(error: FsError, mut rx: mpsc::Receiver<StreamMsg>) {
-    let mut kept: Vec<Bytes> = Vec::new();
-    let mut held = 0u64;
-    let mut complete = true;
-    let give_back = |kept: &[Bytes], fill: &mut Fill| {
-        let mut pos = 0u64;
-        for data in kept {
-            fill(pos, data)?;
-            pos += data.len() as u64;
-        }
-        Ok::<(), FsError>(())
-    };
+/// A stream whose upload could not begin: hands what it is given straight to the staged
+/// file (as if it had never streamed), and answers with the error.
+async fn hold(error: FsError, mut fill: Fill, mut rx: mpsc::Receiver<StreamMsg>) {
+    let mut pos = 0u64;
+    let mut whole = true;
     while let Some(msg) = rx.recv().await {
         match msg {
             StreamMsg::Data(data) => {
-                held += data.len() as u64;
-                if complete && held <= WINDOW {
-                    kept.push(data);
-                } else {
-                    complete = false;
-                    kept = Vec::new();
-                }
+                whole = whole && fill(pos, &data).is_ok();
+                pos += data.len() as u64;
             }
-            StreamMsg::Finish {
-                mut fill, reply, ..
-            } => {
-                let given_back = complete && give_back(&kept, &mut fill).is_ok();
-                let _ = reply.send(Err(Unfinished { error, given_back }));
+            StreamMsg::Finish { reply, .. } => {
+                let _ = reply.send(Err(Unfinished {
+                    error,
+                    given_back: whole,
+                }));
                 return;
             }
-            StreamMsg::Recall { mut fill, reply } => {
-                let result = match complete {
-                    true => give_back(&kept, &mut fill),
+            StreamMsg::Recall { reply } => {
+                let _ = reply.send(match whole {
+                    true => Ok(()),
                     false => Err(error),
-                };
-                let _ = reply.send(result);
+                });
                 return;
             }
         }
@@ -517,7 +521,7 @@ impl<R: Remote> Uploader<R> {
     }
 
     /// Hands every byte streamed so far to `fill`, read back from the server.
-    async fn recall(&mut self, mut fill: Fill) -> FsResult<()> {
+    async fn recall(&mut self, fill: &mut Fill) -> FsResult<()> {
         if !self.buf.is_empty() {
             let tail = self.buf.split().freeze();
             self.send(tail).await?;
@@ -528,7 +532,7 @@ impl<R: Remote> Uploader<R> {
             let want = (self.sent - pos).min(u64::from(CHUNK_SIZE)) as u32;
             let data = match self.remote.upload_read(self.handle, pos, want).await {
                 Ok(data) => data,
-                Err(e) if lost(&e) && resumes < RESUMES => {
+                Err(e) if resumable(&e) && resumes < RESUMES => {
                     resumes += 1;
                     self.resume(e).await?;
                     continue;
@@ -549,7 +553,7 @@ impl<R: Remote> Uploader<R> {
 
     /// Hands what the stream holds to `fill` if that is every byte from 0 on (nothing
     /// durable yet, so nothing let go); true if so.
-    fn give_back(&mut self, mut fill: Fill) -> bool {
+    fn give_back(&mut self, fill: &mut Fill) -> bool {
         if self.window.front().map_or(self.sent, |c| c.offset) != 0 {
             return false;
         }

@@ -131,7 +131,7 @@ impl Store {
         if let UploadTarget::At { name, .. } = &target {
             check_new_name(name)?;
         }
-        let (allowance, held) = self.hold_quota(owner, &target, size.unwrap_or(0), quota)?;
+        let (allowance, held) = self.hold_quota(owner, &target, size.unwrap_or(0), quota, None)?;
         let room = self.inner.space.claim(size.unwrap_or(0))?;
         let parts = self.inner.parts.clone();
         let id = parts.create(owner)?;
@@ -201,7 +201,7 @@ impl Store {
             }
             let declared = meta.size.unwrap_or(0);
             let (allowance, held) =
-                self.hold_quota(owner, &meta.target, declared.max(written), quota)?;
+                self.hold_quota(owner, &meta.target, declared.max(written), quota, Some(id))?;
             let room = self.inner.space.claim(declared.saturating_sub(written))?;
             let direct = match meta.size {
                 Some(size) if size <= PACK_MAX => None,
@@ -236,21 +236,28 @@ impl Store {
     }
 
     /// Holds `bytes` of `owner`'s quota for an upload to `target`: the allowance it may
-    /// grow into and the reservation (none without a quota).
+    /// grow into and the reservation (none without a quota). The owner's uploads waiting
+    /// for a resume count as used, but `resuming`, the one being taken up.
     fn hold_quota(
         &self,
         owner: &str,
         target: &UploadTarget,
         bytes: u64,
         quota: Option<u64>,
+        resuming: Option<u64>,
     ) -> Result<(u64, Option<Reservation>)> {
+        let waiting = match quota {
+            Some(_) => self.inner.parts.detached_bytes(owner, resuming),
+            None => 0,
+        };
         let folder = self.folder(owner)?;
         // Reserved under the folder lock, which commits hold while they turn their
         // reservation into used bytes: no upload is counted twice, or not at all.
         let f = lock(&folder)?;
         // The old version's bytes are freed by the commit, so they count as available.
         let old = Store::replaced_size(&f.tree, owner, target)?;
-        let (allowance, _) = Store::allowance(f.tree.used().saturating_sub(old), quota);
+        let used = (f.tree.used() + waiting).saturating_sub(old);
+        let (allowance, _) = Store::allowance(used, quota);
         let held = match quota {
             Some(_) => Some(self.inner.reservations.reserve(owner, bytes, allowance)?),
             None => None,
@@ -302,9 +309,17 @@ impl Store {
         let parts = self.inner.parts.clone();
         parts.committing(upload.id);
         let result = self.install(&upload, &file, size, hash.as_str(), mtime_ns, held, cutoff);
-        // Committed or not, nothing of the upload remains: its part became the blob, or
-        // is removed here with its sidecar.
-        parts.finish(upload.id);
+        match &result {
+            // A commit that did not run (past its deadline, or fenced by a newer
+            // connection of the client) leaves the upload to be resumed and committed
+            // again: its part is still there.
+            Err(e @ ServerError::Expired(_)) if upload.path.exists() => {
+                tracing::info!(upload = upload.id, error = %e, "commit not made; upload kept for a resume");
+                parts.detach(upload.id);
+            }
+            // Committed (its part became the blob), or gone: nothing of it remains.
+            _ => parts.finish(upload.id),
+        }
         result
     }
 

@@ -23,8 +23,10 @@ use super::upload::UploadTarget;
 use crate::error::{Result, ServerError};
 
 /// Most detached uploads kept per owner: past it the oldest goes. A client that begins
-/// uploads and drops its connections cannot fill the disk with parts.
-pub const MAX_DETACHED_PER_OWNER: usize = 8;
+/// uploads and drops its connections cannot fill the disk with parts (and their bytes
+/// count against the owner's quota, see [`Parts::detached_bytes`]). As many as a user
+/// may have attached by default, so one lost connection loses none.
+pub const MAX_DETACHED_PER_OWNER: usize = 16;
 
 /// What the sidecar of a part says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,19 +183,9 @@ impl Parts {
     }
 
     pub fn committing(&self, id: u64) {
-        self.set(id, State::Committing);
-    }
-
-    /// A commit failed before it changed anything: the upload is attached again (and
-    /// dropped by its caller).
-    pub fn commit_failed(&self, id: u64) {
-        self.set(id, State::Attached);
-    }
-
-    fn set(&self, id: u64, state: State) {
         if let Ok(mut entries) = lock(&self.entries) {
             if let Some(part) = entries.get_mut(&id) {
-                part.state = state;
+                part.state = State::Committing;
             }
         }
     }
@@ -268,6 +260,28 @@ impl Parts {
             self.remove_files(*id);
         }
         expired.len()
+    }
+
+    /// Bytes the detached uploads of `owner` hold on disk, except `but` (one being
+    /// resumed): they count against the owner's quota as uploads in progress do.
+    pub fn detached_bytes(&self, owner: &str, but: Option<u64>) -> u64 {
+        let ids: Vec<u64> = lock(&self.entries).map_or_else(
+            |_| Vec::new(),
+            |e| {
+                e.iter()
+                    .filter(|(id, p)| {
+                        p.owner == owner
+                            && matches!(p.state, State::Detached(_))
+                            && Some(**id) != but
+                    })
+                    .map(|(id, _)| *id)
+                    .collect()
+            },
+        );
+        ids.iter()
+            .filter_map(|id| fs::metadata(self.path(*id)).ok())
+            .map(|m| m.len())
+            .sum()
     }
 
     /// Uploads detached and waiting for a resume (tests, metrics).

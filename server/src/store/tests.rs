@@ -1053,6 +1053,33 @@ fn uploads_resume_after_a_lost_session_and_a_restart() {
     );
     assert_eq!(tmp_entries(dir.path()), 0);
 
+    // A commit that did not run (its connection was replaced) leaves the upload for a
+    // resume; it commits then.
+    let mut up = store
+        .begin_upload("alice", at(ROOT_ID, "fenced"), None, None, None)
+        .unwrap();
+    up.write_chunk(0, b"fenced");
+    let fenced_id = up.id();
+    let fenced = Cutoff::new(
+        None,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    );
+    let fenced_hash = blake3::hash(b"fenced").to_hex();
+    assert_eq!(
+        store
+            .commit_upload(up, 6, fenced_hash.as_str(), None, &fenced)
+            .unwrap_err()
+            .code(),
+        ErrorCode::Expired
+    );
+    assert!(store.resolve("alice", "fenced", Caller::Owner).is_err());
+    let up = store.resume_upload("alice", fenced_id, None).unwrap();
+    assert_eq!(up.written(), 6);
+    store
+        .commit_upload(up, 6, fenced_hash.as_str(), None, N)
+        .unwrap();
+    assert_eq!(read(&store, "fenced"), b"fenced");
+
     // A failed commit ends the upload; an abort too; a detached one expires.
     let mut up = store
         .begin_upload("alice", at(ROOT_ID, "bad"), None, None, None)
