@@ -541,17 +541,17 @@ impl RemoteClient {
     }
 
     async fn read_one(&self, handle: u64, offset: u64, len: u32) -> Result<Bytes> {
-        match self
-            .call(
-                Request::Read {
-                    handle,
-                    offset,
-                    len,
-                },
-                Bytes::new(),
-            )
-            .await?
-        {
+        self.call_data(Request::Read {
+            handle,
+            offset,
+            len,
+        })
+        .await
+    }
+
+    /// A request answered with `data`: its bytes.
+    async fn call_data(&self, op: Request) -> Result<Bytes> {
+        match self.call(op, Bytes::new()).await? {
             (Reply::Data, data) => Ok(data),
             (other, _) => Err(wrong_reply(other)),
         }
@@ -598,20 +598,12 @@ impl RemoteClient {
     /// Reads back up to `len` (at most one chunk) bytes the server received of `upload`.
     pub async fn upload_read(&self, upload: u64, offset: u64, len: u32) -> Result<Bytes> {
         let len = len.min(self.inner.chunk_size);
-        match self
-            .call(
-                Request::UploadRead {
-                    upload,
-                    offset,
-                    len,
-                },
-                Bytes::new(),
-            )
-            .await?
-        {
-            (Reply::Data, data) => Ok(data),
-            (other, _) => Err(wrong_reply(other)),
-        }
+        self.call_data(Request::UploadRead {
+            upload,
+            offset,
+            len,
+        })
+        .await
     }
 
     /// The version, size and hex BLAKE3 hash of one of the caller's files.

@@ -244,6 +244,16 @@ impl Fake {
         self.at(owner, path).unwrap().info
     }
 
+    /// Bytes received of streamed upload `id`.
+    fn received(&self, id: u64) -> Result<u64, ClientError> {
+        self.uploads
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|(_, buf)| buf.len() as u64)
+            .ok_or_else(|| remote_err(ErrorCode::NotFound))
+    }
+
     fn check_upload(&self) -> Result<(), ClientError> {
         match *self.fail_uploads.lock().unwrap() {
             Some(code) => Err(remote_err(code)),
@@ -394,24 +404,12 @@ impl Remote for Fake {
         if std::mem::take(&mut *self.let_go_next_sync.lock().unwrap()) {
             return Err(remote_err(ErrorCode::NotFound));
         }
-        let len = self
-            .uploads
-            .lock()
-            .unwrap()
-            .get(&h.id)
-            .map(|(_, buf)| buf.len() as u64)
-            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        let len = self.received(h.id)?;
         self.synced.lock().unwrap().insert(h.id, len);
         Ok(len)
     }
     async fn upload_resume(&self, h: RemoteHandle) -> Result<(RemoteHandle, u64), ClientError> {
-        let len = self
-            .uploads
-            .lock()
-            .unwrap()
-            .get(&h.id)
-            .map(|(_, buf)| buf.len() as u64)
-            .ok_or_else(|| remote_err(ErrorCode::NotFound))?;
+        let len = self.received(h.id)?;
         Ok((
             RemoteHandle {
                 id: h.id,
