@@ -138,11 +138,9 @@ impl<R: Remote> Base for CommittedBase<R> {
 enum Fed {
     /// The stream took it: the staged content does not hold it.
     Streamed,
-    /// The staged content takes it (kept there too while a stream may still start).
+    /// The staged content takes it (kept there too while a stream may still start; after
+    /// recalling the stream, for a write out of its sequence).
     Staged,
-    /// Out of sequence: the stream must be recalled first, then the staged content takes
-    /// it.
-    Recall,
 }
 
 /// How a staged write starts.
@@ -454,10 +452,17 @@ impl<R: Remote> FsCore<R> {
                 staged.write_streamed(offset, len as u64);
                 len as u32
             }
-            Fed::Staged | Fed::Recall => staged.write(offset, &data).await?,
+            Fed::Staged => staged.write(offset, &data).await?,
         };
         self.mark_changed(fh);
         Ok(n)
+    }
+
+    /// A write out of the stream's sequence: the stream is recalled, the staged content
+    /// takes the write.
+    async fn recall_then_stage(&self, staged: &Arc<StagedWrite>) -> FsResult<Fed> {
+        self.recall_stream(staged).await?;
+        Ok(Fed::Staged)
     }
 
     /// Truncates a staged file, first recalling its stream if the cut goes into it.
@@ -583,7 +588,8 @@ impl<R: Remote> FsCore<R> {
             let _ = self.create_answered(ino).await;
         }
         let target = self.upload_target(ino, staged);
-        let (send, fed) = {
+        // `None`: a write out of the stream's sequence (recalled below, without the lock).
+        let fed = {
             let Ok(mut st) = staged.stream.lock() else {
                 return Ok(Fed::Staged);
             };
@@ -593,7 +599,7 @@ impl<R: Remote> FsCore<R> {
                         buf: bytes::BytesMut::from(&data[..]),
                         next: len,
                     };
-                    (None, Fed::Staged)
+                    Some((None, Fed::Staged))
                 }
                 StreamState::Pending { buf, next } if *next == offset => {
                     buf.extend_from_slice(&data);
@@ -618,28 +624,27 @@ impl<R: Remote> FsCore<R> {
                                 tx: tx.clone(),
                                 next,
                             };
-                            (Some((tx, head)), Fed::Streamed)
+                            Some((Some((tx, head)), Fed::Streamed))
                         }
-                        _ => (None, Fed::Staged),
+                        _ => Some((None, Fed::Staged)),
                     }
                 }
                 StreamState::Active { tx, next } if *next == offset => {
                     *next += len;
-                    (Some((tx.clone(), data)), Fed::Streamed)
+                    Some((Some((tx.clone(), data)), Fed::Streamed))
                 }
                 // Out of sequence: recalled below.
-                StreamState::Active { .. } => (None, Fed::Recall),
+                StreamState::Active { .. } => None,
                 StreamState::Eligible | StreamState::Pending { .. } => {
                     *st = StreamState::Off;
-                    (None, Fed::Staged)
+                    Some((None, Fed::Staged))
                 }
-                StreamState::Off => (None, Fed::Staged),
+                StreamState::Off => Some((None, Fed::Staged)),
             }
         };
-        if let Fed::Recall = fed {
-            self.recall_stream(staged).await?;
-            return Ok(Fed::Staged);
-        }
+        let Some((send, fed)) = fed else {
+            return self.recall_then_stage(staged).await;
+        };
         if let Some((tx, payload)) = send {
             if tx.send(stream::StreamMsg::Data(payload)).await.is_err() {
                 // The stream's task is gone with what it carried: nothing can bring it

@@ -16,7 +16,15 @@ use crate::cutoff::Cutoff;
 use crate::error::{Result, ServerError};
 use crate::fsutil;
 use crate::reservations::Reservation;
-use crate::space::RECORD_ROOM;
+use crate::space::{Claim, RECORD_ROOM};
+
+/// What an upload holds of its owner's quota and of the disk.
+struct Held {
+    allowance: u64,
+    held: Option<Reservation>,
+    quota: Option<u64>,
+    room: Claim,
+}
 
 impl Store {
     /// Bytes `owner` may still add under `quota`, with the error to report when crossed.
@@ -137,7 +145,7 @@ impl Store {
         let id = parts.create(owner)?;
         let meta = PartMeta {
             owner: owner.to_string(),
-            target: target.clone(),
+            target,
             mode,
             size,
         };
@@ -153,31 +161,52 @@ impl Store {
                 return Err(e);
             }
         };
-        // Small uploads stay buffered: they may be read back from the cache.
-        let direct = match size {
-            Some(size) if size <= PACK_MAX => None,
-            _ => upload::DirectWriter::open(&path),
-        };
-        Ok(StagedUpload {
-            id,
-            parts,
-            anchored: false,
-            discard: false,
-            owner: owner.to_string(),
-            target,
-            mode,
-            file: Some(file),
-            direct,
-            path,
-            hasher: blake3::Hasher::new(),
-            written: 0,
-            writeback_from: 0,
+        let quota = Held {
             allowance,
             held,
             quota,
             room,
+        };
+        Ok(self.part_writer(id, meta, file, blake3::Hasher::new(), 0, quota))
+    }
+
+    /// The writer of part `id`, whose first `written` bytes (hashed into `hasher`) are in
+    /// `file`: large or undeclared uploads write whole blocks directly, small ones stay
+    /// buffered (they may be read back from the cache).
+    fn part_writer(
+        &self,
+        id: u64,
+        meta: PartMeta,
+        file: fs::File,
+        hasher: blake3::Hasher,
+        written: u64,
+        quota: Held,
+    ) -> StagedUpload {
+        let path = self.inner.parts.path(id);
+        let direct = match meta.size {
+            Some(size) if size <= PACK_MAX => None,
+            _ => upload::DirectWriter::resume(&path, &file, written),
+        };
+        StagedUpload {
+            id,
+            parts: self.inner.parts.clone(),
+            anchored: false,
+            discard: false,
+            owner: meta.owner,
+            target: meta.target,
+            mode: meta.mode,
+            file: Some(file),
+            direct,
+            path,
+            hasher,
+            written,
+            writeback_from: written,
+            allowance: quota.allowance,
+            held: quota.held,
+            quota: quota.quota,
+            room: quota.room,
             failed: None,
-        })
+        }
     }
 
     /// Takes up the upload `id` of `owner` that its connection (or the server before a
@@ -203,30 +232,13 @@ impl Store {
             let (allowance, held) =
                 self.hold_quota(owner, &meta.target, declared.max(written), quota, Some(id))?;
             let room = self.inner.space.claim(declared.saturating_sub(written))?;
-            let direct = match meta.size {
-                Some(size) if size <= PACK_MAX => None,
-                _ => upload::DirectWriter::resume(&path, &file, written),
-            };
-            Ok(StagedUpload {
-                id,
-                parts: parts.clone(),
-                anchored: false,
-                discard: false,
-                owner: owner.to_string(),
-                target: meta.target,
-                mode: meta.mode,
-                file: Some(file),
-                direct,
-                path,
-                hasher,
-                written,
-                writeback_from: written,
+            let quota = Held {
                 allowance,
                 held,
                 quota,
                 room,
-                failed: None,
-            })
+            };
+            Ok(self.part_writer(id, meta, file, hasher, written, quota))
         })();
         if let Err(e) = &resumed {
             tracing::warn!(upload = id, error = %e, "cannot resume an upload");

@@ -104,32 +104,30 @@ impl std::fmt::Debug for DirectWriter {
 }
 
 impl DirectWriter {
-    /// A writer of the part at `path` whose first `written` bytes are there: the last,
-    /// unaligned ones are gathered again from the file.
+    /// A writer of the part at `path` whose first `written` bytes are there (none for a
+    /// new one): the last, unaligned ones are gathered again from the file. `None` where
+    /// the filesystem has no direct I/O.
     pub(super) fn resume(path: &Path, file: &File, written: u64) -> Option<DirectWriter> {
-        let mut direct = DirectWriter::open(path)?;
-        direct.base = written - written % DIRECT_BLOCK as u64;
-        direct.len = (written - direct.base) as usize;
-        let (from, len) = (direct.start, direct.len);
-        file.read_exact_at(&mut direct.buf[from..from + len], direct.base)
-            .ok()?;
-        Some(direct)
-    }
-
-    pub(super) fn open(path: &Path) -> Option<DirectWriter> {
-        let file = OpenOptions::new()
+        let direct = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .ok()?;
-        let buf = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
+        let mut buf = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
         let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        (start < DIRECT_ALIGN).then_some(DirectWriter {
-            file,
+        if start >= DIRECT_ALIGN {
+            return None;
+        }
+        let base = written - written % DIRECT_BLOCK as u64;
+        let len = (written - base) as usize;
+        file.read_exact_at(&mut buf[start..start + len], base)
+            .ok()?;
+        Some(DirectWriter {
+            file: direct,
             buf,
             start,
-            len: 0,
-            base: 0,
+            len,
+            base,
         })
     }
 
