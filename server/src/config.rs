@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub max_handles_per_user: usize,
     /// Where Prometheus metrics are served over HTTP (`GET /metrics`); `None`: nowhere.
     pub metrics: Option<SocketAddr>,
+    /// Trees and contents in PostgreSQL and an object store (a cluster node); `None`: the
+    /// embedded store under `data_dir`.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl ServerConfig {
@@ -85,6 +88,7 @@ impl ServerConfig {
             max_handles_per_connection: 1024,
             max_handles_per_user: 4096,
             metrics: None,
+            cluster: None,
         }
     }
 }

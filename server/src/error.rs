@@ -60,6 +60,9 @@ pub enum ServerError {
         path: String,
         source: serde_json::Error,
     },
+    /// The database or the object store of a cluster failed or could not be reached.
+    #[error("storage backend: {0}")]
+    Backend(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -95,7 +98,9 @@ impl ServerError {
                 Some(libc::EDQUOT) => ErrorCode::QuotaExceeded,
                 _ => ErrorCode::Internal,
             },
-            ServerError::Corrupt { .. } | ServerError::Internal(_) => ErrorCode::Internal,
+            ServerError::Corrupt { .. } | ServerError::Backend(_) | ServerError::Internal(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 

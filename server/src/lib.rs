@@ -26,7 +26,12 @@
 //!   ([`store::folder`]) and migrating the flat layout of protocol 1 ([`store::migrate`]);
 //!   the operations on a tree are split into reading (`store::reading`), changing
 //!   (`store::changes`) and contents (`store::contents`); `store::flusher` makes lazy
-//!   changes durable when nothing else does.
+//!   changes durable when nothing else does; `store::access` (what a caller may see of a
+//!   tree) and `store::events` (the events of a change) are shared with the cluster.
+//! - [`cluster`]: the scale-out implementation of both: trees in PostgreSQL
+//!   ([`cluster::schema`], [`cluster::rows`]), contents as block objects in an
+//!   S3-compatible store ([`cluster::objects`]), uploads resumable from any node
+//!   ([`cluster::uploads`]).
 //!   Users ([`users`]) and notifications ([`hub`]) keep their own JSON files for now.
 //! - [`space`]: the disk reserve, claimed by every write so concurrent writers add up.
 //! - [`reservations`]: the quota held by uploads in progress, so they add up too.
@@ -45,6 +50,7 @@
 //! [`server::run`]; the binary binds the configured address and passes SIGINT/SIGTERM.
 
 pub mod accounts;
+pub mod cluster;
 pub mod config;
 pub mod cutoff;
 pub mod error;

@@ -131,6 +131,20 @@ struct ServeArgs {
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9470).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Keep users' trees in this PostgreSQL database (postgres://USER@HOST/DB; the
+    /// password from PGPASSWORD) instead of DATA, with --blobs: a node of a cluster.
+    #[arg(long, value_name = "URL", requires = "blobs")]
+    metadata: Option<String>,
+    /// Keep file contents in this S3 bucket (s3://BUCKET; credentials from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), with --metadata.
+    #[arg(long, value_name = "URL", requires = "metadata")]
+    blobs: Option<String>,
+    /// The S3 endpoint for --blobs (http://HOST:PORT); AWS's when absent.
+    #[arg(long, value_name = "URL", requires = "blobs")]
+    s3_endpoint: Option<String>,
+    /// The S3 region for --blobs.
+    #[arg(long, default_value = "us-east-1")]
+    s3_region: String,
 }
 
 #[derive(Subcommand)]
@@ -379,6 +393,19 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.login.lockout = Duration::from_secs(args.login_lockout);
         config.login.delay_base = Duration::from_millis(args.login_delay_ms);
         config.metrics = args.metrics;
+        if let (Some(metadata), Some(blobs)) = (&args.metadata, &args.blobs) {
+            let Some(bucket) = blobs.strip_prefix("s3://").filter(|b| !b.is_empty()) else {
+                anyhow::bail!("--blobs: expected s3://BUCKET, got {blobs}");
+            };
+            config.cluster = Some(sharefs_server::cluster::ClusterConfig {
+                metadata: metadata.clone(),
+                bucket: bucket.trim_end_matches('/').to_string(),
+                endpoint: args.s3_endpoint.clone(),
+                region: args.s3_region.clone(),
+                access_key: std::env::var("AWS_ACCESS_KEY_ID").ok(),
+                secret_key: std::env::var("AWS_SECRET_ACCESS_KEY").ok(),
+            });
+        }
         if args.open_registration {
             tracing::warn!("open registration: any unknown user name can create an account");
         }

@@ -172,7 +172,10 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
 impl Shared {
     pub fn open(config: ServerConfig) -> Result<Shared> {
         crate::fsutil::make_data_dir_private(&config.data_dir)?;
-        let store = Store::open(&config.data_dir, config.disk_reserve)?;
+        let store: SharedStorage = match &config.cluster {
+            Some(cluster) => Arc::new(crate::cluster::Cluster::open(cluster)?),
+            None => Arc::new(Store::open(&config.data_dir, config.disk_reserve)?),
+        };
         let hub = Hub::open(
             &config.data_dir,
             config.coalesce_window,
@@ -185,7 +188,7 @@ impl Shared {
         let metrics = Arc::new(Metrics::new(hub.counters()));
         Ok(Shared {
             config: Arc::new(config),
-            store: Arc::new(store),
+            store,
             users,
             hub,
             read_budget,

@@ -71,8 +71,10 @@ use crate::fsutil;
 use crate::reservations::Reservations;
 use crate::space::DiskSpace;
 
-mod changes;
-mod contents;
+pub mod access;
+pub mod changes;
+pub mod contents;
+pub mod events;
 mod flusher;
 pub mod folder;
 pub mod journal;
@@ -154,7 +156,7 @@ impl Drop for StoreInner {
 }
 
 /// A new name: the rules of [`check_file_name`], too long ones told apart.
-fn check_new_name(name: &str) -> Result<()> {
+pub(crate) fn check_new_name(name: &str) -> Result<()> {
     if name.len() > MAX_FILE_NAME {
         return Err(ServerError::NameTooLong(format!(
             "a name is at most {MAX_FILE_NAME} bytes"
@@ -164,7 +166,7 @@ fn check_new_name(name: &str) -> Result<()> {
 }
 
 /// The name of an existing entry: the rules of [`check_file_lookup`].
-fn check_lookup_name(name: &str) -> Result<()> {
+pub(crate) fn check_lookup_name(name: &str) -> Result<()> {
     if name.len() > MAX_FILE_NAME {
         return Err(ServerError::NameTooLong(format!(
             "a name is at most {MAX_FILE_NAME} bytes"

@@ -3,11 +3,11 @@
 //! what the owner's sessions and what others' may see.
 
 use sharefs_protocol::name::{check_symlink_target, MAX_PATH};
-use sharefs_protocol::{EntryKind, Event, FileInfo, MODE_MASK};
+use sharefs_protocol::{EntryKind, FileInfo, MODE_MASK};
 
 use super::folder::Folder;
 use super::tree::{Node, Op};
-use super::{check_lookup_name, check_new_name, lock, Published, Store};
+use super::{check_lookup_name, check_new_name, events, lock, Published, Store};
 use crate::cutoff::Cutoff;
 use crate::error::{Result, ServerError};
 use crate::fsutil;
@@ -25,16 +25,7 @@ impl Store {
         pending: Option<(u64, u64)>,
         lazy: bool,
     ) -> Result<Vec<Published>> {
-        let before: Vec<(Option<Node>, bool)> = ops
-            .iter()
-            .map(|op| {
-                let id = match op {
-                    Op::Put(n) => n.id,
-                    Op::Remove { id } => *id,
-                };
-                (folder.tree.get(id).cloned(), folder.tree.others_may_see(id))
-            })
-            .collect();
+        let before = events::before(&folder.tree, &ops);
         // Callers claimed room for a record of ordinary size; one of fat rows (names and
         // link targets that escape to six bytes a byte) claims the rest.
         let record: u64 = ops
@@ -54,53 +45,7 @@ impl Store {
         if folder.unsynced() {
             self.inner.flush.queue(owner);
         }
-        let tree = &folder.tree;
-        let mut events = Vec::with_capacity(ops.len());
-        for (op, (prior, was_visible)) in ops.into_iter().zip(before) {
-            match op {
-                Op::Put(node) => {
-                    let from = prior
-                        .filter(|p| p.parent != node.parent || p.name != node.name)
-                        .map(|p| p.place());
-                    let visible = tree.others_may_see(node.id);
-                    let others = match (&from, was_visible, visible) {
-                        (_, _, true) => Some(Event::Changed {
-                            owner: owner.to_string(),
-                            file: node.info(owner),
-                            from: from.clone().filter(|_| was_visible),
-                        }),
-                        (Some(from), true, false) => Some(Event::Removed {
-                            owner: owner.to_string(),
-                            id: node.id,
-                            parent: from.parent,
-                            name: from.name.clone(),
-                        }),
-                        _ => None,
-                    };
-                    events.push(Published {
-                        owner: Event::Changed {
-                            owner: owner.to_string(),
-                            file: node.info(owner),
-                            from,
-                        },
-                        others,
-                    });
-                }
-                Op::Remove { id } => {
-                    let Some(prior) = prior else { continue };
-                    let event = Event::Removed {
-                        owner: owner.to_string(),
-                        id,
-                        parent: prior.parent,
-                        name: prior.name,
-                    };
-                    events.push(Published {
-                        others: was_visible.then(|| event.clone()),
-                        owner: event,
-                    });
-                }
-            }
-        }
+        let events = events::of(&folder.tree, owner, ops, before);
         folder.maintain(&self.inner.tmp);
         Ok(events)
     }
@@ -115,11 +60,8 @@ impl Store {
         cutoff: &Cutoff,
     ) -> Result<(FileInfo, Vec<Published>)> {
         check_new_name(name)?;
-        let mode = mode & MODE_MASK;
         self.create(owner, cutoff, |id, now| {
-            let mut node = Node::new(id, parent, name, EntryKind::Dir, mode, now);
-            node.version = 1;
-            node
+            dir_node(id, parent, name, mode, now)
         })
     }
 
@@ -133,18 +75,9 @@ impl Store {
         cutoff: &Cutoff,
     ) -> Result<(FileInfo, Vec<Published>)> {
         check_new_name(name)?;
-        if target.len() > MAX_PATH {
-            return Err(ServerError::NameTooLong(format!(
-                "a link target is at most {MAX_PATH} bytes"
-            )));
-        }
-        check_symlink_target(target).map_err(ServerError::InvalidArgument)?;
+        check_link_target(target)?;
         self.create(owner, cutoff, |id, now| {
-            let mut node = Node::new(id, parent, name, EntryKind::Symlink, 0o777, now);
-            node.size = target.len() as u64;
-            node.target = Some(target.to_string());
-            node.version = 1;
-            node
+            link_node(id, parent, name, target, now)
         })
     }
 
@@ -251,16 +184,7 @@ impl Store {
             .get(id)
             .cloned()
             .ok_or_else(|| ServerError::NotFound(format!("{owner}/#{id}")))?;
-        if let Some(mode) = mode {
-            node.mode = mode & MODE_MASK;
-        }
-        if let Some(t) = atime_ns {
-            node.atime_ns = t;
-        }
-        if let Some(t) = mtime_ns {
-            node.mtime_ns = t;
-        }
-        node.ctime_ns = fsutil::now_ns();
+        set_attrs(&mut node, mode, atime_ns, mtime_ns, fsutil::now_ns());
         let _room = self.inner.space.claim(RECORD_ROOM)?;
         let info = node.info(owner);
         let events = self.change(
@@ -272,4 +196,50 @@ impl Store {
         )?;
         Ok((info, events))
     }
+}
+
+/// A new directory `name` in `parent` (its name already checked).
+pub fn dir_node(id: u64, parent: u64, name: &str, mode: u32, now: i64) -> Node {
+    let mut node = Node::new(id, parent, name, EntryKind::Dir, mode & MODE_MASK, now);
+    node.version = 1;
+    node
+}
+
+/// Refuses a link target that is too long or not a path.
+pub fn check_link_target(target: &str) -> Result<()> {
+    if target.len() > MAX_PATH {
+        return Err(ServerError::NameTooLong(format!(
+            "a link target is at most {MAX_PATH} bytes"
+        )));
+    }
+    check_symlink_target(target).map_err(ServerError::InvalidArgument)
+}
+
+/// A new symbolic link `name` in `parent` to `target` (both already checked).
+pub fn link_node(id: u64, parent: u64, name: &str, target: &str, now: i64) -> Node {
+    let mut node = Node::new(id, parent, name, EntryKind::Symlink, 0o777, now);
+    node.size = target.len() as u64;
+    node.target = Some(target.to_string());
+    node.version = 1;
+    node
+}
+
+/// Sets the mode and times given; the ctime becomes `now`.
+pub fn set_attrs(
+    node: &mut Node,
+    mode: Option<u32>,
+    atime_ns: Option<i64>,
+    mtime_ns: Option<i64>,
+    now: i64,
+) {
+    if let Some(mode) = mode {
+        node.mode = mode & MODE_MASK;
+    }
+    if let Some(t) = atime_ns {
+        node.atime_ns = t;
+    }
+    if let Some(t) = mtime_ns {
+        node.mtime_ns = t;
+    }
+    node.ctime_ns = now;
 }

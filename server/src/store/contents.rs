@@ -27,43 +27,6 @@ struct Held {
 }
 
 impl Store {
-    /// Bytes `owner` may still add under `quota`, with the error to report when crossed.
-    /// (Disk space is claimed separately, see [`DiskSpace`].)
-    fn allowance(used: u64, quota: Option<u64>) -> (u64, ServerError) {
-        match quota {
-            Some(q) => (
-                q.saturating_sub(used),
-                ServerError::QuotaExceeded(format!("quota of {q} bytes reached")),
-            ),
-            None => (u64::MAX, ServerError::Internal("no quota".into())),
-        }
-    }
-
-    /// The size of the file `target` replaces (0 if none), checking the target can take a
-    /// file's content.
-    fn replaced_size(tree: &Tree, owner: &str, target: &UploadTarget) -> Result<u64> {
-        match target {
-            UploadTarget::Replace(id) => match tree.get(*id) {
-                Some(n) if n.kind == EntryKind::File => Ok(n.size),
-                Some(n) if n.is_dir() => Err(ServerError::IsADirectory(format!("{owner}/#{id}"))),
-                Some(_) => Err(ServerError::InvalidArgument(format!(
-                    "{owner}/#{id} is a symbolic link"
-                ))),
-                None => Err(ServerError::NotFound(format!("{owner}/#{id}"))),
-            },
-            UploadTarget::At { parent, name } => {
-                tree.dir(*parent, &format!("{owner}/{name}"))?;
-                match tree.lookup(*parent, name) {
-                    Some(n) if n.is_dir() => {
-                        Err(ServerError::IsADirectory(format!("{owner}/{name}")))
-                    }
-                    Some(n) => Ok(n.used()),
-                    None => Ok(0),
-                }
-            }
-        }
-    }
-
     /// The ops that make `content` the new version of `target`, and the index of the
     /// file's op in them.
     #[allow(clippy::too_many_arguments)]
@@ -78,53 +41,10 @@ impl Store {
         blake3: &str,
         content: Content,
     ) -> Result<(Vec<Op>, u64)> {
-        Store::replaced_size(tree, owner, target)?;
-        let now = fsutil::now_ns();
         let version = self.next_version();
-        let fill = |node: &mut Node| {
-            node.size = size;
-            node.version = version;
-            node.blake3 = blake3.to_string();
-            node.content = Some(content);
-            node.mtime_ns = mtime_ns.unwrap_or(now);
-            node.ctime_ns = now;
-            if let Some(mode) = mode {
-                node.mode = mode & MODE_MASK;
-            }
-        };
-        let existing = match target {
-            UploadTarget::Replace(id) => tree.get(*id),
-            UploadTarget::At { parent, name } => tree.lookup(*parent, name),
-        };
-        let mut ops = Vec::new();
-        let node = match existing {
-            Some(old) if old.kind == EntryKind::File => {
-                let mut node = old.clone();
-                fill(&mut node);
-                node
-            }
-            other => {
-                // A new file, in place of a link if one had the name.
-                let UploadTarget::At { parent, name } = target else {
-                    return Err(ServerError::Internal("replacing a non-file".into()));
-                };
-                if let Some(link) = other {
-                    ops.push(Op::Remove { id: link.id });
-                } else {
-                    tree.check_path_room(*parent, name)?;
-                }
-                let id = tree.allocate_id();
-                let mut node =
-                    Node::new(id, *parent, name, EntryKind::File, DEFAULT_FILE_MODE, now);
-                fill(&mut node);
-                node.atime_ns = now;
-                ops.extend(tree.touched_dir(*parent, now).map(Op::Put));
-                node
-            }
-        };
-        let id = node.id;
-        ops.insert(0, Op::Put(node));
-        Ok((ops, id))
+        content_ops(
+            tree, owner, target, mode, mtime_ns, size, blake3, content, version,
+        )
     }
 
     /// Starts an upload into `owner`'s tree. `quota` is the owner's quota.
@@ -267,9 +187,9 @@ impl Store {
         // reservation into used bytes: no upload is counted twice, or not at all.
         let f = lock(&folder)?;
         // The old version's bytes are freed by the commit, so they count as available.
-        let old = Store::replaced_size(&f.tree, owner, target)?;
+        let old = replaced_size(&f.tree, owner, target)?;
         let used = (f.tree.used() + waiting).saturating_sub(old);
-        let (allowance, _) = Store::allowance(used, quota);
+        let (allowance, _) = allowance(used, quota);
         let held = match quota {
             Some(_) => Some(self.inner.reservations.reserve(owner, bytes, allowance)?),
             None => None,
@@ -352,9 +272,9 @@ impl Store {
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
         cutoff.check()?;
-        let old = Store::replaced_size(&folder.tree, owner, &upload.target)?;
+        let old = replaced_size(&folder.tree, owner, &upload.target)?;
         let (allowance, allowance_error) =
-            Store::allowance(folder.tree.used().saturating_sub(old), upload.quota);
+            allowance(folder.tree.used().saturating_sub(old), upload.quota);
         if size > allowance {
             return Err(allowance_error);
         }
@@ -423,14 +343,14 @@ impl Store {
         let folder = self.folder(owner)?;
         let mut folder = lock(&folder)?;
         cutoff.check()?;
-        let old = Store::replaced_size(&folder.tree, owner, &target)?;
+        let old = replaced_size(&folder.tree, owner, &target)?;
         // What uploads in progress hold of the quota counts as used.
         let reserved = match quota {
             Some(_) => self.inner.reservations.reserved(owner)?,
             None => 0,
         };
         let (allowance, allowance_error) =
-            Store::allowance((folder.tree.used() + reserved).saturating_sub(old), quota);
+            allowance((folder.tree.used() + reserved).saturating_sub(old), quota);
         if size > allowance {
             return Err(allowance_error);
         }
@@ -476,4 +396,100 @@ impl Store {
             .ok_or_else(|| ServerError::Internal("stored file missing".into()))?;
         Ok((info, events))
     }
+}
+
+/// Bytes `owner` may still add under `quota`, with the error to report when crossed.
+/// (Disk space is claimed separately, see [`DiskSpace`].)
+pub fn allowance(used: u64, quota: Option<u64>) -> (u64, ServerError) {
+    match quota {
+        Some(q) => (
+            q.saturating_sub(used),
+            ServerError::QuotaExceeded(format!("quota of {q} bytes reached")),
+        ),
+        None => (u64::MAX, ServerError::Internal("no quota".into())),
+    }
+}
+
+/// The size of the file `target` replaces (0 if none), checking the target can take a
+/// file's content.
+pub fn replaced_size(tree: &Tree, owner: &str, target: &UploadTarget) -> Result<u64> {
+    match target {
+        UploadTarget::Replace(id) => match tree.get(*id) {
+            Some(n) if n.kind == EntryKind::File => Ok(n.size),
+            Some(n) if n.is_dir() => Err(ServerError::IsADirectory(format!("{owner}/#{id}"))),
+            Some(_) => Err(ServerError::InvalidArgument(format!(
+                "{owner}/#{id} is a symbolic link"
+            ))),
+            None => Err(ServerError::NotFound(format!("{owner}/#{id}"))),
+        },
+        UploadTarget::At { parent, name } => {
+            tree.dir(*parent, &format!("{owner}/{name}"))?;
+            match tree.lookup(*parent, name) {
+                Some(n) if n.is_dir() => Err(ServerError::IsADirectory(format!("{owner}/{name}"))),
+                Some(n) => Ok(n.used()),
+                None => Ok(0),
+            }
+        }
+    }
+}
+
+/// The ops that make `content` the new version of `target`, and the index of the
+/// file's op in them.
+#[allow(clippy::too_many_arguments)]
+pub fn content_ops(
+    tree: &mut Tree,
+    owner: &str,
+    target: &UploadTarget,
+    mode: Option<u32>,
+    mtime_ns: Option<i64>,
+    size: u64,
+    blake3: &str,
+    content: Content,
+    version: u64,
+) -> Result<(Vec<Op>, u64)> {
+    replaced_size(tree, owner, target)?;
+    let now = fsutil::now_ns();
+    let fill = |node: &mut Node| {
+        node.size = size;
+        node.version = version;
+        node.blake3 = blake3.to_string();
+        node.content = Some(content);
+        node.mtime_ns = mtime_ns.unwrap_or(now);
+        node.ctime_ns = now;
+        if let Some(mode) = mode {
+            node.mode = mode & MODE_MASK;
+        }
+    };
+    let existing = match target {
+        UploadTarget::Replace(id) => tree.get(*id),
+        UploadTarget::At { parent, name } => tree.lookup(*parent, name),
+    };
+    let mut ops = Vec::new();
+    let node = match existing {
+        Some(old) if old.kind == EntryKind::File => {
+            let mut node = old.clone();
+            fill(&mut node);
+            node
+        }
+        other => {
+            // A new file, in place of a link if one had the name.
+            let UploadTarget::At { parent, name } = target else {
+                return Err(ServerError::Internal("replacing a non-file".into()));
+            };
+            if let Some(link) = other {
+                ops.push(Op::Remove { id: link.id });
+            } else {
+                tree.check_path_room(*parent, name)?;
+            }
+            let id = tree.allocate_id();
+            let mut node = Node::new(id, *parent, name, EntryKind::File, DEFAULT_FILE_MODE, now);
+            fill(&mut node);
+            node.atime_ns = now;
+            ops.extend(tree.touched_dir(*parent, now).map(Op::Put));
+            node
+        }
+    };
+    let id = node.id;
+    ops.insert(0, Op::Put(node));
+    Ok((ops, id))
 }

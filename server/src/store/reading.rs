@@ -1,99 +1,41 @@
 //! Reading a tree: lookups, listings, paths and opening files, each checked against the
-//! caller: the owner reads everything, others what the "other" bits of the entry and of
-//! every directory above it let them (see `docs/PROTOCOL.md`).
+//! caller (see [`access`]).
 
-use sharefs_protocol::name::{split_path, MAX_PATH};
-use sharefs_protocol::{EntryKind, FileInfo, ROOT_ID};
-
-use super::tree::{self, Content, OTHER_READ};
-use super::{check_lookup_name, denied, lock, Caller, OpenFile, Store};
-use crate::error::{Result, ServerError};
+use super::tree::Content;
+use super::{access, lock, Caller, OpenFile, Store};
+use crate::error::Result;
+use sharefs_protocol::FileInfo;
 
 impl Store {
-    /// The entry `id` of `owner`'s tree. Others need search permission on its every
-    /// ancestor.
+    /// The entry `id` of `owner`'s tree.
     pub fn stat(&self, owner: &str, id: u64, caller: Caller) -> Result<FileInfo> {
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
-        let tree = &folder.tree;
-        let node = tree
-            .get(id)
-            .ok_or_else(|| ServerError::NotFound(format!("{owner}/#{id}")))?;
-        if caller == Caller::Other && !tree.others_may_see(id) {
-            return Err(denied(owner, format!("#{id}")));
-        }
-        Ok(node.info(owner))
+        access::stat(&folder.tree, owner, id, caller)
     }
 
-    /// The version, size and hex BLAKE3 hash of the current content of `owner`'s file
-    /// `id` (the owner's own question: others are not told hashes).
+    /// The version, size and hex BLAKE3 hash of the current content of `owner`'s file.
     pub fn content_hash(&self, owner: &str, id: u64) -> Result<(u64, u64, String)> {
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
-        let node = folder
-            .tree
-            .get(id)
-            .ok_or_else(|| ServerError::NotFound(format!("{owner}/#{id}")))?;
-        if node.kind != EntryKind::File {
-            return Err(ServerError::InvalidArgument(format!(
-                "{owner}/#{id} is not a regular file"
-            )));
-        }
-        Ok((node.version, node.size, node.blake3.clone()))
+        access::content_hash(&folder.tree, owner, id)
     }
 
-    /// The entry `name` in directory `parent`. Others need search permission on `parent`
-    /// and its every ancestor.
+    /// The entry `name` in directory `parent`.
     pub fn lookup(&self, owner: &str, parent: u64, name: &str, caller: Caller) -> Result<FileInfo> {
-        check_lookup_name(name)?;
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
-        let tree = &folder.tree;
-        // Others learn nothing of a directory they may not reach, not even its kind.
-        if caller == Caller::Other && tree.get(parent).is_some() && !tree.others_may_see(parent) {
-            return Err(denied(owner, format!("#{parent}")));
-        }
-        let p = tree.dir(parent, &format!("{owner}/#{parent}"))?;
-        if caller == Caller::Other && p.mode & tree::OTHER_EXEC == 0 {
-            return Err(denied(owner, format!("#{parent}")));
-        }
-        tree.lookup(parent, name)
-            .map(|n| n.info(owner))
-            .ok_or_else(|| ServerError::NotFound(format!("{owner}/{name}")))
+        access::lookup(&folder.tree, owner, parent, name, caller)
     }
 
     /// The entry at `path` from the root, by lookups (links are not followed).
     pub fn resolve(&self, owner: &str, path: &str, caller: Caller) -> Result<FileInfo> {
-        if path.len() > MAX_PATH {
-            return Err(ServerError::NameTooLong(format!(
-                "a path is at most {MAX_PATH} bytes"
-            )));
-        }
-        let names = split_path(path).map_err(ServerError::InvalidName)?;
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
-        let tree = &folder.tree;
-        let mut at = tree
-            .get(ROOT_ID)
-            .ok_or_else(|| ServerError::Internal("a tree without a root".into()))?;
-        for (i, name) in names.iter().enumerate() {
-            let so_far = || names[..i].join("/");
-            if !at.is_dir() {
-                return Err(ServerError::NotADirectory(format!("{owner}/{}", so_far())));
-            }
-            if caller == Caller::Other && at.mode & tree::OTHER_EXEC == 0 {
-                return Err(denied(owner, so_far()));
-            }
-            at = tree.lookup(at.id, name).ok_or_else(|| {
-                ServerError::NotFound(format!("{owner}/{}", names[..=i].join("/")))
-            })?;
-        }
-        Ok(at.info(owner))
+        access::resolve(&folder.tree, owner, path, caller)
     }
 
-    /// One page of directory `dir`: at most `limit` entries after `after`, taking at most
-    /// `max_bytes` as JSON (at least one), and whether more follow. Others need read
-    /// permission on `dir` and search permission on its every ancestor.
+    /// One page of directory `dir` (see [`access::list_page`]).
     pub fn list_page(
         &self,
         owner: &str,
@@ -105,29 +47,7 @@ impl Store {
     ) -> Result<(Vec<FileInfo>, bool)> {
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
-        let tree = &folder.tree;
-        if caller == Caller::Other && tree.get(dir).is_some() && !tree.others_may_see(dir) {
-            return Err(denied(owner, format!("#{dir}")));
-        }
-        let d = tree.dir(dir, &format!("{owner}/#{dir}"))?;
-        if caller == Caller::Other && d.mode & OTHER_READ == 0 {
-            return Err(denied(owner, format!("#{dir}")));
-        }
-        let mut iter = tree.children_after(dir, after).map(|n| n.info(owner));
-        let mut page: Vec<FileInfo> = Vec::new();
-        let mut bytes = 0;
-        let more = loop {
-            let Some(info) = iter.next() else {
-                break false;
-            };
-            // The comma (or bracket) before each entry counts too.
-            bytes += info.json_size_bound() + 1;
-            if page.len() == limit || (bytes > max_bytes && !page.is_empty()) {
-                break true;
-            }
-            page.push(info);
-        };
-        Ok((page, more))
+        access::list_page(&folder.tree, owner, dir, after, limit, max_bytes, caller)
     }
 
     /// Every entry of `dir`, for tests and tools.
@@ -144,28 +64,11 @@ impl Store {
         Ok(folder.tree.path_of(id))
     }
 
-    /// Opens the current version of file `id` for reading, with its path. Others need read
-    /// permission on the file and search permission on its every ancestor.
+    /// Opens the current version of file `id` for reading, with its path.
     pub fn open_read(&self, owner: &str, id: u64, caller: Caller) -> Result<(OpenFile, String)> {
         let folder = self.folder(owner)?;
         let folder = lock(&folder)?;
-        let tree = &folder.tree;
-        let node = tree
-            .get(id)
-            .ok_or_else(|| ServerError::NotFound(format!("{owner}/#{id}")))?;
-        if caller == Caller::Other && (node.mode & OTHER_READ == 0 || !tree.others_may_see(id)) {
-            return Err(denied(owner, format!("#{id}")));
-        }
-        let path = tree.path_of(id);
-        match node.kind {
-            EntryKind::File => {}
-            EntryKind::Dir => return Err(ServerError::IsADirectory(format!("{owner}/{path}"))),
-            EntryKind::Symlink => {
-                return Err(ServerError::InvalidArgument(format!(
-                    "{owner}/{path} is a symbolic link"
-                )))
-            }
-        }
+        let (node, path) = access::readable_file(&folder.tree, owner, id, caller)?;
         let (file, start) = folder.open_content(node)?;
         Ok((
             OpenFile {

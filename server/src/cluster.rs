@@ -1,0 +1,664 @@
+//! The scale-out storage: user trees in PostgreSQL, contents in an S3-compatible object
+//! store, so that several server nodes sharing the two serve the same users. A node keeps
+//! no state of its own beyond caches: each tree it serves is cached in memory (the same
+//! [`Tree`] the embedded store keeps), brought up to date from the database before every
+//! answer, and changed only inside a database transaction that locks the tree's row.
+//!
+//! - Reads ask the database for the tree's sequence number (one indexed row) and, if the
+//!   cache is behind, apply the changes it missed from `sharefs_changes` (or reload the
+//!   tree when those were trimmed); then they answer from the cache with the checks the
+//!   embedded store makes ([`crate::store::access`]).
+//! - A change locks the tree's row (`SELECT … FOR UPDATE`), catches up, plans its ops on
+//!   the cache with the embedded store's checks (`Tree::plan_*`), writes them as row
+//!   upserts and deletes plus one `sharefs_changes` record, bumps the sequence and
+//!   commits; only then is the cache changed. Changes to one tree are serialised across
+//!   nodes by the row lock; different trees never wait on each other.
+//! - Contents ([`objects`]) are written before the transaction that names them; a
+//!   replaced or removed content is recorded in `sharefs_doomed` by that transaction and
+//!   deleted after [`DOOMED_GRACE`]; blocks that no row names (a node died between the
+//!   two) are collected once older than [`ORPHAN_AGE`].
+//! - Uploads ([`uploads`]) are durable block by block and recorded in `sharefs_uploads`,
+//!   so another node can resume one whose node died.
+//!
+//! # Layout
+//! - [`schema`]: the tables, and the migrations that make them.
+//! - [`rows`]: entries as rows, ops as statements.
+//! - [`objects`]: contents as block objects.
+//! - [`uploads`]: uploads, commits, reads (the [`BlobStore`] side).
+
+pub mod objects;
+pub mod rows;
+pub mod schema;
+pub mod uploads;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use sharefs_protocol::{FileInfo, Space};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::cutoff::Cutoff;
+use crate::error::{Result, ServerError};
+use crate::fsutil;
+use crate::storage::MetaStore;
+use crate::store::tree::{Node, Op, Tree};
+use crate::store::{access, changes, events, Caller, Published};
+use objects::Objects;
+
+/// How long a content nothing names any more stays readable for handles opened before.
+pub const DOOMED_GRACE: Duration = Duration::from_secs(600);
+/// Blocks no row names are deleted once this old (seconds): older than any upload or
+/// commit in progress can be.
+pub const ORPHAN_AGE: u64 = 24 * 3600;
+/// The room an object store is said to have, without a quota.
+const UNBOUNDED: u64 = 1 << 50;
+/// Changes kept per tree for nodes catching up; one further behind reloads the tree.
+const CHANGES_KEPT: i64 = 4096;
+
+/// Where a cluster's metadata and contents live.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `postgres://user@host/db` (a password from `PGPASSWORD` or the URL).
+    pub metadata: String,
+    /// The bucket, from `s3://bucket`.
+    pub bucket: String,
+    /// The S3 endpoint (`http://host:port`); AWS's when absent.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+}
+
+/// One user's tree as this node last saw it.
+#[derive(Debug)]
+struct Cached {
+    tree: Tree,
+    /// The sequence number of the last change applied; -1: not loaded.
+    seq: i64,
+}
+
+type Folder = Arc<AsyncMutex<Cached>>;
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) pool: Pool,
+    pub(crate) objects: Objects,
+    folders: Mutex<HashMap<String, Folder>>,
+    /// Where the database and object store clients run (always `Some` but in `drop`).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropped from anywhere, an async context included: no waiting for its tasks.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The cluster storage: both storage traits over PostgreSQL and an object store.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// A database error, as the storage reports it.
+pub fn pg_error(e: tokio_postgres::Error) -> ServerError {
+    ServerError::Backend(format!("database: {e}"))
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> ServerError {
+    ServerError::Backend(format!("database: {e}"))
+}
+
+impl Cluster {
+    /// Connects to both, applies the database's migrations and checks the bucket.
+    pub fn open(config: &ClusterConfig) -> Result<Cluster> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sharefs-cluster")
+            .enable_all()
+            .build()?;
+        let pg: tokio_postgres::Config = config
+            .metadata
+            .parse()
+            .map_err(|e| ServerError::Backend(format!("--metadata: {e}")))?;
+        let mut pg = pg;
+        if pg.get_password().is_none() {
+            if let Ok(p) = std::env::var("PGPASSWORD") {
+                pg.password(p);
+            }
+        }
+        pg.connect_timeout(Duration::from_secs(5));
+        let manager = Manager::from_config(
+            pg,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| ServerError::Backend(format!("database pool: {e}")))?;
+        let mut s3 = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region);
+        if let Some(endpoint) = &config.endpoint {
+            s3 = s3
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+        }
+        if let (Some(k), Some(s)) = (&config.access_key, &config.secret_key) {
+            s3 = s3.with_access_key_id(k).with_secret_access_key(s);
+        }
+        let s3 = s3
+            .build()
+            .map_err(|e| ServerError::Backend(format!("object store: {e}")))?;
+        let inner = Arc::new(Inner {
+            pool,
+            objects: Objects::new(Arc::new(s3)),
+            folders: Mutex::default(),
+            runtime: Some(runtime),
+        });
+        let cluster = Cluster { inner };
+        let pool = cluster.inner.pool.clone();
+        let version = cluster.run(async move {
+            let mut client = pool.get().await.map_err(pool_error)?;
+            schema::migrate(&mut client).await
+        })?;
+        let objects = cluster.inner.objects.clone();
+        cluster.run(async move { objects.contents().await.map(|_| ()) })?;
+        tracing::info!(schema = version, "cluster storage open");
+        Ok(cluster)
+    }
+
+    /// Runs `work` on the cluster's runtime and waits for it: storage calls are blocking,
+    /// from any thread.
+    pub(crate) fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let runtime = self
+            .inner
+            .runtime
+            .as_ref()
+            .ok_or_else(|| ServerError::Internal("the storage is closed".into()))?;
+        let task = runtime.spawn(work);
+        futures::executor::block_on(task)
+            .map_err(|e| ServerError::Internal(format!("a storage task failed: {e}")))?
+    }
+
+    fn folder(&self, owner: &str) -> Result<Folder> {
+        sharefs_protocol::name::check_user_name(owner).map_err(ServerError::InvalidName)?;
+        let mut folders = self
+            .inner
+            .folders
+            .lock()
+            .map_err(|_| ServerError::Internal("the folder table lock was poisoned".into()))?;
+        Ok(folders
+            .entry(owner.to_string())
+            .or_insert_with(|| {
+                Arc::new(AsyncMutex::new(Cached {
+                    tree: Tree::empty(0),
+                    seq: -1,
+                }))
+            })
+            .clone())
+    }
+
+    /// Runs `read` on `owner`'s tree, brought up to date first.
+    fn read<T: Send + 'static>(
+        &self,
+        owner: &str,
+        read: impl FnOnce(&Tree) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let folder = self.folder(owner)?;
+        let pool = self.inner.pool.clone();
+        let owner = owner.to_string();
+        self.run(async move {
+            let mut cached = folder.lock().await;
+            let client = pool.get().await.map_err(pool_error)?;
+            let row = client
+                .query_opt(
+                    "SELECT seq FROM sharefs_folders WHERE owner = $1",
+                    &[&owner],
+                )
+                .await
+                .map_err(pg_error)?;
+            match row {
+                Some(row) => {
+                    let seq: i64 = row.get(0);
+                    catch_up(&client, &owner, &mut cached, seq).await?;
+                }
+                // Nobody wrote to it yet: a root alone.
+                None => {
+                    if cached.seq != 0 {
+                        cached.tree = Tree::empty(fsutil::now_ns());
+                        cached.seq = 0;
+                    }
+                }
+            }
+            read(&cached.tree)
+        })
+    }
+
+    /// Plans a change of `owner`'s tree with `plan` (on the up-to-date tree, under the
+    /// tree's row lock) and commits it; returns what `plan` returned and the events.
+    pub(crate) fn change<T: Send + 'static>(
+        &self,
+        owner: &str,
+        cutoff: &Cutoff,
+        plan: impl FnOnce(&mut Tree) -> Result<(Vec<Op>, T)> + Send + 'static,
+    ) -> Result<(T, Vec<Published>)> {
+        self.change_ending(owner, cutoff, plan, None)
+    }
+
+    /// [`Cluster::change`], ending the upload `upload` in the same transaction. The
+    /// contents the change drops (removed or replaced files) are doomed in it too.
+    pub(crate) fn change_ending<T: Send + 'static>(
+        &self,
+        owner: &str,
+        cutoff: &Cutoff,
+        plan: impl FnOnce(&mut Tree) -> Result<(Vec<Op>, T)> + Send + 'static,
+        upload: Option<u64>,
+    ) -> Result<(T, Vec<Published>)> {
+        let folder = self.folder(owner)?;
+        let pool = self.inner.pool.clone();
+        let owner = owner.to_string();
+        let cutoff = cutoff.clone();
+        self.run(async move {
+            let mut cached = folder.lock().await;
+            let mut client = pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            let row = tx
+                .query_opt(
+                    "SELECT seq, next_id FROM sharefs_folders WHERE owner = $1 FOR UPDATE",
+                    &[&owner],
+                )
+                .await
+                .map_err(pg_error)?;
+            let (seq, next_id) = match row {
+                Some(row) => (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+                None => {
+                    // The tree's first change: its row and its root, made now (a node
+                    // racing to do the same waits on the row, then finds it).
+                    let root = Tree::empty(fsutil::now_ns());
+                    let nodes: Vec<Op> = root.nodes().cloned().map(Op::Put).collect();
+                    let made = tx
+                        .execute(
+                            "INSERT INTO sharefs_folders (owner, seq, next_id) VALUES ($1, 0, $2)
+                             ON CONFLICT (owner) DO NOTHING",
+                            &[&owner, &rows::big(root.next_id())],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    if made == 1 {
+                        rows::apply(&tx, &owner, &nodes).await?;
+                    }
+                    let row = tx
+                        .query_one(
+                            "SELECT seq, next_id FROM sharefs_folders WHERE owner = $1 FOR UPDATE",
+                            &[&owner],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    (row.get::<_, i64>(0), row.get::<_, i64>(1))
+                }
+            };
+            catch_up(&tx, &owner, &mut cached, seq).await?;
+            cached.tree.raise_next_id(rows::unbig(next_id));
+            cutoff.check()?;
+            let (ops, out) = plan(&mut cached.tree)?;
+            if ops.is_empty() {
+                return Ok((out, Vec::new()));
+            }
+            rows::apply(&tx, &owner, &ops).await?;
+            for (object, size) in dropped_contents(&cached.tree, &ops) {
+                tx.execute(
+                    "INSERT INTO sharefs_doomed (object, size) VALUES ($1, $2)
+                     ON CONFLICT (object) DO NOTHING",
+                    &[&rows::big(object), &rows::big(size)],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            if let Some(upload) = upload {
+                tx.execute(
+                    "DELETE FROM sharefs_uploads WHERE id = $1",
+                    &[&rows::big(upload)],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            let json = serde_json::to_string(&ops)
+                .map_err(|e| ServerError::Internal(format!("a change as JSON: {e}")))?;
+            let next = seq + 1;
+            tx.execute(
+                "INSERT INTO sharefs_changes (owner, seq, ops) VALUES ($1, $2, $3)",
+                &[&owner, &next, &json],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.execute(
+                "UPDATE sharefs_folders SET seq = $2, next_id = $3 WHERE owner = $1",
+                &[&owner, &next, &rows::big(cached.tree.next_id())],
+            )
+            .await
+            .map_err(pg_error)?;
+            if next % 256 == 0 {
+                tx.execute(
+                    "DELETE FROM sharefs_changes WHERE owner = $1 AND seq <= $2",
+                    &[&owner, &(next - CHANGES_KEPT)],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            if let Err(e) = tx.commit().await {
+                // Whether it committed is unknown: the next use reloads the tree.
+                cached.seq = -1;
+                return Err(pg_error(e));
+            }
+            let before = events::before(&cached.tree, &ops);
+            for op in ops.iter().cloned() {
+                cached.tree.apply(op);
+            }
+            cached.seq = next;
+            Ok((out, events::of(&cached.tree, &owner, ops, before)))
+        })
+    }
+}
+
+/// The contents (object, size) that `ops` leave no entry naming: of removed files and
+/// of files given a new content.
+fn dropped_contents(tree: &Tree, ops: &[Op]) -> Vec<(u64, u64)> {
+    ops.iter()
+        .filter_map(|op| {
+            let id = match op {
+                Op::Put(n) => n.id,
+                Op::Remove { id } => *id,
+            };
+            let prior = tree.get(id)?;
+            let object = rows::object_of(prior)?;
+            match op {
+                Op::Put(n) if rows::object_of(n) == Some(object) => None,
+                _ => Some((object, prior.size)),
+            }
+        })
+        .collect()
+}
+
+/// Brings `cached` up to sequence number `seq`: the changes it missed, or the whole tree.
+async fn catch_up(
+    client: &impl deadpool_postgres::GenericClient,
+    owner: &str,
+    cached: &mut Cached,
+    seq: i64,
+) -> Result<()> {
+    if cached.seq == seq {
+        return Ok(());
+    }
+    if cached.seq >= 0 && cached.seq < seq && seq - cached.seq <= CHANGES_KEPT / 2 {
+        let rows = client
+            .query(
+                "SELECT seq, ops FROM sharefs_changes WHERE owner = $1 AND seq > $2 AND seq <= $3
+                 ORDER BY seq",
+                &[&owner, &cached.seq, &seq],
+            )
+            .await
+            .map_err(pg_error)?;
+        if rows.len() as i64 == seq - cached.seq {
+            for row in rows {
+                let json: String = row.get(1);
+                let ops: Vec<Op> = serde_json::from_str(&json)
+                    .map_err(|e| ServerError::Backend(format!("a change record: {e}")))?;
+                for op in ops {
+                    cached.tree.apply(op);
+                }
+            }
+            cached.seq = seq;
+            return Ok(());
+        }
+    }
+    let nodes: Vec<Node> = rows::load(client, owner).await?;
+    let row = client
+        .query_one(
+            "SELECT next_id FROM sharefs_folders WHERE owner = $1",
+            &[&owner],
+        )
+        .await
+        .map_err(pg_error)?;
+    let mut tree = Tree::from_nodes(nodes, rows::unbig(row.get::<_, i64>(0)));
+    tree.finish_load(fsutil::now_ns());
+    cached.tree = tree;
+    cached.seq = seq;
+    Ok(())
+}
+
+fn owned(owner: &str) -> String {
+    owner.to_string()
+}
+
+impl MetaStore for Cluster {
+    fn stat(&self, owner: &str, id: u64, caller: Caller) -> Result<FileInfo> {
+        let o = owned(owner);
+        self.read(owner, move |t| access::stat(t, &o, id, caller))
+    }
+    fn lookup(&self, owner: &str, parent: u64, name: &str, caller: Caller) -> Result<FileInfo> {
+        let (o, name) = (owned(owner), name.to_string());
+        self.read(owner, move |t| access::lookup(t, &o, parent, &name, caller))
+    }
+    fn resolve(&self, owner: &str, path: &str, caller: Caller) -> Result<FileInfo> {
+        let (o, path) = (owned(owner), path.to_string());
+        self.read(owner, move |t| access::resolve(t, &o, &path, caller))
+    }
+    fn list_page(
+        &self,
+        owner: &str,
+        dir: u64,
+        after: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+        caller: Caller,
+    ) -> Result<(Vec<FileInfo>, bool)> {
+        let (o, after) = (owned(owner), after.map(str::to_string));
+        self.read(owner, move |t| {
+            access::list_page(t, &o, dir, after.as_deref(), limit, max_bytes, caller)
+        })
+    }
+    fn path_of(&self, owner: &str, id: u64) -> Result<String> {
+        self.read(owner, move |t| Ok(t.path_of(id)))
+    }
+    fn content_hash(&self, owner: &str, id: u64) -> Result<(u64, u64, String)> {
+        let o = owned(owner);
+        self.read(owner, move |t| access::content_hash(t, &o, id))
+    }
+    fn mkdir(
+        &self,
+        owner: &str,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        cutoff: &Cutoff,
+    ) -> Result<(FileInfo, Vec<Published>)> {
+        crate::store::check_new_name(name)?;
+        let (o, name) = (owned(owner), name.to_string());
+        self.change(owner, cutoff, move |tree| {
+            let now = fsutil::now_ns();
+            let id = tree.allocate_id();
+            let node = changes::dir_node(id, parent, &name, mode, now);
+            let info = node.info(&o);
+            Ok((tree.plan_create(node, now)?, info))
+        })
+    }
+    fn symlink(
+        &self,
+        owner: &str,
+        parent: u64,
+        name: &str,
+        target: &str,
+        cutoff: &Cutoff,
+    ) -> Result<(FileInfo, Vec<Published>)> {
+        crate::store::check_new_name(name)?;
+        changes::check_link_target(target)?;
+        let (o, name, target) = (owned(owner), name.to_string(), target.to_string());
+        self.change(owner, cutoff, move |tree| {
+            let now = fsutil::now_ns();
+            let id = tree.allocate_id();
+            let node = changes::link_node(id, parent, &name, &target, now);
+            let info = node.info(&o);
+            Ok((tree.plan_create(node, now)?, info))
+        })
+    }
+    fn remove(
+        &self,
+        owner: &str,
+        parent: u64,
+        name: &str,
+        dir: bool,
+        cutoff: &Cutoff,
+    ) -> Result<Vec<Published>> {
+        crate::store::check_lookup_name(name)?;
+        let name = name.to_string();
+        Ok(self
+            .change(owner, cutoff, move |tree| {
+                Ok((tree.plan_remove(parent, &name, dir, fsutil::now_ns())?, ()))
+            })?
+            .1)
+    }
+    fn rename(
+        &self,
+        owner: &str,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+        noreplace: bool,
+        cutoff: &Cutoff,
+    ) -> Result<(FileInfo, Vec<Published>)> {
+        crate::store::check_lookup_name(name)?;
+        crate::store::check_new_name(new_name)?;
+        let (o, name, new_name) = (owned(owner), name.to_string(), new_name.to_string());
+        self.change(owner, cutoff, move |tree| {
+            let now = fsutil::now_ns();
+            match tree.plan_rename(parent, &name, new_parent, &new_name, noreplace, now)? {
+                Some(ops) => {
+                    let moved = ops
+                        .iter()
+                        .find_map(|op| match op {
+                            Op::Put(n) if n.parent == new_parent && n.name == new_name => {
+                                Some(n.info(&o))
+                            }
+                            _ => None,
+                        })
+                        .ok_or_else(|| {
+                            ServerError::Internal("a rename without its entry".into())
+                        })?;
+                    Ok((ops, moved))
+                }
+                None => {
+                    let info = tree
+                        .lookup(parent, &name)
+                        .map(|n| n.info(&o))
+                        .ok_or_else(|| ServerError::NotFound(format!("{o}/{name}")))?;
+                    Ok((Vec::new(), info))
+                }
+            }
+        })
+    }
+    fn set_attr(
+        &self,
+        owner: &str,
+        id: u64,
+        mode: Option<u32>,
+        atime_ns: Option<i64>,
+        mtime_ns: Option<i64>,
+        cutoff: &Cutoff,
+    ) -> Result<(FileInfo, Vec<Published>)> {
+        let o = owned(owner);
+        self.change(owner, cutoff, move |tree| {
+            let mut node = tree
+                .get(id)
+                .cloned()
+                .ok_or_else(|| ServerError::NotFound(format!("{o}/#{id}")))?;
+            changes::set_attrs(&mut node, mode, atime_ns, mtime_ns, fsutil::now_ns());
+            let info = node.info(&o);
+            Ok((vec![Op::Put(node)], info))
+        })
+    }
+    fn usage(&self, owner: &str, quota: Option<u64>) -> Result<Space> {
+        self.read(owner, move |t| {
+            // The root is the folder itself, not one of its entries.
+            let (used, files) = (t.used(), t.len().saturating_sub(1) as u64);
+            // An object store has no size to speak of: what a quota leaves, or a petabyte.
+            Ok(match quota {
+                Some(q) => {
+                    let left = q.saturating_sub(used);
+                    Space {
+                        total: q,
+                        available: left,
+                        used,
+                        files,
+                        quota_available: Some(left),
+                    }
+                }
+                None => Space {
+                    total: used + UNBOUNDED,
+                    available: UNBOUNDED,
+                    used,
+                    files,
+                    quota_available: None,
+                },
+            })
+        })
+    }
+    fn sync(&self, _owner: &str) -> Result<()> {
+        // Every change is committed before it is answered.
+        Ok(())
+    }
+    fn remove_tree(&self, owner: &str) -> Result<()> {
+        let pool = self.inner.pool.clone();
+        let objects = self.inner.objects.clone();
+        let o = owned(owner);
+        let contents = self.run(async move {
+            let mut client = pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            let rows = tx
+                .query(
+                    "DELETE FROM sharefs_entries WHERE owner = $1 AND object IS NOT NULL
+                     RETURNING object, size",
+                    &[&o],
+                )
+                .await
+                .map_err(pg_error)?;
+            for statement in [
+                "DELETE FROM sharefs_entries WHERE owner = $1",
+                "DELETE FROM sharefs_changes WHERE owner = $1",
+                "DELETE FROM sharefs_folders WHERE owner = $1",
+            ] {
+                tx.execute(statement, &[&o]).await.map_err(pg_error)?;
+            }
+            tx.commit().await.map_err(pg_error)?;
+            let contents: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            for (object, size) in &contents {
+                objects
+                    .delete(rows::unbig(*object), rows::unbig(*size))
+                    .await?;
+            }
+            Ok(contents.len())
+        })?;
+        if let Ok(mut folders) = self.inner.folders.lock() {
+            folders.remove(owner);
+        }
+        tracing::info!(owner, contents, "tree removed");
+        Ok(())
+    }
+}
