@@ -21,6 +21,7 @@ use std::time::Duration;
 #[cfg(feature = "client")]
 use sharefs_client::{ConnectOptions, EventStream, RemoteClient};
 
+pub mod backend;
 pub mod desktop;
 pub mod keyring;
 #[cfg(feature = "client")]
@@ -143,6 +144,8 @@ pub struct TestServer {
     extra_args: Vec<String>,
     /// The server's limit on open files, if the test sets one.
     nofile: Option<u64>,
+    /// The database and object store of a cluster node; `None`: the embedded store.
+    pub backend: Option<std::sync::Arc<backend::Backend>>,
 }
 
 impl TestServer {
@@ -172,11 +175,30 @@ impl TestServer {
         Self::start_full(None, args, Some(nofile), true)
     }
 
+    /// Starts a cluster node over `backend` (which other nodes may share), with users
+    /// `alice`, `bob` and `carol` in its own data directory.
+    pub fn start_node(backend: &std::sync::Arc<backend::Backend>, args: &[&str]) -> TestServer {
+        Self::start_over(None, args, None, true, Some(backend.clone()))
+    }
+
     fn start_full(
         data: Option<&Path>,
         args: &[&str],
         nofile: Option<u64>,
         add_users: bool,
+    ) -> TestServer {
+        // SHAREFS_TEST_BACKEND=cluster: every server is a node over a backend of its own.
+        let backend =
+            backend::cluster_selected().then(|| std::sync::Arc::new(backend::Backend::start()));
+        Self::start_over(data, args, nofile, add_users, backend)
+    }
+
+    fn start_over(
+        data: Option<&Path>,
+        args: &[&str],
+        nofile: Option<u64>,
+        add_users: bool,
+        backend: Option<std::sync::Arc<backend::Backend>>,
     ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
@@ -189,6 +211,7 @@ impl TestServer {
             _dir: dir,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             nofile,
+            backend,
         };
         if add_users {
             for user in ["alice", "bob", "carol"] {
@@ -246,6 +269,10 @@ impl TestServer {
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(log);
+        if let Some(backend) = &self.backend {
+            cmd.args(backend.server_args())
+                .envs(backend::Backend::server_env());
+        }
         if let Some(n) = self.nofile {
             use std::os::unix::process::CommandExt;
             let limit = libc::rlimit {

@@ -28,7 +28,7 @@ use crate::store::tree::{Content, Tree};
 use crate::store::{check_new_name, Caller, Published, UploadTarget};
 
 /// How long a node holds an upload it serves without a sync renewing the hold.
-pub const LEASE: Duration = Duration::from_secs(45);
+pub const LEASE: Duration = Duration::from_secs(15);
 /// Uploads a user may have recorded at once, attached or waiting for a resume.
 const MAX_UPLOADS_PER_OWNER: i64 = 64;
 

@@ -1,0 +1,272 @@
+//! The cluster backend for tests: a private PostgreSQL cluster (initdb in a temp
+//! directory, as an unprivileged user when the tests run as root) and a real S3 server
+//! (`s3s-fs`, an S3 API over a directory) on 127.0.0.1, each stopped in `Drop`.
+//!
+//! Setting `SHAREFS_TEST_BACKEND=cluster` makes every [`crate::TestServer`] a cluster
+//! node over a backend of its own, so the end-to-end suites run against it unchanged;
+//! [`Backend`] also gives several nodes one backend to share.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The access key the test S3 server accepts.
+pub const S3_KEY: &str = "sharefs-test";
+/// Its secret.
+pub const S3_SECRET: &str = "sharefs-test-secret";
+
+/// Whether the suites run against the cluster backend (`SHAREFS_TEST_BACKEND=cluster`).
+pub fn cluster_selected() -> bool {
+    std::env::var("SHAREFS_TEST_BACKEND").is_ok_and(|b| b == "cluster")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// PostgreSQL's programs: on PATH, or in Debian's versioned directory.
+fn pg_program(name: &str) -> PathBuf {
+    if crate::runs(name) {
+        return PathBuf::from(name);
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.into_iter()
+        .rev()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not found: apt-get install postgresql"))
+}
+
+/// `program args`, as the unprivileged `nobody` when running as root (PostgreSQL refuses
+/// to run as root).
+fn as_db_user(program: &Path) -> Command {
+    if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "nobody", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run_ok(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private PostgreSQL server.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let dir = tempfile::tempdir().expect("temp dir");
+        if is_root() {
+            // SAFETY: chown of a path we own, to nobody's ids.
+            let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes())
+                .expect("a path without NUL");
+            let rc = unsafe { libc::chown(path.as_ptr(), 65534, 65534) };
+            assert_eq!(rc, 0, "chown of the database directory");
+        }
+        let data = dir.path().join("data");
+        run_ok(
+            as_db_user(&pg_program("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "sharefs", "--auth=trust", "-E", "UTF8", "--no-sync"]),
+            "initdb",
+        );
+        let port = free_port();
+        let options = format!(
+            "-k {} -p {port} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            dir.path().display()
+        );
+        run_ok(
+            as_db_user(&pg_program("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-w", "-t", "60", "-o", &options, "-l"])
+                .arg(dir.path().join("log"))
+                .arg("start"),
+            "pg_ctl start",
+        );
+        Postgres { dir, port }
+    }
+
+    /// Creates database `name`; returns its URL.
+    pub fn database(&self, name: &str) -> String {
+        run_ok(
+            Command::new(pg_program("psql"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", "sharefs", "-d", "postgres", "-q", "-c"])
+                .arg(format!("CREATE DATABASE {name}")),
+            "CREATE DATABASE",
+        );
+        format!("postgres://sharefs@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Stops the server at once (as a crash would) or, with `clean`, cleanly.
+    pub fn stop(&self, clean: bool) {
+        let _ = as_db_user(&pg_program("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", if clean { "fast" } else { "immediate" }, "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Starts it again after [`Postgres::stop`], on the same port.
+    pub fn restart(&self) {
+        let options = format!(
+            "-k {} -p {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            self.dir.path().display(),
+            self.port
+        );
+        run_ok(
+            as_db_user(&pg_program("pg_ctl"))
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .args(["-w", "-t", "60", "-o", &options, "-l"])
+                .arg(self.dir.path().join("log"))
+                .arg("start"),
+            "pg_ctl start",
+        );
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop(false);
+    }
+}
+
+/// A real S3 server (`s3s-fs`) over a temp directory.
+pub struct S3Server {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub endpoint: String,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let program = crate::tool("s3s-fs", "SHAREFS_REQUIRE_TOOLS", "cargo install s3s-fs@0.14.1 --features binary")
+            .expect("s3s-fs is needed for the cluster backend: cargo install s3s-fs@0.14.1 --features binary");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let child = Command::new(program)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_KEY, "--secret-key", S3_SECRET])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting s3s-fs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        S3Server {
+            child,
+            dir,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Creates bucket `name` (a directory of the server's root).
+    pub fn bucket(&self, name: &str) {
+        std::fs::create_dir(self.dir.path().join(name)).expect("bucket directory");
+    }
+
+    /// Files the server holds under `bucket` (block objects).
+    pub fn objects(&self, bucket: &str) -> usize {
+        fn count(p: &Path) -> usize {
+            std::fs::read_dir(p).map_or(0, |d| {
+                d.flatten()
+                    .map(|e| {
+                        if e.path().is_dir() {
+                            count(&e.path())
+                        } else {
+                            1
+                        }
+                    })
+                    .sum()
+            })
+        }
+        count(&self.dir.path().join(bucket))
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A database and a bucket that cluster nodes share.
+pub struct Backend {
+    pub postgres: Postgres,
+    pub s3: S3Server,
+    pub url: String,
+    pub bucket: String,
+}
+
+impl Backend {
+    pub fn start() -> Backend {
+        let postgres = Postgres::start();
+        let s3 = S3Server::start();
+        let url = postgres.database("sharefs");
+        s3.bucket("sharefs");
+        Backend {
+            postgres,
+            s3,
+            url,
+            bucket: "sharefs".into(),
+        }
+    }
+
+    /// The `serve` arguments of a node over this backend.
+    pub fn server_args(&self) -> Vec<String> {
+        vec![
+            "--metadata".into(),
+            self.url.clone(),
+            "--blobs".into(),
+            format!("s3://{}", self.bucket),
+            "--s3-endpoint".into(),
+            self.s3.endpoint.clone(),
+        ]
+    }
+
+    /// The environment a node needs (the object store's credentials).
+    pub fn server_env() -> [(&'static str, &'static str); 2] {
+        [
+            ("AWS_ACCESS_KEY_ID", S3_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+        ]
+    }
+}
