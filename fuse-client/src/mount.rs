@@ -233,7 +233,12 @@ fn foreground(opts: ConnectOptions, args: MountSettings, cache_dir: PathBuf) -> 
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        MountOption::FSName(format!("sharefs:{}@{}", opts.user, opts.server)),
+        MountOption::FSName(format!(
+            "sharefs:{}@{}",
+            opts.user,
+            // Mount options are comma separated: a list of servers is joined with `+`.
+            opts.server.replace(',', "+")
+        )),
         MountOption::Subtype("sharefs".into()),
         MountOption::NoAtime,
         MountOption::NoDev,

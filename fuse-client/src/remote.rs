@@ -175,7 +175,55 @@ impl RemoteClient {
 
     /// [`RemoteClient::connect`] as the client process `client`: logging in fences that
     /// client's older connections, so nothing they still carry runs after this one is up.
+    ///
+    /// `opts.server` may list several servers (`n1:7070,n2:7070`, the nodes of a
+    /// cluster): they are tried in turn, from the one that last answered, until one
+    /// takes the login; a refusal of the login itself (a wrong password, a certificate
+    /// that does not match) is not retried elsewhere.
     pub async fn connect_as(
+        opts: &ConnectOptions,
+        client: Option<u64>,
+    ) -> Result<(RemoteClient, EventStream)> {
+        /// The list position of the server that last answered, shared by all
+        /// connections of the process.
+        static LAST_GOOD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let servers: Vec<&str> = opts
+            .server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.len() < 2 {
+            return Self::connect_one(opts, client).await;
+        }
+        let first = LAST_GOOD.load(std::sync::atomic::Ordering::Relaxed) % servers.len();
+        let mut last_error = None;
+        for i in 0..servers.len() {
+            let at = (first + i) % servers.len();
+            let one = ConnectOptions {
+                server: servers[at].to_string(),
+                ..opts.clone()
+            };
+            match Self::connect_one(&one, client).await {
+                Ok(connected) => {
+                    LAST_GOOD.store(at, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(connected);
+                }
+                Err(e @ ClientError::Connect { .. }) => {
+                    tracing::info!(server = servers[at], error = %e, "server unreachable; trying the next");
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ClientError::Connect {
+            addr: opts.server.clone(),
+            reason: "no server given".into(),
+        }))
+    }
+
+    /// Connects to one server.
+    async fn connect_one(
         opts: &ConnectOptions,
         client: Option<u64>,
     ) -> Result<(RemoteClient, EventStream)> {

@@ -22,7 +22,8 @@ pub struct ConnectArgs {
     /// Profile of the configuration file to use (default: its [default] section).
     #[arg(long, global = true, env = "SHAREFS_PROFILE")]
     pub profile: Option<String>,
-    /// Server address, HOST:PORT [default: 127.0.0.1:7070].
+    /// Server address, HOST:PORT [default: 127.0.0.1:7070]; the nodes of a cluster as a
+    /// comma-separated list (tried in turn when one is unreachable).
     #[arg(long, global = true, env = "SHAREFS_SERVER")]
     pub server: Option<String>,
     /// User name (defaults to $USER).

@@ -25,7 +25,9 @@
 //! - [`rows`]: entries as rows, ops as statements.
 //! - [`objects`]: contents as block objects.
 //! - [`uploads`]: uploads, commits, reads (the [`BlobStore`] side).
+//! - [`feed`]: changes made through other nodes, pushed to this node's sessions.
 
+pub mod feed;
 pub mod objects;
 pub mod rows;
 pub mod schema;
@@ -74,7 +76,7 @@ pub struct ClusterConfig {
 
 /// One user's tree as this node last saw it.
 #[derive(Debug)]
-struct Cached {
+pub(crate) struct Cached {
     tree: Tree,
     /// The sequence number of the last change applied; -1: not loaded.
     seq: i64,
@@ -82,13 +84,24 @@ struct Cached {
 
 type Folder = Arc<AsyncMutex<Cached>>;
 
-#[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) objects: Objects,
     folders: Mutex<HashMap<String, Folder>>,
+    /// For the change feed's own connection.
+    pg_config: tokio_postgres::Config,
+    /// Where the events of other nodes' changes go.
+    sink: Mutex<Option<feed::Sink>>,
     /// Where the database and object store clients run (always `Some` but in `drop`).
     runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("objects", &self.objects)
+            .finish()
+    }
 }
 
 impl Drop for Inner {
@@ -135,7 +148,7 @@ impl Cluster {
         }
         pg.connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
-            pg,
+            pg.clone(),
             tokio_postgres::NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -167,6 +180,8 @@ impl Cluster {
             pool,
             objects: Objects::new(Arc::new(s3)),
             folders: Mutex::default(),
+            pg_config: pg,
+            sink: Mutex::default(),
             runtime: Some(runtime),
         });
         let cluster = Cluster { inner };
@@ -224,6 +239,7 @@ impl Cluster {
         let folder = self.folder(owner)?;
         let pool = self.inner.pool.clone();
         let owner = owner.to_string();
+        let this = self.clone();
         self.run(async move {
             let mut cached = folder.lock().await;
             let client = pool.get().await.map_err(pool_error)?;
@@ -237,7 +253,8 @@ impl Cluster {
             match row {
                 Some(row) => {
                     let seq: i64 = row.get(0);
-                    catch_up(&client, &owner, &mut cached, seq).await?;
+                    let remote = catch_up(&client, &owner, &mut cached, seq).await?;
+                    this.announce(&owner, remote);
                 }
                 // Nobody wrote to it yet: a root alone.
                 None => {
@@ -275,6 +292,7 @@ impl Cluster {
         let pool = self.inner.pool.clone();
         let owner = owner.to_string();
         let cutoff = cutoff.clone();
+        let this = self.clone();
         self.run(async move {
             let mut cached = folder.lock().await;
             let mut client = pool.get().await.map_err(pool_error)?;
@@ -314,7 +332,8 @@ impl Cluster {
                     (row.get::<_, i64>(0), row.get::<_, i64>(1))
                 }
             };
-            catch_up(&tx, &owner, &mut cached, seq).await?;
+            let remote = catch_up(&tx, &owner, &mut cached, seq).await?;
+            this.announce(&owner, remote);
             cached.tree.raise_next_id(rows::unbig(next_id));
             cutoff.check()?;
             let (ops, out) = plan(&mut cached.tree)?;
@@ -351,6 +370,12 @@ impl Cluster {
             tx.execute(
                 "UPDATE sharefs_folders SET seq = $2, next_id = $3 WHERE owner = $1",
                 &[&owner, &next, &rows::big(cached.tree.next_id())],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&feed::CHANNEL, &format!("{next} {owner}")],
             )
             .await
             .map_err(pg_error)?;
@@ -397,14 +422,16 @@ fn dropped_contents(tree: &Tree, ops: &[Op]) -> Vec<(u64, u64)> {
 }
 
 /// Brings `cached` up to sequence number `seq`: the changes it missed, or the whole tree.
-async fn catch_up(
+/// Returns the events of what it applied (`Resync` for a tree reloaded whole), for the
+/// sessions of this node; none for a first load.
+pub(crate) async fn catch_up(
     client: &impl deadpool_postgres::GenericClient,
     owner: &str,
     cached: &mut Cached,
     seq: i64,
-) -> Result<()> {
+) -> Result<Vec<Published>> {
     if cached.seq == seq {
-        return Ok(());
+        return Ok(Vec::new());
     }
     if cached.seq >= 0 && cached.seq < seq && seq - cached.seq <= CHANGES_KEPT / 2 {
         let rows = client
@@ -416,16 +443,19 @@ async fn catch_up(
             .await
             .map_err(pg_error)?;
         if rows.len() as i64 == seq - cached.seq {
+            let mut out = Vec::new();
             for row in rows {
                 let json: String = row.get(1);
                 let ops: Vec<Op> = serde_json::from_str(&json)
                     .map_err(|e| ServerError::Backend(format!("a change record: {e}")))?;
-                for op in ops {
+                let before = events::before(&cached.tree, &ops);
+                for op in ops.iter().cloned() {
                     cached.tree.apply(op);
                 }
+                out.extend(events::of(&cached.tree, owner, ops, before));
             }
             cached.seq = seq;
-            return Ok(());
+            return Ok(out);
         }
     }
     let nodes: Vec<Node> = rows::load(client, owner).await?;
@@ -438,9 +468,14 @@ async fn catch_up(
         .map_err(pg_error)?;
     let mut tree = Tree::from_nodes(nodes, rows::unbig(row.get::<_, i64>(0)));
     tree.finish_load(fsutil::now_ns());
+    let reloaded = cached.seq >= 0;
     cached.tree = tree;
     cached.seq = seq;
-    Ok(())
+    Ok(if reloaded {
+        vec![feed::resync()]
+    } else {
+        Vec::new()
+    })
 }
 
 fn owned(owner: &str) -> String {
@@ -623,6 +658,9 @@ impl MetaStore for Cluster {
     fn sync(&self, _owner: &str) -> Result<()> {
         // Every change is committed before it is answered.
         Ok(())
+    }
+    fn watch(&self, sink: feed::Sink) {
+        self.start_feed(sink);
     }
     fn remove_tree(&self, owner: &str) -> Result<()> {
         let pool = self.inner.pool.clone();

@@ -181,6 +181,11 @@ impl Shared {
             config.coalesce_window,
             config.max_pending_notifications,
         )?;
+        let remote_hub = hub.clone();
+        store.watch(Arc::new(move |owner: &str, events| {
+            // Changes made through other nodes: to every session here that may see them.
+            remote_hub.publish(owner, 0, &events)
+        }));
         let users = UserDb::new(&config.data_dir);
         let read_budget = Arc::new(Semaphore::new((config.read_buffer_budget / 1024).max(1)));
         let logins = Arc::new(Logins::new(config.login.clone()));

@@ -147,6 +147,9 @@ pub trait MetaStore: Send + Sync {
     fn sync(&self, owner: &str) -> Result<()>;
     /// Removes a user's whole tree and contents (account removal).
     fn remove_tree(&self, owner: &str) -> Result<()>;
+    /// Hands the events of changes made elsewhere (other nodes of a cluster) to `sink`,
+    /// from now on; a store only this server changes has none.
+    fn watch(&self, _sink: crate::cluster::feed::Sink) {}
 }
 
 /// File contents.

@@ -44,18 +44,31 @@ pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     }
 }
 
+static RELEASE_BINARIES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`bin`] build and run the release binaries, what users run (for the standard
+/// suites, whose long runs measure the product, not a debug build). Call it before
+/// starting any server or mount of the test process.
+pub fn use_release_binaries() {
+    RELEASE_BINARIES.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Path of one of the workspace's binaries, built once per test process.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         // target/<profile>/deps/<test binary> -> target/<profile>
         let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe
+        let mut dir = exe
             .parent()
             .and_then(Path::parent)
             .expect("target directory")
             .to_path_buf();
-        let release = dir.file_name().is_some_and(|n| n == "release");
+        let mut release = dir.file_name().is_some_and(|n| n == "release");
+        if RELEASE_BINARIES.load(std::sync::atomic::Ordering::SeqCst) && !release {
+            dir = dir.with_file_name("release");
+            release = true;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "--bins", "-p", "sharefs-server"]);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sharefs_protocol::ErrorCode;
+use sharefs_protocol::{ErrorCode, Event};
 use sharefs_tests::backend::Backend;
 use sharefs_tests::mount::{fuse_available, TestMount};
 use sharefs_tests::*;
@@ -34,12 +34,31 @@ async fn nodes_share_trees_and_an_upload_survives_its_node() {
     let two = TestServer::start_node(&backend, &[]);
     let (alice1, _) = one.connect("alice").await;
     let (alice2, _) = two.connect("alice").await;
-    let (bob2, _) = two.connect("bob").await;
+    let (bob2, mut bob_events) = two.connect("bob").await;
+    // bob's node caches alice's tree; a change through the other node reaches bob's
+    // session as an event (the change feed).
+    bob2.resolve("alice", "").await.unwrap();
 
     // Written through one node, read through the other: contents and tree.
     let small = content(1, 1000);
     let big = content(2, (9 << 20) + 77);
     upload(&alice1, "small", &small).await;
+    let started = std::time::Instant::now();
+    loop {
+        match within("a change made through the other node", bob_events.recv()).await {
+            Some(Event::Changed { owner, file, .. })
+                if owner == "alice" && file.name == "small" =>
+            {
+                break
+            }
+            Some(_) => continue,
+            None => panic!("bob's connection closed"),
+        }
+    }
+    eprintln!(
+        "a change reached a session on the other node in {:?}",
+        started.elapsed()
+    );
     upload(&alice1, "big", &big).await;
     assert_eq!(download(&bob2, "alice", "small").await.unwrap(), small);
     assert_eq!(download(&bob2, "alice", "big").await.unwrap(), big);
@@ -176,4 +195,88 @@ fn mounts_on_two_nodes_see_one_tree() {
                 == Some(&b"changed through node one"[..])
         },
     );
+}
+
+/// A mount given two nodes (one certificate shared by both) keeps copying when the node
+/// it is attached to is killed: it reconnects to the other, resumes its upload there, and
+/// every `cp` succeeds with the whole file.
+#[test]
+fn a_mount_fails_over_to_another_node_mid_copy() {
+    if !fuse_available() {
+        return;
+    }
+    let backend = Arc::new(Backend::start());
+    let mut one = TestServer::start_node(&backend, &[]);
+    let cert = one.data.join("tls/cert.pem");
+    let key = one.data.join("tls/key.pem");
+    let two = TestServer::start_node(
+        &backend,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(one.fingerprint, two.fingerprint);
+    let servers = format!("{},{}", one.addr, two.addr);
+    let alice = TestMount::with(&one, "alice", &[], &[("SHAREFS_SERVER", &servers)]);
+    let src = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("f{i}"), content(40 + i, (24 << 20) + i as usize)))
+        .collect();
+    for (name, data) in &files {
+        std::fs::write(src.path().join(name), data).unwrap();
+    }
+    // The copies run in a shell of their own, which reports each one that fails.
+    let script = files
+        .iter()
+        .map(|(name, _)| {
+            format!(
+                "cp {} {} || echo FAILED {name}",
+                src.path().join(name).display(),
+                alice.path("alice").join(name).display()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let copies = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the node once the first copy is well under way.
+    eventually(Duration::from_secs(60), "the first copy under way", || {
+        std::fs::metadata(alice.path("alice/f0")).is_ok_and(|m| m.len() > 8 << 20)
+    });
+    one.kill9();
+    let out = within_blocking(Duration::from_secs(240), move || copies.wait_with_output());
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.contains("FAILED"),
+        "copies failed over a node's death: {out}\n{}",
+        alice.log_text()
+    );
+    for (name, data) in &files {
+        assert_eq!(
+            server_content(&two, "alice", name).as_deref(),
+            Some(&data[..]),
+            "{name} is not whole on the other node"
+        );
+    }
+}
+
+/// Runs `f` on a thread, failing the test if it takes longer than `limit`.
+fn within_blocking<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("not done within {limit:?}"))
+        .unwrap()
 }

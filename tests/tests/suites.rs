@@ -53,6 +53,7 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
 
 #[test]
 fn pjdfstest_passes_in_a_users_own_folder() {
+    use_release_binaries();
     if !fuse_available() {
         return;
     }
@@ -118,6 +119,7 @@ fn fsx_config(dir: &Path, mmap: bool) -> PathBuf {
 
 #[test]
 fn fsx_random_seeds_with_and_without_mmap() {
+    use_release_binaries();
     if !fuse_available() {
         return;
     }
