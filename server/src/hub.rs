@@ -199,6 +199,8 @@ impl Hub {
     pub fn open(data_dir: &Path, window: Duration, max_pending: usize) -> Result<Hub> {
         let dir = data_dir.join("notifications");
         fsutil::create_dir_durable(&dir)?;
+        // Its temp files go beside the store's (a cluster node has no store there).
+        fsutil::create_dir_durable(&data_dir.join("tmp"))?;
         Ok(Hub {
             inner: Arc::new(HubInner {
                 recorded: Counter::default(),
