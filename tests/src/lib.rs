@@ -6,6 +6,8 @@
 //! # Layout
 //! - this file: `TestServer`, binaries, bounded waits, content helpers;
 //! - [`mount`]: `TestMount`, a real FUSE mount of `sharefs mount --foreground`;
+//! - [`backend`]: a private PostgreSQL and a real S3 server for cluster nodes
+//!   (`SHAREFS_TEST_BACKEND=cluster` makes every `TestServer` one);
 //! - [`desktop`]: a private D-Bus bus and a recording notification daemon;
 //! - [`keyring`]: a real Secret Service (gnome-keyring-daemon) on a private bus;
 //! - [`proxy`]: a TCP proxy that stalls connections on demand;
