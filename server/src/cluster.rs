@@ -243,16 +243,8 @@ impl Cluster {
         self.run(async move {
             let mut cached = folder.lock().await;
             let client = pool.get().await.map_err(pool_error)?;
-            let row = client
-                .query_opt(
-                    "SELECT seq FROM sharefs_folders WHERE owner = $1",
-                    &[&owner],
-                )
-                .await
-                .map_err(pg_error)?;
-            match row {
-                Some(row) => {
-                    let seq: i64 = row.get(0);
+            match folder_seq(&client, &owner).await? {
+                Some(seq) => {
                     let remote = catch_up(&client, &owner, &mut cached, seq).await?;
                     this.announce(&owner, remote);
                 }
@@ -400,6 +392,21 @@ impl Cluster {
             Ok((out, events::of(&cached.tree, &owner, ops, before)))
         })
     }
+}
+
+/// The sequence number of `owner`'s last change; `None` before its first.
+pub(crate) async fn folder_seq(
+    client: &impl deadpool_postgres::GenericClient,
+    owner: &str,
+) -> Result<Option<i64>> {
+    let row = client
+        .query_opt(
+            "SELECT seq FROM sharefs_folders WHERE owner = $1",
+            &[&owner],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(row.map(|r| r.get::<_, i64>(0)))
 }
 
 /// The contents (object, size) that `ops` leave no entry naming: of removed files and

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use sharefs_protocol::Event;
 use tokio_postgres::AsyncMessage;
 
-use super::{catch_up, pg_error, Cluster};
+use super::{catch_up, folder_seq, pg_error, Cluster};
 use crate::error::{Result, ServerError};
 use crate::store::Published;
 
@@ -149,14 +149,7 @@ impl Cluster {
         for owner in owners {
             let seq = async {
                 let client = self.inner.pool.get().await.map_err(super::pool_error)?;
-                let row = client
-                    .query_opt(
-                        "SELECT seq FROM sharefs_folders WHERE owner = $1",
-                        &[&owner],
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                Ok::<_, ServerError>(row.map(|r| r.get::<_, i64>(0)))
+                folder_seq(&client, &owner).await
             }
             .await;
             match seq {

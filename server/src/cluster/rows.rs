@@ -33,14 +33,6 @@ fn kind_of(name: &str) -> Result<EntryKind> {
     }
 }
 
-fn u(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
-
-fn i(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 /// The entry a row (of [`COLUMNS`]) holds.
 pub fn node(row: &Row) -> Result<Node> {
     let get_i64 = |i: usize| -> Result<i64> { row.try_get(i).map_err(pg_error) };
@@ -48,18 +40,18 @@ pub fn node(row: &Row) -> Result<Node> {
     let mode: i32 = row.try_get(4).map_err(pg_error)?;
     let kind: String = row.try_get(3).map_err(pg_error)?;
     Ok(Node {
-        id: u(get_i64(0)?),
-        parent: u(get_i64(1)?),
+        id: unbig(get_i64(0)?),
+        parent: unbig(get_i64(1)?),
         name: row.try_get(2).map_err(pg_error)?,
         kind: kind_of(&kind)?,
         mode: u32::try_from(mode).unwrap_or(0),
-        size: u(get_i64(5)?),
+        size: unbig(get_i64(5)?),
         mtime_ns: get_i64(6)?,
         atime_ns: get_i64(7)?,
         ctime_ns: get_i64(8)?,
-        version: u(get_i64(9)?),
+        version: unbig(get_i64(9)?),
         blake3: row.try_get(10).map_err(pg_error)?,
-        content: object.map(|o| Content::Blob(u(o))),
+        content: object.map(|o| Content::Blob(unbig(o))),
         target: row.try_get(12).map_err(pg_error)?,
     })
 }
@@ -78,7 +70,7 @@ pub async fn apply(client: &impl GenericClient, owner: &str, ops: &[Op]) -> Resu
         match op {
             Op::Put(n) => {
                 let mode = i32::try_from(n.mode).unwrap_or(0);
-                let object = object_of(n).map(i);
+                let object = object_of(n).map(big);
                 client
                     .execute(
                         "INSERT INTO sharefs_entries (owner, id, parent, name, kind, mode, size,
@@ -90,16 +82,16 @@ pub async fn apply(client: &impl GenericClient, owner: &str, ops: &[Op]) -> Resu
                              target = $14",
                         &[
                             &owner,
-                            &i(n.id),
-                            &i(n.parent),
+                            &big(n.id),
+                            &big(n.parent),
                             &n.name,
                             &kind_name(n.kind),
                             &mode,
-                            &i(n.size),
+                            &big(n.size),
                             &n.mtime_ns,
                             &n.atime_ns,
                             &n.ctime_ns,
-                            &i(n.version),
+                            &big(n.version),
                             &n.blake3,
                             &object,
                             &n.target,
@@ -112,7 +104,7 @@ pub async fn apply(client: &impl GenericClient, owner: &str, ops: &[Op]) -> Resu
                 client
                     .execute(
                         "DELETE FROM sharefs_entries WHERE owner = $1 AND id = $2",
-                        &[&owner, &i(*id)],
+                        &[&owner, &big(*id)],
                     )
                     .await
                     .map_err(pg_error)?;
@@ -136,10 +128,10 @@ pub async fn load(client: &impl GenericClient, owner: &str) -> Result<Vec<Node>>
 
 /// `n` as a bigint.
 pub fn big(n: u64) -> i64 {
-    i(n)
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// A bigint as `u64` (negative: 0).
 pub fn unbig(n: i64) -> u64 {
-    u(n)
+    u64::try_from(n).unwrap_or(0)
 }
