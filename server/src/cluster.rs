@@ -57,6 +57,8 @@ pub const DOOMED_GRACE: Duration = Duration::from_secs(600);
 pub const ORPHAN_AGE: u64 = 24 * 3600;
 /// The room an object store is said to have, without a quota.
 const UNBOUNDED: u64 = 1 << 50;
+/// How often a node looks for blocks no row names.
+pub const ORPHAN_SCAN_EVERY: Duration = Duration::from_secs(3600);
 /// Changes kept per tree for nodes catching up; one further behind reloads the tree.
 const CHANGES_KEPT: i64 = 4096;
 
@@ -92,6 +94,8 @@ pub(crate) struct Inner {
     pg_config: tokio_postgres::Config,
     /// Where the events of other nodes' changes go.
     sink: Mutex<Option<feed::Sink>>,
+    /// When this node last looked for blocks no row names.
+    orphans_scanned: Mutex<Option<std::time::Instant>>,
     /// Where the database and object store clients run (always `Some` but in `drop`).
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -182,6 +186,7 @@ impl Cluster {
             folders: Mutex::default(),
             pg_config: pg,
             sink: Mutex::default(),
+            orphans_scanned: Mutex::default(),
             runtime: Some(runtime),
         });
         let cluster = Cluster { inner };

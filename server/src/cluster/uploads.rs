@@ -197,16 +197,16 @@ impl Cluster {
 
     /// Deletes blocks older than [`super::ORPHAN_AGE`] that no entry, upload or doomed
     /// row names (a node died between writing them and the transaction naming them).
-    pub fn collect_orphans(&self) -> Result<usize> {
+    fn collect_orphans(&self) -> Result<usize> {
         let pool = self.inner.pool.clone();
         let objects = self.inner.objects.clone();
         self.run(async move {
             let mut removed = 0;
+            let client = pool.get().await.map_err(pool_error)?;
             for (content, age) in objects.contents().await? {
                 if age < super::ORPHAN_AGE {
                     continue;
                 }
-                let client = pool.get().await.map_err(pool_error)?;
                 let named = client
                     .query_one(
                         "SELECT EXISTS (SELECT 1 FROM sharefs_entries WHERE object = $1)
@@ -562,6 +562,22 @@ impl BlobStore for Cluster {
     }
 
     fn expire_uploads(&self, bound: Duration) -> usize {
+        // Called every few seconds; the scan for unnamed blocks lists the whole bucket,
+        // so it runs at most once per ORPHAN_SCAN_EVERY.
+        let scan_due = self.inner.orphans_scanned.lock().is_ok_and(|mut last| {
+            let due = last.is_none_or(|t| t.elapsed() >= super::ORPHAN_SCAN_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        });
+        if scan_due {
+            match self.collect_orphans() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(contents = n, "deleted blocks no entry names"),
+                Err(e) => tracing::warn!(error = %e, "cannot collect unnamed blocks"),
+            }
+        }
         match self.collect(bound) {
             Ok(n) => n,
             Err(e) => {
