@@ -128,9 +128,10 @@ def start_sharefs_server(env, data, port, extra=()):
     return p, fp, startup
 
 
-def mount_sharefs(env, port, fp, user, mnt, dbus=None):
+def mount_sharefs(env, port, fp, user, mnt, dbus=None, server=None):
+    """Mounts as `user` from 127.0.0.1:`port`, or from `server` (a list of nodes)."""
     mnt.mkdir(parents=True, exist_ok=True)
-    e = dict(os.environ, SHAREFS_SERVER=f"127.0.0.1:{port}", SHAREFS_USER=user, SHAREFS_PASSWORD="pw",
+    e = dict(os.environ, SHAREFS_SERVER=server or f"127.0.0.1:{port}", SHAREFS_USER=user, SHAREFS_PASSWORD="pw",
              SHAREFS_MOUNT_READY="1", SHAREFS_KNOWN_SERVERS=str(env.root / "known_servers"))
     if fp:
         e["SHAREFS_SERVER_FINGERPRINT"] = fp

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::hub::Hub;
-use crate::users::UserDb;
+use crate::users::Users;
 
 /// How often `users.json` is looked at: a removed account's sessions end within this
 /// (plus the time to tell them).
@@ -28,7 +28,7 @@ pub const PASSWORD_CHANGED: &str = "your password was changed; log in again";
 
 /// Ends the sessions of removed accounts and of accounts whose password changed, every
 /// `every`, until dropped (the server aborts it at shutdown).
-pub async fn watch(users: UserDb, hub: Hub, every: Duration, reload: Arc<Notify>) {
+pub async fn watch(users: Users, hub: Hub, every: Duration, reload: Arc<Notify>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The last failure reported, so a broken file is logged once, not four times a second.

@@ -25,9 +25,16 @@
 //! - [`rows`]: entries as rows, ops as statements.
 //! - [`objects`]: contents as block objects.
 //! - [`uploads`]: uploads, commits, reads (the [`BlobStore`] side).
-//! - [`feed`]: changes made through other nodes, pushed to this node's sessions.
+//! - [`feed`]: changes and notifications made through other nodes, pushed to this node's
+//!   sessions.
+//! - [`db`]: the database connection pool, its runtime, the schema at open.
+//! - [`accounts`]: the accounts, shared by the nodes.
+//! - [`notes`]: download notifications, shared by the nodes.
 
+pub mod accounts;
+pub mod db;
 pub mod feed;
+pub mod notes;
 pub mod objects;
 pub mod rows;
 pub mod schema;
@@ -38,7 +45,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use sharefs_protocol::{FileInfo, Space};
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -48,6 +54,7 @@ use crate::fsutil;
 use crate::storage::MetaStore;
 use crate::store::tree::{Node, Op, Tree};
 use crate::store::{access, changes, events, Caller, Published};
+pub use db::Db;
 use objects::Objects;
 
 /// How long a content nothing names any more stays readable for handles opened before.
@@ -87,33 +94,23 @@ pub(crate) struct Cached {
 type Folder = Arc<AsyncMutex<Cached>>;
 
 pub(crate) struct Inner {
-    pub(crate) pool: Pool,
+    pub(crate) db: Db,
     pub(crate) objects: Objects,
     folders: Mutex<HashMap<String, Folder>>,
-    /// For the change feed's own connection.
-    pg_config: tokio_postgres::Config,
     /// Where the events of other nodes' changes go.
     sink: Mutex<Option<feed::Sink>>,
+    /// Where notifications recorded by other nodes go.
+    note_sink: Mutex<Option<feed::NoteSink>>,
     /// When this node last looked for blocks no row names.
     orphans_scanned: Mutex<Option<std::time::Instant>>,
-    /// Where the database and object store clients run (always `Some` but in `drop`).
-    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
+            .field("db", &self.db)
             .field("objects", &self.objects)
             .finish()
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Dropped from anywhere, an async context included: no waiting for its tasks.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 
@@ -128,43 +125,14 @@ pub fn pg_error(e: tokio_postgres::Error) -> ServerError {
     ServerError::Backend(format!("database: {e}"))
 }
 
-fn pool_error(e: deadpool_postgres::PoolError) -> ServerError {
+pub(crate) fn pool_error(e: deadpool_postgres::PoolError) -> ServerError {
     ServerError::Backend(format!("database: {e}"))
 }
 
 impl Cluster {
-    /// Connects to both, applies the database's migrations and checks the bucket.
-    pub fn open(config: &ClusterConfig) -> Result<Cluster> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("sharefs-cluster")
-            .enable_all()
-            .build()?;
-        let pg: tokio_postgres::Config = config
-            .metadata
-            .parse()
-            .map_err(|e| ServerError::Backend(format!("--metadata: {e}")))?;
-        let mut pg = pg;
-        if pg.get_password().is_none() {
-            if let Ok(p) = std::env::var("PGPASSWORD") {
-                pg.password(p);
-            }
-        }
-        pg.connect_timeout(Duration::from_secs(5));
-        let manager = Manager::from_config(
-            pg.clone(),
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(16)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| ServerError::Backend(format!("database pool: {e}")))?;
+    /// Opens the trees in `db` and the contents in the bucket `config` names, and checks
+    /// the bucket.
+    pub fn open(db: Db, config: &ClusterConfig) -> Result<Cluster> {
         let mut s3 = object_store::aws::AmazonS3Builder::new()
             .with_bucket_name(&config.bucket)
             .with_region(&config.region);
@@ -181,40 +149,27 @@ impl Cluster {
             .build()
             .map_err(|e| ServerError::Backend(format!("object store: {e}")))?;
         let inner = Arc::new(Inner {
-            pool,
+            db,
             objects: Objects::new(Arc::new(s3)),
             folders: Mutex::default(),
-            pg_config: pg,
             sink: Mutex::default(),
+            note_sink: Mutex::default(),
             orphans_scanned: Mutex::default(),
-            runtime: Some(runtime),
         });
         let cluster = Cluster { inner };
-        let pool = cluster.inner.pool.clone();
-        let version = cluster.run(async move {
-            let mut client = pool.get().await.map_err(pool_error)?;
-            schema::migrate(&mut client).await
-        })?;
         let objects = cluster.inner.objects.clone();
         cluster.run(async move { objects.contents().await.map(|_| ()) })?;
-        tracing::info!(schema = version, "cluster storage open");
+        tracing::info!("cluster storage open");
         Ok(cluster)
     }
 
-    /// Runs `work` on the cluster's runtime and waits for it: storage calls are blocking,
-    /// from any thread.
+    /// Runs `work` on the database's runtime and waits for it: storage calls are
+    /// blocking, from any thread.
     pub(crate) fn run<T: Send + 'static>(
         &self,
         work: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
-        let runtime = self
-            .inner
-            .runtime
-            .as_ref()
-            .ok_or_else(|| ServerError::Internal("the storage is closed".into()))?;
-        let task = runtime.spawn(work);
-        futures::executor::block_on(task)
-            .map_err(|e| ServerError::Internal(format!("a storage task failed: {e}")))?
+        self.inner.db.run(work)
     }
 
     fn folder(&self, owner: &str) -> Result<Folder> {
@@ -242,7 +197,7 @@ impl Cluster {
         read: impl FnOnce(&Tree) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let folder = self.folder(owner)?;
-        let pool = self.inner.pool.clone();
+        let pool = self.inner.db.pool.clone();
         let owner = owner.to_string();
         let this = self.clone();
         self.run(async move {
@@ -286,7 +241,7 @@ impl Cluster {
         upload: Option<u64>,
     ) -> Result<(T, Vec<Published>)> {
         let folder = self.folder(owner)?;
-        let pool = self.inner.pool.clone();
+        let pool = self.inner.db.pool.clone();
         let owner = owner.to_string();
         let cutoff = cutoff.clone();
         let this = self.clone();
@@ -675,7 +630,7 @@ impl MetaStore for Cluster {
         self.start_feed(sink);
     }
     fn remove_tree(&self, owner: &str) -> Result<()> {
-        let pool = self.inner.pool.clone();
+        let pool = self.inner.db.pool.clone();
         let objects = self.inner.objects.clone();
         let o = owned(owner);
         let contents = self.run(async move {

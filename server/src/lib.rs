@@ -31,12 +31,16 @@
 //! - [`cluster`]: the scale-out implementation of both: trees in PostgreSQL
 //!   ([`cluster::schema`], [`cluster::rows`]), contents as block objects in an
 //!   S3-compatible store ([`cluster::objects`]), uploads resumable from any node
-//!   ([`cluster::uploads`]).
-//!   Users ([`users`]) and notifications ([`hub`]) keep their own JSON files for now.
+//!   ([`cluster::uploads`]), accounts ([`cluster::accounts`]) and notifications
+//!   ([`cluster::notes`]) shared by the nodes, over one database handle
+//!   ([`cluster::db`]); changes and notifications of other nodes reach this one's
+//!   sessions through [`cluster::feed`].
 //! - [`space`]: the disk reserve, claimed by every write so concurrent writers add up.
 //! - [`reservations`]: the quota held by uploads in progress, so they add up too.
-//! - [`hub`]: durable download notifications and the registry of live sessions.
-//! - [`users`]: accounts with argon2id password hashes in `users.json`.
+//! - [`hub`]: the registry of live sessions and the front of download notifications.
+//! - [`notes`]: where notifications are kept until acknowledged, and the embedded
+//!   implementation in files ([`notes::files`]).
+//! - [`users`]: accounts with argon2id password hashes, in `users.json` by default.
 //! - [`accounts`]: ends the sessions of accounts removed or re-passworded meanwhile.
 //! - [`metrics`]: what the server counts, in Prometheus types; `metrics::endpoint` serves
 //!   them over HTTP, `metrics::counted` counts the bytes on each connection's socket.
@@ -58,6 +62,7 @@ pub mod fsutil;
 pub mod hub;
 pub mod login;
 pub mod metrics;
+pub mod notes;
 pub mod outbox;
 pub mod ratelog;
 pub mod reservations;

@@ -12,8 +12,10 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use sharefs_protocol::manual;
 use sharefs_protocol::{MAX_FRAME_LIMIT, MIN_FRAME};
+use sharefs_server::cluster::accounts::PgAccounts;
+use sharefs_server::cluster::Db;
 use sharefs_server::units::{format_size, parse_size};
-use sharefs_server::users::UserDb;
+use sharefs_server::users::{UserDb, UserStore};
 use sharefs_server::ServerConfig;
 use tokio::sync::Notify;
 
@@ -35,6 +37,11 @@ struct Cli {
         default_value = "./sharefs-data"
     )]
     data: PathBuf,
+    /// Keep users' trees, accounts and notifications in this PostgreSQL database
+    /// (postgres://USER@HOST/DB; the password from PGPASSWORD) instead of DATA: a node of a
+    /// cluster, with `serve --blobs`; for `user`, the cluster's accounts.
+    #[arg(long, global = true, value_name = "URL", env = "SHAREFS_METADATA")]
+    metadata: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -131,13 +138,9 @@ struct ServeArgs {
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9470).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
-    /// Keep users' trees in this PostgreSQL database (postgres://USER@HOST/DB; the
-    /// password from PGPASSWORD) instead of DATA, with --blobs: a node of a cluster.
-    #[arg(long, value_name = "URL", requires = "blobs")]
-    metadata: Option<String>,
     /// Keep file contents in this S3 bucket (s3://BUCKET; credentials from
     /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), with --metadata.
-    #[arg(long, value_name = "URL", requires = "metadata")]
+    #[arg(long, value_name = "URL")]
     blobs: Option<String>,
     /// The S3 endpoint for --blobs (http://HOST:PORT); AWS's when absent.
     #[arg(long, value_name = "URL", requires = "blobs")]
@@ -228,11 +231,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where `user` commands find the accounts.
+enum AccountsAt {
+    Files(UserDb),
+    Cluster(PgAccounts),
+}
+
+impl AccountsAt {
+    fn users(&self) -> &dyn UserStore {
+        match self {
+            AccountsAt::Files(db) => db,
+            AccountsAt::Cluster(db) => db,
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
-    let db = UserDb::new(&cli.data);
+    let at = match (&cli.command, &cli.metadata) {
+        (Command::User(_), Some(url)) => AccountsAt::Cluster(PgAccounts::new(
+            Db::open(url).context("opening the cluster's database")?,
+        )),
+        _ => AccountsAt::Files(UserDb::new(&cli.data)),
+    };
+    let db = at.users();
     match cli.command {
         Command::Manual(manual) => Ok(manual.write(Cli::command())?),
-        Command::Serve(args) => serve(cli.data, *args),
+        Command::Serve(args) => serve(cli.data, cli.metadata, *args),
         Command::User(UserCommand::Add {
             name,
             password_stdin,
@@ -245,27 +269,44 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::User(UserCommand::List) => {
+            let stored = match &at {
+                AccountsAt::Cluster(pg) => Some(pg.stored()?),
+                AccountsAt::Files(_) => None,
+            };
             let rows: Vec<[String; 3]> = db
                 .list()?
                 .into_iter()
                 .map(|(name, rec)| {
                     let quota = rec.quota.map_or_else(|| "none".into(), format_size);
-                    let stored = format_size(stored_bytes(&cli.data.join("files").join(&name)));
-                    [name, quota, stored]
+                    let bytes = match &stored {
+                        Some(stored) => stored.get(&name).copied().unwrap_or(0),
+                        None => stored_bytes(&cli.data.join("files").join(&name)),
+                    };
+                    [name, quota, format_size(bytes)]
                 })
                 .collect();
-            print_table(["USER", "QUOTA", "ON DISK"], &rows);
+            let stored = if matches!(at, AccountsAt::Cluster(_)) {
+                "STORED"
+            } else {
+                "ON DISK"
+            };
+            print_table(["USER", "QUOTA", stored], &rows);
             Ok(())
         }
         Command::User(UserCommand::Remove { name, purge }) => {
             db.remove(&name)?;
             if purge {
                 sharefs_protocol::name::check_user_name(&name).map_err(anyhow::Error::msg)?;
-                for sub in ["files", "notifications"] {
-                    let dir = cli.data.join(sub).join(&name);
-                    if dir.exists() {
-                        std::fs::remove_dir_all(&dir)
-                            .with_context(|| format!("removing {}", dir.display()))?;
+                match &at {
+                    AccountsAt::Cluster(pg) => pg.purge(&name)?,
+                    AccountsAt::Files(_) => {
+                        for sub in ["files", "notifications"] {
+                            let dir = cli.data.join(sub).join(&name);
+                            if dir.exists() {
+                                std::fs::remove_dir_all(&dir)
+                                    .with_context(|| format!("removing {}", dir.display()))?;
+                            }
+                        }
                     }
                 }
             }
@@ -350,7 +391,7 @@ fn bound_allocator_caching() {
     }
 }
 
-fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
+fn serve(data: PathBuf, metadata: Option<String>, args: ServeArgs) -> Result<()> {
     bound_allocator_caching();
     sharefs_server::server::raise_fd_limit();
     tracing_subscriber::fmt()
@@ -393,7 +434,14 @@ fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.login.lockout = Duration::from_secs(args.login_lockout);
         config.login.delay_base = Duration::from_millis(args.login_delay_ms);
         config.metrics = args.metrics;
-        if let (Some(metadata), Some(blobs)) = (&args.metadata, &args.blobs) {
+        if metadata.is_some() != args.blobs.is_some()
+            || (args.s3_endpoint.is_some() && args.blobs.is_none())
+        {
+            anyhow::bail!(
+                "a cluster node needs both --metadata and --blobs (--s3-endpoint goes with them)"
+            );
+        }
+        if let (Some(metadata), Some(blobs)) = (&metadata, &args.blobs) {
             let Some(bucket) = blobs.strip_prefix("s3://").filter(|b| !b.is_empty()) else {
                 anyhow::bail!("--blobs: expected s3://BUCKET, got {blobs}");
             };

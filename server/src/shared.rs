@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::cluster::accounts::PgAccounts;
+use crate::cluster::notes::PgNotes;
+use crate::cluster::{Cluster, Db};
 use crate::config::ServerConfig;
 use crate::error::Result;
 use crate::hub::Hub;
@@ -18,7 +21,7 @@ use crate::login::Logins;
 use crate::metrics::Metrics;
 use crate::storage::SharedStorage;
 use crate::store::Store;
-use crate::users::UserDb;
+use crate::users::{UserDb, Users};
 
 /// State shared by all connections; cheap to clone.
 #[derive(Debug, Clone)]
@@ -26,7 +29,7 @@ pub struct Shared {
     pub config: Arc<ServerConfig>,
     /// The tree and contents of every user, behind the storage interfaces.
     pub store: SharedStorage,
-    pub users: UserDb,
+    pub users: Users,
     pub hub: Hub,
     /// Bounds the bytes of file data buffered for reads across the whole server, in KiB.
     pub read_budget: Arc<Semaphore>,
@@ -172,21 +175,35 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
 impl Shared {
     pub fn open(config: ServerConfig) -> Result<Shared> {
         crate::fsutil::make_data_dir_private(&config.data_dir)?;
-        let store: SharedStorage = match &config.cluster {
-            Some(cluster) => Arc::new(crate::cluster::Cluster::open(cluster)?),
-            None => Arc::new(Store::open(&config.data_dir, config.disk_reserve)?),
+        let (store, users, hub): (SharedStorage, Users, Hub) = match &config.cluster {
+            Some(cluster) => {
+                // Trees, accounts and notifications in the database, shared by the nodes.
+                let db = Db::open(&cluster.metadata)?;
+                let store = Cluster::open(db.clone(), cluster)?;
+                let hub = Hub::new(Arc::new(PgNotes::new(
+                    db.clone(),
+                    config.coalesce_window,
+                    config.max_pending_notifications,
+                )));
+                let local = hub.clone();
+                store.deliver_notes(Arc::new(move |n| local.deliver(n)));
+                (Arc::new(store), Arc::new(PgAccounts::new(db)), hub)
+            }
+            None => (
+                Arc::new(Store::open(&config.data_dir, config.disk_reserve)?),
+                Arc::new(UserDb::new(&config.data_dir)),
+                Hub::open(
+                    &config.data_dir,
+                    config.coalesce_window,
+                    config.max_pending_notifications,
+                )?,
+            ),
         };
-        let hub = Hub::open(
-            &config.data_dir,
-            config.coalesce_window,
-            config.max_pending_notifications,
-        )?;
         let remote_hub = hub.clone();
         store.watch(Arc::new(move |owner: &str, events| {
             // Changes made through other nodes: to every session here that may see them.
             remote_hub.publish(owner, 0, &events)
         }));
-        let users = UserDb::new(&config.data_dir);
         let read_budget = Arc::new(Semaphore::new((config.read_buffer_budget / 1024).max(1)));
         let logins = Arc::new(Logins::new(config.login.clone()));
         let config_max_connections = config.max_connections;

@@ -1,4 +1,6 @@
-//! User accounts in `users.json`: argon2id password hashes and optional quotas.
+//! User accounts: argon2id password hashes and optional quotas, behind [`UserStore`];
+//! kept in `users.json` ([`UserDb`], the embedded default) or in a cluster's database
+//! ([`crate::cluster::accounts`]).
 //!
 //! The file is small (one entry per user) and rewritten atomically on every change. The
 //! `sharefs-server user ...` commands write it while a server may be running, so writers
@@ -34,19 +36,60 @@ pub struct UserRecord {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct UsersFile {
-    users: BTreeMap<String, UserRecord>,
+pub(crate) struct UsersFile {
+    pub(crate) users: BTreeMap<String, UserRecord>,
 }
 
 /// The accounts as one version of `users.json` has them: what a live session's login is
 /// compared with (see [`crate::accounts`]).
 #[derive(Debug, Clone)]
-pub struct Accounts(Arc<UsersFile>);
+pub struct Accounts(pub(crate) Arc<UsersFile>);
 
 impl Accounts {
     /// The password hash of `name`, if the account exists.
     pub fn password_hash(&self, name: &str) -> Option<&str> {
         self.0.users.get(name).map(|u| u.password_hash.as_str())
+    }
+}
+
+/// Where accounts are kept; shared by every connection.
+pub type Users = Arc<dyn UserStore>;
+
+/// The accounts, wherever they are kept. Every method blocks (files, or the database).
+pub trait UserStore: std::fmt::Debug + Send + Sync {
+    fn add(&self, name: &str, password: &str, quota: Option<u64>) -> Result<()>;
+    fn remove(&self, name: &str) -> Result<()>;
+    fn set_password(&self, name: &str, password: &str) -> Result<()>;
+    fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<()>;
+    /// Every account (possibly as read a moment ago).
+    fn list(&self) -> Result<BTreeMap<String, UserRecord>>;
+    /// One account (possibly as read a moment ago): whether it exists.
+    fn get(&self, name: &str) -> Result<Option<UserRecord>>;
+    /// One account as it is now: what a login and a quota are checked against.
+    fn fresh(&self, name: &str) -> Result<Option<UserRecord>> {
+        self.get(name)
+    }
+    /// Reads the accounts again whatever was kept; returns how many there are.
+    fn reload(&self) -> Result<usize>;
+    /// The accounts as they are now, to compare live sessions with.
+    fn accounts(&self) -> Result<Accounts>;
+
+    /// Checks a password (argon2 takes tens of milliseconds: call it off the async
+    /// runtime). Unknown users take as long as wrong passwords.
+    fn verify(&self, name: &str, password: &str) -> Result<bool> {
+        Ok(self.login(name, password)?.is_some())
+    }
+
+    /// Like [`UserStore::verify`], returning the password hash the password matched: a
+    /// session is bound to it, and ends when it changes.
+    fn login(&self, name: &str, password: &str) -> Result<Option<String>> {
+        match self.fresh(name)? {
+            Some(rec) => Ok(verify_hash(&rec.password_hash, password).then_some(rec.password_hash)),
+            None => {
+                let _ = verify_hash(dummy_hash(), password);
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -125,7 +168,7 @@ pub fn hash_password(password: &str) -> Result<String> {
         .map_err(|e| ServerError::Internal(format!("password hashing failed: {e}")))
 }
 
-fn verify_hash(hash: &str, password: &str) -> bool {
+pub(crate) fn verify_hash(hash: &str, password: &str) -> bool {
     match PasswordHash::new(hash) {
         Ok(parsed) => Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
@@ -198,8 +241,10 @@ impl UserDb {
         self.save(&users)?;
         Ok(out)
     }
+}
 
-    pub fn add(&self, name: &str, password: &str, quota: Option<u64>) -> Result<()> {
+impl UserStore for UserDb {
+    fn add(&self, name: &str, password: &str, quota: Option<u64>) -> Result<()> {
         check_user_name(name).map_err(ServerError::InvalidName)?;
         let password_hash = hash_password(password)?;
         self.modify(|users| {
@@ -218,14 +263,14 @@ impl UserDb {
         })
     }
 
-    pub fn remove(&self, name: &str) -> Result<()> {
+    fn remove(&self, name: &str) -> Result<()> {
         self.modify(|users| match users.users.remove(name) {
             Some(_) => Ok(()),
             None => Err(ServerError::NoSuchUser(name.to_string())),
         })
     }
 
-    pub fn set_password(&self, name: &str, password: &str) -> Result<()> {
+    fn set_password(&self, name: &str, password: &str) -> Result<()> {
         let password_hash = hash_password(password)?;
         self.modify(|users| match users.users.get_mut(name) {
             Some(rec) => {
@@ -236,7 +281,7 @@ impl UserDb {
         })
     }
 
-    pub fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<()> {
+    fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<()> {
         self.modify(|users| match users.users.get_mut(name) {
             Some(rec) => {
                 rec.quota = quota;
@@ -246,45 +291,27 @@ impl UserDb {
         })
     }
 
-    pub fn list(&self) -> Result<BTreeMap<String, UserRecord>> {
+    fn list(&self) -> Result<BTreeMap<String, UserRecord>> {
         Ok(self.current()?.users.clone())
     }
 
-    pub fn get(&self, name: &str) -> Result<Option<UserRecord>> {
+    fn get(&self, name: &str) -> Result<Option<UserRecord>> {
         Ok(self.current()?.users.get(name).cloned())
     }
 
     /// Forgets the parsed copy, so the next read parses the file again whatever its stamp
     /// (a file edited by hand within one ctime tick keeps its stamp); returns how many
     /// accounts the file has now. Blocking.
-    pub fn reload(&self) -> Result<usize> {
+    fn reload(&self) -> Result<usize> {
         if let Ok(mut c) = self.cached.lock() {
             *c = None;
         }
         Ok(self.current()?.users.len())
     }
 
-    /// The current accounts (re-read only if the file changed). Blocking: a `stat`.
-    pub fn accounts(&self) -> Result<Accounts> {
+    /// The current accounts (re-read only if the file changed): a `stat`.
+    fn accounts(&self) -> Result<Accounts> {
         Ok(Accounts(self.current()?))
-    }
-
-    /// Checks a password. Blocking (argon2 takes tens of milliseconds): call it off the
-    /// async runtime. Unknown users take as long as wrong passwords.
-    pub fn verify(&self, name: &str, password: &str) -> Result<bool> {
-        Ok(self.login(name, password)?.is_some())
-    }
-
-    /// Like [`UserDb::verify`], returning the password hash the password matched: a
-    /// session is bound to it, and ends when it changes.
-    pub fn login(&self, name: &str, password: &str) -> Result<Option<String>> {
-        match self.get(name)? {
-            Some(rec) => Ok(verify_hash(&rec.password_hash, password).then_some(rec.password_hash)),
-            None => {
-                let _ = verify_hash(dummy_hash(), password);
-                Ok(None)
-            }
-        }
     }
 }
 

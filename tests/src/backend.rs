@@ -234,6 +234,8 @@ pub struct Backend {
     pub s3: S3Server,
     pub url: String,
     pub bucket: String,
+    /// Whether the default users are in the database yet (the first node adds them).
+    users_added: std::sync::atomic::AtomicBool,
 }
 
 impl Backend {
@@ -247,7 +249,16 @@ impl Backend {
             s3,
             url,
             bucket: "sharefs".into(),
+            users_added: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// True the first time only: the default users go into the database once, for
+    /// every node.
+    pub fn first_to_add_users(&self) -> bool {
+        !self
+            .users_added
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The `serve` arguments of a node over this backend.

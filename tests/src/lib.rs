@@ -228,6 +228,12 @@ impl TestServer {
             nofile,
             backend,
         };
+        // A cluster's accounts are in its database: the first node adds them for all.
+        let add_users = add_users
+            && server
+                .backend
+                .as_ref()
+                .is_none_or(|b| b.first_to_add_users());
         if add_users {
             for user in ["alice", "bob", "carol"] {
                 server.add_user(user, PASSWORD);
@@ -244,14 +250,22 @@ impl TestServer {
         );
     }
 
-    /// Runs `sharefs-server user ARGS --data DATA` (also beside the running server) with
-    /// `stdin` as its input; it must succeed.
+    /// `sharefs-server user ARGS` for this server's accounts: `--data DATA`, and a
+    /// cluster node's `--metadata URL`.
+    pub fn user_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("sharefs-server"));
+        cmd.arg("user").args(args).arg("--data").arg(&self.data);
+        if let Some(backend) = &self.backend {
+            cmd.arg("--metadata").arg(&backend.url);
+        }
+        cmd
+    }
+
+    /// Runs `sharefs-server user ARGS` (also beside the running server) with `stdin` as
+    /// its input; it must succeed.
     pub fn user(&self, args: &[&str], stdin: Option<&str>) {
-        let mut child = Command::new(bin("sharefs-server"))
-            .arg("user")
-            .args(args)
-            .arg("--data")
-            .arg(&self.data)
+        let mut child = self
+            .user_command(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -450,7 +464,15 @@ impl TestServer {
 
     #[cfg(feature = "client")]
     pub async fn connect(&self, user: &str) -> (RemoteClient, EventStream) {
-        within("connect", RemoteClient::connect(&self.options(user)))
+        self.connect_with(user, PASSWORD).await
+    }
+
+    /// Connects as `user` with `password`.
+    #[cfg(feature = "client")]
+    pub async fn connect_with(&self, user: &str, password: &str) -> (RemoteClient, EventStream) {
+        let mut options = self.options(user);
+        options.password = password.into();
+        within("connect", RemoteClient::connect(&options))
             .await
             .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"))
     }

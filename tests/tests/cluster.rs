@@ -1,7 +1,8 @@
 //! Cluster nodes over a real PostgreSQL and a real S3 server (`tests/src/backend.rs`):
 //! several nodes serve one set of trees; a tree changed through one is current through
 //! another; an upload begun on one node and cut by its kill -9 is resumed on another; a
-//! database restart gives bounded errors, then service again without restarting nodes.
+//! database restart gives bounded errors, then service again without restarting nodes;
+//! accounts and download notifications are the cluster's, not a node's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sharefs_protocol::{ErrorCode, Event};
 use sharefs_tests::backend::Backend;
+use sharefs_tests::desktop::{NotificationServer, TestBus};
 use sharefs_tests::mount::{fuse_available, TestMount};
 use sharefs_tests::*;
 
@@ -265,6 +267,244 @@ fn a_mount_fails_over_to_another_node_mid_copy() {
             "{name} is not whole on the other node"
         );
     }
+}
+
+/// Three nodes sharing one certificate (the first's), as docs/SCALE-OUT.md deploys them.
+fn three_nodes(backend: &Arc<Backend>) -> [TestServer; 3] {
+    let one = TestServer::start_node(backend, &[]);
+    let cert = one.data.join("tls/cert.pem");
+    let key = one.data.join("tls/key.pem");
+    let args = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let two = TestServer::start_node(backend, &args);
+    let three = TestServer::start_node(backend, &args);
+    [one, two, three]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_and_notifications_belong_to_the_cluster() {
+    if !fuse_available() {
+        return;
+    }
+    let backend = Arc::new(Backend::start());
+    let [one, mut two, three] = three_nodes(&backend);
+
+    // An account added through the CLI once logs in on every node; removed, on none.
+    one.add_user("dave", "pw-dave");
+    for node in [&one, &two, &three] {
+        let mut ls = node.cli("dave");
+        ls.env("SHAREFS_PASSWORD", "pw-dave").arg("ls");
+        let out = ls.output().unwrap();
+        assert!(out.status.success(), "dave cannot log in on {}", node.addr);
+    }
+    let (dave, mut dave_events) = three.connect_with("dave", "pw-dave").await;
+    one.user(&["remove", "dave"], None);
+    within("dave's session on another node ends", async {
+        while dave_events.recv().await.is_some() {}
+    })
+    .await;
+    assert!(dave.resolve("dave", "").await.is_err());
+
+    {
+        let (alice, _) = one.connect("alice").await;
+        upload(&alice, "report.pdf", b"%PDF quarterly").await;
+        upload(&alice, "second.pdf", b"%PDF annual").await;
+    }
+    // alice's mount is attached to node two (node three if two goes); bob downloads
+    // through node one.
+    let bus = TestBus::start();
+    let daemon = NotificationServer::start(&bus).await;
+    let servers = format!("{},{}", two.addr, three.addr);
+    let alice = TestMount::with(
+        &two,
+        "alice",
+        &[],
+        &[
+            ("SHAREFS_SERVER", &servers),
+            ("DBUS_SESSION_BUS_ADDRESS", &bus.address),
+        ],
+    );
+    assert!(alice.path("alice/report.pdf").exists());
+    let (bob, _) = one.connect("bob").await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        download(&bob, "alice", "report.pdf").await.unwrap(),
+        b"%PDF quarterly"
+    );
+    within("the pop-up on alice's desktop", async {
+        while daemon.shown().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!("a download through node one reached alice on node two in {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let (watcher, _) = three.connect("alice").await;
+    within("acknowledged", async {
+        while !watcher.notifications(0).await.unwrap().0.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // Her node dies; a download meanwhile is not lost, and the one she saw is not shown
+    // again when her mount moves to node three.
+    two.kill9();
+    assert_eq!(
+        download(&bob, "alice", "second.pdf").await.unwrap(),
+        b"%PDF annual"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending = watcher.notifications(0).await.unwrap().0;
+        if alice.log_text().contains("bob downloaded second.pdf") && pending.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second pop-up through node three: {pending:?}\n{}",
+            alice.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Each shown once (the mount logs each notification it shows); the second may have
+    // joined the first's pop-up, as a burst does.
+    let log = alice.log_text();
+    assert_eq!(log.matches("bob downloaded report.pdf").count(), 1, "{log}");
+    assert_eq!(log.matches("bob downloaded second.pdf").count(), 1, "{log}");
+    let last = daemon.shown().pop().unwrap();
+    assert!(
+        last.summary == "bob downloaded second.pdf" || last.summary.contains("2 files"),
+        "{last:?}"
+    );
+    let (pending, recent) = watcher.notifications(10).await.unwrap();
+    assert!(pending.is_empty());
+    let files: Vec<&str> = recent.iter().map(|n| n.file.as_str()).collect();
+    assert_eq!(files, ["report.pdf", "second.pdf"]);
+}
+
+/// Writes `data` to `path` in 256 KiB writes and closes it; the errno of the first call
+/// that failed, with its name.
+fn write_and_close(path: &std::path::Path, data: &[u8]) -> Result<(), (&'static str, i32)> {
+    use std::os::unix::ffi::OsStrExt;
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: plain system calls on a descriptor this function owns.
+    unsafe {
+        let fd = libc::open(
+            c_path.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+            0o644,
+        );
+        if fd < 0 {
+            return Err(("open", errno()));
+        }
+        for piece in data.chunks(256 << 10) {
+            let mut done = 0;
+            while done < piece.len() {
+                let n = libc::write(fd, piece[done..].as_ptr().cast(), piece.len() - done);
+                if n < 0 {
+                    let e = errno();
+                    libc::close(fd);
+                    return Err(("write", e));
+                }
+                done += n as usize;
+            }
+        }
+        if libc::close(fd) != 0 {
+            return Err(("close", errno()));
+        }
+    }
+    Ok(())
+}
+
+/// 20 files written through two mounts attached to one node, which is killed while they
+/// go up: every `close()` succeeds or fails with EIO; every file closed without an error
+/// is whole through the other node; none is ever there in part.
+#[test]
+fn twenty_uploads_survive_the_kill_of_their_node() {
+    if !fuse_available() {
+        return;
+    }
+    let backend = Arc::new(Backend::start());
+    let [mut one, two, _three] = three_nodes(&backend);
+    let servers = format!("{},{}", one.addr, two.addr);
+    let env = [("SHAREFS_SERVER", servers.as_str())];
+    let mounts = [
+        Arc::new(TestMount::with(&one, "alice", &[], &env)),
+        Arc::new(TestMount::with(&one, "bob", &[], &env)),
+    ];
+    let files: Vec<(usize, String, Arc<Vec<u8>>)> = (0..20)
+        .map(|i| {
+            let owner = i % 2;
+            let len = ((1 + i % 5) << 20) + i * 4099;
+            (
+                owner,
+                format!("up{i:02}"),
+                Arc::new(content(100 + i as u64, len)),
+            )
+        })
+        .collect();
+    let owners = ["alice", "bob"];
+    let writers: Vec<_> = files
+        .iter()
+        .map(|(owner, name, data)| {
+            let mount = mounts[*owner].clone();
+            let path = mount.path(&format!("{}/{name}", owners[*owner]));
+            let data = data.clone();
+            std::thread::spawn(move || write_and_close(&path, &data))
+        })
+        .collect();
+    // Kill the node once a few are well under way.
+    eventually(Duration::from_secs(60), "uploads under way", || {
+        files
+            .iter()
+            .filter(|(owner, name, _)| {
+                std::fs::metadata(mounts[*owner].path(&format!("{}/{name}", owners[*owner])))
+                    .is_ok_and(|m| m.len() > 1 << 20)
+            })
+            .count()
+            >= 3
+    });
+    one.kill9();
+    let results: Vec<_> = within_blocking(Duration::from_secs(300), move || {
+        Ok(writers
+            .into_iter()
+            .map(|w| w.join().unwrap_or(Err(("panic", 0))))
+            .collect::<Vec<_>>())
+    });
+    let (mut closed, mut eio) = (0, 0);
+    for ((owner, name, data), result) in files.iter().zip(&results) {
+        let stored = server_content(&two, owners[*owner], name);
+        match result {
+            Ok(()) => {
+                closed += 1;
+                assert_eq!(
+                    stored.as_deref(),
+                    Some(&data[..]),
+                    "{name}: closed without an error but not whole on the other node"
+                );
+            }
+            Err((call, errno)) => {
+                assert_eq!(
+                    *errno,
+                    libc::EIO,
+                    "{name}: {call} failed with errno {errno}"
+                );
+                eio += 1;
+                if let Some(stored) = stored {
+                    assert_eq!(stored.len(), data.len(), "{name}: a partial file");
+                    assert!(stored == **data, "{name}: a file of other bytes");
+                }
+            }
+        }
+    }
+    eprintln!("20 uploads over the kill of their node: {closed} closed, {eio} failed with EIO");
 }
 
 /// Runs `f` on a thread, failing the test if it takes longer than `limit`.

@@ -406,10 +406,7 @@ fn quota_errors_come_on_the_crossing_write_and_at_close() {
     }
     let server = TestServer::start();
     let quota = |size: &str| {
-        let mut cmd = Command::new(bin("sharefs-server"));
-        cmd.args(["user", "quota", "alice", size, "--data"])
-            .arg(&server.data);
-        run_ok(&mut cmd);
+        run_ok(&mut server.user_command(&["quota", "alice", size]));
     };
     quota("1M");
     let alice = TestMount::new(&server, "alice");

@@ -2,7 +2,6 @@
 //! floods and slow clients, quotas and the disk reserve.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -343,9 +342,7 @@ async fn garbage_slow_loris_and_floods_do_not_stop_real_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_through_the_cli_keeps_the_old_version() {
     let server = TestServer::start();
-    let mut q = Command::new(bin("sharefs-server"));
-    q.args(["user", "quota", "alice", "1M", "--data"])
-        .arg(&server.data);
+    let mut q = server.user_command(&["quota", "alice", "1M"]);
     assert!(q.status().unwrap().success());
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("doc");

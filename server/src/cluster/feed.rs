@@ -1,4 +1,7 @@
-//! Changes made through other nodes, pushed to this node's sessions: every change's
+//! Changes and download notifications made through other nodes, pushed to this node's
+//! sessions.
+//!
+//! Changes: every change's
 //! transaction sends `NOTIFY sharefs_changes, '<seq> <owner>'`; each node LISTENs on a
 //! connection of its own and, for a tree it has cached, catches up on the changes it
 //! missed and hands their events to the sink (the hub, which pushes them to the sessions
@@ -9,15 +12,21 @@
 //! whichever comes first, each remote change reaches the sessions once. A tree reloaded
 //! whole (this node fell too far behind) reports `Resync`. When the listening connection
 //! is lost, the node catches up every cached tree once it is back.
+//!
+//! Notifications: a node that records one announces `NOTIFY sharefs_notes, '<node> <id>'`
+//! and pushes it to its own sessions; the others read the row and hand it to the note
+//! sink (the hub, which pushes it to the owner's sessions here). One missed while the
+//! listening connection was down is not lost: it stays pending, and the owner's client
+//! gets it at its next login.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use sharefs_protocol::Event;
+use sharefs_protocol::{Event, Notification};
 use tokio_postgres::AsyncMessage;
 
-use super::{catch_up, folder_seq, pg_error, Cluster};
+use super::{catch_up, folder_seq, notes, pg_error, Cluster};
 use crate::error::{Result, ServerError};
 use crate::store::Published;
 
@@ -26,6 +35,9 @@ pub const CHANNEL: &str = "sharefs_changes";
 
 /// Where remote changes' events go: `(owner, events)`.
 pub type Sink = Arc<dyn Fn(&str, Vec<Published>) + Send + Sync>;
+
+/// Where notifications recorded by other nodes go.
+pub type NoteSink = Arc<dyn Fn(Notification) + Send + Sync>;
 
 /// The events that tell sessions to drop everything they cached of a tree.
 pub fn resync() -> Published {
@@ -41,11 +53,8 @@ impl Cluster {
         if let Ok(mut s) = self.inner.sink.lock() {
             *s = Some(sink);
         }
-        let Some(runtime) = self.inner.runtime.as_ref() else {
-            return;
-        };
         let cluster = self.clone();
-        runtime.spawn(async move {
+        self.inner.db.spawn(async move {
             loop {
                 if let Err(e) = cluster.listen().await {
                     tracing::warn!(error = %e, "change feed lost; reconnecting");
@@ -53,6 +62,14 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
+    }
+
+    /// Hands the notifications recorded by other nodes to `sink`, from now on (the feed
+    /// itself runs once [`Cluster::start_feed`] is called).
+    pub fn deliver_notes(&self, sink: NoteSink) {
+        if let Ok(mut s) = self.inner.note_sink.lock() {
+            *s = Some(sink);
+        }
     }
 
     /// Gives `events` of `owner`'s tree to the sink, if any.
@@ -70,17 +87,19 @@ impl Cluster {
     async fn listen(&self) -> Result<()> {
         let (client, mut connection) = self
             .inner
-            .pg_config
+            .db
+            .config
             .connect(tokio_postgres::NoTls)
             .await
             .map_err(pg_error)?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
         let driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
                     Ok(AsyncMessage::Notification(n)) => {
-                        if tx.send(n.payload().to_string()).is_err() {
+                        let message = (n.channel().to_string(), n.payload().to_string());
+                        if tx.send(message).is_err() {
                             break;
                         }
                     }
@@ -93,12 +112,16 @@ impl Cluster {
             }
         });
         client
-            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {}", notes::CHANNEL))
             .await
             .map_err(pg_error)?;
         // Whatever was missed while not listening.
         self.catch_up_all().await;
-        while let Some(payload) = rx.recv().await {
+        while let Some((channel, payload)) = rx.recv().await {
+            if channel == notes::CHANNEL {
+                self.note_announced(&payload).await;
+                continue;
+            }
             let Some((seq, owner)) = payload.split_once(' ') else {
                 continue;
             };
@@ -113,6 +136,33 @@ impl Cluster {
         Err(ServerError::Backend(
             "the change feed's connection ended".into(),
         ))
+    }
+
+    /// Pushes the notification an announcement names, unless this node recorded it.
+    async fn note_announced(&self, payload: &str) {
+        let Some((node, id)) = payload.split_once(' ') else {
+            return;
+        };
+        let (Ok(node), Ok(id)) = (node.parse::<u64>(), id.parse::<i64>()) else {
+            return;
+        };
+        if node == self.inner.db.node {
+            return;
+        }
+        let Some(sink) = self.inner.note_sink.lock().ok().and_then(|s| s.clone()) else {
+            return;
+        };
+        let fetched = async {
+            let client = self.inner.db.client().await?;
+            notes::fetch(&client, id).await
+        }
+        .await;
+        match fetched {
+            Ok(Some(n)) => sink(n),
+            // Folded or trimmed meanwhile: its digest or the next login tells.
+            Ok(None) => {}
+            Err(e) => tracing::warn!(id, error = %e, "cannot read an announced notification"),
+        }
     }
 
     /// Brings the cached tree of `owner`, if any, to at least `seq`, announcing what that
@@ -131,7 +181,7 @@ impl Cluster {
         if cached.seq < 0 || cached.seq >= seq {
             return Ok(());
         }
-        let client = self.inner.pool.get().await.map_err(super::pool_error)?;
+        let client = self.inner.db.pool.get().await.map_err(super::pool_error)?;
         let events = catch_up(&client, owner, &mut cached, seq).await?;
         drop(cached);
         self.announce(owner, events);
@@ -148,7 +198,7 @@ impl Cluster {
             .unwrap_or_default();
         for owner in owners {
             let seq = async {
-                let client = self.inner.pool.get().await.map_err(super::pool_error)?;
+                let client = self.inner.db.pool.get().await.map_err(super::pool_error)?;
                 folder_seq(&client, &owner).await
             }
             .await;

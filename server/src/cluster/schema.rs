@@ -17,6 +17,9 @@
 //! - `sharefs_doomed`: contents no entry names any more, deleted from the object store
 //!   after a grace period (readers that opened them keep reading meanwhile).
 //! - `sharefs_objects`: a sequence naming contents and versions, unique across nodes.
+//! - `sharefs_users`: the accounts, as `users.json` holds them for one machine.
+//! - `sharefs_notes`: download notifications, pending until acknowledged and kept after
+//!   as history (a bounded number per owner); digests of folded ones have `folded > 0`.
 
 use crate::error::{Result, ServerError};
 
@@ -69,6 +72,27 @@ const MIGRATIONS: &[&str] = &[
          doomed_at timestamptz NOT NULL DEFAULT now()
      );
      CREATE SEQUENCE sharefs_objects START 1;",
+    // 2: accounts and download notifications, shared by the nodes.
+    "CREATE TABLE sharefs_users (
+         name text PRIMARY KEY,
+         password_hash text NOT NULL,
+         quota bigint,
+         created_ms bigint NOT NULL
+     );
+     CREATE TABLE sharefs_notes (
+         id bigserial PRIMARY KEY,
+         owner text NOT NULL,
+         downloader text NOT NULL,
+         file text NOT NULL,
+         size bigint NOT NULL,
+         first_ms bigint NOT NULL,
+         last_ms bigint NOT NULL,
+         count integer NOT NULL,
+         folded integer NOT NULL DEFAULT 0,
+         pending boolean NOT NULL DEFAULT true
+     );
+     CREATE INDEX sharefs_notes_owner ON sharefs_notes (owner, id);
+     CREATE INDEX sharefs_notes_pending ON sharefs_notes (owner, id) WHERE pending;",
 ];
 
 /// Applies the migrations this database lacks; returns the schema version.

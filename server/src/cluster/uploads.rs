@@ -137,7 +137,7 @@ impl Cluster {
 
     /// Deletes an upload's row and blocks.
     fn drop_upload(&self, id: u64, written: u64) {
-        let pool = self.inner.pool.clone();
+        let pool = self.inner.db.pool.clone();
         let objects = self.inner.objects.clone();
         let done = self.run(async move {
             let client = pool.get().await.map_err(pool_error)?;
@@ -159,7 +159,7 @@ impl Cluster {
     /// Deletes the contents doomed longer ago than the grace period, the uploads let go
     /// longer ago than `bound`, and (at most hourly) blocks nothing names.
     fn collect(&self, bound: Duration) -> Result<usize> {
-        let pool = self.inner.pool.clone();
+        let pool = self.inner.db.pool.clone();
         let objects = self.inner.objects.clone();
         let grace = super::DOOMED_GRACE.as_secs_f64();
         let bound = bound.as_secs_f64();
@@ -198,7 +198,7 @@ impl Cluster {
     /// Deletes blocks older than [`super::ORPHAN_AGE`] that no entry, upload or doomed
     /// row names (a node died between writing them and the transaction naming them).
     fn collect_orphans(&self) -> Result<usize> {
-        let pool = self.inner.pool.clone();
+        let pool = self.inner.db.pool.clone();
         let objects = self.inner.objects.clone();
         self.run(async move {
             let mut removed = 0;
@@ -247,7 +247,7 @@ impl ClusterUpload {
             return Ok(self.durable);
         }
         let objects = self.cluster.inner.objects.clone();
-        let pool = self.cluster.inner.pool.clone();
+        let pool = self.cluster.inner.db.pool.clone();
         let (id, n, block, written) = (
             self.id,
             self.block_start / BLOCK,
@@ -370,7 +370,7 @@ impl Drop for ClusterUpload {
         if let Err(e) = self.make_durable() {
             tracing::warn!(upload = self.id, error = %e, "cannot make a let-go upload durable");
         }
-        let pool = self.cluster.inner.pool.clone();
+        let pool = self.cluster.inner.db.pool.clone();
         let id = self.id;
         let done = self.cluster.run(async move {
             let client = pool.get().await.map_err(pool_error)?;
@@ -437,7 +437,7 @@ impl BlobStore for Cluster {
         };
         let json = serde_json::to_string(&meta)
             .map_err(|e| ServerError::Internal(format!("an upload as JSON: {e}")))?;
-        let pool = self.inner.pool.clone();
+        let pool = self.inner.db.pool.clone();
         let o = owner.to_string();
         let id = self.run(async move {
             let id = Cluster::next_content(&pool).await?;
@@ -487,7 +487,7 @@ impl BlobStore for Cluster {
         id: u64,
         quota: Option<u64>,
     ) -> Result<Box<dyn ContentWriter>> {
-        let pool = self.inner.pool.clone();
+        let pool = self.inner.db.pool.clone();
         let objects = self.inner.objects.clone();
         let o = owner.to_string();
         let (meta, durable, hasher, block) = self.run(async move {
@@ -655,7 +655,7 @@ impl BlobStore for Cluster {
         if !hash.as_str().eq_ignore_ascii_case(blake3) {
             return Err(ServerError::ChecksumMismatch);
         }
-        let pool = self.inner.pool.clone();
+        let pool = self.inner.db.pool.clone();
         let objects = self.inner.objects.clone();
         let bytes = Bytes::copy_from_slice(data);
         let content = self.run(async move {

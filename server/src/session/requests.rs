@@ -231,7 +231,7 @@ impl Context {
                 let o = owner.clone();
                 let (file, events) = self
                     .blocking(move |s| {
-                        let quota = s.users.get(&o)?.and_then(|u| u.quota);
+                        let quota = s.users.fresh(&o)?.and_then(|u| u.quota);
                         s.store.put(
                             &o, target, &payload, &blake3, mode, mtime_ns, quota, &cutoff,
                         )
@@ -356,7 +356,7 @@ impl Context {
                 let user = self.user.clone();
                 let space = self
                     .blocking(move |s| {
-                        let quota = s.users.get(&user)?.and_then(|u| u.quota);
+                        let quota = s.users.fresh(&user)?.and_then(|u| u.quota);
                         s.store.usage(&user, quota)
                     })
                     .await?;

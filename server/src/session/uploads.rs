@@ -107,7 +107,7 @@ impl Session {
             .ok_or(ServerError::Busy("uploads in progress for this user"))?;
         let up = ctx
             .blocking(move |shared| {
-                let quota = shared.users.get(&begin.owner)?.and_then(|u| u.quota);
+                let quota = shared.users.fresh(&begin.owner)?.and_then(|u| u.quota);
                 shared
                     .store
                     .begin_upload(&begin.owner, begin.target, begin.size, begin.mode, quota)
@@ -134,7 +134,7 @@ impl Session {
         let up = self
             .context()
             .blocking(move |shared| {
-                let quota = shared.users.get(&user)?.and_then(|u| u.quota);
+                let quota = shared.users.fresh(&user)?.and_then(|u| u.quota);
                 shared.store.resume_upload(&user, upload, quota)
             })
             .await?;
