@@ -251,8 +251,11 @@ impl Metrics {
                     .get_or_create(&label)
                     .set(i64::try_from(q).unwrap_or(i64::MAX));
             }
-            // A user who never connected has no folder: a scrape must not create one.
-            if !shared.config.data_dir.join("files").join(&user).is_dir() {
+            // A user who never connected has no folder: a scrape must not create one (a
+            // cluster's read of a tree never writes).
+            if shared.config.cluster.is_none()
+                && !shared.config.data_dir.join("files").join(&user).is_dir()
+            {
                 continue;
             }
             if let Ok(space) = shared.store.usage(&user, record.quota) {
