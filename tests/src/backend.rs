@@ -5,6 +5,12 @@
 //! Setting `SHAREFS_TEST_BACKEND=cluster` makes every [`crate::TestServer`] a cluster
 //! node over a backend of its own, so the end-to-end suites run against it unchanged;
 //! [`Backend`] also gives several nodes one backend to share.
+//!
+//! With `SHAREFS_TEST_S3_ENDPOINT` set, the S3 server is that one instead of an `s3s-fs`
+//! of the tests' own (`tests/garage.sh` runs the suites so against a Garage cluster):
+//! `SHAREFS_TEST_S3_KEY` and `SHAREFS_TEST_S3_SECRET` are its credentials, and
+//! `SHAREFS_TEST_S3_MAKE_BUCKET` a shell command that makes the bucket named by `$1`
+//! and lets the key read and write it.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -163,15 +169,29 @@ impl Drop for Postgres {
     }
 }
 
-/// A real S3 server (`s3s-fs`) over a temp directory.
+/// A real S3 server: `s3s-fs` over a temp directory, or the one the environment names.
 pub struct S3Server {
-    child: Child,
-    dir: tempfile::TempDir,
+    /// The `s3s-fs` started here and its directory; `None` for an outside server.
+    own: Option<(Child, tempfile::TempDir)>,
     pub endpoint: String,
+    pub key: String,
+    pub secret: String,
 }
 
 impl S3Server {
     pub fn start() -> S3Server {
+        if let Ok(endpoint) = std::env::var("SHAREFS_TEST_S3_ENDPOINT") {
+            let var = |name: &str| {
+                std::env::var(name)
+                    .unwrap_or_else(|_| panic!("{name} goes with SHAREFS_TEST_S3_ENDPOINT"))
+            };
+            return S3Server {
+                own: None,
+                endpoint,
+                key: var("SHAREFS_TEST_S3_KEY"),
+                secret: var("SHAREFS_TEST_S3_SECRET"),
+            };
+        }
         let program = crate::tool("s3s-fs", "SHAREFS_REQUIRE_TOOLS", "cargo install s3s-fs@0.14.1 --features binary")
             .expect("s3s-fs is needed for the cluster backend: cargo install s3s-fs@0.14.1 --features binary");
         let dir = tempfile::tempdir().expect("temp dir");
@@ -191,40 +211,36 @@ impl S3Server {
             std::thread::sleep(Duration::from_millis(20));
         }
         S3Server {
-            child,
-            dir,
+            own: Some((child, dir)),
             endpoint: format!("http://127.0.0.1:{port}"),
+            key: S3_KEY.into(),
+            secret: S3_SECRET.into(),
         }
     }
 
-    /// Creates bucket `name` (a directory of the server's root).
+    /// Creates bucket `name`: a directory of our `s3s-fs`'s root, or through
+    /// `SHAREFS_TEST_S3_MAKE_BUCKET`.
     pub fn bucket(&self, name: &str) {
-        std::fs::create_dir(self.dir.path().join(name)).expect("bucket directory");
-    }
-
-    /// Files the server holds under `bucket` (block objects).
-    pub fn objects(&self, bucket: &str) -> usize {
-        fn count(p: &Path) -> usize {
-            std::fs::read_dir(p).map_or(0, |d| {
-                d.flatten()
-                    .map(|e| {
-                        if e.path().is_dir() {
-                            count(&e.path())
-                        } else {
-                            1
-                        }
-                    })
-                    .sum()
-            })
+        match &self.own {
+            Some((_, dir)) => std::fs::create_dir(dir.path().join(name)).expect("bucket directory"),
+            None => {
+                let make = std::env::var("SHAREFS_TEST_S3_MAKE_BUCKET")
+                    .expect("SHAREFS_TEST_S3_MAKE_BUCKET goes with SHAREFS_TEST_S3_ENDPOINT");
+                run_ok(
+                    Command::new("sh").args(["-c", &make, "make-bucket", name]),
+                    "making a bucket",
+                );
+            }
         }
-        count(&self.dir.path().join(bucket))
     }
 }
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some((child, _)) = &mut self.own {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -243,12 +259,25 @@ impl Backend {
         let postgres = Postgres::start();
         let s3 = S3Server::start();
         let url = postgres.database("sharefs");
-        s3.bucket("sharefs");
+        // An outside server's buckets outlive this run: each backend's is its own.
+        static BACKENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let bucket = match s3.own {
+            Some(_) => "sharefs".to_string(),
+            None => format!(
+                "sharefs-{}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                BACKENDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ),
+        };
+        s3.bucket(&bucket);
         Backend {
             postgres,
             s3,
             url,
-            bucket: "sharefs".into(),
+            bucket,
             users_added: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -274,10 +303,10 @@ impl Backend {
     }
 
     /// The environment a node needs (the object store's credentials).
-    pub fn server_env() -> [(&'static str, &'static str); 2] {
+    pub fn server_env(&self) -> [(&'static str, String); 2] {
         [
-            ("AWS_ACCESS_KEY_ID", S3_KEY),
-            ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+            ("AWS_ACCESS_KEY_ID", self.s3.key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.s3.secret.clone()),
         ]
     }
 }

@@ -299,8 +299,7 @@ impl TestServer {
             .stdout(Stdio::piped())
             .stderr(log);
         if let Some(backend) = &self.backend {
-            cmd.args(backend.server_args())
-                .envs(backend::Backend::server_env());
+            cmd.args(backend.server_args()).envs(backend.server_env());
         }
         if let Some(n) = self.nofile {
             use std::os::unix::process::CommandExt;
