@@ -234,23 +234,23 @@ fn main() -> ExitCode {
 /// Where `user` commands find the accounts.
 enum AccountsAt {
     Files(UserDb),
-    Cluster(PgAccounts),
+    Cluster(Box<PgAccounts>),
 }
 
 impl AccountsAt {
     fn users(&self) -> &dyn UserStore {
         match self {
             AccountsAt::Files(db) => db,
-            AccountsAt::Cluster(db) => db,
+            AccountsAt::Cluster(db) => db.as_ref(),
         }
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
     let at = match (&cli.command, &cli.metadata) {
-        (Command::User(_), Some(url)) => AccountsAt::Cluster(PgAccounts::new(
+        (Command::User(_), Some(url)) => AccountsAt::Cluster(Box::new(PgAccounts::new(
             Db::open(url).context("opening the cluster's database")?,
-        )),
+        ))),
         _ => AccountsAt::Files(UserDb::new(&cli.data)),
     };
     let db = at.users();

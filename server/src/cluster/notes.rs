@@ -243,7 +243,7 @@ impl NoteStore for PgNotes {
                 .map_err(pg_error)?;
             let id: i64 = row.try_get(0).map_err(pg_error)?;
             bound_pending(&tx, &owner, max_pending).await?;
-            if unbig(id) % TRIM_EVERY == 0 {
+            if unbig(id).is_multiple_of(TRIM_EVERY) {
                 tx.execute(
                     "DELETE FROM sharefs_notes WHERE owner = $1 AND NOT pending AND id <=
                          (SELECT id FROM sharefs_notes WHERE owner = $1
