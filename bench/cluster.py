@@ -57,7 +57,7 @@ def cpu_seconds(pids):
 class Backend:
     """A private PostgreSQL and s3s-fs; `close()` stops both."""
 
-    def __init__(self, env):
+    def __init__(self, env, nodelay):
         self.env = env
         self.dir = env.root / "pg"
         self.dir.mkdir()
@@ -74,9 +74,14 @@ class Backend:
         self.s3_dir = env.root / "s3"
         self.s3_dir.mkdir()
         self.s3_port = free_port()
+        s3_env = dict(os.environ)
+        if nodelay:
+            shim = env.root / "nodelay.so"
+            run(["cc", "-shared", "-fPIC", "-O2", "-o", shim, REPO / "bench/nodelay.c", "-ldl"])
+            s3_env["LD_PRELOAD"] = str(shim)
         self.s3 = env.spawn([s3s, "--host", "127.0.0.1", "--port", str(self.s3_port), "--access-key", S3_KEY,
                              "--secret-key", S3_SECRET, self.s3_dir], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=s3_env)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -251,6 +256,8 @@ def main():
     ap.add_argument("--short", action="store_true", help="small sizes (about a minute)")
     ap.add_argument("--out", default=None, help="markdown output (default: the Scale-out section of BENCHMARKS.md)")
     ap.add_argument("--target-dir", default=str(REPO / "target" / "release"))
+    ap.add_argument("--s3-nodelay", action="store_true",
+                    help="start s3s-fs with TCP_NODELAY on its connections (bench/nodelay.c)")
     a = ap.parse_args()
     sizes = dict(big_mib=16, small=100) if a.short else dict(big_mib=128, small=500)
     root = Path(tempfile.mkdtemp(prefix="sharefs-cluster-bench-", dir="/var/tmp"))
@@ -270,7 +277,7 @@ def main():
                 f.write(os.urandom(MiB))
         procs, addrs, fp = start_embedded(env)
         results["embedded"] = run_config(env, "embedded", procs, addrs, fp, sizes, src, lambda: {})
-        backend = Backend(env)
+        backend = Backend(env, a.s3_nodelay)
         for n in (1, 2, 3):
             procs, addrs, fp = start_nodes(env, backend, f"c{n}", n)
             parts = lambda: {"postgres": backend.pids(), "s3s-fs": [backend.s3.pid]}  # noqa: E731
@@ -290,7 +297,8 @@ def write_report(a, results, sizes):
     names = list(results[configs[0]])
     lines = [f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, "
              f"{'SHORT mode' if a.short else 'full mode'}, one round, {os.cpu_count()} cores; PostgreSQL "
-             f"{pg_bin('postgres').split('/')[-3]} and s3s-fs on the same machine and disk.", "",
+             f"{pg_bin('postgres').split('/')[-3]} and s3s-fs{' (TCP_NODELAY: --s3-nodelay)' if a.s3_nodelay else ''} "
+             "on the same machine and disk.", "",
              "| workload | unit | " + " | ".join(configs) + " |", "|---|---|" + "---|" * len(configs)]
     for name in names:
         unit = results[configs[0]][name][0]

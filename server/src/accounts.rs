@@ -1,7 +1,8 @@
 //! Account changes reach live sessions. `sharefs-server user remove|passwd` edit
 //! `users.json` beside the running server; a session logged in before must not outlive
-//! the account or the password it logged in with. The file is polled (a `stat`, parsed
-//! again only when it changed) and every live session is compared with it on each poll,
+//! the account or the password it logged in with. The accounts are polled (`users.json`:
+//! a `stat`, parsed again only when it changed; a cluster's: its table, read whole) and
+//! every live session is compared with them on each poll,
 //! not only after a change: a login that checked the old file just before the change and
 //! registered just after is caught by the next poll all the same.
 //!

@@ -67,7 +67,7 @@ const UNBOUNDED: u64 = 1 << 50;
 /// How often a node looks for blocks no row names.
 pub const ORPHAN_SCAN_EVERY: Duration = Duration::from_secs(3600);
 /// Changes kept per tree for nodes catching up; one further behind reloads the tree.
-const CHANGES_KEPT: i64 = 4096;
+pub(crate) const CHANGES_KEPT: i64 = 4096;
 
 /// Where a cluster's metadata and contents live.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! interface, and what both kinds of keeping share.
 //!
 //! A download is recorded durably before it is pushed. Repeated downloads of the same file
-//! by the same user within the coalescing window (`--coalesce-window`) update the record's
+//! by the same user within the coalescing window (5 s) update the record's
 //! count instead of making a new notification (and are not pushed again). Pending
 //! notifications are bounded per owner (`--max-pending-notifications`): past the bound
 //! the oldest are folded into one digest notification that says how many it stands for,

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use sharefs_protocol::name::check_user_name;
 use tokio_postgres::Row;
 
-use super::rows::{big, unbig};
+use super::rows::{self, big, unbig};
 use super::{pg_error, Db};
 use crate::error::{Result, ServerError};
 use crate::fsutil;
+use crate::store::tree::{Op, Tree};
 use crate::users::{hash_password, Accounts, UserRecord, UserStore, UsersFile};
 
 /// How old the copy of the table may be.
@@ -109,7 +110,8 @@ impl PgAccounts {
     }
 
     /// Removes everything `name` stored: the tree's rows (its contents doomed, deleted
-    /// from the object store after the grace period), its uploads and its notifications.
+    /// from the object store after the grace period; the tree an empty root again), its
+    /// uploads and its notifications.
     pub fn purge(&self, name: &str) -> Result<()> {
         check_user_name(name).map_err(ServerError::InvalidName)?;
         let db = self.db.clone();
@@ -117,13 +119,21 @@ impl PgAccounts {
         self.db.run(async move {
             let mut client = db.client().await?;
             let tx = client.transaction().await.map_err(pg_error)?;
-            // Waits for a change of the tree in progress, and makes the next one start over.
+            // Records and acknowledgements of notifications wait, then find none.
             tx.execute(
-                "SELECT 1 FROM sharefs_folders WHERE owner = $1 FOR UPDATE",
+                "SELECT pg_advisory_xact_lock(70700702, hashtext($1))",
                 &[&name],
             )
             .await
             .map_err(pg_error)?;
+            // Waits for a change of the tree in progress.
+            let folder = tx
+                .query_opt(
+                    "SELECT seq FROM sharefs_folders WHERE owner = $1 FOR UPDATE",
+                    &[&name],
+                )
+                .await
+                .map_err(pg_error)?;
             tx.execute(
                 "INSERT INTO sharefs_doomed (object, size)
                  SELECT DISTINCT ON (object) object, size FROM sharefs_entries
@@ -136,12 +146,32 @@ impl PgAccounts {
             for table in [
                 "DELETE FROM sharefs_entries WHERE owner = $1",
                 "DELETE FROM sharefs_changes WHERE owner = $1",
-                "DELETE FROM sharefs_folders WHERE owner = $1",
                 "DELETE FROM sharefs_notes WHERE owner = $1",
                 // Their blocks are orphans now, collected in a day.
                 "DELETE FROM sharefs_uploads WHERE owner = $1",
             ] {
                 tx.execute(table, &[&name]).await.map_err(pg_error)?;
+            }
+            if let Some(row) = folder {
+                // The tree is an empty root again, at a new sequence number whose change
+                // record is missing: a node that cached the old tree reloads it (and tells
+                // its sessions to drop theirs) instead of taking the old one as current.
+                let seq = row.try_get::<_, i64>(0).map_err(pg_error)? + 1;
+                let root = Tree::empty(fsutil::now_ns());
+                let nodes: Vec<Op> = root.nodes().cloned().map(Op::Put).collect();
+                rows::apply(&tx, &name, &nodes).await?;
+                tx.execute(
+                    "UPDATE sharefs_folders SET seq = $2, next_id = $3 WHERE owner = $1",
+                    &[&name, &seq, &big(root.next_id())],
+                )
+                .await
+                .map_err(pg_error)?;
+                tx.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&super::feed::CHANNEL, &format!("{seq} {name}")],
+                )
+                .await
+                .map_err(pg_error)?;
             }
             tx.commit().await.map_err(pg_error)
         })

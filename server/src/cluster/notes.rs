@@ -5,11 +5,15 @@
 //!
 //! Recording one is one transaction, serialised per owner by an advisory lock so that
 //! two nodes coalescing the same downloads do not both make a notification: it coalesces
-//! or inserts, folds the oldest pending into a digest past the bound, and announces the
-//! new row with `NOTIFY sharefs_notes, '<node> <id>'`. The node that recorded it pushes
+//! or inserts, on the database's clock (the nodes' may differ), and announces the new row
+//! with `NOTIFY sharefs_notes, '<node> <id>'`. Folding the oldest pending into a digest
+//! past the bound, and trimming the history, follow in a transaction of their own, so
+//! their failure never undoes a record. If the record itself cannot be made (the
+//! database fails), the download fails with it: nobody downloads unnoticed. The node that recorded it pushes
 //! it to its own sessions at once; every other node reads the row on the announcement
 //! and pushes it to the owner's sessions it serves ([`super::feed`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
@@ -19,7 +23,6 @@ use tokio_postgres::Row;
 use super::rows::{big, unbig};
 use super::{pg_error, Db};
 use crate::error::Result;
-use crate::fsutil;
 use crate::notes::{digest_text, fold_into, NoteStore};
 
 /// The channel new notifications are announced on.
@@ -29,8 +32,16 @@ pub const CHANNEL: &str = "sharefs_notes";
 /// shows the end of).
 pub const HISTORY_KEPT: i64 = 10_000;
 
-/// The history is trimmed at every this many records.
+/// The history is trimmed at every this many records a node makes.
 const TRIM_EVERY: u64 = 64;
+
+/// The advisory lock (with the owner's name hashed) that serialises one owner's records,
+/// acknowledgements and purge across nodes.
+const OWNER_LOCK: &str = "SELECT pg_advisory_xact_lock(70700702, hashtext($1))";
+
+/// The database's clock in milliseconds since the epoch: the nodes' clocks may differ,
+/// and coalescing compares times written by different nodes.
+const NOW_MS: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 const COLUMNS: &str = "id, owner, downloader, file, size, first_ms, last_ms, count, folded";
 
@@ -59,7 +70,7 @@ fn int(n: u32) -> i32 {
 pub async fn fetch(client: &impl GenericClient, id: i64) -> Result<Option<Notification>> {
     let row = client
         .query_opt(
-            &format!("SELECT {COLUMNS} FROM sharefs_notes WHERE id = $1"),
+            &format!("SELECT {COLUMNS} FROM sharefs_notes WHERE id = $1 AND pending"),
             &[&id],
         )
         .await
@@ -73,6 +84,8 @@ pub struct PgNotes {
     db: Db,
     window: Duration,
     max_pending: usize,
+    /// Records made by this node, to trim the history every [`TRIM_EVERY`].
+    made: AtomicU64,
 }
 
 impl PgNotes {
@@ -81,6 +94,35 @@ impl PgNotes {
             db,
             window,
             max_pending: max_pending.max(1),
+            made: AtomicU64::new(0),
+        }
+    }
+
+    /// Folds past the bound and trims the history of `owner`, in a transaction of its
+    /// own after the record's: a failure here is logged and leaves the record as it is.
+    fn tidy(&self, owner: &str, trim: bool) {
+        let db = self.db.clone();
+        let owner = owner.to_string();
+        let max_pending = self.max_pending;
+        let tidied = self.db.run(async move {
+            let mut client = db.client().await?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            tx.execute(OWNER_LOCK, &[&owner]).await.map_err(pg_error)?;
+            bound_pending(&tx, &owner, max_pending).await?;
+            if trim {
+                tx.execute(
+                    "DELETE FROM sharefs_notes WHERE owner = $1 AND NOT pending AND id <=
+                         (SELECT id FROM sharefs_notes WHERE owner = $1
+                          ORDER BY id DESC OFFSET $2 LIMIT 1)",
+                    &[&owner, &HISTORY_KEPT],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            tx.commit().await.map_err(pg_error)
+        });
+        if let Err(e) = tidied {
+            tracing::warn!(error = %e, "cannot fold or trim notifications; the next record tries again");
         }
     }
 }
@@ -195,18 +237,17 @@ impl NoteStore for PgNotes {
         let (owner, downloader, file) =
             (owner.to_string(), downloader.to_string(), file.to_string());
         let window_ms = i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX);
-        let max_pending = self.max_pending;
         let recorded = self.db.run(async move {
             let mut client = db.client().await?;
             let tx = client.transaction().await.map_err(pg_error)?;
             // One owner's records one at a time, across nodes.
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(70700702, hashtext($1))",
-                &[&owner],
-            )
-            .await
-            .map_err(pg_error)?;
-            let now = fsutil::now_ms();
+            tx.execute(OWNER_LOCK, &[&owner]).await.map_err(pg_error)?;
+            let now: i64 = tx
+                .query_one(NOW_MS, &[])
+                .await
+                .map_err(pg_error)?
+                .try_get(0)
+                .map_err(pg_error)?;
             let coalesced = tx
                 .query_opt(
                     "UPDATE sharefs_notes SET count = count + 1, last_ms = $4, size = $5
@@ -242,17 +283,6 @@ impl NoteStore for PgNotes {
                 .await
                 .map_err(pg_error)?;
             let id: i64 = row.try_get(0).map_err(pg_error)?;
-            bound_pending(&tx, &owner, max_pending).await?;
-            if unbig(id).is_multiple_of(TRIM_EVERY) {
-                tx.execute(
-                    "DELETE FROM sharefs_notes WHERE owner = $1 AND NOT pending AND id <=
-                         (SELECT id FROM sharefs_notes WHERE owner = $1
-                          ORDER BY id DESC OFFSET $2 LIMIT 1)",
-                    &[&owner, &HISTORY_KEPT],
-                )
-                .await
-                .map_err(pg_error)?;
-            }
             tx.execute(
                 "SELECT pg_notify($1, $2)",
                 &[&CHANNEL, &format!("{} {id}", db.node)],
@@ -273,6 +303,10 @@ impl NoteStore for PgNotes {
                 folded: 0,
             }))
         })?;
+        if let Some(n) = &recorded {
+            let made = self.made.fetch_add(1, Ordering::Relaxed) + 1;
+            self.tidy(&n.owner, made.is_multiple_of(TRIM_EVERY));
+        }
         Ok(recorded)
     }
 
@@ -322,15 +356,28 @@ impl NoteStore for PgNotes {
         let user = user.to_string();
         let ids: Vec<i64> = ids.iter().map(|id| big(*id)).collect();
         let acked = self.db.run(async move {
-            let client = db.client().await?;
-            client
+            let mut client = db.client().await?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            tx.execute(OWNER_LOCK, &[&user]).await.map_err(pg_error)?;
+            // A digest is no history: it goes once seen.
+            let digests = tx
+                .execute(
+                    "DELETE FROM sharefs_notes
+                     WHERE owner = $1 AND pending AND folded > 0 AND id = ANY($2)",
+                    &[&user, &ids],
+                )
+                .await
+                .map_err(pg_error)?;
+            let acked = tx
                 .execute(
                     "UPDATE sharefs_notes SET pending = false
                      WHERE owner = $1 AND pending AND id = ANY($2)",
                     &[&user, &ids],
                 )
                 .await
-                .map_err(pg_error)
+                .map_err(pg_error)?;
+            tx.commit().await.map_err(pg_error)?;
+            Ok(digests + acked)
         })?;
         Ok(usize::try_from(acked).unwrap_or(usize::MAX))
     }

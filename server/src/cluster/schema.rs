@@ -92,7 +92,8 @@ const MIGRATIONS: &[&str] = &[
          pending boolean NOT NULL DEFAULT true
      );
      CREATE INDEX sharefs_notes_owner ON sharefs_notes (owner, id);
-     CREATE INDEX sharefs_notes_pending ON sharefs_notes (owner, id) WHERE pending;",
+     CREATE INDEX sharefs_notes_pending ON sharefs_notes (owner, id) WHERE pending;
+     CREATE INDEX sharefs_notes_same ON sharefs_notes (owner, downloader, file, id);",
 ];
 
 /// Applies the migrations this database lacks; returns the schema version.

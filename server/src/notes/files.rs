@@ -78,7 +78,7 @@ impl FileNotes {
     pub fn open(data_dir: &Path, window: Duration, max_pending: usize) -> Result<FileNotes> {
         let dir = data_dir.join("notifications");
         fsutil::create_dir_durable(&dir)?;
-        // Its temp files go beside the store's (a cluster node has no store there).
+        // Its temp files go beside the store's.
         fsutil::create_dir_durable(&data_dir.join("tmp"))?;
         Ok(FileNotes {
             dir,
