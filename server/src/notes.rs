@@ -38,6 +38,21 @@ pub trait NoteStore: std::fmt::Debug + Send + Sync {
     fn ack(&self, user: &str, ids: &[u64]) -> Result<usize>;
 }
 
+/// A digest of `owner`'s notifications that holds none yet, to fold them into.
+pub fn empty_digest(owner: &str) -> Notification {
+    Notification {
+        id: 0,
+        downloader: String::new(),
+        owner: owner.to_string(),
+        file: String::new(),
+        size: 0,
+        first_ms: i64::MAX,
+        last_ms: i64::MIN,
+        count: 0,
+        folded: 0,
+    }
+}
+
 /// The text of a digest's `file`.
 pub fn digest_text(folded: u32) -> String {
     format!("{folded} more files, not shown one by one")

@@ -23,7 +23,7 @@ use tokio_postgres::Row;
 use super::rows::{big, unbig};
 use super::{pg_error, Db};
 use crate::error::Result;
-use crate::notes::{digest_text, fold_into, NoteStore};
+use crate::notes::{digest_text, empty_digest, fold_into, NoteStore};
 
 /// The channel new notifications are announced on.
 pub const CHANNEL: &str = "sharefs_notes";
@@ -162,17 +162,7 @@ async fn bound_pending(tx: &impl GenericClient, owner: &str, max: usize) -> Resu
         )
         .await
         .map_err(pg_error)?;
-    let mut digest = Notification {
-        id: 0,
-        downloader: String::new(),
-        owner: owner.to_string(),
-        file: String::new(),
-        size: 0,
-        first_ms: i64::MAX,
-        last_ms: i64::MIN,
-        count: 0,
-        folded: 0,
-    };
+    let mut digest = empty_digest(owner);
     let mut old_digests = Vec::with_capacity(digests.len());
     for row in &digests {
         let n = notification(row)?;

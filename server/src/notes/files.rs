@@ -148,17 +148,10 @@ impl FileNotes {
             .collect();
         let dir = self.pending_dir(owner);
         let old_digest = mine.digest.as_ref().map(|d| d.id);
-        let mut digest = mine.digest.clone().unwrap_or_else(|| Notification {
-            id: 0,
-            downloader: String::new(),
-            owner: owner.to_string(),
-            file: String::new(),
-            size: 0,
-            first_ms: i64::MAX,
-            last_ms: i64::MIN,
-            count: 0,
-            folded: 0,
-        });
+        let mut digest = mine
+            .digest
+            .clone()
+            .unwrap_or_else(|| super::empty_digest(owner));
         for id in &fold {
             match read_notification(&dir.join(pending_name(*id))) {
                 Ok(Some(folded)) => fold_into(&mut digest, &folded),
