@@ -411,6 +411,55 @@ async fn accounts_and_notifications_belong_to_the_cluster() {
     assert_eq!(files, ["report.pdf", "second.pdf"]);
 }
 
+/// Pending notifications stay bounded in the database as on disk: past
+/// `--max-pending-notifications` the oldest fold into one digest, replayed first;
+/// acknowledged, the digest goes and the folded ones stay as history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_notifications_fold_into_a_digest_across_nodes() {
+    const FILES: usize = 40;
+    const CAP: usize = 8;
+    let backend = Arc::new(Backend::start());
+    let cap = CAP.to_string();
+    let args = ["--max-pending-notifications", cap.as_str()];
+    let one = TestServer::start_node(&backend, &args);
+    let two = TestServer::start_node(&backend, &args);
+    let (alice, _) = one.connect("alice").await;
+    let mut ids = Vec::new();
+    for i in 0..FILES {
+        let name = format!("f{i:02}");
+        let made = alice
+            .put_small(&at(&name), Bytes::from(name.into_bytes()))
+            .await
+            .unwrap();
+        ids.push(made.id);
+    }
+    drop(alice);
+    // bob opens every file, half through each node.
+    let (bob1, _) = one.connect("bob").await;
+    let (bob2, _) = two.connect("bob").await;
+    for (i, id) in ids.iter().enumerate() {
+        let bob = if i % 2 == 0 { &bob1 } else { &bob2 };
+        within("an open", bob.open_with_head("alice", *id, 64))
+            .await
+            .unwrap();
+    }
+    let (alice, _) = two.connect("alice").await;
+    let (pending, _) = alice.notifications(0).await.unwrap();
+    assert!(pending.len() <= CAP + 1, "{} pending", pending.len());
+    let digest = &pending[0];
+    assert!(digest.folded > 0, "no digest first: {pending:?}");
+    assert!(pending[1..].iter().all(|n| n.folded == 0));
+    assert_eq!(digest.folded as usize + pending.len() - 1, FILES);
+    assert_eq!(digest.count, digest.folded);
+    assert_eq!(digest.downloader, "bob");
+    alice.ack(vec![digest.id]).await.unwrap();
+    let (after, recent) = alice.notifications(100).await.unwrap();
+    assert_eq!(after.len(), pending.len() - 1);
+    assert!(after.iter().all(|n| n.folded == 0));
+    assert_eq!(recent.len(), FILES, "every download is history");
+    assert!(recent.iter().all(|n| n.folded == 0));
+}
+
 /// Writes `data` to `path` in 256 KiB writes and closes it; the errno of the first call
 /// that failed, with its name.
 fn write_and_close(path: &std::path::Path, data: &[u8]) -> Result<(), (&'static str, i32)> {
