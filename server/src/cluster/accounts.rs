@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sharefs_protocol::name::check_user_name;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::rows::{self, big, unbig};
@@ -26,6 +27,9 @@ use crate::users::{hash_password, Accounts, UserRecord, UserStore, UsersFile};
 pub const FRESH_FOR: Duration = Duration::from_secs(1);
 
 const COLUMNS: &str = "name, password_hash, quota, created_ms";
+
+/// A statement's parameter, owned, to move into the database's runtime.
+type Param = Box<dyn ToSql + Send + Sync>;
 
 /// The accounts in a cluster's database.
 #[derive(Debug)]
@@ -54,20 +58,25 @@ impl PgAccounts {
         }
     }
 
-    /// Runs one statement; returns how many rows it touched.
-    fn execute(&self, sql: &'static str, name: &str, value: Option<i64>) -> Result<u64> {
+    /// Runs one statement changing `name`'s row; forgets the copy of the table. An
+    /// account that is not there is [`ServerError::NoSuchUser`], or with `taken`
+    /// (an insert that found the name taken) [`ServerError::UserExists`].
+    fn change(&self, sql: &'static str, name: &str, params: Vec<Param>, taken: bool) -> Result<()> {
         let db = self.db.clone();
-        let name = name.to_string();
         let touched = self.db.run(async move {
             let client = db.client().await?;
-            match value {
-                Some(v) => client.execute(sql, &[&name, &v]).await,
-                None => client.execute(sql, &[&name]).await,
-            }
-            .map_err(pg_error)
+            let params: Vec<&(dyn ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            client.execute(sql, &params).await.map_err(pg_error)
         })?;
         self.forget();
-        Ok(touched)
+        match (touched, taken) {
+            (0, true) => Err(ServerError::UserExists(name.to_string())),
+            (0, false) => Err(ServerError::NoSuchUser(name.to_string())),
+            _ => Ok(()),
+        }
     }
 
     fn forget(&self) {
@@ -205,71 +214,46 @@ impl UserStore for PgAccounts {
     fn add(&self, name: &str, password: &str, quota: Option<u64>) -> Result<()> {
         check_user_name(name).map_err(ServerError::InvalidName)?;
         let password_hash = hash_password(password)?;
-        let db = self.db.clone();
-        let (user, quota) = (name.to_string(), quota.map(big));
-        let made = self.db.run(async move {
-            let client = db.client().await?;
-            client
-                .execute(
-                    "INSERT INTO sharefs_users (name, password_hash, quota, created_ms)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
-                    &[&user, &password_hash, &quota, &fsutil::now_ms()],
-                )
-                .await
-                .map_err(pg_error)
-        })?;
-        self.forget();
-        match made {
-            0 => Err(ServerError::UserExists(name.to_string())),
-            _ => Ok(()),
-        }
+        self.change(
+            "INSERT INTO sharefs_users (name, password_hash, quota, created_ms)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
+            name,
+            vec![
+                Box::new(name.to_string()),
+                Box::new(password_hash),
+                Box::new(quota.map(big)),
+                Box::new(fsutil::now_ms()),
+            ],
+            true,
+        )
     }
 
     fn remove(&self, name: &str) -> Result<()> {
-        match self.execute("DELETE FROM sharefs_users WHERE name = $1", name, None)? {
-            0 => Err(ServerError::NoSuchUser(name.to_string())),
-            _ => Ok(()),
-        }
+        self.change(
+            "DELETE FROM sharefs_users WHERE name = $1",
+            name,
+            vec![Box::new(name.to_string())],
+            false,
+        )
     }
 
     fn set_password(&self, name: &str, password: &str) -> Result<()> {
         let password_hash = hash_password(password)?;
-        let db = self.db.clone();
-        let user = name.to_string();
-        let changed = self.db.run(async move {
-            let client = db.client().await?;
-            client
-                .execute(
-                    "UPDATE sharefs_users SET password_hash = $2 WHERE name = $1",
-                    &[&user, &password_hash],
-                )
-                .await
-                .map_err(pg_error)
-        })?;
-        self.forget();
-        match changed {
-            0 => Err(ServerError::NoSuchUser(name.to_string())),
-            _ => Ok(()),
-        }
+        self.change(
+            "UPDATE sharefs_users SET password_hash = $2 WHERE name = $1",
+            name,
+            vec![Box::new(name.to_string()), Box::new(password_hash)],
+            false,
+        )
     }
 
     fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<()> {
-        let changed = match quota {
-            Some(q) => self.execute(
-                "UPDATE sharefs_users SET quota = $2 WHERE name = $1",
-                name,
-                Some(big(q)),
-            )?,
-            None => self.execute(
-                "UPDATE sharefs_users SET quota = NULL WHERE name = $1",
-                name,
-                None,
-            )?,
-        };
-        match changed {
-            0 => Err(ServerError::NoSuchUser(name.to_string())),
-            _ => Ok(()),
-        }
+        self.change(
+            "UPDATE sharefs_users SET quota = $2 WHERE name = $1",
+            name,
+            vec![Box::new(name.to_string()), Box::new(quota.map(big))],
+            false,
+        )
     }
 
     fn list(&self) -> Result<BTreeMap<String, UserRecord>> {
