@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -57,7 +58,7 @@ def cpu_seconds(pids):
 class Backend:
     """A private PostgreSQL and s3s-fs; `close()` stops both."""
 
-    def __init__(self, env, nodelay):
+    def __init__(self, env, nodelay, delay_ms=0):
         self.env = env
         self.dir = env.root / "pg"
         self.dir.mkdir()
@@ -91,6 +92,13 @@ class Backend:
                 if time.monotonic() > deadline:
                     raise RuntimeError("s3s-fs did not start")
                 time.sleep(0.05)
+        # The port the nodes use: s3s-fs's, or a proxy's that delays each way.
+        self.node_port = self.s3_port
+        if delay_ms:
+            self.node_port = free_port()
+            self.proxy = env.spawn([sys.executable, REPO / "bench/delay.py", str(self.node_port),
+                                    f"127.0.0.1:{self.s3_port}", str(delay_ms)], stdout=subprocess.PIPE, text=True)
+            wait_line(self.proxy, "listening")
 
     def database(self, name):
         run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "sharefs", "-d", "postgres", "-q", "-c",
@@ -107,7 +115,7 @@ class Backend:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_nodes(env, backend, name, count):
+def start_nodes(env, backend, name, count, read_ahead):
     """`count` nodes over database and bucket `name`, sharing the first's certificate;
     users u0..u7 added once. Returns (procs, addresses, fingerprint)."""
     srv = env.bin / "sharefs-server"
@@ -123,7 +131,8 @@ def start_nodes(env, backend, name, count):
         port = free_port()
         tls = [] if n == 0 else ["--tls-cert", first / "tls/cert.pem", "--tls-key", first / "tls/key.pem"]
         p = env.spawn([srv, "serve", "--data", data, "--listen", f"127.0.0.1:{port}", "--metadata", url,
-                       "--blobs", f"s3://sharefs-{name}", "--s3-endpoint", f"http://127.0.0.1:{backend.s3_port}", *tls],
+                       "--blobs", f"s3://sharefs-{name}", "--s3-endpoint", f"http://127.0.0.1:{backend.node_port}",
+                       "--s3-read-ahead", str(read_ahead), *tls],
                       env=node_env, stdout=subprocess.PIPE, stderr=open(env.root / f"{name}-n{n}.log", "a"), text=True)
         try:
             wait_line(p, "listening")
@@ -187,6 +196,13 @@ def workloads(dirs, sizes, src):
                     o.write(chunk)
         return f
 
+    def copy_out(d):
+        def f():
+            with open(d / "big", "rb") as i:
+                while i.read(MiB):
+                    pass
+        return f
+
     def create(d):
         def f():
             (d / "many").mkdir()
@@ -209,15 +225,16 @@ def workloads(dirs, sizes, src):
         return f
 
     return [
-        (f"8 x {big} MiB in", "MiB/s", lambda: CLIENTS * big, [copy_in(d) for d in dirs], False),
-        (f"8 x {small:,} creates of 4 KiB", "files/s", lambda: CLIENTS * small, [create(d) for d in dirs], False),
-        (f"8 x {small:,} reads of 4 KiB, cold", "files/s", lambda: CLIENTS * small, [read_all(d) for d in dirs], True),
-        (f"8 x {small:,} removes", "files/s", lambda: CLIENTS * small, [remove(d) for d in dirs], False),
+        (f"{CLIENTS} x {big} MiB in", "MiB/s", lambda: CLIENTS * big, [copy_in(d) for d in dirs], False),
+        (f"{CLIENTS} x {big} MiB out, cold", "MiB/s", lambda: CLIENTS * big, [copy_out(d) for d in dirs], True),
+        (f"{CLIENTS} x {small:,} creates of 4 KiB", "files/s", lambda: CLIENTS * small, [create(d) for d in dirs], False),
+        (f"{CLIENTS} x {small:,} reads of 4 KiB, cold", "files/s", lambda: CLIENTS * small, [read_all(d) for d in dirs], True),
+        (f"{CLIENTS} x {small:,} removes", "files/s", lambda: CLIENTS * small, [remove(d) for d in dirs], False),
     ]
 
 
 def run_config(env, label, procs, addrs, fp, sizes, src, parts):
-    """Mounts 8 users over `addrs` and runs the workloads; returns {workload: (rate, cpu)}."""
+    """Mounts CLIENTS users over `addrs` and runs the workloads; returns {workload: (rate, cpu)}."""
     mounts = []
     dirs = []
     for i in range(CLIENTS):
@@ -252,13 +269,22 @@ def run_config(env, label, procs, addrs, fp, sizes, src, parts):
 
 
 def main():
+    global CLIENTS
     ap = argparse.ArgumentParser()
     ap.add_argument("--short", action="store_true", help="small sizes (about a minute)")
     ap.add_argument("--out", default=None, help="markdown output (default: the Scale-out section of BENCHMARKS.md)")
     ap.add_argument("--target-dir", default=str(REPO / "target" / "release"))
     ap.add_argument("--s3-nodelay", action="store_true",
                     help="start s3s-fs with TCP_NODELAY on its connections (bench/nodelay.c)")
+    ap.add_argument("--s3-read-ahead", type=int, default=0, metavar="MIB",
+                    help="the nodes' --s3-read-ahead (default 0, as theirs)")
+    ap.add_argument("--clients", type=int, default=CLIENTS, help=f"mounts, one user each (default {CLIENTS})")
+    ap.add_argument("--s3-delay", type=float, default=0, metavar="MS",
+                    help="put this round-trip delay between the nodes and s3s-fs (bench/delay.py)")
+    ap.add_argument("--configs", default="embedded,1,2,3",
+                    help="which to run, of embedded and 1, 2, 3 nodes (default: all)")
     a = ap.parse_args()
+    CLIENTS = a.clients
     sizes = dict(big_mib=16, small=100) if a.short else dict(big_mib=128, small=500)
     root = Path(tempfile.mkdtemp(prefix="sharefs-cluster-bench-", dir="/var/tmp"))
     os.chmod(root, 0o755)
@@ -275,11 +301,15 @@ def main():
         with open(src, "wb") as f:
             for _ in range(sizes["big_mib"]):
                 f.write(os.urandom(MiB))
-        procs, addrs, fp = start_embedded(env)
-        results["embedded"] = run_config(env, "embedded", procs, addrs, fp, sizes, src, lambda: {})
-        backend = Backend(env, a.s3_nodelay)
+        configs = a.configs.split(",")
+        if "embedded" in configs:
+            procs, addrs, fp = start_embedded(env)
+            results["embedded"] = run_config(env, "embedded", procs, addrs, fp, sizes, src, lambda: {})
+        backend = Backend(env, a.s3_nodelay, a.s3_delay)
         for n in (1, 2, 3):
-            procs, addrs, fp = start_nodes(env, backend, f"c{n}", n)
+            if str(n) not in configs:
+                continue
+            procs, addrs, fp = start_nodes(env, backend, f"c{n}", n, a.s3_read_ahead)
             parts = lambda: {"postgres": backend.pids(), "s3s-fs": [backend.s3.pid]}  # noqa: E731
             results[f"{n} node{'s' if n > 1 else ''}"] = run_config(env, f"c{n}", procs, addrs, fp, sizes, src, parts)
     finally:
@@ -303,7 +333,7 @@ def write_report(a, results, sizes):
     for name in names:
         unit = results[configs[0]][name][0]
         lines.append(f"| {name} | {unit} | " + " | ".join(fmt(results[c][name][1], unit) for c in configs) + " |")
-    lines += ["", "CPU seconds spent during each workload, by part (the 8 mounts, the server nodes, "
+    lines += ["", f"CPU seconds spent during each workload, by part (the {CLIENTS} mounts, the server nodes, "
               "PostgreSQL, s3s-fs), and its wall time:", "",
               "| workload | config | wall | mounts | nodes | postgres | s3s-fs |", "|---|---|---|---|---|---|---|"]
     for name in names:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The sharefs benchmark: local disk vs sshfs vs sharefs, same machine, same disk.
 #   bench/run.sh            full run (about 10-15 minutes), writes BENCHMARKS.md
-#   bench/run.sh --short    small sizes, one round (< 3 minutes), writes bench/short-results.md
+#   bench/run.sh --short    small sizes, one round (< 3 minutes), writes bench/short-results.md;
+#                           it proves the benchmark runs, so it uses the debug build the
+#                           tests made instead of building a release
 # Installs what it needs (Debian packages: sshfs, openssh-server, fio, fuse3, dbus, openssl),
-# builds sharefs in release mode, and
+# builds sharefs (in release mode for a full run), and
 # removes every process and mount it started, also on failure. Run as root (it drops the
 # page cache between cold runs).
 set -euo pipefail
@@ -20,5 +22,14 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-cargo build --release --quiet --bins -p sharefs-server -p sharefs-client -p sharefs-tests
-exec python3 bench/bench.py --target-dir "${CARGO_TARGET_DIR:-target}/release" "$@"
+profile=release
+for arg in "$@"; do
+    [ "$arg" != --short ] || profile=debug
+done
+if [ "$profile" = release ]; then
+    cargo build --release --quiet --bins -p sharefs-server -p sharefs-client -p sharefs-tests
+else
+    # The same selection as `cargo test --workspace`, so nothing is built again.
+    cargo build --quiet --workspace --bins
+fi
+exec python3 bench/bench.py --target-dir "${CARGO_TARGET_DIR:-target}/$profile" "$@"

@@ -24,6 +24,7 @@
 //! - [`schema`]: the tables, and the migrations that make them.
 //! - [`rows`]: entries as rows, ops as statements.
 //! - [`objects`]: contents as block objects.
+//! - [`readahead`]: blocks fetched ahead of sequential readers.
 //! - [`uploads`]: uploads, commits, reads (the [`BlobStore`] side).
 //! - [`feed`]: changes and notifications made through other nodes, pushed to this node's
 //!   sessions.
@@ -36,6 +37,7 @@ pub mod db;
 pub mod feed;
 pub mod notes;
 pub mod objects;
+pub mod readahead;
 pub mod rows;
 pub mod schema;
 pub mod uploads;
@@ -81,6 +83,8 @@ pub struct ClusterConfig {
     pub region: String,
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
+    /// The bytes fetched ahead of sequential readers, all readers together.
+    pub read_ahead: u64,
 }
 
 /// One user's tree as this node last saw it.
@@ -96,6 +100,8 @@ type Folder = Arc<AsyncMutex<Cached>>;
 pub(crate) struct Inner {
     pub(crate) db: Db,
     pub(crate) objects: Objects,
+    /// The node's budget for blocks fetched ahead of readers.
+    pub(crate) read_ahead: readahead::Budget,
     folders: Mutex<HashMap<String, Folder>>,
     /// Where the events of other nodes' changes go.
     sink: Mutex<Option<feed::Sink>>,
@@ -151,6 +157,7 @@ impl Cluster {
         let inner = Arc::new(Inner {
             db,
             objects: Objects::new(Arc::new(s3)),
+            read_ahead: readahead::Budget::new(config.read_ahead),
             folders: Mutex::default(),
             sink: Mutex::default(),
             note_sink: Mutex::default(),

@@ -148,6 +148,11 @@ struct ServeArgs {
     /// The S3 region for --blobs.
     #[arg(long, default_value = "us-east-1")]
     s3_region: String,
+    /// The MiB a node fetches from S3 ahead of sequential readers, in whole blocks,
+    /// all readers together (0: none). Mounts already keep 8 MiB of each file's
+    /// reads in flight; this pays when the object store is tens of ms away.
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    s3_read_ahead: u64,
 }
 
 #[derive(Subcommand)]
@@ -452,6 +457,7 @@ fn serve(data: PathBuf, metadata: Option<String>, args: ServeArgs) -> Result<()>
                 region: args.s3_region.clone(),
                 access_key: std::env::var("AWS_ACCESS_KEY_ID").ok(),
                 secret_key: std::env::var("AWS_SECRET_ACCESS_KEY").ok(),
+                read_ahead: args.s3_read_ahead.saturating_mul(1 << 20),
             });
         }
         if args.open_registration {

@@ -112,6 +112,11 @@ impl Db {
             .map_err(|e| ServerError::Internal(format!("a storage task failed: {e}")))?
     }
 
+    /// A handle on the database's runtime, if it still runs.
+    pub(crate) fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime.0.as_ref().map(|r| r.handle().clone())
+    }
+
     /// Runs `work` in the background on the database's runtime.
     pub(crate) fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
         if let Some(runtime) = self.runtime.0.as_ref() {

@@ -1,6 +1,7 @@
 //! The cluster's contents side ([`BlobStore`]): uploads written block by block into the
 //! object store and recorded in `sharefs_uploads` (so any node can resume one), commits
-//! that name the content in the tree's transaction, whole puts, and ranged reads.
+//! that name the content in the tree's transaction, whole puts, and reads (through
+//! [`super::readahead`]).
 //!
 //! An upload's content id is also the version its file gets, and the prefix of its
 //! blocks. Full blocks are written as they fill; a sync writes the partial last block too
@@ -11,12 +12,14 @@
 
 use std::any::Any;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use sharefs_protocol::FileInfo;
 
 use super::objects::{blocks_of, BLOCK};
+use super::readahead::ReadAhead;
 use super::{pg_error, pool_error, rows, Cluster};
 use crate::cutoff::Cutoff;
 use crate::error::{Result, ServerError};
@@ -395,7 +398,7 @@ impl Drop for ClusterUpload {
 pub struct ClusterReader {
     cluster: Cluster,
     info: FileInfo,
-    content: u64,
+    ahead: Arc<ReadAhead>,
 }
 
 impl ContentReader for ClusterReader {
@@ -404,11 +407,14 @@ impl ContentReader for ClusterReader {
     }
 
     fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        let objects = self.cluster.inner.objects.clone();
-        let (content, size) = (self.content, self.info.size);
+        let ahead = self.ahead.clone();
         self.cluster
-            .run(async move { objects.read(content, size, offset, len).await })
+            .run(async move { ahead.read(offset, len).await })
             .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    fn read_cached(&self, offset: u64, len: usize) -> Option<Bytes> {
+        self.ahead.read_ready(offset, len)
     }
 }
 
@@ -696,11 +702,23 @@ impl BlobStore for Cluster {
             let (node, path) = access::readable_file(tree, &o, id, caller)?;
             Ok((node.info(&o), path, rows::object_of(node).unwrap_or(0)))
         })?;
+        let runtime = self
+            .inner
+            .db
+            .handle()
+            .ok_or_else(|| ServerError::Internal("the storage is closed".into()))?;
+        let ahead = ReadAhead::new(
+            self.inner.objects.clone(),
+            content,
+            info.size,
+            self.inner.read_ahead.clone(),
+            runtime,
+        );
         Ok((
             Box::new(ClusterReader {
                 cluster: self.clone(),
                 info,
-                content,
+                ahead: Arc::new(ahead),
             }),
             path,
         ))
