@@ -26,10 +26,6 @@ profile=release
 for arg in "$@"; do
     [ "$arg" != --short ] || profile=debug
 done
-if [ "$profile" = release ]; then
-    cargo build --release --quiet --bins -p sharefs-server -p sharefs-client -p sharefs-tests
-else
-    # The same selection as `cargo test --workspace`, so nothing is built again.
-    cargo build --quiet --workspace --bins
-fi
+cargo build --quiet --bins -p sharefs-server -p sharefs-client -p sharefs-tests \
+    $([ "$profile" = release ] && echo --release)
 exec python3 bench/bench.py --target-dir "${CARGO_TARGET_DIR:-target}/$profile" "$@"

@@ -67,7 +67,8 @@ fn as_db_user(program: &Path) -> Command {
     }
 }
 
-fn run_ok(cmd: &mut Command, what: &str) {
+/// Runs `cmd`, which must succeed; its standard output.
+fn run_ok(cmd: &mut Command, what: &str) -> String {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -78,6 +79,7 @@ fn run_ok(cmd: &mut Command, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A private PostgreSQL server.
@@ -131,6 +133,25 @@ impl Postgres {
             "CREATE DATABASE",
         );
         format!("postgres://sharefs@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Runs `sql` in the database of `url` (from [`Postgres::database`]); its output,
+    /// unaligned and without headers.
+    pub fn sql(&self, url: &str, sql: &str) -> String {
+        run_ok(
+            Command::new(pg_program("psql")).args([
+                "-d",
+                url,
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ]),
+            "psql",
+        )
     }
 
     /// Stops the server at once (as a crash would) or, with `clean`, cleanly.

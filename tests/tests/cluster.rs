@@ -418,7 +418,8 @@ async fn accounts_and_notifications_belong_to_the_cluster() {
 
 /// Pending notifications stay bounded in the database as on disk: past
 /// `--max-pending-notifications` the oldest fold into one digest, replayed first;
-/// acknowledged, the digest goes and the folded ones stay as history.
+/// acknowledged, the digest goes and the folded ones stay as history. The history is
+/// trimmed to the newest 10,000 of the owner's notifications.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_notifications_fold_into_a_digest_across_nodes() {
     const FILES: usize = 40;
@@ -439,6 +440,13 @@ async fn pending_notifications_fold_into_a_digest_across_nodes() {
         ids.push(made.id);
     }
     drop(alice);
+    // An old history of 10,100 acknowledged downloads, oldest first.
+    let history = |sql: &str| backend.postgres.sql(&backend.url, sql);
+    history(
+        "INSERT INTO sharefs_notes (owner, downloader, file, size, first_ms, last_ms, count, pending)
+         SELECT 'alice', 'carol', 'old/' || n, 1, n, n, 1, false
+         FROM generate_series(1, 10100) AS n",
+    );
     // bob opens every file, half through each node.
     let (bob1, _) = one.connect("bob").await;
     let (bob2, _) = two.connect("bob").await;
@@ -461,8 +469,19 @@ async fn pending_notifications_fold_into_a_digest_across_nodes() {
     let (after, recent) = alice.notifications(100).await.unwrap();
     assert_eq!(after.len(), pending.len() - 1);
     assert!(after.iter().all(|n| n.folded == 0));
-    assert_eq!(recent.len(), FILES, "every download is history");
+    let bobs = recent.iter().filter(|n| n.downloader == "bob").count();
+    assert_eq!(bobs, FILES, "every download is history");
     assert!(recent.iter().all(|n| n.folded == 0));
+    // Each node trimmed at its first record: the oldest went, the newest 10,000 stayed
+    // (and the 38 made after).
+    let count = |sql: &str| history(sql).trim().parse::<u64>().unwrap();
+    let kept = count("SELECT count(*) FROM sharefs_notes WHERE owner = 'alice'");
+    assert!(
+        (10_000..=10_000 + FILES as u64).contains(&kept),
+        "{kept} kept"
+    );
+    let oldest = count("SELECT min(first_ms) FROM sharefs_notes WHERE file LIKE 'old/%'");
+    assert!(oldest > 100, "the oldest kept is old/{oldest}");
 }
 
 /// Writes `data` to `path` in 256 KiB writes and closes it; the errno of the first call

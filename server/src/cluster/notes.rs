@@ -32,7 +32,7 @@ pub const CHANNEL: &str = "sharefs_notes";
 /// shows the end of).
 pub const HISTORY_KEPT: i64 = 10_000;
 
-/// The history is trimmed at every this many records a node makes.
+/// The history is trimmed at a node's first record and every this many after.
 const TRIM_EVERY: u64 = 64;
 
 /// The advisory lock (with the owner's name hashed) that serialises one owner's records,
@@ -295,7 +295,7 @@ impl NoteStore for PgNotes {
         })?;
         if let Some(n) = &recorded {
             let made = self.made.fetch_add(1, Ordering::Relaxed) + 1;
-            self.tidy(&n.owner, made.is_multiple_of(TRIM_EVERY));
+            self.tidy(&n.owner, made % TRIM_EVERY == 1);
         }
         Ok(recorded)
     }
