@@ -74,6 +74,9 @@ export SHAREFS_TEST_S3_MAKE_BUCKET="'$GARAGE' -c '$dir/n1/garage.toml' bucket cr
     && '$GARAGE' -c '$dir/n1/garage.toml' bucket allow --read --write --owner \"\$1\" --key sharefs-test > /dev/null"
 export SHAREFS_REQUIRE_FUSE=1 SHAREFS_REQUIRE_TOOLS=1
 
+# Garage as `cargo install --debug` builds it writes every block three times at a few
+# MiB/s on a small machine: the tests' bounds on a wait are five times the usual.
+export SHAREFS_TEST_TIME_SCALE=${SHAREFS_TEST_TIME_SCALE:-5}
 echo "garage.sh: the suites against three Garage nodes" >&2
 cargo test --workspace "${suites[@]}"
 

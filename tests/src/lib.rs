@@ -38,11 +38,24 @@ pub use smallfs::SmallFs;
 /// Bound on every wait in the tests: a bug fails the test instead of hanging CI.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Awaits `fut`, failing the test if it takes longer than [`TIMEOUT`].
+/// The bound of [`within`] and [`output_within`]: [`TIMEOUT`] times
+/// `SHAREFS_TEST_TIME_SCALE` (a whole number, 1 when unset), for a slow backend such
+/// as an unoptimised Garage keeping three copies of every block (tests/garage.sh).
+pub fn patience() -> Duration {
+    let scale = std::env::var("SHAREFS_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1)
+        .clamp(1, 20);
+    TIMEOUT * scale
+}
+
+/// Awaits `fut`, failing the test if it takes longer than [`patience`].
 pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(TIMEOUT, fut).await {
+    let limit = patience();
+    match tokio::time::timeout(limit, fut).await {
         Ok(v) => v,
-        Err(_) => panic!("timed out after {TIMEOUT:?}: {what}"),
+        Err(_) => panic!("timed out after {limit:?}: {what}"),
     }
 }
 
@@ -525,7 +538,7 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs `cmd` to its end, at most [`TIMEOUT`] (then kills it and fails the test).
+/// Runs `cmd` to its end, at most [`patience`] (then kills it and fails the test).
 /// Its output goes through files, so a chatty command cannot fill a pipe and stall.
 pub fn output_within(cmd: &mut Command) -> std::process::Output {
     let out = tempfile::tempfile().unwrap();
@@ -536,7 +549,8 @@ pub fn output_within(cmd: &mut Command) -> std::process::Output {
         .stderr(err.try_clone().unwrap())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + TIMEOUT;
+    let limit = patience();
+    let deadline = std::time::Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -544,7 +558,7 @@ pub fn output_within(cmd: &mut Command) -> std::process::Output {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} did not finish within {TIMEOUT:?}");
+            panic!("{cmd:?} did not finish within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
