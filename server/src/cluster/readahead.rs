@@ -56,10 +56,18 @@ impl Budget {
 
 type Fetched = Shared<BoxFuture<'static, std::result::Result<Bytes, Arc<str>>>>;
 
-/// One block being fetched, or fetched, with the budget it holds.
+/// One block being fetched, or fetched, with the budget it holds. Dropped, it stops its
+/// fetch: the bytes of a fetch still running are the budget's as long as it runs.
 struct Ahead {
     data: Fetched,
+    fetch: tokio::task::AbortHandle,
     _held: OwnedSemaphorePermit,
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.fetch.abort();
+    }
 }
 
 #[derive(Default)]
@@ -167,6 +175,8 @@ impl ReadAhead {
         let last = (end - 1) / BLOCK;
         let held = (first..=last).all(|n| state.blocks.contains_key(&n));
         if !sequential && !held {
+            // The reader jumped: what was fetched ahead of it gives its budget back.
+            state.blocks.clear();
             return None;
         }
         // Blocks behind the reader give their budget back.
@@ -187,13 +197,21 @@ impl ReadAhead {
                     .await
                     .map_err(|e| Arc::<str>::from(e.to_string()))
             });
+            let fetch = task.abort_handle();
             let data = async move {
                 task.await
                     .map_err(|e| Arc::<str>::from(format!("read-ahead task: {e}")))?
             }
             .boxed()
             .shared();
-            state.blocks.insert(n, Ahead { data, _held: held });
+            state.blocks.insert(
+                n,
+                Ahead {
+                    data,
+                    fetch,
+                    _held: held,
+                },
+            );
         }
         if !held {
             return None;
@@ -215,7 +233,8 @@ impl ReadAhead {
     }
 }
 
-/// The bytes `offset..end` from the blocks that hold them.
+/// The bytes `offset..end` from the blocks that hold them, copied: a reply must not
+/// keep a whole block alive (its bytes are counted as the reply's length only).
 async fn join(fetches: Vec<(u64, Fetched)>, offset: u64, end: u64) -> Result<Bytes> {
     let mut blocks = Vec::with_capacity(fetches.len());
     for (n, fetch) in fetches {
@@ -228,18 +247,12 @@ async fn join(fetches: Vec<(u64, Fetched)>, offset: u64, end: u64) -> Result<Byt
 }
 
 fn slice(blocks: &[(u64, Bytes)], offset: u64, end: u64) -> Bytes {
-    let mut parts = blocks.iter().map(|(n, bytes)| {
+    let mut out = BytesMut::with_capacity((end - offset) as usize);
+    for (n, bytes) in blocks {
         let base = n * BLOCK;
         let from = (offset.max(base) - base) as usize;
         let to = ((end.min(base + BLOCK) - base) as usize).min(bytes.len());
-        bytes.slice(from.min(to)..to)
-    });
-    if blocks.len() == 1 {
-        return parts.next().unwrap_or_default();
-    }
-    let mut out = BytesMut::with_capacity((end - offset) as usize);
-    for part in parts {
-        out.extend_from_slice(&part);
+        out.extend_from_slice(&bytes[from.min(to)..to]);
     }
     out.freeze()
 }
@@ -328,6 +341,22 @@ mod tests {
             let got = ahead.read(at, 4096).await.unwrap();
             assert_eq!(&got[..], &data[at as usize..at as usize + 4096]);
         }
+        assert!(ahead.blocks().is_empty());
+        assert_eq!(budget.available(), 64 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_jumps_gives_its_blocks_back() {
+        let budget = Budget::new(64 << 20);
+        let size = 8 * BLOCK as usize;
+        let (ahead, data) = reader(size, &budget).await;
+        ahead.read(0, 4096).await.unwrap();
+        ahead.read(4096, 4096).await.unwrap();
+        assert_eq!(ahead.blocks(), vec![1, 2]);
+        assert!(budget.available() < 64 << 20);
+        let at = 6 * BLOCK as usize + 100;
+        let got = ahead.read(at as u64, 4096).await.unwrap();
+        assert_eq!(&got[..], &data[at..at + 4096]);
         assert!(ahead.blocks().is_empty());
         assert_eq!(budget.available(), 64 << 20);
     }
