@@ -606,6 +606,23 @@ pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Checks a folded pending list: at most `cap` + 1, the digest of `downloader`'s
+/// downloads first and only it folded, and together they account for all `made`.
+pub fn assert_digest_first(
+    pending: &[sharefs_protocol::Notification],
+    cap: usize,
+    made: usize,
+    downloader: &str,
+) {
+    assert!(pending.len() <= cap + 1, "{} pending", pending.len());
+    let digest = &pending[0];
+    assert!(digest.folded > 0, "no digest first: {pending:?}");
+    assert!(pending[1..].iter().all(|n| n.folded == 0));
+    assert_eq!(digest.folded as usize + pending.len() - 1, made);
+    assert_eq!(digest.count, digest.folded);
+    assert_eq!(digest.downloader, downloader);
+}
+
 /// Deterministic pseudo-random content.
 pub fn content(seed: u64, len: usize) -> Vec<u8> {
     use rand::{RngCore, SeedableRng};

@@ -405,13 +405,8 @@ async fn a_download_flood_leaves_a_bounded_digest() {
         }
     }
     assert_eq!(replayed, pending.len());
-    assert!(pending.len() <= CAP + 1, "{} pending", pending.len());
+    assert_digest_first(&pending, CAP, FILES, "mallory");
     let digest = &pending[0];
-    assert!(digest.folded > 0, "no digest first: {digest:?}");
-    assert!(pending[1..].iter().all(|n| n.folded == 0));
-    assert_eq!(digest.folded as usize + pending.len() - 1, FILES);
-    assert_eq!(digest.count, digest.folded);
-    assert_eq!(digest.downloader, "mallory");
     assert_eq!(
         digest.file,
         format!("{} more files, not shown one by one", digest.folded)

@@ -44,6 +44,7 @@ impl Budget {
     }
 
     /// The bytes not taken now.
+    #[cfg(test)]
     pub fn available(&self) -> u64 {
         self.0.available_permits() as u64 * 1024
     }
