@@ -59,31 +59,18 @@ pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     }
 }
 
-static RELEASE_BINARIES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes [`bin`] build and run the release binaries, what users run (for the standard
-/// suites, whose long runs measure the product, not a debug build). Call it before
-/// starting any server or mount of the test process.
-pub fn use_release_binaries() {
-    RELEASE_BINARIES.store(true, std::sync::atomic::Ordering::SeqCst);
-}
-
 /// Path of one of the workspace's binaries, built once per test process.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         // target/<profile>/deps/<test binary> -> target/<profile>
         let exe = std::env::current_exe().expect("test executable path");
-        let mut dir = exe
+        let dir = exe
             .parent()
             .and_then(Path::parent)
             .expect("target directory")
             .to_path_buf();
-        let mut release = dir.file_name().is_some_and(|n| n == "release");
-        if RELEASE_BINARIES.load(std::sync::atomic::Ordering::SeqCst) && !release {
-            dir = dir.with_file_name("release");
-            release = true;
-        }
+        let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "--bins", "-p", "sharefs-server"]);
@@ -94,6 +81,14 @@ pub fn bin(name: &str) -> PathBuf {
         if release {
             cmd.arg("--release");
         }
+        // Cargo gives a test the variables it gives a build script of this package; build
+        // scripts that watch them (ring's) would see a change and rebuild with everything
+        // above them, here and again at the next `cargo` run from a shell.
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(set_by_cargo_for_the_test) {
+                cmd.env_remove(key);
+            }
+        }
         let status = cmd.status().expect("running cargo build");
         assert!(status.success(), "cargo build of the binaries failed");
         dir
@@ -101,6 +96,22 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(path.exists(), "{} missing", path.display());
     path
+}
+
+/// Whether cargo sets the variable `key` for this test process (as for a build script of
+/// this package), rather than the user for every cargo run.
+fn set_by_cargo_for_the_test(key: &str) -> bool {
+    key == "OUT_DIR"
+        || key.starts_with("CARGO_PKG_")
+        || key.starts_with("CARGO_BIN_")
+        || key.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            key,
+            "CARGO_CRATE_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        )
 }
 
 pub const PASSWORD: &str = "correct horse";

@@ -53,7 +53,6 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
 
 #[test]
 fn pjdfstest_passes_in_a_users_own_folder() {
-    use_release_binaries();
     if !fuse_available() {
         return;
     }
@@ -119,7 +118,6 @@ fn fsx_config(dir: &Path, mmap: bool) -> PathBuf {
 
 #[test]
 fn fsx_random_seeds_with_and_without_mmap() {
-    use_release_binaries();
     if !fuse_available() {
         return;
     }
@@ -136,10 +134,12 @@ fn fsx_random_seeds_with_and_without_mmap() {
             .map(|s| s.parse().unwrap_or_else(|_| panic!("{var}: a number")))
             .unwrap_or(default)
     };
-    // 100,000 operations a seed in both modes; with mmap every msync of a written mapping
-    // uploads the file, so those runs take several times as long.
+    // 100,000 operations a seed without mmap, 50,000 with: there every msync of a written
+    // mapping uploads the whole file, so an operation costs twice as much (13 s against
+    // 8 s for 20,000 on the test machine), and half as many keep the suite's share of
+    // CI's time in bounds.
     let plain_ops = ops_of("SHAREFS_FSX_OPS", 100_000);
-    let mmap_ops = ops_of("SHAREFS_FSX_MMAP_OPS", 100_000);
+    let mmap_ops = ops_of("SHAREFS_FSX_MMAP_OPS", 50_000);
     let server = TestServer::start();
     let alice = TestMount::new(&server, "alice");
     let work = tempfile::tempdir().unwrap();
