@@ -94,6 +94,13 @@ pub struct DirEntry {
     pub attr: Attr,
 }
 
+/// An open directory: its entries, once read.
+#[derive(Debug)]
+pub struct OpenDir {
+    ino: u64,
+    entries: tokio::sync::OnceCell<Arc<Vec<DirEntry>>>,
+}
+
 /// How a file is opened.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenMode {
@@ -664,17 +671,38 @@ impl<R: Remote> FsCore<R> {
         Some(self.reported_attr(&st, ino, info))
     }
 
+    /// Opens a directory. What opening must report (not a directory, gone, a listing the
+    /// server refuses) it reports here: a listing not cached is fetched now. The entries
+    /// are taken at the first read: while its own cache of the directory is valid, the
+    /// kernel reads none, and `ls` of a cached folder of 10,000 files then costs no
+    /// snapshot of them.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let entries = self.list(ino).await?;
-        Ok(self.insert_handle(Handle::Dir(Arc::new(entries))))
+        if ino == ROOT {
+            self.users().await?;
+        } else {
+            let dir = self.dir(ino)?;
+            let cached = self.listings().get(&dir.key()).is_some();
+            if !cached {
+                self.entries(&dir).await?;
+            }
+        }
+        Ok(self.insert_handle(Handle::Dir(Arc::new(OpenDir {
+            ino,
+            entries: tokio::sync::OnceCell::new(),
+        }))))
     }
 
-    /// The snapshot taken at opendir, so paging through it is consistent.
-    pub fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
-        match self.handles().get(&fh) {
-            Some(Handle::Dir(d)) => Ok(d.clone()),
-            _ => Err(FsError::BadHandle),
-        }
+    /// The entries of an open directory, taken at its first read and kept, so paging
+    /// through them is consistent.
+    pub async fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
+        let open = match self.handles().get(&fh) {
+            Some(Handle::Dir(d)) => d.clone(),
+            _ => return Err(FsError::BadHandle),
+        };
+        open.entries
+            .get_or_try_init(|| async { self.list(open.ino).await.map(Arc::new) })
+            .await
+            .cloned()
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -17,7 +17,7 @@ use fuser::{
     ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, FsCore, FsError, Invalidation, Kind, OpenMode, Remote, SetAttr};
+use crate::fs::{Attr, DirEntry, FsCore, FsError, Invalidation, Kind, OpenMode, Remote, SetAttr};
 
 /// How long the kernel may trust an entry or attributes without asking. Long, because the
 /// server pushes changes and the mount invalidates them at once.
@@ -89,10 +89,6 @@ impl<R: Remote> FuseAdapter<R> {
             notifier,
             invalidator,
         }
-    }
-
-    fn attr(&self, a: &Attr) -> FileAttr {
-        attr(a, self.uid, self.gid)
     }
 
     /// Runs `fut` from the FUSE thread; see [`drive`].
@@ -253,6 +249,83 @@ fn attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
         blksize: IO_SIZE,
         flags: 0,
     }
+}
+
+/// One page of a `readdir` answer from the entries of an open directory.
+fn fill_dir<R: Remote>(
+    core: &FsCore<R>,
+    ino: u64,
+    entries: &[DirEntry],
+    offset: u64,
+    mut reply: ReplyDirectory,
+) {
+    // The root's own parent is outside the mount; the kernel answers for it.
+    let dots = [(ino, "."), (core.parent_of(ino), "..")];
+    let all = dots
+        .iter()
+        .map(|(i, n)| (*i, FileType::Directory, *n))
+        .chain(
+            entries
+                .iter()
+                .map(|e| (e.attr.ino, file_type(e.attr.kind), e.name.as_str())),
+        );
+    for (i, (eino, kind, name)) in all.enumerate().skip(offset as usize) {
+        if reply.add(INodeNo(eino), i as u64 + 1, kind, name) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
+/// One page of a `readdirplus` answer from the entries of an open directory.
+fn fill_dir_plus<R: Remote>(
+    core: &FsCore<R>,
+    ino: u64,
+    entries: &[DirEntry],
+    offset: u64,
+    mut reply: ReplyDirectoryPlus,
+    uid: u32,
+    gid: u32,
+) {
+    // `.` and `..` with an attribute-less entry: the kernel does not look them up
+    // from readdirplus (and must not take made-up attributes for theirs).
+    let dir = |i: u64| Attr {
+        ino: i,
+        kind: Kind::Dir,
+        size: 0,
+        mtime: SystemTime::UNIX_EPOCH,
+        atime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        perm: 0o555,
+        unlinked: false,
+    };
+    let dots = [(".", dir(ino)), ("..", dir(core.parent_of(ino)))];
+    for i in offset as usize.. {
+        let (name, a, ttl) = match i.checked_sub(dots.len()) {
+            None => (dots[i].0, dots[i].1.clone(), Duration::ZERO),
+            Some(j) => {
+                let Some(e) = entries.get(j) else { break };
+                // The snapshot taken at the first read may be older than a rename or
+                // unlink made since: the kernel keeps a name (and its attributes) only
+                // while the mount's tree still says the same, as a lookup now would.
+                match core.current_entry(ino, e) {
+                    Some(now) => (e.name.as_str(), now, TTL),
+                    None => (e.name.as_str(), e.attr.clone(), Duration::ZERO),
+                }
+            }
+        };
+        if reply.add(
+            INodeNo(a.ino),
+            i as u64 + 1,
+            name,
+            &ttl,
+            &attr(&a, uid, gid),
+            Generation(0),
+        ) {
+            break;
+        }
+    }
+    reply.ok();
 }
 
 fn name_str(name: &OsStr) -> Result<String, Errno> {
@@ -660,28 +733,14 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let entries = match self.core.dir_entries(fh.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(failed("readdir", &e)),
-        };
-        // The root's own parent is outside the mount; the kernel answers for it.
-        let dots = [(ino.0, "."), (self.core.parent_of(ino.0), "..")];
-        let all = dots
-            .iter()
-            .map(|(i, n)| (*i, FileType::Directory, *n))
-            .chain(
-                entries
-                    .iter()
-                    .map(|e| (e.attr.ino, file_type(e.attr.kind), e.name.as_str())),
-            );
-        for (i, (eino, kind, name)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(eino), i as u64 + 1, kind, name) {
-                break;
+        self.run(move |core, _, _| async move {
+            match core.dir_entries(fh.0).await {
+                Ok(entries) => fill_dir(&core, ino.0, &entries, offset, reply),
+                Err(e) => reply.error(failed("readdir", &e)),
             }
-        }
-        reply.ok();
+        });
     }
 
     fn readdirplus(
@@ -690,51 +749,14 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.core.dir_entries(fh.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(failed("readdirplus", &e)),
-        };
-        // `.` and `..` with an attribute-less entry: the kernel does not look them up
-        // from readdirplus (and must not take made-up attributes for theirs).
-        let dir = |i: u64| Attr {
-            ino: i,
-            kind: Kind::Dir,
-            size: 0,
-            mtime: SystemTime::UNIX_EPOCH,
-            atime: SystemTime::UNIX_EPOCH,
-            ctime: SystemTime::UNIX_EPOCH,
-            perm: 0o555,
-            unlinked: false,
-        };
-        let dots = [(".", dir(ino.0)), ("..", dir(self.core.parent_of(ino.0)))];
-        for i in offset as usize.. {
-            let (name, a, ttl) = match i.checked_sub(dots.len()) {
-                None => (dots[i].0, dots[i].1.clone(), Duration::ZERO),
-                Some(j) => {
-                    let Some(e) = entries.get(j) else { break };
-                    // The snapshot taken at opendir may be older than a rename or unlink
-                    // made since: the kernel keeps a name (and its attributes) only while
-                    // the mount's tree still says the same, as a lookup now would.
-                    match self.core.current_entry(ino.0, e) {
-                        Some(now) => (e.name.as_str(), now, TTL),
-                        None => (e.name.as_str(), e.attr.clone(), Duration::ZERO),
-                    }
-                }
-            };
-            if reply.add(
-                INodeNo(a.ino),
-                i as u64 + 1,
-                name,
-                &ttl,
-                &self.attr(&a),
-                Generation(0),
-            ) {
-                break;
+        self.run(move |core, uid, gid| async move {
+            match core.dir_entries(fh.0).await {
+                Ok(entries) => fill_dir_plus(&core, ino.0, &entries, offset, reply, uid, gid),
+                Err(e) => reply.error(failed("readdirplus", &e)),
             }
-        }
-        reply.ok();
+        });
     }
 
     fn releasedir(

@@ -23,7 +23,7 @@ use super::room;
 use super::stream::{self, StreamState};
 use super::tree::LOCAL_ID;
 use super::write::{Base, Content, StagedWrite};
-use super::{Attr, DirEntry, FsCore, OpenMode, Opened, Pinned, HEAD};
+use super::{Attr, FsCore, OpenDir, OpenMode, Opened, Pinned, HEAD};
 
 pub enum Handle<R: Remote> {
     /// A remote version; `cached` when read through the kernel's cache (`State::pinned`).
@@ -37,7 +37,7 @@ pub enum Handle<R: Remote> {
         staged: Arc<StagedWrite>,
         writable: bool,
     },
-    Dir(Arc<Vec<DirEntry>>),
+    Dir(Arc<OpenDir>),
 }
 
 impl<R: Remote> Clone for Handle<R> {

@@ -2388,6 +2388,50 @@ fn a_mode_change_of_anothers_directory_drops_what_was_listed_below_it() {
     });
 }
 
+/// Opening a directory asks for its listing only when none is cached, so what opening
+/// must report it reports; the entries are taken at the handle's first read (the kernel
+/// reads none while its own cache is valid) and every later page comes from them.
+#[test]
+fn a_directory_is_listed_at_open_only_when_not_cached_and_paged_from_one_snapshot() {
+    rt().block_on(async {
+        let e = env("bob");
+        e.core.remote.put("alice", "d/f1", b"x");
+        let alice = folder(&e.core, "alice").await;
+        let d = e.core.lookup(alice, "d").await.unwrap();
+        let lists = || e.core.remote.lists.load(Ordering::Relaxed);
+        let names = |entries: &[DirEntry]| -> Vec<String> {
+            entries.iter().map(|e| e.name.clone()).collect()
+        };
+        let before = lists();
+        let first = e.core.opendir(d.ino).await.unwrap();
+        assert_eq!(lists(), before + 1, "not cached: listed at open");
+        let second = e.core.opendir(d.ino).await.unwrap();
+        assert_eq!(lists(), before + 1, "cached: nothing asked");
+
+        let read = e.core.dir_entries(first).await.unwrap();
+        assert_eq!(names(&read), ["f1"]);
+        changed(&e.core, e.core.remote.put("alice", "d/f2", b"y"));
+        let again = e.core.dir_entries(first).await.unwrap();
+        assert!(
+            Arc::ptr_eq(&read, &again),
+            "a later page reads the same entries"
+        );
+        // Opened before the change, first read after it: the change is in.
+        let later = e.core.dir_entries(second).await.unwrap();
+        assert_eq!(names(&later), ["f1", "f2"]);
+        assert_eq!(lists(), before + 1);
+        e.core.releasedir(first);
+        e.core.releasedir(second);
+        assert!(matches!(
+            e.core.dir_entries(first).await,
+            Err(FsError::BadHandle)
+        ));
+
+        let f1 = e.core.lookup(d.ino, "f1").await.unwrap();
+        assert!(matches!(e.core.opendir(f1.ino).await, Err(FsError::NotDir)));
+    });
+}
+
 /// A new file is made on the server at once, with its mode; its content follows at
 /// close, replacing that entry wherever it then is; removing it removes it.
 #[test]
