@@ -672,28 +672,25 @@ impl<R: Remote> FsCore<R> {
     }
 
     /// Opens a directory. What opening must report (not a directory, gone, a listing the
-    /// server refuses) it reports here: a listing not cached is fetched now. The entries
-    /// are taken at the first read: while its own cache of the directory is valid, the
-    /// kernel reads none, and `ls` of a cached folder of 10,000 files then costs no
-    /// snapshot of them.
+    /// server refuses) it reports here. A directory whose listing had to be fetched has its
+    /// entries taken now; one whose listing is cached has them taken at the first read:
+    /// while its own cache of the directory is valid the kernel reads none, and `ls` of a
+    /// cached folder of 10,000 files then costs no snapshot of them.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
-        if ino == ROOT {
-            self.users().await?;
+        let cached = ino != ROOT && {
+            let key = self.dir(ino)?.key();
+            self.listings().get(&key).is_some()
+        };
+        let entries = if cached {
+            tokio::sync::OnceCell::new()
         } else {
-            let dir = self.dir(ino)?;
-            let cached = self.listings().get(&dir.key()).is_some();
-            if !cached {
-                self.entries(&dir).await?;
-            }
-        }
-        Ok(self.insert_handle(Handle::Dir(Arc::new(OpenDir {
-            ino,
-            entries: tokio::sync::OnceCell::new(),
-        }))))
+            tokio::sync::OnceCell::new_with(Some(Arc::new(self.list(ino).await?)))
+        };
+        Ok(self.insert_handle(Handle::Dir(Arc::new(OpenDir { ino, entries }))))
     }
 
-    /// The entries of an open directory, taken at its first read and kept, so paging
-    /// through them is consistent.
+    /// The entries of an open directory, taken at its open or first read and kept, so
+    /// paging through them is consistent.
     pub async fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
         let open = match self.handles().get(&fh) {
             Some(Handle::Dir(d)) => d.clone(),

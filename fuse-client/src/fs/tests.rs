@@ -2389,8 +2389,9 @@ fn a_mode_change_of_anothers_directory_drops_what_was_listed_below_it() {
 }
 
 /// Opening a directory asks for its listing only when none is cached, so what opening
-/// must report it reports; the entries are taken at the handle's first read (the kernel
-/// reads none while its own cache is valid) and every later page comes from them.
+/// must report it reports; with a listing cached, the entries are taken at the handle's
+/// first read (the kernel reads none while its own cache is valid), and every later page
+/// comes from the same entries.
 #[test]
 fn a_directory_is_listed_at_open_only_when_not_cached_and_paged_from_one_snapshot() {
     rt().block_on(async {
