@@ -167,8 +167,9 @@ struct State {
     pinned: HashMap<u64, Pinned>,
     /// Files being written, by inode.
     staged: HashMap<u64, Arc<StagedWrite>>,
-    /// Creates sent from here and not answered yet, by the inode of their local node.
-    creating: HashMap<u64, creating::Creating>,
+    /// Creates made here that the server has not answered yet (deferred, sent, or
+    /// carried by an upload), by the inode of their local node.
+    creating: HashMap<u64, creating::Create>,
 }
 
 /// One version of a file open for reading through the kernel's cache (`State::pinned`).

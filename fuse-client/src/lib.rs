@@ -27,7 +27,7 @@
 //!   - `fs/events.rs`: what pushed events change, and what the kernel must forget;
 //!   - `fs/namespace.rs`: mkdir, symlink, unlink, rmdir, rename, setattr;
 //!   - `fs/files.rs`: open files, descriptors and uploads of staged writes;
-//!     `fs/creating.rs`: creates sent without waiting for their answer;
+//!     `fs/creating.rs`: creates deferred to the file's first upload;
 //!     `fs/durable.rs`: changes answered before the server's fdatasync, and the
 //!     `close()`/`fsync()` points that make them durable;
 //!   - `fs/read.rs`: ranged reads with prefetch; `fs/write.rs`: staged writes and their

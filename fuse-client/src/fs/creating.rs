@@ -1,11 +1,14 @@
-//! Creates in flight. `create(2)` sends the new, empty file to the server (lazily, see
-//! `durable`) and returns without waiting for the answer: the file is a local node of the inode table (no entry
-//! id yet) that lookups, listings and writes see at once, while the request travels. What
-//! needs the server to know the file (its upload at `close()`, `fsync`, a rename, an
-//! unlink, a mode or times) first waits for the answer here; by then it has usually
-//! arrived, so a new file costs one round trip (its upload) instead of two. A create the
-//! server refuses (the name taken meanwhile from another mount, the quota, a full disk)
-//! takes the file away again, and the `close()` of whoever created it reports the error.
+//! Creates made here. `create(2)` makes the file a local node of the inode table (no
+//! entry id yet) that lookups, listings and writes see at once, and sends nothing: the
+//! file's first upload (its `close()`, an `fsync()`) creates it on the server together
+//! with its content, so a new file costs one round trip. Whatever else needs the server
+//! to know the file before that (a rename, a chmod of a file not written yet, a stream
+//! past its first chunk, an `rmdir` of its directory, a `close()` of a descriptor that
+//! wrote nothing) sends the create first, empty, and waits for its answer. A create the
+//! server refuses (the quota, a full disk, the directory removed from another mount)
+//! takes the file away again, and the `close()` of whoever created it reports the error;
+//! a file unlinked, or last closed without an upload, before its create went out leaves
+//! nothing on the server.
 
 use std::time::SystemTime;
 
@@ -21,9 +24,64 @@ use super::{FsCore, Invalidation};
 /// The server's answer to a create sent from here, awaited by whoever needs it first.
 pub type Creating = Shared<BoxFuture<'static, FsResult<FileInfo>>>;
 
+/// Where a create made here stands (`State::creating`, by the inode of its local node).
+#[derive(Debug, Clone)]
+pub enum Create {
+    /// Not sent yet: the mode it was made with, and when.
+    Deferred { mode: u32, at_ns: i64 },
+    /// Sent on its own, empty: its answer.
+    Sent(Creating),
+    /// Carried by an upload of the file under way; resolves when that upload is over,
+    /// either way (see [`Carried`]).
+    Carried(Shared<BoxFuture<'static, ()>>),
+}
+
+/// A deferred create taken by an upload, which creates the file. Dropped without
+/// [`Carried::done`] (the upload failed), the create is deferred again.
+pub(super) struct Carried<'a, R: Remote> {
+    core: &'a FsCore<R>,
+    ino: u64,
+    mode: u32,
+    at_ns: i64,
+    done: bool,
+    /// Dropped last: wakes whoever waits for the upload to the state left behind.
+    _over: tokio::sync::oneshot::Sender<()>,
+}
+
+impl<R: Remote> Carried<'_, R> {
+    /// The mode the file was created with.
+    pub fn mode(&self) -> u32 {
+        self.mode
+    }
+
+    /// The upload made the file on the server.
+    pub fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl<R: Remote> Drop for Carried<'_, R> {
+    fn drop(&mut self) {
+        let mut st = self.core.state();
+        if matches!(st.creating.get(&self.ino), Some(Create::Carried(_))) {
+            if self.done {
+                st.creating.remove(&self.ino);
+            } else {
+                st.creating.insert(
+                    self.ino,
+                    Create::Deferred {
+                        mode: self.mode,
+                        at_ns: self.at_ns,
+                    },
+                );
+            }
+        }
+    }
+}
+
 impl<R: Remote> FsCore<R> {
-    /// Sends the create of `name` in directory `parent` (the directory `dir_id` of the
-    /// user's tree) and returns its local node at once.
+    /// Makes the local node of a new file `name` in directory `parent` (the directory
+    /// `dir_id` of the user's tree), its create deferred.
     pub(super) fn begin_create(&self, parent: u64, dir_id: u64, name: &str, mode: u32) -> u64 {
         let now = super::ns_of(SystemTime::now());
         let info = FileInfo {
@@ -40,21 +98,53 @@ impl<R: Remote> FsCore<R> {
             version: 0,
             target: None,
         };
+        let mut st = self.state();
+        let ino = st.tree.add_local(parent, &info);
+        st.creating.insert(
+            ino,
+            Create::Deferred {
+                mode: mode & 0o7777,
+                at_ns: now,
+            },
+        );
+        ino
+    }
+
+    /// Sends the create of `ino` if it is still deferred: empty, with its mode, where the
+    /// file now is. Lazily (see `durable`), unless `durable`: then it is answered once it
+    /// is durable, with every lazy change answered before it.
+    pub(super) fn send_create(&self, ino: u64, durable: bool) {
+        let mut st = self.state();
+        let Some(Create::Deferred { mode, at_ns }) = st.creating.get(&ino).cloned() else {
+            return;
+        };
+        let Some((parent, name)) = st.tree.get(ino).map(|n| (n.parent, n.name.clone())) else {
+            st.creating.remove(&ino);
+            return;
+        };
+        let dir_id = st.tree.get(parent).map_or(0, |p| p.id);
         // With the time shown here meanwhile, so the file's mtime does not move when the
         // answer comes (as the mtimes of uploads are those of the writes made here).
         let target = UploadTarget {
-            mode: Some(mode & 0o7777),
-            mtime_ns: Some(now),
-            ..UploadTarget::at(dir_id, name)
+            mode: Some(mode),
+            mtime_ns: Some(at_ns),
+            ..UploadTarget::at(dir_id, &name)
         };
         let remote = self.remote.clone();
         let lazy = self.lazy.clone();
-        // Spawned, so the request goes out now even if nothing awaits it yet. Lazy: the
-        // upload at `close()` makes it durable (or a `sync`, see `durable`).
+        // Spawned, so the request goes out now even if nothing awaits it yet.
         let sent = tokio::spawn(async move {
-            lazy.lazily(remote.upload_bytes(&target, Bytes::new()))
-                .await
-                .map_err(FsError::from)
+            let sent = remote.upload_bytes(&target, Bytes::new());
+            if durable {
+                let mark = lazy.mark();
+                let answer = sent.await;
+                if answer.is_ok() {
+                    lazy.durable_up_to(mark);
+                }
+                answer.map_err(FsError::from)
+            } else {
+                lazy.lazily(sent).await.map_err(FsError::from)
+            }
         });
         let answer: Creating = async move {
             sent.await
@@ -62,43 +152,88 @@ impl<R: Remote> FsCore<R> {
         }
         .boxed()
         .shared();
-        let mut st = self.state();
-        let ino = st.tree.add_local(parent, &info);
-        st.creating.insert(ino, answer);
-        ino
+        st.creating.insert(ino, Create::Sent(answer));
     }
 
-    /// Waits for the answer to the create of `ino` sent from here, if one is pending: on
+    /// Makes sure the server knows the file `ino` if it was created here: sends its create
+    /// if it is deferred and waits for the answer (or for an upload carrying it). On
     /// success the node has its entry id; a refused create takes the file away.
     pub(super) async fn create_answered(&self, ino: u64) -> FsResult<()> {
-        let pending = self.state().creating.get(&ino).cloned();
-        let Some(pending) = pending else {
-            return Ok(());
-        };
-        let answer = pending.await;
-        self.settle(ino, &answer);
-        answer.map(|_| ())
+        loop {
+            self.send_create(ino, false);
+            let state = self.state().creating.get(&ino).cloned();
+            match state {
+                None | Some(Create::Deferred { .. }) => return Ok(()),
+                Some(Create::Sent(answer)) => {
+                    let answer = answer.await;
+                    self.settle(ino, &answer);
+                    return answer.map(|_| ());
+                }
+                // Done, or deferred again (the upload failed): looked at again.
+                Some(Create::Carried(over)) => over.await,
+            }
+        }
     }
 
     /// Binds `ino` to its entry if the answer to its create has arrived (without waiting).
     pub(super) fn create_answered_now(&self, ino: u64) {
-        let answer = self
-            .state()
-            .creating
-            .get(&ino)
-            .and_then(|c| c.peek().cloned());
+        let answer = match self.state().creating.get(&ino) {
+            Some(Create::Sent(answer)) => answer.peek().cloned(),
+            _ => None,
+        };
         if let Some(answer) = answer {
             self.settle(ino, &answer);
         }
     }
 
-    /// Applies the answer to the create of `ino`, once.
+    /// Whether the create of `ino` is sent (answered or not) or carried by an upload.
+    pub(super) fn create_in_flight(&self, ino: u64) -> bool {
+        matches!(
+            self.state().creating.get(&ino),
+            Some(Create::Sent(_) | Create::Carried(_))
+        )
+    }
+
+    /// Takes the deferred create of `ino` into an upload about to be sent, which creates
+    /// the file; `None` if there is none.
+    pub(super) fn carry_create(&self, ino: u64) -> Option<Carried<'_, R>> {
+        let mut st = self.state();
+        let Some(Create::Deferred { mode, at_ns }) = st.creating.get(&ino).cloned() else {
+            return None;
+        };
+        let (over, ended) = tokio::sync::oneshot::channel::<()>();
+        st.creating
+            .insert(ino, Create::Carried(ended.map(|_| ()).boxed().shared()));
+        Some(Carried {
+            core: self,
+            ino,
+            mode,
+            at_ns,
+            done: false,
+            _over: over,
+        })
+    }
+
+    /// Forgets the create of `ino` if nothing of it went out (the server never knew the
+    /// file); true if it did.
+    pub(super) fn cancel_create(&self, ino: u64) -> bool {
+        let mut st = self.state();
+        if matches!(st.creating.get(&ino), Some(Create::Deferred { .. })) {
+            st.creating.remove(&ino);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Applies the answer to the create of `ino` sent from here, once.
     fn settle(&self, ino: u64, answer: &FsResult<FileInfo>) {
         let place = {
             let mut st = self.state();
-            if st.creating.remove(&ino).is_none() {
+            if !matches!(st.creating.get(&ino), Some(Create::Sent(_))) {
                 return;
             }
+            st.creating.remove(&ino);
             match answer {
                 Ok(info) => {
                     st.tree.bind(ino, info);

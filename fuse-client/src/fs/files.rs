@@ -172,20 +172,27 @@ impl<R: Remote> FsCore<R> {
     }
 
     /// Creates a regular file in one of the user's directories and opens it for writing.
-    /// The file is made on the server at once, empty and with its mode: it has an id
-    /// from the start (a later upload replaces that entry wherever it then is), other
-    /// mounts and `rmdir` see it, and lock files (`O_CREAT | O_EXCL`, then rename) behave
-    /// as on a local disk. Its content follows at `close()`.
+    /// The file is this mount's until its first upload (its `close()`) makes it on the
+    /// server with its content and mode, in one request; whatever needs the server to
+    /// know it earlier sends its create first (see `creating`), so lock files
+    /// (`O_CREAT | O_EXCL`, then rename) behave as on a local disk.
     pub async fn create(&self, parent: u64, name: &str, mode: u32) -> FsResult<(Attr, u64)> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
         let ino = self.begin_create(parent, dir.id, name, mode);
-        let info = self.file_info(ino)?;
-        let staged = match self.stage(ino, &info, Start::Empty { dirty: false }).await {
+        let staged = match self.file_info(ino) {
+            Ok(info) => self
+                .stage(ino, &info, Start::Empty { dirty: false })
+                .await
+                .map(|staged| (info, staged)),
+            Err(e) => Err(e),
+        };
+        let (info, staged) = match staged {
             Ok(staged) => staged,
             Err(e) => {
-                // Nothing will upload it: wait for the create, so it is not half made.
-                let _ = self.create_answered(ino).await;
+                // Nothing went out: the file never was.
+                self.cancel_create(ino);
+                self.state().tree.detach(ino);
                 return Err(e);
             }
         };
@@ -549,13 +556,19 @@ impl<R: Remote> FsCore<R> {
     }
 
     /// Where an upload of the staged file `ino` goes: its entry, wherever it now is, with
-    /// the mode and times set on it meanwhile.
-    fn upload_target(&self, ino: u64, staged: &StagedWrite) -> FsResult<UploadTarget> {
+    /// the mode and times set on it meanwhile. `creates`: the upload carries the file's
+    /// create (see [`FsCore::carry_create`]), made with that mode.
+    fn upload_target(
+        &self,
+        ino: u64,
+        staged: &StagedWrite,
+        creates: Option<u32>,
+    ) -> FsResult<UploadTarget> {
         self.create_answered_now(ino);
         let st = self.state();
         let node = st.tree.get(ino).ok_or(FsError::NotFound)?;
         let parent = st.tree.get(node.parent).map_or(0, |p| p.id);
-        if st.creating.contains_key(&ino) {
+        if creates.is_none() && st.creating.contains_key(&ino) {
             // Not before the server made it (a stream waits and keeps what it has).
             return Err(FsError::Io("the file's create is not answered yet".into()));
         }
@@ -565,7 +578,7 @@ impl<R: Remote> FsCore<R> {
             name: node.name.clone(),
             // A file created here is created by its first upload.
             replace: (node.id != LOCAL_ID).then_some(node.id),
-            mode: pending.mode,
+            mode: pending.mode.or(creates),
             // The time of the last write, which the mount has shown meanwhile.
             mtime_ns: pending.mtime_ns.or(Some(staged.written_ns())),
         })
@@ -587,7 +600,7 @@ impl<R: Remote> FsCore<R> {
             // stream's target fails and the staged upload reports it).
             let _ = self.create_answered(ino).await;
         }
-        let target = self.upload_target(ino, staged);
+        let target = self.upload_target(ino, staged, None);
         // `None`: a write out of the stream's sequence (recalled below, without the lock).
         let fed = {
             let Ok(mut st) = staged.stream.lock() else {
@@ -721,9 +734,14 @@ impl<R: Remote> FsCore<R> {
 
     /// [`FsCore::upload`] with the file's upload lock held by the caller.
     async fn upload_locked(&self, ino: u64, staged: &Arc<StagedWrite>) -> FsResult<()> {
-        self.create_answered(ino).await?;
-        if !staged.dirty() {
-            return Ok(());
+        // A file created here whose create has not gone out is created by this upload,
+        // even an empty one; else the server is to know the file first.
+        let carried = self.carry_create(ino);
+        if carried.is_none() {
+            self.create_answered(ino).await?;
+            if !staged.dirty() {
+                return Ok(());
+            }
         }
         if let Some(why) = staged.broken() {
             return Err(FsError::Io(format!(
@@ -737,7 +755,7 @@ impl<R: Remote> FsCore<R> {
             tracing::warn!(file = %name, error = %e, "cannot fetch the rest of the file");
             return Err(e);
         }
-        let target = self.upload_target(ino, staged)?;
+        let target = self.upload_target(ino, staged, carried.as_ref().map(|c| c.mode()))?;
         // The upload's fdatasync covers every lazy change answered before it is sent.
         let lazy_mark = self.lazy.mark();
         let streamed = self.finish_stream(staged, target.mtime_ns).await;
@@ -757,6 +775,9 @@ impl<R: Remote> FsCore<R> {
             FsError::from(e)
         })?;
         staged.mark_uploaded(changes);
+        if let Some(carried) = carried {
+            carried.done();
+        }
         self.lazy.durable_up_to(lazy_mark);
         self.room.spend(info.size);
         tracing::info!(file = %name, size = info.size, "uploaded");
@@ -825,7 +846,9 @@ impl<R: Remote> FsCore<R> {
                 let _serial = staged.upload_lock.lock().await;
                 if !self.take_changed(fh) {
                     // close() of a new file means it is made on the server, durably,
-                    // with what was done to it (a mode, times) since.
+                    // with what was done to it (a mode, times) since. Empty: what another
+                    // descriptor wrote goes up at that one's close.
+                    self.send_create(ino, true);
                     self.create_answered(ino).await?;
                     return self.make_durable().await;
                 }
@@ -914,6 +937,10 @@ impl<R: Remote> FsCore<R> {
                     if st.staged.get(&ino).is_some_and(|s| Arc::ptr_eq(s, &staged)) {
                         st.staged.remove(&ino);
                     }
+                }
+                // Created here and never uploaded (its upload failed): it never was.
+                if self.cancel_create(ino) {
+                    self.state().tree.detach(ino);
                 }
                 staged.finish(&self.failed_dir);
                 result

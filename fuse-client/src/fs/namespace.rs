@@ -29,7 +29,6 @@ impl<R: Remote> FsCore<R> {
         if owner != self.user {
             return Err(FsError::PermissionDenied);
         }
-        self.create_answered(ino).await?;
         if let Some(size) = set.size {
             match node.kind {
                 EntryKind::File => {}
@@ -56,6 +55,9 @@ impl<R: Remote> FsCore<R> {
                 None => false,
             };
             if !kept {
+                // Nothing staged carries the change: the server is told, and is to know
+                // the file first.
+                self.create_answered(ino).await?;
                 let id = self.node(ino)?.id;
                 if id == LOCAL_ID {
                     // Created here, and its upload failed: it never existed.
@@ -118,6 +120,8 @@ impl<R: Remote> FsCore<R> {
     /// file being written there uploads nothing more.
     fn removed(&self, dir: &super::Dir, name: &str, ino: Option<u64>) {
         if let Some(ino) = ino {
+            // A create not sent yet never will be.
+            self.cancel_create(ino);
             let staged = {
                 let mut st = self.state();
                 st.tree.detach(ino);
@@ -139,6 +143,8 @@ impl<R: Remote> FsCore<R> {
         let dir = self.own_dir(parent)?;
         let ino = self.state().tree.child(parent, name);
         if let Some(i) = ino {
+            // A file whose create has not gone out is not sent one to be removed.
+            self.cancel_create(i);
             if self.create_answered(i).await.is_err() {
                 // Its create was refused: there is no such file.
                 return Err(FsError::NotFound);
@@ -161,7 +167,7 @@ impl<R: Remote> FsCore<R> {
             return Err(FsError::PermissionDenied);
         }
         let dir = self.own_dir(parent)?;
-        // Creates inside it still travelling are answered first: the server then decides
+        // Creates inside it that went out are answered first: the server then decides
         // whether it is empty.
         let inside: Vec<u64> = {
             let st = self.state();
@@ -176,7 +182,9 @@ impl<R: Remote> FsCore<R> {
             }
         };
         for ino in inside {
-            let _ = self.create_answered(ino).await;
+            if self.create_in_flight(ino) {
+                let _ = self.create_answered(ino).await;
+            }
         }
         // Files created inside it and not uploaded yet make it not empty.
         let busy = {

@@ -55,6 +55,8 @@ struct Fake {
     lists: AtomicU64,
     /// `setattr` calls.
     setattrs: AtomicU64,
+    /// Whole-file uploads (`upload_bytes`, `upload_file`), creates included.
+    puts: AtomicU64,
     /// Changes asked for lazily, and `sync` calls.
     lazy_changes: AtomicU64,
     syncs: AtomicU64,
@@ -350,6 +352,7 @@ impl Remote for Fake {
         target: &UploadTarget,
         path: &Path,
     ) -> Result<FileInfo, ClientError> {
+        self.puts.fetch_add(1, Ordering::Relaxed);
         self.check_upload()?;
         let data = std::fs::read(path).map_err(ClientError::from)?;
         self.commit(&self.user.clone(), target, &data)
@@ -359,6 +362,7 @@ impl Remote for Fake {
         target: &UploadTarget,
         data: Bytes,
     ) -> Result<FileInfo, ClientError> {
+        self.puts.fetch_add(1, Ordering::Relaxed);
         self.check_upload()?;
         self.count_lazy();
         self.commit(&self.user.clone(), target, &data)
@@ -707,9 +711,10 @@ fn others_folders_and_root_refuse_writes() {
     });
 }
 
-/// Creates, directories, links, modes and times go lazily (answered before the server's
+/// Directories, links, modes and times go lazily (answered before the server's
 /// fdatasync); `close()`, `fsync()` and a directory's `fsync()` make them durable, with a
-/// `sync` only when no upload did since.
+/// `sync` only when no upload did since. A new file is made by its first upload, which is
+/// durable: it costs one request, and nothing lazy.
 #[test]
 fn lazy_changes_are_made_durable_at_close_and_fsync() {
     rt().block_on(async {
@@ -717,17 +722,19 @@ fn lazy_changes_are_made_durable_at_close_and_fsync() {
         let dir = folder(&e.core, "alice").await;
         let lazy = || e.core.remote.lazy_changes.load(Ordering::Relaxed);
         let syncs = || e.core.remote.syncs.load(Ordering::Relaxed);
-        // A file written and closed: its upload covers its create.
+        let puts = || e.core.remote.puts.load(Ordering::Relaxed);
+        // A file written and closed: its upload is its create.
         written(&e.core, dir, "written", b"data").await;
-        assert_eq!((lazy(), syncs()), (1, 0));
-        // An empty file closed (`touch`): nothing to upload, so a sync.
+        assert_eq!((lazy(), syncs(), puts()), (0, 0, 1));
+        // An empty file closed (`touch`): made by its close, durably, in one request.
         let (_, fh) = e.core.create(dir, "empty", 0o644).await.unwrap();
         e.core.flush(fh).await.unwrap();
-        assert_eq!((lazy(), syncs()), (2, 1));
+        assert_eq!((lazy(), syncs(), puts()), (0, 0, 2));
+        assert_eq!(e.core.remote.content("alice", "empty").unwrap(), b"");
         // Its second close has nothing new to make durable.
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
-        assert_eq!(syncs(), 1);
+        assert_eq!((syncs(), puts()), (0, 2));
         // mkdir, symlink and chmod are lazy; a directory's fsync syncs them, once.
         let sub = e.core.mkdir(dir, "sub", 0o755).await.unwrap();
         e.core.symlink(sub.ino, "link", "../written").await.unwrap();
@@ -737,10 +744,10 @@ fn lazy_changes_are_made_durable_at_close_and_fsync() {
         };
         let f = e.core.lookup(dir, "written").await.unwrap();
         e.core.setattr(f.ino, chmod, None).await.unwrap();
-        assert_eq!(lazy(), 5);
+        assert_eq!(lazy(), 3);
         e.core.fsync_dir().await.unwrap();
         e.core.fsync_dir().await.unwrap();
-        assert_eq!(syncs(), 2);
+        assert_eq!(syncs(), 1);
         // A lazy change and then an upload: the upload covers it, no sync at close.
         e.core.mkdir(dir, "other", 0o755).await.unwrap();
         let (_, fh) = e.core.create(dir, "after", 0o644).await.unwrap();
@@ -748,7 +755,22 @@ fn lazy_changes_are_made_durable_at_close_and_fsync() {
         e.core.flush(fh).await.unwrap();
         e.core.fsync(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
-        assert_eq!((lazy(), syncs()), (7, 2));
+        assert_eq!((lazy(), syncs(), puts()), (4, 1, 3));
+        // A mode and times set on a new file before its close go up with it.
+        let (_, fh) = e.core.create(dir, "copied", 0o600).await.unwrap();
+        e.core.write(fh, 0, b"y").await.unwrap();
+        let times = SetAttr {
+            mode: Some(0o640),
+            mtime: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000)),
+            ..SetAttr::default()
+        };
+        let f = e.core.lookup(dir, "copied").await.unwrap();
+        e.core.setattr(f.ino, times, Some(fh)).await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let info = e.core.remote.info("alice", "copied");
+        assert_eq!((info.mode, info.mtime_ns), (0o640, 1_000_000_000_000_000));
+        assert_eq!((lazy(), syncs(), puts()), (4, 1, 4));
     });
 }
 
@@ -2433,24 +2455,27 @@ fn a_directory_is_listed_at_open_only_when_not_cached_and_paged_from_one_snapsho
     });
 }
 
-/// A new file is made on the server at once, with its mode; its content follows at
-/// close, replacing that entry wherever it then is; removing it removes it.
+/// A new file is this mount's until its first upload makes it on the server, with its
+/// mode and content; whatever needs the server to know it earlier sends its create first;
+/// removing it before then sends nothing.
 #[test]
-fn a_created_file_is_made_at_once_and_its_content_follows() {
+fn a_created_file_is_made_by_its_first_upload() {
     rt().block_on(async {
         let e = env("alice");
         let home = folder(&e.core, "alice").await;
         let d = e.core.mkdir(home, "d", 0o755).await.unwrap();
+        let puts = || e.core.remote.puts.load(Ordering::Relaxed);
         let (f, fh) = e.core.create(d.ino, "new", 0o640).await.unwrap();
-        // Seen here at once; made on the server before anything needs it there (an
-        // rmdir of its directory waits for it, and is refused).
+        // Seen here at once, and keeps its directory from being removed; not on the
+        // server yet.
         assert_eq!(e.core.lookup(d.ino, "new").await.unwrap().ino, f.ino);
+        let listed = e.core.list(d.ino).await.unwrap();
+        assert!(listed.iter().any(|d| d.name == "new"), "{listed:?}");
         assert!(matches!(
             e.core.rmdir(home, "d").await,
             Err(FsError::NotEmpty)
         ));
-        assert_eq!(e.core.remote.content("alice", "d/new").unwrap(), b"");
-        assert_eq!(e.core.remote.info("alice", "d/new").mode, 0o640);
+        assert!(e.core.remote.at("alice", "d/new").is_none());
         e.core.write(fh, 0, b"content").await.unwrap();
         e.core.flush(fh).await.unwrap();
         e.core.release(fh).await.unwrap();
@@ -2462,8 +2487,16 @@ fn a_created_file_is_made_at_once_and_its_content_follows() {
             ),
             (0o640, &b"content"[..])
         );
+        assert_eq!(puts(), 1);
+        // Known by its entry from then on: a rename moves it, on the server.
+        e.core
+            .rename(d.ino, "new", home, "moved", false)
+            .await
+            .unwrap();
+        assert_eq!(e.core.remote.content("alice", "moved").unwrap(), b"content");
 
-        // Renamed before its close: the content goes where the file went.
+        // Renamed before its close: made at its old name first, then moved; the content
+        // goes where the file went.
         let (_, fh) = e.core.create(home, "draft", 0o644).await.unwrap();
         e.core.write(fh, 0, b"v1").await.unwrap();
         e.core
@@ -2475,12 +2508,26 @@ fn a_created_file_is_made_at_once_and_its_content_follows() {
         assert_eq!(e.core.remote.content("alice", "d/final").unwrap(), b"v1+v2");
         assert!(e.core.remote.at("alice", "draft").is_none());
 
-        // Removed while open: what is written after goes nowhere.
+        // Removed while open, before anything went out: nothing is sent, and what is
+        // written after goes nowhere.
+        let before = puts();
         let (_, fh) = e.core.create(home, "tmp", 0o644).await.unwrap();
         e.core.unlink(home, "tmp").await.unwrap();
         e.core.write(fh, 0, b"nowhere").await.unwrap();
         e.core.release(fh).await.unwrap();
         assert!(e.core.remote.at("alice", "tmp").is_none());
+        assert_eq!(puts(), before);
+
+        // A chmod before any write: the server is to know the file, so it is made first.
+        let (g, fh) = e.core.create(home, "early", 0o644).await.unwrap();
+        let chmod = SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        e.core.setattr(g.ino, chmod, Some(fh)).await.unwrap();
+        assert_eq!(e.core.remote.info("alice", "early").mode, 0o600);
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "early").unwrap(), b"");
 
         // touch: an empty file with its mode.
         let a = e.core.mknod_file(home, "touched", 0o600).await.unwrap();
@@ -2495,7 +2542,7 @@ fn a_create_the_server_refuses_fails_the_close_and_leaves_nothing() {
     rt().block_on(async {
         let e = env("alice");
         let home = folder(&e.core, "alice").await;
-        // The create is sent without waiting; the server refuses it.
+        // The upload that makes the file is refused.
         let (f, fh) = e.core.create(home, "refused", 0o644).await.unwrap();
         *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::QuotaExceeded);
         e.core.write(fh, 0, b"data").await.unwrap();
@@ -2521,5 +2568,36 @@ fn a_create_the_server_refuses_fails_the_close_and_leaves_nothing() {
         e.core.flush(fh).await.unwrap();
         assert_eq!(e.core.remote.content("alice", "empty").unwrap(), b"");
         e.core.release(fh).await.unwrap();
+        // A refused close, and a second close of the same open file that succeeds: that
+        // one makes the file.
+        let (_, fh) = e.core.create(home, "again", 0o600).await.unwrap();
+        e.core.write(fh, 0, b"data").await.unwrap();
+        *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::NoSpace);
+        assert!(matches!(e.core.flush(fh).await, Err(FsError::NoSpace)));
+        assert!(e.core.remote.at("alice", "again").is_none());
+        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(e.core.remote.content("alice", "again").unwrap(), b"data");
+        assert_eq!(e.core.remote.info("alice", "again").mode, 0o600);
+        // A create sent on its own (a chmod before any write needs the file on the
+        // server) and refused: the chmod fails, and the file is gone.
+        let (g, fh) = e.core.create(home, "sent", 0o644).await.unwrap();
+        *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::QuotaExceeded);
+        let chmod = SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        assert!(matches!(
+            e.core.setattr(g.ino, chmod, Some(fh)).await,
+            Err(FsError::QuotaExceeded)
+        ));
+        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        e.core.release(fh).await.unwrap();
+        assert!(e.core.remote.at("alice", "sent").is_none());
+        assert!(matches!(
+            e.core.lookup(home, "sent").await,
+            Err(FsError::NotFound)
+        ));
     });
 }
