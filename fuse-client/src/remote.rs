@@ -939,7 +939,7 @@ async fn read_loop<S>(
             Some(Err(e)) => break ClientError::Protocol(e.to_string()),
             None => break ClientError::Disconnected("server closed the connection".into()),
         };
-        let msg = match frame.message::<ServerMessage>() {
+        let msg = match sharefs_protocol::decode::server_message(&frame.header) {
             Ok(m) => m,
             Err(e) => break ClientError::Protocol(format!("malformed message from server: {e}")),
         };

@@ -5,6 +5,8 @@
 //!   payload. The codec enforces a maximum frame size before buffering anything.
 //! - [`message`]: the typed messages carried in frame headers (handshake, login, requests,
 //!   replies, pushed events) and the error codes that travel as data.
+//! - [`decode`]: the server's common messages decoded in one pass (serde's way for
+//!   internally tagged enums parses each message twice).
 //! - [`name`]: validation of user and file names; the server enforces it, clients use it to
 //!   fail early with the same words.
 //! - [`fingerprint`]: the SHA-256 fingerprints by which clients pin a server certificate.
@@ -13,6 +15,7 @@
 //!
 //! The protocol is documented for humans in `docs/PROTOCOL.md`.
 
+pub mod decode;
 pub mod fingerprint;
 pub mod frame;
 #[cfg(feature = "cli")]
