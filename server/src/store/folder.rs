@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::journal::{journal_name, parse_records, read_snapshot, write_snapshot, Journal, Record};
+use super::journal::{journal_name, read_records, read_snapshot, write_snapshot, Journal, Record};
 use super::pack::{pack_name, Pack};
 use super::tree::{Content, Node, Op, PackRef, Tree};
 use super::{blob_name, migrate, packed_content_intact, remove_quietly};
@@ -100,37 +100,49 @@ impl Folder {
 
         let mut tree = snapshot.entries.0;
         tree.raise_next_id(snapshot.next_id);
-        // Replay the journal; cut off a torn last record.
+        // Replay the journal as it is read, each record once the next one is whole; cut
+        // off a torn last record.
         let journal = fsutil::open_rw(&journal_path, false)?;
-        let bytes = fs::read(&journal_path)?;
-        let (mut parsed, mut valid) = parse_records::<Record>(&bytes, owner);
+        let mut records = 0u64;
+        let mut last: Option<(Record, usize)> = None;
+        let mut valid = read_records::<Record>(
+            std::io::BufReader::with_capacity(256 << 10, &journal),
+            owner,
+            |record, start| {
+                if let Some((before, _)) = last.replace((record, start)) {
+                    records += 1;
+                    for op in before.ops {
+                        tree.apply(op);
+                    }
+                }
+            },
+        )?;
         // The last record may have reached the disk while its packed content had not
         // (the two writes go out together; see `Journal::append`): it was never
         // acknowledged, so it goes if a content it names does not match its hash.
-        if let Some((record, start)) = parsed.last() {
+        if let Some((record, start)) = last {
             let intact = record.ops.iter().all(|op| match op {
                 Op::Put(node) => packed_content_intact(&dir, node),
                 Op::Remove { .. } => true,
             });
-            if !intact {
+            if intact {
+                records += 1;
+                for op in record.ops {
+                    tree.apply(op);
+                }
+            } else {
                 tracing::warn!(
                     owner,
                     "dropping the last journal record: its content never reached the disk"
                 );
-                valid = *start;
-                parsed.pop();
+                valid = start;
             }
         }
-        let records = parsed.len() as u64;
-        for (record, _) in parsed {
-            for op in record.ops {
-                tree.apply(op);
-            }
-        }
+        let journal_len = journal.metadata()?.len();
         for node in tree.finish_load(now) {
             tracing::error!(owner, id = node.id, name = %node.name, "entry outside the tree; dropped");
         }
-        if valid < bytes.len() {
+        if (valid as u64) < journal_len {
             journal.set_len(valid as u64)?;
             journal.sync_all()?;
         }

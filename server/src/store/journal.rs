@@ -100,25 +100,44 @@ pub fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
 }
 
 /// The whole records of a journal's bytes, each with where it starts, and where the last
-/// one ends. Past it: preallocated zeros, or a record cut short by a crash (logged).
-/// Unreadable whole lines are logged and skipped.
+/// one ends (see [`read_records`]).
 pub fn parse_records<R: DeserializeOwned>(bytes: &[u8], owner: &str) -> (Vec<(R, usize)>, usize) {
     let mut parsed = Vec::new();
+    // Reading from a slice cannot fail.
+    let valid = read_records(bytes, owner, |record, start| parsed.push((record, start)))
+        .unwrap_or_default();
+    (parsed, valid)
+}
+
+/// Hands each whole record of a journal to `each`, with where it starts, one line at a
+/// time (a large journal is never all in memory), and returns where the last one ends.
+/// Past it: preallocated zeros, or a record cut short by a crash (logged). Unreadable
+/// whole lines are logged and skipped.
+pub fn read_records<R: DeserializeOwned>(
+    mut journal: impl std::io::BufRead,
+    owner: &str,
+    mut each: impl FnMut(R, usize),
+) -> std::io::Result<usize> {
     let mut valid = 0usize;
-    for line in bytes.split_inclusive(|b| *b == b'\n') {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if journal.read_until(b'\n', &mut line)? == 0 {
+            return Ok(valid);
+        }
         if !line.ends_with(b"\n") {
             if line.iter().any(|b| *b != 0) {
                 tracing::warn!(owner, "cutting off a torn journal record");
             }
-            break;
+            return Ok(valid);
         }
+        let start = valid;
         valid += line.len();
-        match serde_json::from_slice::<R>(line) {
-            Ok(record) => parsed.push((record, valid - line.len())),
+        match serde_json::from_slice::<R>(&line) {
+            Ok(record) => each(record, start),
             Err(e) => tracing::error!(owner, error = %e, "skipping an unreadable journal record"),
         }
     }
-    (parsed, valid)
 }
 
 /// The journal being appended to.
