@@ -19,10 +19,11 @@
 //! - [`storage`]: the two interfaces storage sits behind: a metadata store (the tree) and
 //!   a blob store (contents).
 //! - [`store`]: their embedded implementation, crash-safe: per user, a tree of entries
-//!   ([`store::tree`]) kept in a JSON journal with snapshots ([`store::journal`]), small
-//!   contents appended to a pack ([`store::pack`]), large ones as blobs; uploads being
-//!   received ([`store::upload`]) and kept for a resume across lost connections and
-//!   restarts ([`store::parts`]), read handles ([`store::read`]), loading a folder
+//!   ([`store::tree`], each content's hash kept as [`store::digest`]) in a JSON journal
+//!   with snapshots ([`store::journal`]), small contents appended to a pack
+//!   ([`store::pack`]), large ones as blobs; uploads being received
+//!   ([`store::upload`]) and kept for a resume across lost connections and restarts
+//!   ([`store::parts`]), read handles ([`store::read`]), loading a folder
 //!   ([`store::folder`]) and migrating the flat layout of protocol 1 ([`store::migrate`]);
 //!   the operations on a tree are split into reading (`store::reading`), changing
 //!   (`store::changes`) and contents (`store::contents`); `store::flusher` makes lazy

@@ -74,6 +74,7 @@ use crate::space::DiskSpace;
 pub mod access;
 pub mod changes;
 pub mod contents;
+pub mod digest;
 pub mod events;
 mod flusher;
 pub mod folder;
@@ -292,11 +293,7 @@ pub(crate) fn packed_content_intact(dir: &Path, node: &Node) -> bool {
     let mut buf = vec![0u8; node.size as usize];
     let read = fsutil::open_read(&dir.join(pack::pack_name(p.pack)))
         .and_then(|f| f.read_exact_at(&mut buf, p.offset));
-    read.is_ok()
-        && blake3::hash(&buf)
-            .to_hex()
-            .as_str()
-            .eq_ignore_ascii_case(&node.blake3)
+    read.is_ok() && node.blake3.is(&blake3::hash(&buf))
 }
 
 pub(crate) fn remove_quietly(path: &Path) {

@@ -6,6 +6,7 @@ use sharefs_protocol::EntryKind;
 use tokio_postgres::Row;
 
 use crate::error::{Result, ServerError};
+use crate::store::digest::Digest;
 use crate::store::tree::{Content, Node, Op};
 
 use super::pg_error;
@@ -50,7 +51,8 @@ pub fn node(row: &Row) -> Result<Node> {
         atime_ns: get_i64(7)?,
         ctime_ns: get_i64(8)?,
         version: unbig(get_i64(9)?),
-        blake3: row.try_get(10).map_err(pg_error)?,
+        blake3: Digest::from_hex(row.try_get(10).map_err(pg_error)?)
+            .ok_or_else(|| ServerError::Internal("a row's blake3 is not a hash".into()))?,
         content: object.map(|o| Content::Blob(unbig(o))),
         target: row.try_get(12).map_err(pg_error)?,
     })
@@ -71,6 +73,7 @@ pub async fn apply(client: &impl GenericClient, owner: &str, ops: &[Op]) -> Resu
             Op::Put(n) => {
                 let mode = i32::try_from(n.mode).unwrap_or(0);
                 let object = object_of(n).map(big);
+                let blake3 = n.blake3.to_hex();
                 client
                     .execute(
                         "INSERT INTO sharefs_entries (owner, id, parent, name, kind, mode, size,
@@ -92,7 +95,7 @@ pub async fn apply(client: &impl GenericClient, owner: &str, ops: &[Op]) -> Resu
                             &n.atime_ns,
                             &n.ctime_ns,
                             &big(n.version),
-                            &n.blake3,
+                            &blake3,
                             &object,
                             &n.target,
                         ],

@@ -32,7 +32,7 @@ pub fn content_hash(tree: &Tree, owner: &str, id: u64) -> Result<(u64, u64, Stri
             "{owner}/#{id} is not a regular file"
         )));
     }
-    Ok((node.version, node.size, node.blake3.clone()))
+    Ok((node.version, node.size, node.blake3.to_hex()))
 }
 
 /// The entry `name` in directory `parent`. Others need search permission on `parent` and

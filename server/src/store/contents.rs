@@ -6,6 +6,7 @@ use std::fs;
 
 use sharefs_protocol::{EntryKind, FileInfo, DEFAULT_FILE_MODE, MODE_MASK};
 
+use super::digest::Digest;
 use super::tree::{Content, Node, Op, PackRef, Tree};
 use std::os::unix::fs::FileExt;
 
@@ -447,12 +448,14 @@ pub fn content_ops(
     content: Content,
     version: u64,
 ) -> Result<(Vec<Op>, u64)> {
+    let digest = Digest::from_hex(blake3)
+        .ok_or_else(|| ServerError::InvalidArgument(format!("not a BLAKE3 hash: {blake3:?}")))?;
     replaced_size(tree, owner, target)?;
     let now = fsutil::now_ns();
     let fill = |node: &mut Node| {
         node.size = size;
         node.version = version;
-        node.blake3 = blake3.to_string();
+        node.blake3 = digest;
         node.content = Some(content);
         node.mtime_ns = mtime_ns.unwrap_or(now);
         node.ctime_ns = now;

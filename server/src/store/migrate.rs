@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sharefs_protocol::{EntryKind, DEFAULT_FILE_MODE, ROOT_ID};
 
+use super::digest::Digest;
 use super::journal::{journal_name, parse_records, write_snapshot, SNAPSHOT};
 use super::packed_content_intact;
 use super::tree::{Content, Node, PackRef};
@@ -43,6 +44,12 @@ impl FlatFile {
             Some(p) => Content::Pack(p),
             None => Content::Blob(self.blob.unwrap_or(self.version)),
         }
+    }
+
+    /// Its hash; none where the old layout held something else (a packed content without
+    /// one then fails the intact check, as it would have).
+    fn digest(&self) -> Digest {
+        Digest::from_hex(&self.blake3).unwrap_or_default()
     }
 }
 
@@ -144,7 +151,7 @@ pub fn migrate(dir: &Path, tmp: &Path, owner: &str, now: i64) -> Result<()> {
         node.size = f.size;
         node.version = f.version;
         node.content = Some(f.content());
-        node.blake3 = f.blake3;
+        node.blake3 = f.digest();
         entries.push(node);
     }
     // A journal number no file uses yet: a leftover of a crashed migration is replaced.
@@ -205,7 +212,7 @@ impl FlatProbe<'_> {
         let mut node = Node::new(0, 0, &f.name, EntryKind::File, 0, 0);
         node.size = f.size;
         node.content = Some(f.content());
-        node.blake3 = f.blake3.clone();
+        node.blake3 = f.digest();
         packed_content_intact(dir, &node)
     }
 }

@@ -971,7 +971,7 @@ fn entries_load_from_arrays_and_from_named_fields() {
     // A snapshot writes the same form: every entry survives the round trip.
     let mut nodes = vec![Node::new(2, 1, "d", EntryKind::Dir, 0o700, 2)];
     let mut f = Node::new(3, 2, "f", EntryKind::File, 0o644, 3);
-    (f.size, f.version, f.blake3) = (6, 7, h.clone());
+    (f.size, f.version, f.blake3) = (6, 7, super::digest::Digest::from_hex(&h).unwrap());
     f.content = Some(super::tree::Content::Pack(PackRef { pack: 1, offset: 0 }));
     nodes.push(f);
     let mut l = Node::new(4, 2, "l", EntryKind::Symlink, 0o777, 4);

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sharefs_protocol::name::MAX_PATH;
 use sharefs_protocol::{EntryKind, FileInfo, Place, ROOT_ID};
 
+use super::digest::Digest;
 use crate::error::{Result, ServerError};
 
 /// Where a file's bytes are: its own blob, or a range of one of the folder's packs.
@@ -55,9 +56,9 @@ pub struct Node {
     pub ctime_ns: i64,
     #[serde(default)]
     pub version: u64,
-    /// Hex BLAKE3 of a file's content.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub blake3: String,
+    /// BLAKE3 of a file's content.
+    #[serde(default, skip_serializing_if = "Digest::is_none")]
+    pub blake3: Digest,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<Content>,
     /// A symbolic link's target, as given.
@@ -79,7 +80,7 @@ impl Serialize for Node {
             13
         } else if self.content.is_some() {
             12
-        } else if !self.blake3.is_empty() {
+        } else if !self.blake3.is_none() {
             11
         } else if self.version != 0 {
             10
@@ -126,7 +127,7 @@ impl Node {
             atime_ns: now,
             ctime_ns: now,
             version: 0,
-            blake3: String::new(),
+            blake3: Digest::default(),
             content: None,
             target: None,
         }
