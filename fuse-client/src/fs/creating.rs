@@ -34,10 +34,15 @@ pub enum Create {
     /// Carried by an upload of the file under way; resolves when that upload is over,
     /// either way (see [`Carried`]).
     Carried(Shared<BoxFuture<'static, ()>>),
+    /// Sent on its own and refused: the file is gone, and whatever needed it (its
+    /// `close()` among them) reports this, until its last descriptor is closed.
+    Refused(FsError),
 }
 
 /// A deferred create taken by an upload, which creates the file. Dropped without
-/// [`Carried::done`] (the upload failed), the create is deferred again.
+/// [`Carried::done`] (the upload failed), the create is deferred again. Whoever waits
+/// for it (`settle_create`) must not hold the file's `stream_order`, which the upload
+/// takes to finish a stream.
 pub(super) struct Carried<'a, R: Remote> {
     core: &'a FsCore<R>,
     ino: u64,
@@ -54,27 +59,33 @@ impl<R: Remote> Carried<'_, R> {
         self.mode
     }
 
-    /// The upload made the file on the server.
-    pub fn done(mut self) {
+    /// The upload made the file on the server as `info`: the node is bound to it in the
+    /// same step that ends the create, so nobody sees the file neither local nor bound
+    /// (an unlink meanwhile would send no remove, and the file would stay).
+    pub fn done(mut self, info: &FileInfo) {
         self.done = true;
+        let mut st = self.core.state();
+        if matches!(st.creating.get(&self.ino), Some(Create::Carried(_))) {
+            st.creating.remove(&self.ino);
+            st.tree.bind(self.ino, info);
+        }
     }
 }
 
 impl<R: Remote> Drop for Carried<'_, R> {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         let mut st = self.core.state();
         if matches!(st.creating.get(&self.ino), Some(Create::Carried(_))) {
-            if self.done {
-                st.creating.remove(&self.ino);
-            } else {
-                st.creating.insert(
-                    self.ino,
-                    Create::Deferred {
-                        mode: self.mode,
-                        at_ns: self.at_ns,
-                    },
-                );
-            }
+            st.creating.insert(
+                self.ino,
+                Create::Deferred {
+                    mode: self.mode,
+                    at_ns: self.at_ns,
+                },
+            );
         }
     }
 }
@@ -159,8 +170,21 @@ impl<R: Remote> FsCore<R> {
     /// if it is deferred and waits for the answer (or for an upload carrying it). On
     /// success the node has its entry id; a refused create takes the file away.
     pub(super) async fn create_answered(&self, ino: u64) -> FsResult<()> {
+        self.settle_create(ino, true).await
+    }
+
+    /// Waits for a create of `ino` under way (sent, or carried by an upload) to end,
+    /// sending none: a deferred create stays deferred, even one an upload failed to carry.
+    /// An error: a create sent on its own was refused, and the file is gone.
+    pub(super) async fn create_settled(&self, ino: u64) -> FsResult<()> {
+        self.settle_create(ino, false).await
+    }
+
+    async fn settle_create(&self, ino: u64, send: bool) -> FsResult<()> {
         loop {
-            self.send_create(ino, false);
+            if send {
+                self.send_create(ino, false);
+            }
             let state = self.state().creating.get(&ino).cloned();
             match state {
                 None | Some(Create::Deferred { .. }) => return Ok(()),
@@ -171,6 +195,7 @@ impl<R: Remote> FsCore<R> {
                 }
                 // Done, or deferred again (the upload failed): looked at again.
                 Some(Create::Carried(over)) => over.await,
+                Some(Create::Refused(e)) => return Err(e),
             }
         }
     }
@@ -186,12 +211,15 @@ impl<R: Remote> FsCore<R> {
         }
     }
 
-    /// Whether the create of `ino` is sent (answered or not) or carried by an upload.
-    pub(super) fn create_in_flight(&self, ino: u64) -> bool {
-        matches!(
-            self.state().creating.get(&ino),
-            Some(Create::Sent(_) | Create::Carried(_))
-        )
+    /// Whether the create of `ino` was sent on its own and refused (and reported by the
+    /// call that needed it).
+    pub(super) fn create_refused(&self, ino: u64) -> bool {
+        matches!(self.state().creating.get(&ino), Some(Create::Refused(_)))
+    }
+
+    /// Whether the create of `ino` is carried by an upload under way.
+    pub(super) fn create_carried(&self, ino: u64) -> bool {
+        matches!(self.state().creating.get(&ino), Some(Create::Carried(_)))
     }
 
     /// Takes the deferred create of `ino` into an upload about to be sent, which creates
@@ -226,6 +254,34 @@ impl<R: Remote> FsCore<R> {
         }
     }
 
+    /// A file created here that will never reach the server (its last descriptor closed
+    /// after its uploads failed or its create was refused, or its create could not be
+    /// staged): its create is forgotten and the file taken away, from the kernel's caches
+    /// too.
+    pub(super) fn forget_unsent(&self, ino: u64) {
+        {
+            let mut st = self.state();
+            if matches!(st.creating.get(&ino), Some(Create::Refused(_))) {
+                // Taken away when it was refused.
+                st.creating.remove(&ino);
+                return;
+            }
+        }
+        if !self.cancel_create(ino) {
+            return;
+        }
+        let place = {
+            let mut st = self.state();
+            let place = st.tree.get(ino).map(|n| (n.parent, n.name.clone()));
+            st.tree.detach(ino);
+            place
+        };
+        if let Some((parent, name)) = place {
+            self.invalidate(Invalidation::Entry { parent, name });
+            self.invalidate(Invalidation::Inode { ino: parent });
+        }
+    }
+
     /// Applies the answer to the create of `ino` sent from here, once.
     fn settle(&self, ino: u64, answer: &FsResult<FileInfo>) {
         let place = {
@@ -233,13 +289,14 @@ impl<R: Remote> FsCore<R> {
             if !matches!(st.creating.get(&ino), Some(Create::Sent(_))) {
                 return;
             }
-            st.creating.remove(&ino);
             match answer {
                 Ok(info) => {
+                    st.creating.remove(&ino);
                     st.tree.bind(ino, info);
                     None
                 }
-                Err(_) => {
+                Err(e) => {
+                    st.creating.insert(ino, Create::Refused(e.clone()));
                     let place = st.tree.get(ino).map(|n| (n.parent, n.name.clone()));
                     st.tree.detach(ino);
                     place

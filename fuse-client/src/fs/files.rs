@@ -2,11 +2,9 @@
 //! copy, and the uploads that make a staged copy the file's new version.
 //!
 //! An upload names the file by its entry id (`replace`), so a descriptor follows its
-//! file through renames of it and of its directories. `create` makes the file on the
-//! server at once (empty, with its mode), and its content follows at `close()`. (The
-//! inode table can also hold a file created here and not uploaded yet, with no id: a
-//! deferred create, one commit instead of two, is prepared for but not used, since git's
-//! lock files then met stale names in the kernel.)
+//! file through renames of it and of its directories. A file created here has no id
+//! until its first upload creates it on the server with its content and mode, or until
+//! whatever needs the server to know it sooner sends its create (see `creating`).
 //! Mode and times set on a file whose staged content is not uploaded yet (`cp -p` does
 //! `fchmod` and `futimens` before `close`) are kept with it and sent with the upload.
 
@@ -191,8 +189,7 @@ impl<R: Remote> FsCore<R> {
             Ok(staged) => staged,
             Err(e) => {
                 // Nothing went out: the file never was.
-                self.cancel_create(ino);
-                self.state().tree.detach(ino);
+                self.forget_unsent(ino);
                 return Err(e);
             }
         };
@@ -572,6 +569,11 @@ impl<R: Remote> FsCore<R> {
             // Not before the server made it (a stream waits and keeps what it has).
             return Err(FsError::Io("the file's create is not answered yet".into()));
         }
+        if creates.is_none() && node.id == LOCAL_ID {
+            // Never made on the server, and this upload is not to make it: its create was
+            // refused, or it was unlinked before anything went out.
+            return Err(FsError::NotFound);
+        }
         let pending = staged.pending_attrs();
         Ok(UploadTarget {
             parent,
@@ -597,8 +599,13 @@ impl<R: Remote> FsCore<R> {
         let len = data.len() as u64;
         if offset + len >= u64::from(CHUNK_SIZE) {
             // Worth streaming: not before the server made the file (if it refused, the
-            // stream's target fails and the staged upload reports it).
-            let _ = self.create_answered(ino).await;
+            // stream's target fails and the staged upload reports it). A create carried
+            // by an upload under way (an fsync) is not waited for: that upload may need
+            // this write's `stream_order` to end; the stream waits and keeps what it has.
+            self.send_create(ino, false);
+            if !self.create_carried(ino) {
+                let _ = self.create_answered(ino).await;
+            }
         }
         let target = self.upload_target(ino, staged, None);
         // `None`: a write out of the stream's sequence (recalled below, without the lock).
@@ -775,8 +782,9 @@ impl<R: Remote> FsCore<R> {
             FsError::from(e)
         })?;
         staged.mark_uploaded(changes);
+        let created = carried.is_some();
         if let Some(carried) = carried {
-            carried.done();
+            carried.done(&info);
         }
         self.lazy.durable_up_to(lazy_mark);
         self.room.spend(info.size);
@@ -798,7 +806,7 @@ impl<R: Remote> FsCore<R> {
         staged.clear_pending_attrs(&pending);
         let created = {
             let mut st = self.state();
-            let local = st.tree.is_local(ino);
+            let local = created || st.tree.is_local(ino);
             st.tree.bind(ino, &info);
             local.then(|| st.tree.get(ino).map(|n| n.parent)).flatten()
         };
@@ -927,6 +935,9 @@ impl<R: Remote> FsCore<R> {
                             "not uploaded at the last close: its close() or fsync() reported the failure"
                         );
                         Ok(())
+                    } else if self.create_refused(ino) {
+                        // Gone; the call that sent its create reported why.
+                        Ok(())
                     } else {
                         self.upload_locked(ino, &staged).await
                     }
@@ -939,9 +950,7 @@ impl<R: Remote> FsCore<R> {
                     }
                 }
                 // Created here and never uploaded (its upload failed): it never was.
-                if self.cancel_create(ino) {
-                    self.state().tree.detach(ino);
-                }
+                self.forget_unsent(ino);
                 staged.finish(&self.failed_dir);
                 result
             }

@@ -143,12 +143,14 @@ impl<R: Remote> FsCore<R> {
         let dir = self.own_dir(parent)?;
         let ino = self.state().tree.child(parent, name);
         if let Some(i) = ino {
-            // A file whose create has not gone out is not sent one to be removed.
+            // A file whose create has not gone out is not sent one to be removed; one
+            // under way is waited for (an upload that fails to carry it leaves it unsent).
             self.cancel_create(i);
-            if self.create_answered(i).await.is_err() {
+            if self.create_settled(i).await.is_err() {
                 // Its create was refused: there is no such file.
                 return Err(FsError::NotFound);
             }
+            self.cancel_create(i);
         }
         let local = ino.is_some_and(|i| self.state().tree.is_local(i));
         // A file created here and not uploaded yet exists here only: the server's entry
@@ -182,9 +184,7 @@ impl<R: Remote> FsCore<R> {
             }
         };
         for ino in inside {
-            if self.create_in_flight(ino) {
-                let _ = self.create_answered(ino).await;
-            }
+            let _ = self.create_settled(ino).await;
         }
         // Files created inside it and not uploaded yet make it not empty.
         let busy = {

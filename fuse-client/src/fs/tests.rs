@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use sharefs_protocol::{EntryKind, ErrorBody, ErrorCode, Event, FileInfo, Place, Space, ROOT_ID};
+use sharefs_protocol::{
+    EntryKind, ErrorBody, ErrorCode, Event, FileInfo, Place, Space, CHUNK_SIZE, ROOT_ID,
+};
 
 use super::listing::LISTING_AFTER_MISSES;
 use super::remote::{AttrChange, Move, UploadTarget};
@@ -2534,6 +2536,87 @@ fn a_created_file_is_made_by_its_first_upload() {
         assert_eq!(a.perm, 0o600);
         assert_eq!(e.core.remote.content("alice", "touched").unwrap(), b"");
         assert_eq!(e.core.remote.info("alice", "touched").mode, 0o600);
+    });
+}
+
+/// What must not happen around a create not sent yet: an unlink after its upload failed
+/// sends nothing (not a create and a remove); a file given up at its last release leaves
+/// the kernel's caches; an `fsync` carrying the create together with a write that crosses
+/// the first MiB (which wants the file on the server) ends, with the whole content; a
+/// close together with an unlink does not make the file again.
+#[test]
+fn a_create_not_sent_yet_leaves_nothing_behind_when_given_up() {
+    rt().block_on(async {
+        let e = env("alice");
+        let home = folder(&e.core, "alice").await;
+        let later = Arc::new(Mutex::new(Vec::new()));
+        let sink = later.clone();
+        e.core
+            .on_invalidation(move |inv| sink.lock().unwrap().push(inv));
+        let puts = || e.core.remote.puts.load(Ordering::Relaxed);
+
+        // The close's upload fails; the file is unlinked: nothing more goes out.
+        let (_, fh) = e.core.create(home, "x", 0o644).await.unwrap();
+        e.core.write(fh, 0, b"data").await.unwrap();
+        *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::QuotaExceeded);
+        assert!(e.core.flush(fh).await.is_err());
+        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        let before = puts();
+        e.core.unlink(home, "x").await.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(
+            puts(),
+            before,
+            "a create or an upload went out after the unlink"
+        );
+        assert!(e.core.remote.at("alice", "x").is_none());
+
+        // Given up at its last release: the kernel forgets the name.
+        let (_, fh) = e.core.create(home, "y", 0o644).await.unwrap();
+        e.core.write(fh, 0, b"data").await.unwrap();
+        *e.core.remote.fail_uploads.lock().unwrap() = Some(ErrorCode::NoSpace);
+        assert!(e.core.flush(fh).await.is_err());
+        *e.core.remote.fail_uploads.lock().unwrap() = None;
+        later.lock().unwrap().clear();
+        e.core.release(fh).await.unwrap();
+        let entry = Invalidation::Entry {
+            parent: home,
+            name: "y".into(),
+        };
+        assert!(later.lock().unwrap().contains(&entry), "{later:?}");
+        assert!(e.core.remote.at("alice", "y").is_none());
+        assert!(matches!(
+            e.core.lookup(home, "y").await,
+            Err(FsError::NotFound)
+        ));
+
+        // An fsync (which carries the create) and a write past the first MiB at once.
+        let (_, fh) = e.core.create(home, "z", 0o644).await.unwrap();
+        e.core.write(fh, 0, &[1u8; 4096]).await.unwrap();
+        let big = vec![2u8; CHUNK_SIZE as usize];
+        let both = async { tokio::join!(e.core.fsync(fh), e.core.write(fh, 4096, &big)) };
+        let (synced, wrote) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .expect("an fsync and a write of a new file never ended");
+        synced.unwrap();
+        wrote.unwrap();
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        let content = e.core.remote.content("alice", "z").unwrap();
+        assert_eq!(content.len(), 4096 + CHUNK_SIZE as usize);
+
+        // An unlink and the close of the file at once: whichever comes first, the file
+        // is not on the server after both.
+        for _ in 0..2 {
+            let (_, fh) = e.core.create(home, "w", 0o644).await.unwrap();
+            e.core.write(fh, 0, b"data").await.unwrap();
+            let (unlinked, closed) = tokio::join!(e.core.unlink(home, "w"), e.core.flush(fh));
+            unlinked.unwrap();
+            let _ = closed;
+            e.core.release(fh).await.unwrap();
+            assert!(e.core.remote.at("alice", "w").is_none());
+        }
     });
 }
 
