@@ -2,9 +2,9 @@
 //! entry id yet) that lookups, listings and writes see at once, and sends nothing: the
 //! file's first upload (its `close()`, an `fsync()`) creates it on the server together
 //! with its content, so a new file costs one round trip. Whatever else needs the server
-//! to know the file before that (a rename, a chmod of a file not written yet, a stream
-//! past its first chunk, an `rmdir` of its directory, a `close()` of a descriptor that
-//! wrote nothing) sends the create first, empty, and waits for its answer. A create the
+//! to know the file before that (a rename, a chmod of a file not written yet, a write
+//! past its first chunk, a `close()` of a descriptor that wrote nothing) sends the
+//! create first, empty, and waits for its answer. A create the
 //! server refuses (the quota, a full disk, the directory removed from another mount)
 //! takes the file away again, and the `close()` of whoever created it reports the error;
 //! a file unlinked, or last closed without an upload, before its create went out leaves
@@ -37,6 +37,19 @@ pub enum Create {
     /// Sent on its own and refused: the file is gone, and whatever needed it (its
     /// `close()` among them) reports this, until its last descriptor is closed.
     Refused(FsError),
+}
+
+/// What [`FsCore::settle_create`] does with a create not sent, and with one carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// Sends it; waits for a carried one.
+    Send,
+    /// Sends it; returns at once if one is carried.
+    SendUnlessCarried,
+    /// Leaves it; waits for a carried one.
+    Wait,
+    /// Forgets it; waits for a carried one.
+    Withdraw,
 }
 
 /// A deferred create taken by an upload, which creates the file. Dropped without
@@ -170,22 +183,44 @@ impl<R: Remote> FsCore<R> {
     /// if it is deferred and waits for the answer (or for an upload carrying it). On
     /// success the node has its entry id; a refused create takes the file away.
     pub(super) async fn create_answered(&self, ino: u64) -> FsResult<()> {
-        self.settle_create(ino, true).await
+        self.settle_create(ino, Settle::Send).await
     }
 
     /// Waits for a create of `ino` under way (sent, or carried by an upload) to end,
     /// sending none: a deferred create stays deferred, even one an upload failed to carry.
     /// An error: a create sent on its own was refused, and the file is gone.
     pub(super) async fn create_settled(&self, ino: u64) -> FsResult<()> {
-        self.settle_create(ino, false).await
+        self.settle_create(ino, Settle::Wait).await
     }
 
-    async fn settle_create(&self, ino: u64, send: bool) -> FsResult<()> {
+    /// [`FsCore::create_answered`] for a writer holding the file's `stream_order`: a
+    /// create carried by an upload under way is not waited for, since that upload takes
+    /// `stream_order` to end.
+    pub(super) async fn create_answered_unless_carried(&self, ino: u64) -> FsResult<()> {
+        self.settle_create(ino, Settle::SendUnlessCarried).await
+    }
+
+    /// For an unlink: forgets a create of `ino` that has not gone out (the server never
+    /// knew the file), waiting for one under way. In one step with the look at it, so no
+    /// upload takes the create between the two. An error: a create sent on its own was
+    /// refused, and the file is gone.
+    pub(super) async fn create_withdrawn(&self, ino: u64) -> FsResult<()> {
+        self.settle_create(ino, Settle::Withdraw).await
+    }
+
+    async fn settle_create(&self, ino: u64, how: Settle) -> FsResult<()> {
         loop {
-            if send {
+            if matches!(how, Settle::Send | Settle::SendUnlessCarried) {
                 self.send_create(ino, false);
             }
-            let state = self.state().creating.get(&ino).cloned();
+            let state = {
+                let mut st = self.state();
+                let state = st.creating.get(&ino).cloned();
+                if let (Settle::Withdraw, Some(Create::Deferred { .. })) = (how, &state) {
+                    st.creating.remove(&ino);
+                }
+                state
+            };
             match state {
                 None | Some(Create::Deferred { .. }) => return Ok(()),
                 Some(Create::Sent(answer)) => {
@@ -193,6 +228,7 @@ impl<R: Remote> FsCore<R> {
                     self.settle(ino, &answer);
                     return answer.map(|_| ());
                 }
+                Some(Create::Carried(_)) if how == Settle::SendUnlessCarried => return Ok(()),
                 // Done, or deferred again (the upload failed): looked at again.
                 Some(Create::Carried(over)) => over.await,
                 Some(Create::Refused(e)) => return Err(e),
@@ -215,11 +251,6 @@ impl<R: Remote> FsCore<R> {
     /// call that needed it).
     pub(super) fn create_refused(&self, ino: u64) -> bool {
         matches!(self.state().creating.get(&ino), Some(Create::Refused(_)))
-    }
-
-    /// Whether the create of `ino` is carried by an upload under way.
-    pub(super) fn create_carried(&self, ino: u64) -> bool {
-        matches!(self.state().creating.get(&ino), Some(Create::Carried(_)))
     }
 
     /// Takes the deferred create of `ino` into an upload about to be sent, which creates

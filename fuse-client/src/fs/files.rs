@@ -602,9 +602,10 @@ impl<R: Remote> FsCore<R> {
             // stream's target fails and the staged upload reports it). A create carried
             // by an upload under way (an fsync) is not waited for: that upload may need
             // this write's `stream_order` to end; the stream waits and keeps what it has.
-            self.send_create(ino, false);
-            if !self.create_carried(ino) {
-                let _ = self.create_answered(ino).await;
+            if self.create_answered_unless_carried(ino).await.is_err() {
+                // Refused: the file is gone, and nothing will stream; the staged copy
+                // takes the writes, and the close reports the refusal.
+                staged.stop_stream();
             }
         }
         let target = self.upload_target(ino, staged, None);
@@ -747,6 +748,11 @@ impl<R: Remote> FsCore<R> {
         if carried.is_none() {
             self.create_answered(ino).await?;
             if !staged.dirty() {
+                return Ok(());
+            }
+            if self.state().tree.is_local(ino) {
+                // Its create was withdrawn by an unlink (which may not have marked the
+                // staged copy yet): nothing is to reach the server.
                 return Ok(());
             }
         }

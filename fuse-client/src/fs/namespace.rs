@@ -145,12 +145,10 @@ impl<R: Remote> FsCore<R> {
         if let Some(i) = ino {
             // A file whose create has not gone out is not sent one to be removed; one
             // under way is waited for (an upload that fails to carry it leaves it unsent).
-            self.cancel_create(i);
-            if self.create_settled(i).await.is_err() {
+            if self.create_withdrawn(i).await.is_err() {
                 // Its create was refused: there is no such file.
                 return Err(FsError::NotFound);
             }
-            self.cancel_create(i);
         }
         let local = ino.is_some_and(|i| self.state().tree.is_local(i));
         // A file created here and not uploaded yet exists here only: the server's entry

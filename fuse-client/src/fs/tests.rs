@@ -2613,7 +2613,7 @@ fn a_create_not_sent_yet_leaves_nothing_behind_when_given_up() {
             e.core.write(fh, 0, b"data").await.unwrap();
             let (unlinked, closed) = tokio::join!(e.core.unlink(home, "w"), e.core.flush(fh));
             unlinked.unwrap();
-            let _ = closed;
+            closed.unwrap();
             e.core.release(fh).await.unwrap();
             assert!(e.core.remote.at("alice", "w").is_none());
         }
