@@ -44,7 +44,7 @@ pub enum Create {
 enum Settle {
     /// Sends it; waits for a carried one.
     Send,
-    /// Sends it; returns at once if one is carried.
+    /// Sends it, durably; returns at once if one is carried.
     SendUnlessCarried,
     /// Leaves it; waits for a carried one.
     Wait,
@@ -193,9 +193,10 @@ impl<R: Remote> FsCore<R> {
         self.settle_create(ino, Settle::Wait).await
     }
 
-    /// [`FsCore::create_answered`] for a writer holding the file's `stream_order`: a
-    /// create carried by an upload under way is not waited for, since that upload takes
-    /// `stream_order` to end.
+    /// [`FsCore::create_answered`] for a write about to start a stream, holding the
+    /// file's `stream_order`: the create is sent durably (the stream's upload is resumed
+    /// across a server restart, and must find its file), and one carried by an upload
+    /// under way is not waited for, since that upload takes `stream_order` to end.
     pub(super) async fn create_answered_unless_carried(&self, ino: u64) -> FsResult<()> {
         self.settle_create(ino, Settle::SendUnlessCarried).await
     }
@@ -210,8 +211,12 @@ impl<R: Remote> FsCore<R> {
 
     async fn settle_create(&self, ino: u64, how: Settle) -> FsResult<()> {
         loop {
-            if matches!(how, Settle::Send | Settle::SendUnlessCarried) {
-                self.send_create(ino, false);
+            match how {
+                Settle::Send => self.send_create(ino, false),
+                // For a stream: a server restart must not lose the file its upload is to
+                // commit to, so this create waits for the disk.
+                Settle::SendUnlessCarried => self.send_create(ino, true),
+                Settle::Wait | Settle::Withdraw => {}
             }
             let state = {
                 let mut st = self.state();
