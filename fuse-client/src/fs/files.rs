@@ -178,14 +178,14 @@ impl<R: Remote> FsCore<R> {
         let dir = self.own_dir(parent)?;
         Self::check_new_name(name)?;
         let ino = self.begin_create(parent, dir.id, name, mode);
-        let staged = match self.file_info(ino) {
-            Ok(info) => self
+        let staged = async {
+            let info = self.file_info(ino)?;
+            let staged = self
                 .stage(ino, &info, Start::Empty { dirty: false })
-                .await
-                .map(|staged| (info, staged)),
-            Err(e) => Err(e),
+                .await?;
+            Ok::<_, FsError>((info, staged))
         };
-        let (info, staged) = match staged {
+        let (info, staged) = match staged.await {
             Ok(staged) => staged,
             Err(e) => {
                 // Nothing went out: the file never was.

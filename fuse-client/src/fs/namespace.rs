@@ -120,8 +120,6 @@ impl<R: Remote> FsCore<R> {
     /// file being written there uploads nothing more.
     fn removed(&self, dir: &super::Dir, name: &str, ino: Option<u64>) {
         if let Some(ino) = ino {
-            // A create not sent yet never will be.
-            self.cancel_create(ino);
             let staged = {
                 let mut st = self.state();
                 st.tree.detach(ino);

@@ -94,25 +94,9 @@ pub fn write_snapshot<'a>(
     Ok(journal)
 }
 
-/// Reads the snapshot of `dir`, if there is one. Parsed as it is read, never whole in
-/// memory: the file of a 100,000-entry tree is 16 MiB, and the tree built from it more
-/// (a slice would parse it 10-20% faster).
+/// Reads the snapshot of `dir`, if there is one.
 pub fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
-    let path = dir.join(SNAPSHOT);
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    serde_json::from_reader(std::io::BufReader::with_capacity(256 << 10, file))
-        .map(Some)
-        .map_err(|source| match source.io_error_kind() {
-            Some(kind) => ServerError::Io(std::io::Error::new(kind, source)),
-            None => ServerError::Corrupt {
-                path: path.display().to_string(),
-                source,
-            },
-        })
+    fsutil::read_json(&dir.join(SNAPSHOT))
 }
 
 /// The whole records of a journal's bytes, each with where it starts, and where the last
