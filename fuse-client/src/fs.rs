@@ -483,7 +483,7 @@ impl<R: Remote> FsCore<R> {
     }
 
     /// A directory's entries, from cache or the server.
-    async fn entries(&self, dir: &Dir) -> FsResult<listing::DirListing> {
+    async fn entries(&self, dir: &Dir) -> FsResult<Arc<listing::DirListing>> {
         let key = dir.key();
         let fetch = {
             let mut l = self.listings();
@@ -633,8 +633,9 @@ impl<R: Remote> FsCore<R> {
         let dir = self.dir(ino)?;
         let files = self.entries(&dir).await?;
         let mut st = self.state();
+        st.tree.reserve_listing(ino, files.len());
         let mut out = std::collections::BTreeMap::new();
-        for (name, info) in &files {
+        for (name, info) in files.iter() {
             if let Some(fino) = st.tree.place(info) {
                 out.insert(name.clone(), self.reported_attr(&st, fino, info));
             }

@@ -66,10 +66,9 @@ pub struct FuseAdapter<R: Remote> {
     rt: tokio::runtime::Handle,
     uid: u32,
     gid: u32,
-    /// Puts file content into the kernel's cache; set once the session exists.
+    /// Puts file content into the kernel's cache and makes it forget attributes before
+    /// an open is answered; set once the session exists.
     notifier: Arc<OnceLock<fuser::Notifier>>,
-    /// Makes the kernel forget attributes before an open is answered; set with `notifier`.
-    invalidator: Arc<OnceLock<Invalidator>>,
 }
 
 impl<R: Remote> FuseAdapter<R> {
@@ -77,7 +76,6 @@ impl<R: Remote> FuseAdapter<R> {
         core: Arc<FsCore<R>>,
         rt: tokio::runtime::Handle,
         notifier: Arc<OnceLock<fuser::Notifier>>,
-        invalidator: Arc<OnceLock<Invalidator>>,
     ) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -87,7 +85,6 @@ impl<R: Remote> FuseAdapter<R> {
             uid,
             gid,
             notifier,
-            invalidator,
         }
     }
 
@@ -548,14 +545,16 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             truncate: flags.0 & libc::O_TRUNC != 0,
         };
         let notifier = self.notifier.clone();
-        let invalidator = self.invalidator.clone();
         self.run(move |core, _, _| async move {
             match core.open(ino.0, mode).await {
                 Ok(o) => {
-                    if let (true, Some(inv)) = (o.refresh_attrs, invalidator.get()) {
+                    if let (true, Some(n)) = (o.refresh_attrs, notifier.get()) {
                         // Before the reply: reads through this descriptor stop at the
                         // size of its version, not at one the kernel kept from another.
-                        inv.apply(Invalidation::Attr { ino: ino.0 }).await;
+                        // Inline, not through the invalidation thread: forgetting
+                        // attributes waits on no page lock, and the hop there and back
+                        // cost more than the notification itself.
+                        let _ = n.inval_inode(ino, -1, 0);
                     }
                     if let (Some(content), Some(n)) = (&o.content, notifier.get()) {
                         // A small file that came whole with the open: hand it to the
@@ -825,27 +824,21 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 }
 
-/// How long an open waits for its invalidation to be applied. The kernel applies one at
-/// once unless it has to wait for pages being read, which this mount answers meanwhile.
-const APPLY_WAIT: Duration = Duration::from_secs(5);
-
-type InvalidationMsg = (Invalidation, Option<tokio::sync::oneshot::Sender<()>>);
-
 /// Applies invalidations to the kernel in the order they are sent, from a thread of its
 /// own: a notification can block while the kernel waits on a request the filesystem is
 /// answering.
 #[derive(Clone)]
 pub struct Invalidator {
-    tx: std::sync::mpsc::Sender<InvalidationMsg>,
+    tx: std::sync::mpsc::Sender<Invalidation>,
 }
 
 impl Invalidator {
     pub fn spawn(notifier: fuser::Notifier) -> Invalidator {
-        let (tx, rx) = std::sync::mpsc::channel::<InvalidationMsg>();
+        let (tx, rx) = std::sync::mpsc::channel::<Invalidation>();
         let spawned = std::thread::Builder::new()
             .name("sharefs-inval".into())
             .spawn(move || {
-                for (inv, done) in rx {
+                for inv in rx {
                     // ENOENT means the kernel had nothing cached: fine.
                     let _ = match &inv {
                         Invalidation::Entry { parent, name } => {
@@ -854,9 +847,6 @@ impl Invalidator {
                         Invalidation::Inode { ino } => notifier.inval_inode(INodeNo(*ino), 0, 0),
                         Invalidation::Attr { ino } => notifier.inval_inode(INodeNo(*ino), -1, 0),
                     };
-                    if let Some(done) = done {
-                        let _ = done.send(());
-                    }
                 }
             });
         if let Err(e) = spawned {
@@ -867,19 +857,7 @@ impl Invalidator {
 
     /// Queues `inv`; false once the thread is gone.
     pub fn send(&self, inv: Invalidation) -> bool {
-        self.tx.send((inv, None)).is_ok()
-    }
-
-    /// Applies `inv` after everything queued before it, and returns once the kernel has
-    /// (or after [`APPLY_WAIT`], logged).
-    pub async fn apply(&self, inv: Invalidation) {
-        let (done, applied) = tokio::sync::oneshot::channel();
-        if self.tx.send((inv.clone(), Some(done))).is_err() {
-            return;
-        }
-        if tokio::time::timeout(APPLY_WAIT, applied).await.is_err() {
-            tracing::warn!(?inv, "the kernel did not apply an invalidation in time");
-        }
+        self.tx.send(inv).is_ok()
     }
 }
 

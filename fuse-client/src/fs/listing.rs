@@ -58,7 +58,9 @@ struct DirLog {
 #[derive(Debug, Default)]
 pub struct Listings {
     pub users: Option<Listing<Vec<String>>>,
-    dirs: HashMap<DirKey, Listing<DirListing>>,
+    /// Shared with the callers that took one, so taking a listing of 10,000 entries
+    /// copies none of them; a change copies it only while another holds it.
+    dirs: HashMap<DirKey, Listing<Arc<DirListing>>>,
     /// A directory is here exactly while a fetch of it is in flight.
     logs: HashMap<DirKey, DirLog>,
     /// Bumped when every listing is dropped (reconnect, resync): fetches in flight then
@@ -92,7 +94,7 @@ impl Listings {
     /// listing and for the fetches of it in flight.
     pub fn changed(&mut self, dir: &DirKey, name: &str, file: Option<&FileInfo>) {
         if let Some(l) = self.dirs.get_mut(dir) {
-            apply(&mut l.items, name, file);
+            apply(Arc::make_mut(&mut l.items), name, file);
         }
         if let Some(log) = self.logs.get_mut(dir) {
             log.changes.push((name.to_string(), file.cloned()));
@@ -100,7 +102,7 @@ impl Listings {
     }
 
     /// The fresh cached listing of `dir`.
-    pub fn get(&self, dir: &DirKey) -> Option<&DirListing> {
+    pub fn get(&self, dir: &DirKey) -> Option<&Arc<DirListing>> {
         self.dirs.get(dir).filter(|l| l.fresh()).map(|l| &l.items)
     }
 
@@ -125,7 +127,7 @@ impl Listings {
 
     /// Caches what is known to be the whole of `dir` (a directory just made).
     pub fn set(&mut self, dir: &DirKey, items: DirListing) {
-        self.dirs.insert(dir.clone(), Listing::new(items));
+        self.dirs.insert(dir.clone(), Listing::new(Arc::new(items)));
         self.misses.remove(dir);
     }
 
@@ -177,7 +179,7 @@ impl Fetching {
 
     /// Fetches the listing and caches it, with the changes seen while it was in flight
     /// replayed onto it: the server may have listed the directory before them.
-    pub async fn run<R: Remote>(self, remote: &R) -> FsResult<DirListing> {
+    pub async fn run<R: Remote>(self, remote: &R) -> FsResult<Arc<DirListing>> {
         let listed = remote.list(&self.dir.0, self.dir.1).await;
         let mut l = lock(&self.shared);
         let mut files: DirListing = listed?.into_iter().map(|f| (f.name.clone(), f)).collect();
@@ -186,6 +188,7 @@ impl Fetching {
                 apply(&mut files, name, file.as_ref());
             }
         }
+        let files = Arc::new(files);
         if l.epoch == self.epoch {
             l.dirs.insert(self.dir.clone(), Listing::new(files.clone()));
             l.misses.remove(&self.dir);

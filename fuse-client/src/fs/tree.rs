@@ -7,9 +7,16 @@
 //! mount's root, whose children are the users' folders, each the entry [`ROOT_ID`] of its
 //! owner's tree. Nodes are also indexed by (parent inode, name) so that a name is found
 //! without the server and `..` is the real parent.
+//!
+//! A listing of N entries places N nodes, so the indexes are looked up without building
+//! keys: owners are numbered once, and names are found in their directory's own map.
+//! Inode and entry numbers are hashed with FxHash (the mount and the server choose them);
+//! names, which other users choose, keep the default keyed hasher.
 
 use std::collections::HashMap;
 use std::time::Instant;
+
+use rustc_hash::FxHashMap;
 
 use sharefs_protocol::{EntryKind, FileInfo, ROOT_ID};
 
@@ -55,15 +62,19 @@ impl Node {
 
 #[derive(Debug)]
 pub struct Tree {
-    nodes: HashMap<u64, Node>,
-    by_entry: HashMap<(String, u64), u64>,
-    children: HashMap<(u64, String), u64>,
+    nodes: FxHashMap<u64, Node>,
+    /// A number for each owner seen, for `by_entry`'s keys.
+    owners: HashMap<String, u32>,
+    /// (owner number, entry id) -> inode.
+    by_entry: FxHashMap<(u32, u64), u64>,
+    /// Directory inode -> name -> inode, as last seen.
+    children: FxHashMap<u64, HashMap<String, u64>>,
     next_ino: u64,
 }
 
 impl Default for Tree {
     fn default() -> Self {
-        let mut nodes = HashMap::new();
+        let mut nodes = FxHashMap::default();
         nodes.insert(
             ROOT,
             Node {
@@ -79,8 +90,9 @@ impl Default for Tree {
         );
         Tree {
             nodes,
-            by_entry: HashMap::new(),
-            children: HashMap::new(),
+            owners: HashMap::new(),
+            by_entry: FxHashMap::default(),
+            children: FxHashMap::default(),
             next_ino: ROOT,
         }
     }
@@ -97,12 +109,57 @@ impl Tree {
 
     /// The inode of (owner, id), if the mount has seen it.
     pub fn ino_of(&self, owner: &str, id: u64) -> Option<u64> {
-        self.by_entry.get(&(owner.to_string(), id)).copied()
+        let owner = *self.owners.get(owner)?;
+        self.by_entry.get(&(owner, id)).copied()
     }
 
     /// The node named `name` in directory `parent`, as last seen.
     pub fn child(&self, parent: u64, name: &str) -> Option<u64> {
-        self.children.get(&(parent, name.to_string())).copied()
+        self.children.get(&parent)?.get(name).copied()
+    }
+
+    /// Makes room for the entries of a listing of `count` entries of directory `dir`
+    /// about to be placed: a listing of a directory never seen grows every index at
+    /// once instead of by doubling.
+    pub fn reserve_listing(&mut self, dir: u64, count: usize) {
+        let known = self.children.get(&dir).map_or(0, |names| names.len());
+        let new = count.saturating_sub(known);
+        if new > 0 {
+            self.nodes.reserve(new);
+            self.by_entry.reserve(new);
+            self.children.entry(dir).or_default().reserve(new);
+        }
+    }
+
+    /// Indexes inode `ino` as (owner, id).
+    fn index_entry(&mut self, owner: &str, id: u64, ino: u64) {
+        let next = u32::try_from(self.owners.len()).unwrap_or(u32::MAX);
+        let n = match self.owners.get(owner) {
+            Some(n) => *n,
+            None => *self.owners.entry(owner.to_string()).or_insert(next),
+        };
+        self.by_entry.insert((n, id), ino);
+    }
+
+    /// Puts `ino` at (`parent`, `name`) in the name index; returns what was there.
+    fn name_child(&mut self, parent: u64, name: &str, ino: u64) -> Option<u64> {
+        let names = self.children.entry(parent).or_default();
+        match names.get_mut(name) {
+            Some(at) => Some(std::mem::replace(at, ino)),
+            None => names.insert(name.to_string(), ino),
+        }
+    }
+
+    /// Takes (`parent`, `name`) out of the name index if it leads to `ino`.
+    fn unname_child(&mut self, parent: u64, name: &str, ino: u64) {
+        if let Some(names) = self.children.get_mut(&parent) {
+            if names.get(name) == Some(&ino) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.children.remove(&parent);
+                }
+            }
+        }
     }
 
     /// All inodes (for invalidating everything).
@@ -125,8 +182,8 @@ impl Tree {
             gone: false,
             seen: None,
         });
-        self.by_entry.insert((user.to_string(), ROOT_ID), ino);
-        self.children.insert((ROOT, user.to_string()), ino);
+        self.index_entry(user, ROOT_ID, ino);
+        self.name_child(ROOT, user, ino);
         ino
     }
 
@@ -167,15 +224,11 @@ impl Tree {
             return known;
         };
         // A file created here whose create is still travelling: this is its entry.
-        let local = self
-            .children
-            .get(&(parent, info.name.clone()))
-            .copied()
-            .filter(|i| {
-                self.nodes.get(i).is_some_and(|n| {
-                    n.id == LOCAL_ID && n.kind == info.kind && n.owner.as_ref() == Some(&info.owner)
-                })
-            });
+        let local = self.child(parent, &info.name).filter(|i| {
+            self.nodes.get(i).is_some_and(|n| {
+                n.id == LOCAL_ID && n.kind == info.kind && n.owner.as_ref() == Some(&info.owner)
+            })
+        });
         let ino = match known.or(local) {
             Some(ino) => {
                 self.bind(ino, info);
@@ -192,7 +245,7 @@ impl Tree {
                     gone: false,
                     seen: None,
                 });
-                self.by_entry.insert((info.owner.clone(), info.id), ino);
+                self.index_entry(&info.owner, info.id, ino);
                 ino
             }
         };
@@ -208,13 +261,16 @@ impl Tree {
 
     /// Puts `ino` at (`parent`, `name`): whatever was there before is detached.
     pub fn move_to(&mut self, ino: u64, parent: u64, name: &str) {
-        if let Some(n) = self.nodes.get(&ino) {
-            let old = (n.parent, n.name.clone());
-            if self.children.get(&old) == Some(&ino) {
-                self.children.remove(&old);
-            }
+        let Some(n) = self.nodes.get(&ino) else {
+            return;
+        };
+        if n.parent == parent && n.name == name && self.child(parent, name) == Some(ino) {
+            // Where it was last seen: the common case of a listing seen again.
+            return;
         }
-        if let Some(other) = self.children.insert((parent, name.to_string()), ino) {
+        let (old_parent, old_name) = (n.parent, n.name.clone());
+        self.unname_child(old_parent, &old_name, ino);
+        if let Some(other) = self.name_child(parent, name, ino) {
             if other != ino {
                 if let Some(n) = self.nodes.get_mut(&other) {
                     n.gone = true;
@@ -223,7 +279,9 @@ impl Tree {
         }
         if let Some(n) = self.nodes.get_mut(&ino) {
             n.parent = parent;
-            n.name = name.to_string();
+            if n.name != name {
+                n.name = name.to_string();
+            }
         }
     }
 
@@ -232,10 +290,8 @@ impl Tree {
     pub fn detach(&mut self, ino: u64) {
         if let Some(n) = self.nodes.get_mut(&ino) {
             n.gone = true;
-            let key = (n.parent, n.name.clone());
-            if self.children.get(&key) == Some(&ino) {
-                self.children.remove(&key);
-            }
+            let (parent, name) = (n.parent, n.name.clone());
+            self.unname_child(parent, &name, ino);
         }
     }
 
@@ -244,12 +300,9 @@ impl Tree {
         let mut out = vec![ino];
         let mut i = 0;
         while let Some(dir) = out.get(i).copied() {
-            out.extend(
-                self.children
-                    .iter()
-                    .filter(|((parent, _), child)| *parent == dir && **child != dir)
-                    .map(|(_, child)| *child),
-            );
+            if let Some(names) = self.children.get(&dir) {
+                out.extend(names.values().copied().filter(|child| *child != dir));
+            }
             i += 1;
         }
         out
@@ -292,7 +345,7 @@ impl Tree {
         if let Some(n) = self.nodes.get_mut(&ino) {
             if n.id == LOCAL_ID {
                 n.id = info.id;
-                self.by_entry.insert((info.owner.clone(), info.id), ino);
+                self.index_entry(&info.owner, info.id, ino);
             }
         }
     }
@@ -371,5 +424,39 @@ mod tests {
             .place(&info("bob", 6, ROOT_ID, "f", EntryKind::File))
             .unwrap();
         assert_ne!(bobs, file);
+    }
+
+    #[test]
+    fn names_and_subtrees_follow_moves_and_removals() {
+        let mut t = Tree::default();
+        let folder = t.user_folder("alice");
+        t.reserve_listing(folder, 3);
+        let d = t
+            .place(&info("alice", 2, ROOT_ID, "d", EntryKind::Dir))
+            .unwrap();
+        let e = t.place(&info("alice", 3, 2, "e", EntryKind::Dir)).unwrap();
+        let f = t.place(&info("alice", 4, 3, "f", EntryKind::File)).unwrap();
+        let g = t
+            .place(&info("alice", 5, ROOT_ID, "g", EntryKind::File))
+            .unwrap();
+        let mut below = t.subtree(d);
+        below.sort_unstable();
+        assert_eq!(below, vec![d, e, f]);
+        // Placed again where it is: nothing moves.
+        assert_eq!(t.place(&info("alice", 4, 3, "f", EntryKind::File)), Some(f));
+        assert_eq!(t.child(e, "f"), Some(f));
+        // Renamed within its directory, then detached.
+        t.move_to(f, e, "f2");
+        assert_eq!((t.child(e, "f"), t.child(e, "f2")), (None, Some(f)));
+        assert_eq!(t.get(f).unwrap().name, "f2");
+        assert_eq!(t.unname(e, "f2"), Some(f));
+        assert!(t.get(f).unwrap().gone);
+        assert_eq!(t.subtree(e), vec![e]);
+        // A detach of a name now held by another node leaves that one.
+        t.move_to(g, e, "x");
+        t.detach(f);
+        assert_eq!(t.child(e, "x"), Some(g));
+        assert_eq!(t.ino_of("alice", 5), Some(g));
+        assert_eq!(t.ino_of("bob", 5), None);
     }
 }
