@@ -25,6 +25,7 @@ pub mod remote;
 mod room;
 pub mod staging;
 mod stream;
+mod told;
 pub mod tree;
 mod write;
 
@@ -218,6 +219,9 @@ pub struct FsCore<R: Remote> {
     /// share them.
     listings: Arc<Mutex<Listings>>,
     handles: Mutex<HashMap<u64, Handle<R>>>,
+    /// What the kernel may hold of each file's size (see [`told`]). Locked last, inside
+    /// `state` when both are.
+    told: Mutex<told::Told>,
     /// Writable handles that changed their file since their last flush. A flush without
     /// changes (a shell's `dup2` + `close` before it writes) uploads nothing, so replacing a
     /// file never commits an empty version in between; the last release still uploads.
@@ -301,6 +305,7 @@ impl<R: Remote> FsCore<R> {
             state: Mutex::default(),
             listings: Arc::default(),
             handles: Mutex::new(HashMap::new()),
+            told: Mutex::default(),
             changed_since_flush: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
             prefetch_budget: Arc::new(Semaphore::new(PREFETCH_BUDGET)),
@@ -702,6 +707,25 @@ impl<R: Remote> FsCore<R> {
             .get_or_try_init(|| async { self.list(open.ino).await.map(Arc::new) })
             .await
             .cloned()
+    }
+
+    /// A reply is about to give the kernel `a`, as an entry (a lookup it holds) or as
+    /// attributes only. Recorded before the reply goes (see [`told`]).
+    pub fn telling(&self, a: &Attr, entry: bool) {
+        if a.kind != Kind::File {
+            return;
+        }
+        let mut told = lock(&self.told);
+        if entry {
+            told.entry(a.ino, a.size);
+        } else {
+            told.attr(a.ino, a.size);
+        }
+    }
+
+    /// The kernel gave back `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        lock(&self.told).forget(ino, n);
     }
 
     pub fn releasedir(&self, fh: u64) {

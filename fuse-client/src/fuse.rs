@@ -66,9 +66,10 @@ pub struct FuseAdapter<R: Remote> {
     rt: tokio::runtime::Handle,
     uid: u32,
     gid: u32,
-    /// Puts file content into the kernel's cache and makes it forget attributes before
-    /// an open is answered; set once the session exists.
+    /// Puts file content into the kernel's cache; set once the session exists.
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Makes the kernel forget attributes before an open is answered; set with `notifier`.
+    invalidator: Arc<OnceLock<Invalidator>>,
 }
 
 impl<R: Remote> FuseAdapter<R> {
@@ -76,6 +77,7 @@ impl<R: Remote> FuseAdapter<R> {
         core: Arc<FsCore<R>>,
         rt: tokio::runtime::Handle,
         notifier: Arc<OnceLock<fuser::Notifier>>,
+        invalidator: Arc<OnceLock<Invalidator>>,
     ) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -85,6 +87,7 @@ impl<R: Remote> FuseAdapter<R> {
             uid,
             gid,
             notifier,
+            invalidator,
         }
     }
 
@@ -128,11 +131,15 @@ impl<R: Remote> FuseAdapter<R> {
         F: FnOnce(Arc<FsCore<R>>) -> Fut,
         Fut: std::future::Future<Output = Result<Attr, FsError>> + Send + 'static,
     {
+        let core = self.core.clone();
         let fut = f(self.core.clone());
         let (uid, gid) = (self.uid, self.gid);
         self.drive(async move {
             match fut.await {
-                Ok(a) => reply.entry(&TTL, &attr(&a, uid, gid), Generation(0)),
+                Ok(a) => {
+                    core.telling(&a, true);
+                    reply.entry(&TTL, &attr(&a, uid, gid), Generation(0))
+                }
                 Err(e) => reply.error(failed(op, &e)),
             }
         });
@@ -321,6 +328,11 @@ fn fill_dir_plus<R: Remote>(
         ) {
             break;
         }
+        // In the reply, which the kernel reads whole (each entry a lookup it holds, or
+        // gives back at once); `.` and `..` are not looked up.
+        if i >= dots.len() {
+            core.telling(&a, true);
+        }
     }
     reply.ok();
 }
@@ -361,16 +373,26 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         };
         self.run(move |core, uid, gid| async move {
             match core.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&TTL, &attr(&a, uid, gid), Generation(0)),
+                Ok(a) => {
+                    core.telling(&a, true);
+                    reply.entry(&TTL, &attr(&a, uid, gid), Generation(0))
+                }
                 Err(e) => reply.error(failed("lookup", &e)),
             }
         });
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.forget(ino.0, nlookup);
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.run(move |core, uid, gid| async move {
             match core.getattr(ino.0).await {
-                Ok(a) => reply.attr(&TTL, &attr(&a, uid, gid)),
+                Ok(a) => {
+                    core.telling(&a, false);
+                    reply.attr(&TTL, &attr(&a, uid, gid))
+                }
                 Err(e) => reply.error(failed("getattr", &e)),
             }
         });
@@ -406,7 +428,10 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         };
         self.run(move |core, uid, gid| async move {
             match core.setattr(ino.0, set, fh.map(|f| f.0)).await {
-                Ok(a) => reply.attr(&TTL, &attr(&a, uid, gid)),
+                Ok(a) => {
+                    core.telling(&a, false);
+                    reply.attr(&TTL, &attr(&a, uid, gid))
+                }
                 Err(e) => reply.error(failed("setattr", &e)),
             }
         });
@@ -545,16 +570,17 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             truncate: flags.0 & libc::O_TRUNC != 0,
         };
         let notifier = self.notifier.clone();
+        let invalidator = self.invalidator.clone();
         self.run(move |core, _, _| async move {
             match core.open(ino.0, mode).await {
                 Ok(o) => {
-                    if let (true, Some(n)) = (o.refresh_attrs, notifier.get()) {
+                    if let (true, Some(inv)) = (o.refresh_attrs, invalidator.get()) {
                         // Before the reply: reads through this descriptor stop at the
                         // size of its version, not at one the kernel kept from another.
-                        // Inline, not through the invalidation thread: forgetting
-                        // attributes waits on no page lock, and the hop there and back
-                        // cost more than the notification itself.
-                        let _ = n.inval_inode(ino, -1, 0);
+                        // Behind what is queued: an invalidation landing during the first
+                        // read would make the kernel skip cutting its size down to this
+                        // version's at the read's short end (it pads with zeros instead).
+                        inv.apply(Invalidation::Attr { ino: ino.0 }).await;
                     }
                     if let (Some(content), Some(n)) = (&o.content, notifier.get()) {
                         // A small file that came whole with the open: hand it to the
@@ -599,13 +625,16 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         };
         self.run(move |core, uid, gid| async move {
             match core.create(parent.0, &name, mode & 0o7777).await {
-                Ok((a, fh)) => reply.created(
-                    &TTL,
-                    &attr(&a, uid, gid),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                ),
+                Ok((a, fh)) => {
+                    core.telling(&a, true);
+                    reply.created(
+                        &TTL,
+                        &attr(&a, uid, gid),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
+                }
                 Err(e) => reply.error(failed("create", &e)),
             }
         });
@@ -824,21 +853,27 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 }
 
+/// How long an open waits for its invalidation to be applied. The kernel applies one at
+/// once unless it has to wait for pages being read, which this mount answers meanwhile.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
+
+type InvalidationMsg = (Invalidation, Option<tokio::sync::oneshot::Sender<()>>);
+
 /// Applies invalidations to the kernel in the order they are sent, from a thread of its
 /// own: a notification can block while the kernel waits on a request the filesystem is
 /// answering.
 #[derive(Clone)]
 pub struct Invalidator {
-    tx: std::sync::mpsc::Sender<Invalidation>,
+    tx: std::sync::mpsc::Sender<InvalidationMsg>,
 }
 
 impl Invalidator {
     pub fn spawn(notifier: fuser::Notifier) -> Invalidator {
-        let (tx, rx) = std::sync::mpsc::channel::<Invalidation>();
+        let (tx, rx) = std::sync::mpsc::channel::<InvalidationMsg>();
         let spawned = std::thread::Builder::new()
             .name("sharefs-inval".into())
             .spawn(move || {
-                for inv in rx {
+                for (inv, done) in rx {
                     // ENOENT means the kernel had nothing cached: fine.
                     let _ = match &inv {
                         Invalidation::Entry { parent, name } => {
@@ -847,6 +882,9 @@ impl Invalidator {
                         Invalidation::Inode { ino } => notifier.inval_inode(INodeNo(*ino), 0, 0),
                         Invalidation::Attr { ino } => notifier.inval_inode(INodeNo(*ino), -1, 0),
                     };
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -857,7 +895,19 @@ impl Invalidator {
 
     /// Queues `inv`; false once the thread is gone.
     pub fn send(&self, inv: Invalidation) -> bool {
-        self.tx.send(inv).is_ok()
+        self.tx.send((inv, None)).is_ok()
+    }
+
+    /// Applies `inv` after everything queued before it, and returns once the kernel has
+    /// (or after [`APPLY_WAIT`], logged).
+    pub async fn apply(&self, inv: Invalidation) {
+        let (done, applied) = tokio::sync::oneshot::channel();
+        if self.tx.send((inv.clone(), Some(done))).is_err() {
+            return;
+        }
+        if tokio::time::timeout(APPLY_WAIT, applied).await.is_err() {
+            tracing::warn!(?inv, "the kernel did not apply an invalidation in time");
+        }
     }
 }
 

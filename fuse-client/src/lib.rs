@@ -20,6 +20,8 @@
 //! - [`logging`]: the log on stderr, without colour in files, rotated for a background
 //!   mount.
 //! - [`fs`]: the filesystem core, free of fuser and the kernel:
+//!   - `fs/told.rs`: what the kernel may hold of each file's size, so an open asks it
+//!     to drop attributes only when they may be another version's;
 //!   - `fs/tree.rs`: the inode table, one inode per (owner, entry id), indexed by
 //!     (parent, name);
 //!   - `fs/listing.rs`: cached listings per directory, and fetches with the changes seen

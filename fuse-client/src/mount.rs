@@ -223,7 +223,13 @@ fn foreground(opts: ConnectOptions, args: MountSettings, cache_dir: PathBuf) -> 
         .map_err(|e| anyhow!("{e}"))?;
     let core = Arc::new(FsCore::new(conn.clone(), cache_dir.clone()).map_err(|e| anyhow!("{e}"))?);
     let notifier = Arc::new(std::sync::OnceLock::new());
-    let adapter = FuseAdapter::new(core.clone(), runtime.handle().clone(), notifier.clone());
+    let invalidator = Arc::new(std::sync::OnceLock::new());
+    let adapter = FuseAdapter::new(
+        core.clone(),
+        runtime.handle().clone(),
+        notifier.clone(),
+        invalidator.clone(),
+    );
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -260,6 +266,7 @@ fn foreground(opts: ConnectOptions, args: MountSettings, cache_dir: PathBuf) -> 
     raise_readahead(&args.mountpoint);
     let _ = notifier.set(session.notifier());
     let invalidate = Invalidator::spawn(session.notifier());
+    let _ = invalidator.set(invalidate.clone());
     let sink = invalidate.clone();
     core.on_invalidation(move |inv| {
         sink.send(inv);

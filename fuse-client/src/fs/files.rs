@@ -376,6 +376,16 @@ impl<R: Remote> FsCore<R> {
                 }
                 None => {
                     let keep = st.cached_version.get(&ino) == Some(&info.version);
+                    // Reads stop at the kernel's size: if it may hold another version's,
+                    // it drops it before the reply (see `told`), and takes this one.
+                    let refresh = {
+                        let mut told = super::lock(&self.told);
+                        let refresh = told.may_differ(ino, info.size);
+                        if refresh {
+                            told.dropping(ino);
+                        }
+                        refresh
+                    };
                     st.cached_version.insert(ino, info.version);
                     st.pinned.insert(
                         ino,
@@ -386,7 +396,7 @@ impl<R: Remote> FsCore<R> {
                             attrs_changed: false,
                         },
                     );
-                    (keep, true, false)
+                    (keep, refresh, false)
                 }
             }
         };

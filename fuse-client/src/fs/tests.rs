@@ -1010,16 +1010,20 @@ fn pages_written_while_an_earlier_version_is_read_here_go_after_it_closes() {
             .on_invalidation(move |inv| sink.lock().unwrap().push(inv));
         let dir = folder(&e.core, "alice").await;
         let (attr, fh) = e.core.create(dir, "f", 0o644).await.unwrap();
+        e.core.telling(&attr, true);
         e.core.write(fh, 0, b"one").await.unwrap();
         e.core.release(fh).await.unwrap();
         let reader = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
-        assert!(reader.keep_cache, "{reader:?}");
+        assert!(reader.keep_cache && reader.refresh_attrs, "{reader:?}");
+        // The kernel asks for the attributes it dropped: the version open.
+        e.core
+            .telling(&e.core.getattr(attr.ino).await.unwrap(), false);
         let write = OpenMode {
             write: true,
             truncate: true,
         };
         let w = e.core.open(attr.ino, write).await.unwrap();
-        e.core.write(w.fh, 0, b"two").await.unwrap();
+        e.core.write(w.fh, 0, b"second").await.unwrap();
         e.core.flush(w.fh).await.unwrap();
         e.core.release(w.fh).await.unwrap();
         assert_eq!(e.core.read(reader.fh, 0, 10).await.unwrap(), &b"one"[..]);
@@ -1031,7 +1035,7 @@ fn pages_written_while_an_earlier_version_is_read_here_go_after_it_closes() {
         );
         let o = e.core.open(attr.ino, OpenMode::default()).await.unwrap();
         assert!(!o.keep_cache && o.refresh_attrs, "{o:?}");
-        assert_eq!(e.core.read(o.fh, 0, 10).await.unwrap(), &b"two"[..]);
+        assert_eq!(e.core.read(o.fh, 0, 10).await.unwrap(), &b"second"[..]);
         e.core.release(o.fh).await.unwrap();
     });
 }
@@ -1065,6 +1069,52 @@ fn every_open_reaches_the_server_and_cache_is_kept_per_version() {
     });
 }
 
+/// An open makes the kernel drop a file's attributes only when it may hold another
+/// version's size; once the kernel has given back every lookup of the inode it holds none.
+#[test]
+fn an_open_drops_the_kernels_size_only_when_it_may_be_another_versions() {
+    rt().block_on(async {
+        let e = env("bob");
+        e.core.remote.put("alice", "f", b"one");
+        let alice = folder(&e.core, "alice").await;
+        let f = e.core.lookup(alice, "f").await.unwrap();
+        e.core.telling(&f, true);
+        let refreshes = |o: &Opened| o.refresh_attrs;
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(!refreshes(&o), "told this version's size: {o:?}");
+        e.core.release(o.fh).await.unwrap();
+
+        // Replaced while nothing is open: the kernel may still hold the old size.
+        let info = e.core.remote.put("alice", "f", b"three");
+        changed(&e.core, info);
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(refreshes(&o), "{o:?}");
+        assert_eq!(e.core.read(o.fh, 0, 100).await.unwrap(), &b"three"[..]);
+        e.core.release(o.fh).await.unwrap();
+        // Dropped, then told the new size only.
+        let again = e.core.lookup(alice, "f").await.unwrap();
+        e.core.telling(&again, true);
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(!refreshes(&o), "{o:?}");
+        e.core.release(o.fh).await.unwrap();
+
+        // The kernel gave back both lookups: it holds nothing of the file.
+        let info = e.core.remote.put("alice", "f", b"four!!");
+        changed(&e.core, info);
+        e.core.forget(f.ino, 1);
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(refreshes(&o), "one lookup still held: {o:?}");
+        e.core.release(o.fh).await.unwrap();
+        let info = e.core.remote.put("alice", "f", b"five!!!");
+        changed(&e.core, info);
+        e.core.forget(f.ino, 1);
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(!refreshes(&o), "{o:?}");
+        assert_eq!(e.core.read(o.fh, 0, 100).await.unwrap(), &b"five!!!"[..]);
+        e.core.release(o.fh).await.unwrap();
+    });
+}
+
 /// While a version is open for reading through the kernel's cache, the kernel keeps
 /// seeing that version: attributes report it, a change elsewhere drops its attributes and
 /// pages only after the last close, and an open of the new version meanwhile reads past
@@ -1080,8 +1130,10 @@ fn a_version_open_through_the_cache_stays_the_kernels_until_its_last_close() {
         e.core.remote.put("alice", "f", b"long version");
         let alice = folder(&e.core, "alice").await;
         let f = e.core.lookup(alice, "f").await.unwrap();
+        // The kernel holds the size of the version it opens: nothing to drop.
+        e.core.telling(&f, true);
         let o1 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
-        assert!(o1.refresh_attrs && !o1.direct && !o1.keep_cache, "{o1:?}");
+        assert!(!o1.refresh_attrs && !o1.direct && !o1.keep_cache, "{o1:?}");
 
         let info = e.core.remote.put("alice", "f", b"short");
         let inv = changed(&e.core, info);
@@ -1089,7 +1141,9 @@ fn a_version_open_through_the_cache_stays_the_kernels_until_its_last_close() {
             !inv.contains(&Invalidation::Inode { ino: f.ino }),
             "{inv:?}"
         );
-        assert_eq!(e.core.getattr(f.ino).await.unwrap().size, 12);
+        let pinned = e.core.getattr(f.ino).await.unwrap();
+        assert_eq!(pinned.size, 12);
+        e.core.telling(&pinned, false);
         assert_eq!(e.core.lookup(alice, "f").await.unwrap().size, 12);
         let o2 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
         assert!(
@@ -1106,7 +1160,11 @@ fn a_version_open_through_the_cache_stays_the_kernels_until_its_last_close() {
 
         e.core.release(o1.fh).await.unwrap();
         assert_eq!(*later.lock().unwrap(), [Invalidation::Inode { ino: f.ino }]);
-        assert_eq!(e.core.getattr(f.ino).await.unwrap().size, 5);
+        // Told after the queued invalidation, before the kernel applied it: it may hold
+        // either size, so the open makes it drop whichever.
+        let now = e.core.getattr(f.ino).await.unwrap();
+        assert_eq!(now.size, 5);
+        e.core.telling(&now, false);
         let o3 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
         assert!(o3.refresh_attrs && !o3.direct && !o3.keep_cache, "{o3:?}");
         assert_eq!(e.core.read(o3.fh, 0, 100).await.unwrap(), &b"short"[..]);
@@ -1137,6 +1195,7 @@ fn events_about_a_pinned_version_leave_the_kernels_attributes_until_its_last_clo
         e.core.remote.put("alice", "f", &[b'a'; 300]);
         let alice = folder(&e.core, "alice").await;
         let f = e.core.lookup(alice, "f").await.unwrap();
+        e.core.telling(&f, true);
         assert_eq!(read_all(&e.core, f.ino).await.len(), 300);
 
         // Replaced on the server; the open gets the new version before its event.
