@@ -31,7 +31,7 @@ mod write;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -135,6 +135,15 @@ pub struct Opened {
     pub content: Option<Bytes>,
 }
 
+/// A reply carrying attributes under way ([`FsCore::attr_reply`]).
+pub struct AttrReply(Arc<AtomicUsize>);
+
+impl Drop for AttrReply {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Something the kernel must forget, as a consequence of a server event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
@@ -222,6 +231,8 @@ pub struct FsCore<R: Remote> {
     /// What the kernel may hold of each file's size (see [`told`]). Locked last, inside
     /// `state` when both are.
     told: Mutex<told::Told>,
+    /// Replies carrying attributes under way (see [`FsCore::attr_reply`]).
+    attr_replies: Arc<AtomicUsize>,
     /// Writable handles that changed their file since their last flush. A flush without
     /// changes (a shell's `dup2` + `close` before it writes) uploads nothing, so replacing a
     /// file never commits an empty version in between; the last release still uploads.
@@ -306,6 +317,7 @@ impl<R: Remote> FsCore<R> {
             listings: Arc::default(),
             handles: Mutex::new(HashMap::new()),
             told: Mutex::default(),
+            attr_replies: Arc::default(),
             changed_since_flush: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
             prefetch_budget: Arc::new(Semaphore::new(PREFETCH_BUDGET)),
@@ -721,6 +733,19 @@ impl<R: Remote> FsCore<R> {
         } else {
             told.attr(a.ino, a.size);
         }
+    }
+
+    /// Marks a reply carrying attributes as under way from before its attributes are
+    /// worked out until it is sent (the guard's drop): an open meanwhile makes the
+    /// kernel drop what it holds, since that reply's size may not be recorded yet.
+    pub fn attr_reply(&self) -> AttrReply {
+        self.attr_replies.fetch_add(1, Ordering::SeqCst);
+        AttrReply(self.attr_replies.clone())
+    }
+
+    /// The kernel may not have dropped the attributes of `ino` an open asked it to.
+    pub fn refresh_failed(&self, ino: u64) {
+        lock(&self.told).unknown(ino);
     }
 
     /// The kernel gave back `n` lookups of `ino`.

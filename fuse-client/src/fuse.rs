@@ -132,9 +132,11 @@ impl<R: Remote> FuseAdapter<R> {
         Fut: std::future::Future<Output = Result<Attr, FsError>> + Send + 'static,
     {
         let core = self.core.clone();
+        let replying = self.core.attr_reply();
         let fut = f(self.core.clone());
         let (uid, gid) = (self.uid, self.gid);
         self.drive(async move {
+            let _replying = replying;
             match fut.await {
                 Ok(a) => {
                     core.telling(&a, true);
@@ -371,7 +373,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             Ok(n) => n,
             Err(_) => return reply.error(Errno::ENOENT),
         };
+        let replying = self.core.attr_reply();
         self.run(move |core, uid, gid| async move {
+            let _replying = replying;
             match core.lookup(parent.0, &name).await {
                 Ok(a) => {
                     core.telling(&a, true);
@@ -387,7 +391,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let replying = self.core.attr_reply();
         self.run(move |core, uid, gid| async move {
+            let _replying = replying;
             match core.getattr(ino.0).await {
                 Ok(a) => {
                     core.telling(&a, false);
@@ -426,7 +432,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             atime: time_or_now(atime),
             mtime: time_or_now(mtime),
         };
+        let replying = self.core.attr_reply();
         self.run(move |core, uid, gid| async move {
+            let _replying = replying;
             match core.setattr(ino.0, set, fh.map(|f| f.0)).await {
                 Ok(a) => {
                     core.telling(&a, false);
@@ -574,13 +582,20 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         self.run(move |core, _, _| async move {
             match core.open(ino.0, mode).await {
                 Ok(o) => {
-                    if let (true, Some(inv)) = (o.refresh_attrs, invalidator.get()) {
+                    if o.refresh_attrs {
                         // Before the reply: reads through this descriptor stop at the
                         // size of its version, not at one the kernel kept from another.
                         // Behind what is queued: an invalidation landing during the first
                         // read would make the kernel skip cutting its size down to this
                         // version's at the read's short end (it pads with zeros instead).
-                        inv.apply(Invalidation::Attr { ino: ino.0 }).await;
+                        let applied = match invalidator.get() {
+                            Some(inv) => inv.apply(Invalidation::Attr { ino: ino.0 }).await,
+                            None => false,
+                        };
+                        if !applied {
+                            // It may still hold any size: the next open tries again.
+                            core.refresh_failed(ino.0);
+                        }
                     }
                     if let (Some(content), Some(n)) = (&o.content, notifier.get()) {
                         // A small file that came whole with the open: hand it to the
@@ -623,7 +638,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
+        let replying = self.core.attr_reply();
         self.run(move |core, uid, gid| async move {
+            let _replying = replying;
             match core.create(parent.0, &name, mode & 0o7777).await {
                 Ok((a, fh)) => {
                     core.telling(&a, true);
@@ -779,7 +796,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
+        let replying = self.core.attr_reply();
         self.run(move |core, uid, gid| async move {
+            let _replying = replying;
             match core.dir_entries(fh.0).await {
                 Ok(entries) => fill_dir_plus(&core, ino.0, &entries, offset, reply, uid, gid),
                 Err(e) => reply.error(failed("readdirplus", &e)),
@@ -899,14 +918,18 @@ impl Invalidator {
     }
 
     /// Applies `inv` after everything queued before it, and returns once the kernel has
-    /// (or after [`APPLY_WAIT`], logged).
-    pub async fn apply(&self, inv: Invalidation) {
+    /// (true), or after [`APPLY_WAIT`] (logged) or if the thread is gone (false).
+    pub async fn apply(&self, inv: Invalidation) -> bool {
         let (done, applied) = tokio::sync::oneshot::channel();
         if self.tx.send((inv.clone(), Some(done))).is_err() {
-            return;
+            return false;
         }
-        if tokio::time::timeout(APPLY_WAIT, applied).await.is_err() {
-            tracing::warn!(?inv, "the kernel did not apply an invalidation in time");
+        match tokio::time::timeout(APPLY_WAIT, applied).await {
+            Ok(done) => done.is_ok(),
+            Err(_) => {
+                tracing::warn!(?inv, "the kernel did not apply an invalidation in time");
+                false
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 //! Mode and times set on a file whose staged content is not uploaded yet (`cp -p` does
 //! `fchmod` and `futimens` before `close`) are kept with it and sent with the upload.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -377,10 +378,12 @@ impl<R: Remote> FsCore<R> {
                 None => {
                     let keep = st.cached_version.get(&ino) == Some(&info.version);
                     // Reads stop at the kernel's size: if it may hold another version's,
-                    // it drops it before the reply (see `told`), and takes this one.
+                    // it drops it before the reply (see `told`), and takes this one. A
+                    // reply under way may carry a size not recorded yet.
                     let refresh = {
                         let mut told = super::lock(&self.told);
-                        let refresh = told.may_differ(ino, info.size);
+                        let refresh = told.may_differ(ino, info.size)
+                            || self.attr_replies.load(Ordering::SeqCst) > 0;
                         if refresh {
                             told.dropping(ino);
                         }

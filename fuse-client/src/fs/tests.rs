@@ -1108,9 +1108,20 @@ fn an_open_drops_the_kernels_size_only_when_it_may_be_another_versions() {
         let info = e.core.remote.put("alice", "f", b"five!!!");
         changed(&e.core, info);
         e.core.forget(f.ino, 1);
+        // A reply carrying attributes is under way: its size is not recorded yet.
+        let replying = e.core.attr_reply();
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(refreshes(&o), "{o:?}");
+        e.core.release(o.fh).await.unwrap();
+        drop(replying);
         let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
         assert!(!refreshes(&o), "{o:?}");
         assert_eq!(e.core.read(o.fh, 0, 100).await.unwrap(), &b"five!!!"[..]);
+        e.core.release(o.fh).await.unwrap();
+        // A refresh the kernel did not apply in time: the next open asks again.
+        e.core.refresh_failed(f.ino);
+        let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(refreshes(&o), "{o:?}");
         e.core.release(o.fh).await.unwrap();
     });
 }

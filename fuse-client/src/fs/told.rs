@@ -8,7 +8,9 @@
 //! recorded here may never have reached the kernel (a reply it refused as older than an
 //! invalidation), so this errs one way only: a size the kernel holds is always recorded.
 //! After an open has made the kernel drop a file's attributes, what it holds comes from
-//! replies recorded since.
+//! replies recorded since. A reply's size is worked out before it is recorded: an open
+//! while any reply carrying attributes is under way refreshes whatever the record says
+//! (`FsCore::attr_reply`), and so does the next open after a refresh that did not land.
 
 use rustc_hash::FxHashMap;
 
@@ -83,6 +85,17 @@ impl Told {
         })
     }
 
+    /// The kernel may hold any size of `ino` (an invalidation that did not land).
+    pub fn unknown(&mut self, ino: u64) {
+        self.files
+            .entry(ino)
+            .or_insert(Record {
+                lookups: 0,
+                sizes: Sizes::None,
+            })
+            .sizes = Sizes::Several;
+    }
+
     /// The kernel is about to drop the attributes of `ino` (before the reply that lets it
     /// read on): sizes told from now on are the ones it can hold.
     pub fn dropping(&mut self, ino: u64) {
@@ -127,5 +140,11 @@ mod tests {
         t.entry(6, 2);
         t.forget(6, 1);
         assert!(t.may_differ(6, 2));
+        // A refresh that did not land: anything may be held, until the next one.
+        t.entry(7, 1);
+        t.unknown(7);
+        assert!(t.may_differ(7, 1));
+        t.dropping(7);
+        assert!(!t.may_differ(7, 1));
     }
 }
