@@ -879,7 +879,7 @@ impl<R: Remote> FsCore<R> {
                     self.create_answered(ino).await?;
                     return self.make_durable().await;
                 }
-                let result = self.upload_locked(ino, &staged).await;
+                let result = Box::pin(self.upload_locked(ino, &staged)).await;
                 if result.is_err() {
                     // Not committed: the next close of this open file tries again and
                     // reports (a parent's close after its forked child's close failed);
@@ -958,7 +958,9 @@ impl<R: Remote> FsCore<R> {
                         // Gone; the call that sent its create reported why.
                         Ok(())
                     } else {
-                        self.upload_locked(ino, &staged).await
+                        // Boxed: inline, its state made every release's future (a
+                        // read-only descriptor's too) 8 KiB to move between threads.
+                        Box::pin(self.upload_locked(ino, &staged)).await
                     }
                 };
                 staged.close_base().await;
