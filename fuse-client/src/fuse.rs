@@ -146,6 +146,28 @@ impl<R: Remote> FuseAdapter<R> {
             }
         });
     }
+
+    /// Runs a core call that answers with attributes.
+    fn run_attr<F, Fut>(&self, op: &'static str, reply: ReplyAttr, f: F)
+    where
+        F: FnOnce(Arc<FsCore<R>>) -> Fut,
+        Fut: std::future::Future<Output = Result<Attr, FsError>> + Send + 'static,
+    {
+        let core = self.core.clone();
+        let replying = self.core.attr_reply();
+        let fut = f(self.core.clone());
+        let (uid, gid) = (self.uid, self.gid);
+        self.drive(async move {
+            let _replying = replying;
+            match fut.await {
+                Ok(a) => {
+                    core.telling(&a, false);
+                    reply.attr(&TTL, &attr(&a, uid, gid))
+                }
+                Err(e) => reply.error(failed(op, &e)),
+            }
+        });
+    }
 }
 
 /// Polls `fut` once here; if it has to wait, it is parked until it is woken and only
@@ -373,16 +395,8 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             Ok(n) => n,
             Err(_) => return reply.error(Errno::ENOENT),
         };
-        let replying = self.core.attr_reply();
-        self.run(move |core, uid, gid| async move {
-            let _replying = replying;
-            match core.lookup(parent.0, &name).await {
-                Ok(a) => {
-                    core.telling(&a, true);
-                    reply.entry(&TTL, &attr(&a, uid, gid), Generation(0))
-                }
-                Err(e) => reply.error(failed("lookup", &e)),
-            }
+        self.run_entry("lookup", reply, move |core| async move {
+            core.lookup(parent.0, &name).await
         });
     }
 
@@ -391,16 +405,8 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let replying = self.core.attr_reply();
-        self.run(move |core, uid, gid| async move {
-            let _replying = replying;
-            match core.getattr(ino.0).await {
-                Ok(a) => {
-                    core.telling(&a, false);
-                    reply.attr(&TTL, &attr(&a, uid, gid))
-                }
-                Err(e) => reply.error(failed("getattr", &e)),
-            }
+        self.run_attr("getattr", reply, move |core| async move {
+            core.getattr(ino.0).await
         });
     }
 
@@ -432,16 +438,8 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             atime: time_or_now(atime),
             mtime: time_or_now(mtime),
         };
-        let replying = self.core.attr_reply();
-        self.run(move |core, uid, gid| async move {
-            let _replying = replying;
-            match core.setattr(ino.0, set, fh.map(|f| f.0)).await {
-                Ok(a) => {
-                    core.telling(&a, false);
-                    reply.attr(&TTL, &attr(&a, uid, gid))
-                }
-                Err(e) => reply.error(failed("setattr", &e)),
-            }
+        self.run_attr("setattr", reply, move |core| async move {
+            core.setattr(ino.0, set, fh.map(|f| f.0)).await
         });
     }
 

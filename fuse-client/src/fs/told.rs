@@ -47,22 +47,23 @@ impl Sizes {
 }
 
 impl Told {
-    /// A reply gave the kernel an entry for file `ino` (one more lookup) of `size`.
-    pub fn entry(&mut self, ino: u64, size: u64) {
-        let r = self.files.entry(ino).or_insert(Record {
+    fn record(&mut self, ino: u64) -> &mut Record {
+        self.files.entry(ino).or_insert(Record {
             lookups: 0,
             sizes: Sizes::None,
-        });
+        })
+    }
+
+    /// A reply gave the kernel an entry for file `ino` (one more lookup) of `size`.
+    pub fn entry(&mut self, ino: u64, size: u64) {
+        let r = self.record(ino);
         r.lookups += 1;
         r.sizes = r.sizes.with(size);
     }
 
     /// A reply gave the kernel the attributes of file `ino`, of `size`.
     pub fn attr(&mut self, ino: u64, size: u64) {
-        let r = self.files.entry(ino).or_insert(Record {
-            lookups: 0,
-            sizes: Sizes::None,
-        });
+        let r = self.record(ino);
         r.sizes = r.sizes.with(size);
     }
 
@@ -87,13 +88,7 @@ impl Told {
 
     /// The kernel may hold any size of `ino` (an invalidation that did not land).
     pub fn unknown(&mut self, ino: u64) {
-        self.files
-            .entry(ino)
-            .or_insert(Record {
-                lookups: 0,
-                sizes: Sizes::None,
-            })
-            .sizes = Sizes::Several;
+        self.record(ino).sizes = Sizes::Several;
     }
 
     /// The kernel is about to drop the attributes of `ino` (before the reply that lets it
