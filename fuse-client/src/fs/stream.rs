@@ -8,7 +8,8 @@
 //! sync every [`SYNC_EVERY`] bytes to let go of what came before. When the connection
 //! drops, or the server restarts, the stream takes its upload up again on the next
 //! connection (`upload_resume`), sends again what the server did not keep, and goes on;
-//! a commit whose answer was lost is confirmed by the file's content hash. Whatever the
+//! a commit whose answer was lost is confirmed by the file's content hash, and an upload
+//! the server lost before it made any of it durable is begun again. Whatever the
 //! writer does out of sequence (a write elsewhere, a read, a truncate into streamed
 //! bytes, a close while the file is longer than the stream) first brings the streamed
 //! bytes back into the staged file ([`StreamMsg::Recall`]); from there the staged file
@@ -101,7 +102,12 @@ fn lost(e: &ClientError) -> bool {
 /// connection was lost, or the server let it go (it went without data for the server's
 /// idle bound: a writer that paused) and keeps it for a resume.
 fn resumable(e: &ClientError) -> bool {
-    lost(e) || e.code() == Some(sharefs_protocol::ErrorCode::NotFound)
+    lost(e) || not_found(e)
+}
+
+/// Whether the server answered that it has no such upload (any more).
+fn not_found(e: &ClientError) -> bool {
+    e.code() == Some(sharefs_protocol::ErrorCode::NotFound)
 }
 
 /// The answer of the sync in flight; never, without one.
@@ -340,7 +346,7 @@ impl<R: Remote> Uploader<R> {
                 _permit: permit,
             });
             self.sent += len;
-            return self.resume(e).await;
+            return self.resume(e, false).await;
         }
         self.window.push_back(Unsynced {
             offset,
@@ -385,7 +391,7 @@ impl<R: Remote> Uploader<R> {
                 self.release(durable);
                 Ok(())
             }
-            Err(e) if resumable(&e) => self.resume(e).await,
+            Err(e) if resumable(&e) => self.resume(e, false).await,
             Err(e) => Err(e.into()),
         }
     }
@@ -401,16 +407,38 @@ impl<R: Remote> Uploader<R> {
         }
     }
 
+    /// Whether the stream still holds every byte it sent: the server made none durable.
+    fn holds_all(&self) -> bool {
+        self.window
+            .front()
+            .map_or(self.sent == 0, |c| c.offset == 0)
+    }
+
     /// Takes the upload up again after its connection was lost, and sends again what the
-    /// server did not keep.
-    async fn resume(&mut self, mut cause: ClientError) -> FsResult<()> {
+    /// server did not keep. An upload the server no longer has (it died before making
+    /// any of it durable) is begun again, as long as the stream holds all of it; but
+    /// not `after_commit`: then the commit may have made it.
+    async fn resume(&mut self, mut cause: ClientError, after_commit: bool) -> FsResult<()> {
         for _ in 0..RESUMES {
             tracing::info!(upload = self.handle.id, error = %cause, "upload's connection lost; resuming");
             // A sync in flight went with the connection.
             if let Some(task) = self.sync.take() {
                 task.abort();
             }
-            let (handle, offset) = match self.remote.upload_resume(self.handle).await {
+            let resumed = match self.remote.upload_resume(self.handle).await {
+                Err(e) if !after_commit && not_found(&e) && self.holds_all() => {
+                    tracing::info!(
+                        upload = self.handle.id,
+                        "the server lost the upload; beginning it again"
+                    );
+                    self.remote
+                        .upload_begin(&self.target)
+                        .await
+                        .map(|handle| (handle, 0))
+                }
+                other => other,
+            };
+            let (handle, offset) = match resumed {
                 Ok(r) => r,
                 Err(e) if lost(&e) => {
                     cause = e;
@@ -478,11 +506,23 @@ impl<R: Remote> Uploader<R> {
                 Err(e) if resumable(&e) => e,
                 Err(e) => return Err(e.into()),
             };
-            match self.resume(cause).await {
+            match self.resume(cause, true).await {
                 Ok(()) => continue,
-                Err(FsError::NotFound) => return self.committed_meanwhile(hash.as_str()).await,
+                Err(FsError::NotFound) => {}
                 Err(e) => return Err(e),
             }
+            if let Some(info) = self.committed_meanwhile(hash.as_str()).await? {
+                return Ok(info);
+            }
+            if !self.holds_all() {
+                return Err(FsError::Io(format!(
+                    "{}: the upload was lost with the connection before its commit",
+                    self.target.name
+                )));
+            }
+            // The server lost the upload before it made any of it durable: begin again.
+            let gone = ClientError::Io("the server no longer has the upload".into());
+            self.resume(gone, false).await?;
         }
         Err(FsError::Io(
             "upload commit: connection lost too often".into(),
@@ -490,8 +530,8 @@ impl<R: Remote> Uploader<R> {
     }
 
     /// After a commit's answer was lost and the server no longer has the upload: whether
-    /// the commit made it (the file holds exactly this content).
-    async fn committed_meanwhile(&self, hash: &str) -> Result<FileInfo, FsError> {
+    /// the commit made it (the file holds exactly this content), and the file if so.
+    async fn committed_meanwhile(&self, hash: &str) -> FsResult<Option<FileInfo>> {
         let owner = self.remote.user().to_string();
         let gone = |e: ClientError| {
             FsError::Io(format!(
@@ -512,12 +552,9 @@ impl<R: Remote> Uploader<R> {
         let (version, size, blake3) = self.remote.content_hash(info.id).await.map_err(gone)?;
         if size == self.sent && blake3.eq_ignore_ascii_case(hash) {
             tracing::info!(file = %info.name, version, "upload commit's answer was lost; the commit made it");
-            return Ok(info);
+            return Ok(Some(info));
         }
-        Err(FsError::Io(format!(
-            "{}: the upload was lost with the connection before its commit",
-            info.name
-        )))
+        Ok(None)
     }
 
     /// Hands every byte streamed so far to `fill`, read back from the server.
@@ -534,7 +571,7 @@ impl<R: Remote> Uploader<R> {
                 Ok(data) => data,
                 Err(e) if resumable(&e) && resumes < RESUMES => {
                     resumes += 1;
-                    self.resume(e).await?;
+                    self.resume(e, false).await?;
                     continue;
                 }
                 Err(e) => return Err(e.into()),

@@ -47,6 +47,9 @@ struct Fake {
     restart_after_chunks: Mutex<Option<u64>>,
     /// The next commit of a streamed upload is made but its answer lost.
     lose_commit_answer: Mutex<bool>,
+    /// The next commit of a streamed upload finds the "server" dead before it made any
+    /// of the upload durable: the connection is lost, and the upload with it.
+    lose_upload_at_commit: Mutex<bool>,
     /// The next sync finds its upload let go (as after the server's idle bound): it is
     /// still there for a resume.
     let_go_next_sync: Mutex<bool>,
@@ -456,6 +459,10 @@ impl Remote for Fake {
         blake3_hex: &str,
         mtime_ns: Option<i64>,
     ) -> Result<FileInfo, ClientError> {
+        if std::mem::take(&mut *self.lose_upload_at_commit.lock().unwrap()) {
+            self.uploads.lock().unwrap().remove(&h.id);
+            return Err(ClientError::Disconnected("server restarted".into()));
+        }
         let (mut target, data) = self
             .uploads
             .lock()
@@ -1542,6 +1549,18 @@ fn streams_keep_only_what_is_not_durable_and_resume() {
             e.core.remote.content("alice", "lost").unwrap(),
             &data[..3_000_000]
         );
+
+        // The server dies before it made any of an upload durable: begun again.
+        *e.core.remote.lose_upload_at_commit.lock().unwrap() = true;
+        let (_, fh) = e.core.create(dir, "again", 0o644).await.unwrap();
+        write_all(fh, data[..3_000_000].to_vec()).await;
+        e.core.flush(fh).await.unwrap();
+        e.core.release(fh).await.unwrap();
+        assert_eq!(
+            e.core.remote.content("alice", "again").unwrap(),
+            &data[..3_000_000]
+        );
+        assert!(!*e.core.remote.lose_upload_at_commit.lock().unwrap());
 
         // A read, a patch before the end and a cut into the stream each bring the
         // streamed bytes back; the result is right.

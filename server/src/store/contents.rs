@@ -134,7 +134,18 @@ impl Store {
     /// restart) left behind, from the bytes its part holds. Blocking: it hashes them.
     pub fn resume_upload(&self, owner: &str, id: u64, quota: Option<u64>) -> Result<StagedUpload> {
         let parts = self.inner.parts.clone();
+        // Loading the folder drops the blobs of commits that did not reach its journal
+        // before a crash, so a part linked to a blob after this is linked to a committed one.
+        self.folder(owner)?;
         parts.attach(owner, id)?;
+        if committed_part(&parts.path(id)) {
+            tracing::info!(
+                upload = id,
+                "the upload was committed before a restart; nothing to resume"
+            );
+            parts.finish(id);
+            return Err(ServerError::NotFound(format!("upload {id} (committed)")));
+        }
         let resumed = (|| {
             let meta = parts.meta(id)?;
             let path = parts.path(id);
@@ -250,7 +261,7 @@ impl Store {
                 tracing::info!(upload = upload.id, error = %e, "commit not made; upload kept for a resume");
                 parts.detach(upload.id);
             }
-            // Committed (its part became the blob), or gone: nothing of it remains.
+            // Committed (its part is now the blob's), or gone: nothing of it remains.
             _ => parts.finish(upload.id),
         }
         result
@@ -294,7 +305,10 @@ impl Store {
             Content::Blob(blob_id),
         )?;
         let blob = folder.dir.join(blob_name(blob_id));
-        fs::rename(&upload.path, &blob)?;
+        // Linked, not renamed: until the journal holds the commit, the part stays whole
+        // for a resume after a crash. Its second link says, after one, that the commit
+        // made it (see `committed_part`); the part's own name goes when the commit ends.
+        fs::hard_link(&upload.path, &blob)?;
         fsutil::sync_dir(&folder.dir)?;
         // Content is never answered before it is durable.
         let events = match self.change(&mut folder, owner, ops, None, false) {
@@ -495,4 +509,11 @@ pub fn content_ops(
     let id = node.id;
     ops.insert(0, Op::Put(node));
     Ok((ops, id))
+}
+
+/// Whether the part at `path` is also a blob's content: its commit reached the journal
+/// (once the owner's folder is loaded, which removes the blobs of commits that did not).
+fn committed_part(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).is_ok_and(|m| m.nlink() > 1)
 }

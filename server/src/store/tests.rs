@@ -1115,3 +1115,83 @@ fn uploads_resume_after_a_lost_session_and_a_restart() {
     assert_eq!(tmp_entries(dir.path()), 0);
     assert!(store.resolve("alice", "bad", Caller::Owner).is_err());
 }
+
+/// A server killed in the middle of a commit: before the commit reached the journal, the
+/// upload is resumed whole (and the blob it was being linked to goes); after it, a resume
+/// finds it committed and its part goes, the file holding its content.
+#[test]
+fn a_commit_cut_by_a_crash_is_resumed_or_found_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("files/alice");
+    let part = |id: u64| dir.path().join(format!("tmp/part-{id}"));
+    let listing = |d: &Path| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let data = vec![7u8; DIRECT_BLOCK + 999];
+    let hash = blake3::hash(&data).to_hex();
+
+    // Cut after the link to its blob, before the journal.
+    let (id, stray) = {
+        let store = Store::open(dir.path(), 0).unwrap();
+        put_small(&store, ROOT_ID, "other", b"x");
+        let mut up = store
+            .begin_upload("alice", at(ROOT_ID, "cut"), None, None, None)
+            .unwrap();
+        up.write_chunk(0, &data);
+        // As a commit writes out and syncs the part before it links it.
+        up.sync().unwrap();
+        let stray = folder.join(blob_name(999_999));
+        fs::hard_link(part(up.id()), &stray).unwrap();
+        (up.id(), stray)
+    };
+    let store = Store::open(dir.path(), 0).unwrap();
+    let up = store.resume_upload("alice", id, None).unwrap();
+    assert!(
+        !stray.exists(),
+        "the blob of a commit that did not happen stays"
+    );
+    assert_eq!(up.written(), data.len() as u64);
+    store
+        .commit_upload(up, data.len() as u64, hash.as_str(), None, N)
+        .unwrap();
+    assert!(read(&store, "cut") == data);
+    drop(store);
+
+    // Cut after the journal, before the part's own name went.
+    let (id, meta) = {
+        let store = Store::open(dir.path(), 0).unwrap();
+        let mut up = store
+            .begin_upload("alice", at(ROOT_ID, "done"), None, None, None)
+            .unwrap();
+        up.write_chunk(0, &data);
+        up.sync().unwrap();
+        let id = up.id();
+        let meta = fs::read(dir.path().join(format!("tmp/part-{id}.json"))).unwrap();
+        let before = listing(&folder);
+        store
+            .commit_upload(up, data.len() as u64, hash.as_str(), None, N)
+            .unwrap();
+        let blob: Vec<String> = listing(&folder)
+            .into_iter()
+            .filter(|n| !before.contains(n))
+            .collect();
+        assert_eq!(blob.len(), 1, "{blob:?}");
+        fs::hard_link(folder.join(&blob[0]), part(id)).unwrap();
+        (id, meta)
+    };
+    fs::write(dir.path().join(format!("tmp/part-{id}.json")), meta).unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_eq!(store.detached_uploads(), 1);
+    assert_eq!(
+        store.resume_upload("alice", id, None).unwrap_err().code(),
+        ErrorCode::NotFound
+    );
+    assert!(listing(&dir.path().join("tmp")).is_empty());
+    assert!(read(&store, "done") == data);
+    assert!(read(&store, "cut") == data);
+}
