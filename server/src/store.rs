@@ -232,6 +232,9 @@ impl Store {
             self.inner.space.clone(),
             &self.inner.next_version,
         )?;
+        // The load removed the blobs of commits that did not reach the journal; a part
+        // still linked to a blob now is one whose commit did.
+        self.inner.parts.settle(owner);
         let folder = Arc::new(Mutex::new(folder));
         folders.insert(owner.to_string(), folder.clone());
         Ok(folder)

@@ -134,18 +134,10 @@ impl Store {
     /// restart) left behind, from the bytes its part holds. Blocking: it hashes them.
     pub fn resume_upload(&self, owner: &str, id: u64, quota: Option<u64>) -> Result<StagedUpload> {
         let parts = self.inner.parts.clone();
-        // Loading the folder drops the blobs of commits that did not reach its journal
-        // before a crash, so a part linked to a blob after this is linked to a committed one.
+        // A part whose commit made it before a restart is settled when its owner's
+        // folder loads (`Parts::settle`): not found here, then.
         self.folder(owner)?;
         parts.attach(owner, id)?;
-        if committed_part(&parts.path(id)) {
-            tracing::info!(
-                upload = id,
-                "the upload was committed before a restart; nothing to resume"
-            );
-            parts.finish(id);
-            return Err(ServerError::NotFound(format!("upload {id} (committed)")));
-        }
         let resumed = (|| {
             let meta = parts.meta(id)?;
             let path = parts.path(id);
@@ -307,7 +299,7 @@ impl Store {
         let blob = folder.dir.join(blob_name(blob_id));
         // Linked, not renamed: until the journal holds the commit, the part stays whole
         // for a resume after a crash. Its second link says, after one, that the commit
-        // made it (see `committed_part`); the part's own name goes when the commit ends.
+        // made it (see `Parts::settle`); the part's own name goes when the commit ends.
         fs::hard_link(&upload.path, &blob)?;
         fsutil::sync_dir(&folder.dir)?;
         // Content is never answered before it is durable.
@@ -509,11 +501,4 @@ pub fn content_ops(
     let id = node.id;
     ops.insert(0, Op::Put(node));
     Ok((ops, id))
-}
-
-/// Whether the part at `path` is also a blob's content: its commit reached the journal
-/// (once the owner's folder is loaded, which removes the blobs of commits that did not).
-fn committed_part(path: &std::path::Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata(path).is_ok_and(|m| m.nlink() > 1)
 }

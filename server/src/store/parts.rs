@@ -5,7 +5,8 @@
 //! upload is *attached* while a session feeds it, *committing* while its commit runs, and
 //! *detached* when its session ended without committing or aborting it: then its part
 //! stays on disk for the upload idle bound, for `upload_resume` to pick up, and is deleted
-//! after. A server that starts finds the parts of the one before it detached. Upload ids
+//! after. A server that starts finds the parts of the one before it detached (but for
+//! those whose commit made it before the crash: see [`Parts::settle`]). Upload ids
 //! are random, so they stay unique across restarts and a client cannot guess another
 //! user's; a resume also checks the owner.
 
@@ -233,6 +234,32 @@ impl Parts {
             entries.remove(&id);
         }
         self.remove_files(id);
+    }
+
+    /// Ends the detached uploads of `owner` that were committed before a crash: a commit
+    /// links its part to the blob it becomes (see `Store::commit_upload`), so a part with
+    /// a second link, once the owner's folder has loaded and removed the blobs of
+    /// commits that did not reach its journal, is one whose commit did. Without this, a
+    /// resume would commit it again (and bring back a file deleted meanwhile).
+    pub fn settle(&self, owner: &str) {
+        use std::os::unix::fs::MetadataExt;
+        let ids: Vec<u64> = match lock(&self.entries) {
+            Ok(entries) => entries
+                .iter()
+                .filter(|(_, p)| p.owner == owner && matches!(p.state, State::Detached(_)))
+                .map(|(id, _)| *id)
+                .collect(),
+            Err(_) => return,
+        };
+        for id in ids {
+            if fs::metadata(self.path(id)).is_ok_and(|m| m.nlink() > 1) {
+                tracing::info!(
+                    upload = id,
+                    "the upload was committed before a restart; nothing to resume"
+                );
+                self.finish(id);
+            }
+        }
     }
 
     /// Removes the uploads detached for longer than `bound`; returns how many.
