@@ -194,6 +194,11 @@ struct Pinned {
     /// Only the attributes of this version changed (a mode, times): the kernel's are to
     /// be dropped when the last descriptor closes.
     attrs_changed: bool,
+    /// The open that pinned it had the kernel drop the attributes it held, and that is
+    /// not known to have landed: another open of it has them dropped again before it
+    /// replies, behind the first in the invalidation queue, so that it cannot be answered
+    /// before the first's refresh.
+    refreshing: bool,
 }
 
 impl Pinned {
@@ -746,6 +751,14 @@ impl<R: Remote> FsCore<R> {
     /// The kernel may not have dropped the attributes of `ino` an open asked it to.
     pub fn refresh_failed(&self, ino: u64) {
         lock(&self.told).unknown(ino);
+    }
+
+    /// The kernel dropped the attributes of `ino` an open asked it to: later opens of the
+    /// version it pinned reply at once.
+    pub fn refresh_landed(&self, ino: u64) {
+        if let Some(p) = self.state().pinned.get_mut(&ino) {
+            p.refreshing = false;
+        }
     }
 
     /// The kernel gave back `n` lookups of `ino`.

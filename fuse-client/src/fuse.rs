@@ -590,7 +590,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                             Some(inv) => inv.apply(Invalidation::Attr { ino: ino.0 }).await,
                             None => false,
                         };
-                        if !applied {
+                        if applied {
+                            core.refresh_landed(ino.0);
+                        } else {
                             // It may still hold any size: the next open tries again.
                             core.refresh_failed(ino.0);
                         }

@@ -360,10 +360,11 @@ impl<R: Remote> FsCore<R> {
         let (keep_cache, refresh_attrs, direct) = {
             let mut st = self.state();
             match st.pinned.get_mut(&ino) {
-                // Open already, attributes and pages included.
+                // Open already, attributes and pages included (once the refresh of the
+                // open that pinned it has landed).
                 Some(p) if p.info.version == info.version => {
                     p.open += 1;
-                    (true, false, false)
+                    (true, p.refreshing, false)
                 }
                 // The kernel's size and pages are the other version's while it is open.
                 Some(p) => {
@@ -397,6 +398,7 @@ impl<R: Remote> FsCore<R> {
                             open: 1,
                             stale: false,
                             attrs_changed: false,
+                            refreshing: refresh,
                         },
                     );
                     (keep, refresh, false)

@@ -1078,6 +1078,7 @@ fn every_open_reaches_the_server_and_cache_is_kept_per_version() {
 
 /// An open makes the kernel drop a file's attributes only when it may hold another
 /// version's size; once the kernel has given back every lookup of the inode it holds none.
+/// An open of a version already open waits for the refresh of the open before it.
 #[test]
 fn an_open_drops_the_kernels_size_only_when_it_may_be_another_versions() {
     rt().block_on(async {
@@ -1096,8 +1097,16 @@ fn an_open_drops_the_kernels_size_only_when_it_may_be_another_versions() {
         changed(&e.core, info);
         let o = e.core.open(f.ino, OpenMode::default()).await.unwrap();
         assert!(refreshes(&o), "{o:?}");
+        // Opened again before that refresh landed: it waits for it, behind it.
+        let o2 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(refreshes(&o2) && o2.keep_cache, "{o2:?}");
+        e.core.refresh_landed(f.ino);
+        let o3 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
+        assert!(!refreshes(&o3) && o3.keep_cache, "{o3:?}");
         assert_eq!(e.core.read(o.fh, 0, 100).await.unwrap(), &b"three"[..]);
-        e.core.release(o.fh).await.unwrap();
+        for fh in [o.fh, o2.fh, o3.fh] {
+            e.core.release(fh).await.unwrap();
+        }
         // Dropped, then told the new size only.
         let again = e.core.lookup(alice, "f").await.unwrap();
         e.core.telling(&again, true);
