@@ -1195,7 +1195,9 @@ fn a_version_open_through_the_cache_stays_the_kernels_until_its_last_close() {
         let o3 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
         assert!(o3.refresh_attrs && !o3.direct && !o3.keep_cache, "{o3:?}");
         assert_eq!(e.core.read(o3.fh, 0, 100).await.unwrap(), &b"short"[..]);
-        // A second descriptor of the same version shares the cache as it is.
+        // A second descriptor of the same version shares the cache as it is, once the
+        // first's refresh landed.
+        e.core.refresh_landed(f.ino);
         let o4 = e.core.open(f.ino, OpenMode::default()).await.unwrap();
         assert!(o4.keep_cache && !o4.refresh_attrs && !o4.direct, "{o4:?}");
         e.core.release(o3.fh).await.unwrap();
