@@ -182,11 +182,13 @@ impl Store {
         quota: Option<u64>,
         resuming: Option<u64>,
     ) -> Result<(u64, Option<Reservation>)> {
+        // Loaded first: that settles the parts of commits a crash cut after the journal,
+        // whose bytes are the folder's now, not an upload's.
+        let folder = self.folder(owner)?;
         let waiting = match quota {
             Some(_) => self.inner.parts.detached_bytes(owner, resuming),
             None => 0,
         };
-        let folder = self.folder(owner)?;
         // Reserved under the folder lock, which commits hold while they turn their
         // reservation into used bytes: no upload is counted twice, or not at all.
         let f = lock(&folder)?;
