@@ -131,19 +131,9 @@ impl<R: Remote> FuseAdapter<R> {
         F: FnOnce(Arc<FsCore<R>>) -> Fut,
         Fut: std::future::Future<Output = Result<Attr, FsError>> + Send + 'static,
     {
-        let core = self.core.clone();
-        let replying = self.core.attr_reply();
-        let fut = f(self.core.clone());
-        let (uid, gid) = (self.uid, self.gid);
-        self.drive(async move {
-            let _replying = replying;
-            match fut.await {
-                Ok(a) => {
-                    core.telling(&a, true);
-                    reply.entry(&TTL, &attr(&a, uid, gid), Generation(0))
-                }
-                Err(e) => reply.error(failed(op, &e)),
-            }
+        self.run_telling(op, true, f, move |answer| match answer {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
         });
     }
 
@@ -153,19 +143,34 @@ impl<R: Remote> FuseAdapter<R> {
         F: FnOnce(Arc<FsCore<R>>) -> Fut,
         Fut: std::future::Future<Output = Result<Attr, FsError>> + Send + 'static,
     {
+        self.run_telling(op, false, f, move |answer| match answer {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    /// Runs a core call whose answer carries attributes: guarded as a reply under way
+    /// from before they are worked out, and recorded as told (an `entry` counts a
+    /// lookup) before `send` hands them to the kernel.
+    fn run_telling<F, Fut, S>(&self, op: &'static str, entry: bool, f: F, send: S)
+    where
+        F: FnOnce(Arc<FsCore<R>>) -> Fut,
+        Fut: std::future::Future<Output = Result<Attr, FsError>> + Send + 'static,
+        S: FnOnce(Result<FileAttr, Errno>) + Send + 'static,
+    {
         let core = self.core.clone();
         let replying = self.core.attr_reply();
         let fut = f(self.core.clone());
         let (uid, gid) = (self.uid, self.gid);
         self.drive(async move {
             let _replying = replying;
-            match fut.await {
+            send(match fut.await {
                 Ok(a) => {
-                    core.telling(&a, false);
-                    reply.attr(&TTL, &attr(&a, uid, gid))
+                    core.telling(&a, entry);
+                    Ok(attr(&a, uid, gid))
                 }
-                Err(e) => reply.error(failed(op, &e)),
-            }
+                Err(e) => Err(failed(op, &e)),
+            })
         });
     }
 }
